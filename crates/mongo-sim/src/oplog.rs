@@ -1,0 +1,229 @@
+//! The bounded oplog and resume tokens: what happened, in commit order; knows nothing of cursors.
+
+use std::collections::VecDeque;
+
+use bson::{Binary, DateTime, Document, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::ts_key;
+
+/// One committed change. Every write, DDL included, appends exactly one entry with its own
+/// cluster timestamp, so `token` is unique and entries are sorted by it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Entry {
+    /// The event's resume token `_data`.
+    pub(crate) token: String,
+    /// Cluster time of the commit.
+    pub(crate) ts: Timestamp,
+    /// Wall time of the commit.
+    pub(crate) wall: DateTime,
+    /// Database.
+    pub(crate) db: String,
+    /// Collection, absent for `dropDatabase`.
+    pub(crate) coll: Option<String>,
+    /// The collection's UUID (shown with `showExpandedEvents`).
+    pub(crate) uuid: Option<Binary>,
+    /// `insert`, `update`, `replace`, `delete`, `drop`, `rename`, `dropDatabase`, `create`,
+    /// `modify`, `createIndexes`, `dropIndexes`.
+    pub(crate) op: String,
+    /// `{_id: …}` for document events.
+    pub(crate) doc_key: Option<Document>,
+    /// The document after the change (insert, replace, update post-image).
+    pub(crate) post: Option<Document>,
+    /// The document before the change; kept only when the collection records pre-images.
+    pub(crate) pre: Option<Document>,
+    /// Whether the collection had `changeStreamPreAndPostImages` enabled at commit time.
+    pub(crate) images: bool,
+    /// `updateDescription` for updates.
+    pub(crate) desc: Option<Document>,
+    /// Op-specific extras: rename's `to`, DDL's `operationDescription`.
+    pub(crate) extra: Option<Document>,
+}
+
+/// Resume token byte that follows the timestamp in an event token (sorts before `HWM`).
+const EVENT_TAG: &str = "2B";
+/// High-water-mark tag: "everything at or before this time has been seen"; sorts after every
+/// event token with the same timestamp and before every later one.
+const HWM_TAG: &str = "FF";
+
+/// Token of the event at `ts`, `index` within its operation; `invalidate` marks the invalidate
+/// that follows a drop/rename/dropDatabase (same time, sorts right after it).
+pub(crate) fn event_token(ts: Timestamp, index: u16, invalidate: bool) -> String {
+    format!(
+        "82{:08X}{:08X}{EVENT_TAG}{index:04X}{:02X}",
+        ts.time, ts.increment, invalidate as u8
+    )
+}
+
+/// High-water-mark token for an idle stream that has seen everything up to `ts`.
+pub(crate) fn hwm_token(ts: Timestamp) -> String {
+    format!("82{:08X}{:08X}{HWM_TAG}", ts.time, ts.increment)
+}
+
+/// Position just before every event at `ts` (for `startAtOperationTime`).
+pub(crate) fn start_position(ts: Timestamp) -> String {
+    format!("82{:08X}{:08X}", ts.time, ts.increment)
+}
+
+/// What a resume token says.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TokenInfo {
+    /// Its cluster time.
+    pub(crate) ts: Timestamp,
+    /// Whether it is the token of an invalidate event.
+    pub(crate) invalidate: bool,
+    /// Whether it is a high-water-mark token.
+    pub(crate) hwm: bool,
+}
+
+/// Parses a token this server issued; `None` for anything else.
+pub(crate) fn parse_token(data: &str) -> Option<TokenInfo> {
+    let data = data.to_ascii_uppercase();
+    let hex = |r: std::ops::Range<usize>| data.get(r).and_then(|s| u32::from_str_radix(s, 16).ok());
+    if !data.starts_with("82") {
+        return None;
+    }
+    let ts = Timestamp {
+        time: hex(2..10)?,
+        increment: hex(10..18)?,
+    };
+    match data.get(18..20)? {
+        HWM_TAG if data.len() == 20 => Some(TokenInfo {
+            ts,
+            invalidate: false,
+            hwm: true,
+        }),
+        EVENT_TAG if data.len() == 26 => {
+            hex(20..24)?;
+            let flag = hex(24..26)?;
+            Some(TokenInfo {
+                ts,
+                invalidate: flag == 1,
+                hwm: false,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The oplog: a bounded queue of entries, oldest dropped first.
+#[derive(Debug, Clone)]
+pub(crate) struct Oplog {
+    entries: VecDeque<Entry>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Oplog {
+    /// An empty oplog keeping at most `cap` entries (at least one).
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            cap: cap.max(1),
+            truncated: false,
+        }
+    }
+
+    /// Restores persisted entries; `truncated` says whether older ones were dropped.
+    pub(crate) fn restore(cap: usize, entries: Vec<Entry>, truncated: bool) -> Self {
+        let mut log = Self::new(cap);
+        log.truncated = truncated;
+        for e in entries {
+            log.push(e);
+        }
+        log
+    }
+
+    /// Appends, dropping the oldest entry when full (the capped-collection policy of mongod's oplog).
+    pub(crate) fn push(&mut self, e: Entry) {
+        if self.entries.len() >= self.cap {
+            self.entries.pop_front();
+            self.truncated = true;
+        }
+        self.entries.push_back(e);
+    }
+
+    /// Whether entries have ever been dropped.
+    pub(crate) fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// All retained entries, oldest first.
+    pub(crate) fn entries(&self) -> &VecDeque<Entry> {
+        &self.entries
+    }
+
+    /// Whether resuming from a position at `ts` would need entries that were dropped: the
+    /// position must be at or after the oldest retained entry, as mongod requires.
+    pub(crate) fn history_lost(&self, ts: Timestamp) -> bool {
+        self.truncated
+            && self
+                .entries
+                .front()
+                .is_some_and(|oldest| ts_key(ts) < ts_key(oldest.ts))
+    }
+
+    /// Index of the first entry whose token sorts after `pos`.
+    pub(crate) fn first_after(&self, pos: &str) -> usize {
+        self.entries.partition_point(|e| e.token.as_str() <= pos)
+    }
+}
+
+/// The cluster time encoded by a position string (token or start position).
+pub(crate) fn position_ts(pos: &str) -> Option<Timestamp> {
+    let hex = |r: std::ops::Range<usize>| pos.get(r).and_then(|s| u32::from_str_radix(s, 16).ok());
+    Some(Timestamp {
+        time: hex(2..10)?,
+        increment: hex(10..18)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(time: u32, increment: u32) -> Timestamp {
+        Timestamp { time, increment }
+    }
+
+    #[test]
+    fn tokens_sort_in_commit_order() {
+        let a = event_token(ts(10, 1), 0, false);
+        let inv = event_token(ts(10, 1), 0, true);
+        let hwm = hwm_token(ts(10, 1));
+        let b = event_token(ts(10, 2), 0, false);
+        let c = event_token(ts(11, 0), 0, false);
+        let start = start_position(ts(10, 1));
+        assert!(start < a && a < inv && inv < hwm && hwm < b && b < c);
+        assert!(hwm_token(ts(9, u32::MAX)) < start);
+        assert!(parse_token(&inv).unwrap().invalidate);
+        assert!(parse_token(&hwm).unwrap().hwm);
+        assert!(parse_token("82ZZ").is_none());
+    }
+
+    #[test]
+    fn history_lost_only_before_oldest_retained() {
+        let mut log = Oplog::new(2);
+        for i in 1..=3 {
+            log.push(Entry {
+                token: event_token(ts(10, i), 0, false),
+                ts: ts(10, i),
+                wall: DateTime::now(),
+                db: "d".into(),
+                coll: Some("c".into()),
+                uuid: None,
+                op: "insert".into(),
+                doc_key: None,
+                post: None,
+                pre: None,
+                images: false,
+                desc: None,
+                extra: None,
+            });
+        }
+        assert!(log.history_lost(ts(10, 1)));
+        assert!(!log.history_lost(ts(10, 2)));
+        assert!(!log.history_lost(ts(10, 3)));
+        assert_eq!(log.first_after(&event_token(ts(10, 2), 0, false)), 1);
+    }
+}

@@ -1,0 +1,309 @@
+//! Wiring: builds client, hub, pipeline and gateway from a `Config` and runs them under one stop token.
+//!
+//! The library never binds a port or reads signals: callers pass the listener
+//! and cancel the token (main does it on SIGTERM/SIGINT, tests on drop).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use mongodb::options::ClientOptions;
+use mongodb::Client;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::authz::{Authorizer, CachedOrderOwners, MongoOrderOwners};
+use crate::checkpoint::CheckpointStore;
+use crate::config::{CheckpointStoreConfig, Config};
+use crate::gateway::{self, Gateway};
+use crate::health::Health;
+use crate::hub::Hub;
+use crate::mapper::{Mapper, MapperFactory};
+use crate::metrics::Metrics;
+use crate::pipeline::{HistoryLostPolicy, Output, Pipeline, PipelineConfig, PipelineError};
+use crate::replay::OplogReplayer;
+use crate::token::StartAt;
+
+/// How long one change-stream `getMore` waits; also the idle token's refresh period.
+const MAX_AWAIT: Duration = Duration::from_secs(1);
+/// Longest wait between change-stream reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Most changes one oplog replay scans before answering `resync` instead.
+const MAX_REPLAY_CHANGES: usize = 100_000;
+
+/// Runtime choices from the command line.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Where to start instead of the stored checkpoint.
+    pub start_override: Option<StartAt>,
+    /// History-lost policy.
+    pub on_history_lost: HistoryLostPolicy,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            start_override: None,
+            on_history_lost: HistoryLostPolicy::Fail,
+        }
+    }
+}
+
+/// Why the app could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The MongoDB URI or client options are invalid.
+    #[error("mongodb.uri: {0}")]
+    Mongo(#[source] mongodb::error::Error),
+    /// The pipeline stopped for good.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Server(#[source] std::io::Error),
+}
+
+impl AppError {
+    /// Whether this is history loss under the `fail` policy (its own exit code).
+    pub fn is_history_lost(&self) -> bool {
+        matches!(self, AppError::Pipeline(PipelineError::HistoryLost(_)))
+    }
+}
+
+/// A running changecast.
+pub struct AppHandle {
+    /// Where the gateway listens.
+    pub addr: SocketAddr,
+    /// The hub (for tests and the demo).
+    pub hub: Arc<Hub>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness.
+    pub health: Arc<Health>,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), AppError>>,
+}
+
+impl AppHandle {
+    /// Starts a graceful stop (sockets closed with 1001, final checkpoint).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// The stop token.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Waits until everything has stopped; the first critical failure, if any.
+    pub async fn wait(self) -> Result<(), AppError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(AppError::Pipeline(PipelineError::Task(e.to_string()))),
+        }
+    }
+}
+
+/// The driver client for `config`.
+pub async fn mongo_client(config: &Config) -> Result<Client, AppError> {
+    let mut opts = ClientOptions::parse(config.mongo.uri.expose())
+        .await
+        .map_err(AppError::Mongo)?;
+    opts.app_name = Some("changecast".into());
+    opts.connect_timeout = Some(config.mongo.connect_timeout);
+    opts.server_selection_timeout = Some(config.mongo.connect_timeout);
+    Client::with_options(opts).map_err(AppError::Mongo)
+}
+
+fn checkpoint_store(config: &Config, client: &Client) -> CheckpointStore {
+    match &config.checkpoint.store {
+        CheckpointStoreConfig::File { path } => CheckpointStore::file(path.clone()),
+        CheckpointStoreConfig::Mongo { collection } => {
+            let db = config
+                .mongo
+                .databases
+                .first()
+                .map(String::as_str)
+                .unwrap_or("admin");
+            CheckpointStore::Mongo(client.database(db).collection(collection))
+        }
+    }
+}
+
+fn mapper_factory(config: &Config, metrics: &Arc<Metrics>) -> MapperFactory {
+    let config = Arc::new(config.clone());
+    let metrics = metrics.clone();
+    Arc::new(move || Mapper::new(&config, metrics.clone()))
+}
+
+fn pipeline(
+    config: &Config,
+    opts: &RunOptions,
+    client: &Client,
+    output: Output,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+) -> Pipeline {
+    let c = &config.mongo.collections;
+    Pipeline {
+        client: client.clone(),
+        store: Arc::new(checkpoint_store(config, client)),
+        output,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        mappers: mapper_factory(config, metrics),
+        cfg: PipelineConfig {
+            databases: config.mongo.databases.clone(),
+            collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
+            max_await: MAX_AWAIT,
+            checkpoint_interval: config.checkpoint.interval,
+            checkpoint_every: config.checkpoint.every_events.get(),
+            on_history_lost: opts.on_history_lost,
+            start_override: opts.start_override.clone(),
+            max_backoff: MAX_BACKOFF,
+        },
+    }
+}
+
+/// Starts the worker: pipeline into the hub, gateway on `listener` (with `extra` routes merged).
+pub async fn start(
+    config: &Config,
+    opts: RunOptions,
+    listener: TcpListener,
+    extra: Option<Router>,
+) -> Result<AppHandle, AppError> {
+    let addr = listener.local_addr().map_err(AppError::Server)?;
+    let client = mongo_client(config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(
+        config.mongo.databases.iter().map(String::as_str),
+    ));
+    let hub = Arc::new(Hub::new(config.hub.clone(), metrics.clone()));
+    let stop = CancellationToken::new();
+
+    let orders: Vec<_> = config
+        .mongo
+        .databases
+        .iter()
+        .map(|db| {
+            client
+                .database(db)
+                .collection(&config.mongo.collections.orders)
+        })
+        .collect();
+    let f = &config.fields;
+    let owners = MongoOrderOwners::new(
+        orders,
+        f.customer.clone(),
+        f.store.clone(),
+        config.auth.order_lookup.timeout,
+    );
+    let owners = CachedOrderOwners::new(owners, &config.auth.order_lookup);
+    let c = &config.mongo.collections;
+    let replayer = OplogReplayer {
+        client: client.clone(),
+        databases: config.mongo.databases.clone(),
+        collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
+        mappers: mapper_factory(config, &metrics),
+        max_changes: MAX_REPLAY_CHANGES,
+    };
+    let gw = Arc::new(Gateway {
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        verifier: Arc::new(Verifier::new(&config.auth)),
+        authz: Arc::new(Authorizer::new(
+            Arc::new(owners),
+            config.auth.allow_anonymous_storefront,
+        )),
+        replayer: Some(Arc::new(replayer)),
+        cfg: config.server.clone(),
+        allow_query_token: config.auth.allow_query_token,
+        limits: Arc::default(),
+        stop: stop.child_token(),
+        tracker: TaskTracker::new(),
+        sio: config.socketio.clone(),
+    });
+    let mut router = gateway::router(gw.clone());
+    if let Some(extra) = extra {
+        router = router.merge(extra);
+    }
+
+    let pipe = pipeline(
+        config,
+        &opts,
+        &client,
+        Output::Hub(hub.clone()),
+        &metrics,
+        &health,
+    );
+    let grace = config.server.shutdown_grace;
+    let task_stop = stop.clone();
+    let task = tokio::spawn(async move {
+        let server = {
+            let (gw, stop) = (gw.clone(), task_stop.clone());
+            tokio::spawn(async move {
+                let r = gateway::serve(listener, router, gw, grace).await;
+                // The gateway is critical too: if it dies, everything stops.
+                stop.cancel();
+                r
+            })
+        };
+        let pipe_stop = task_stop.clone();
+        let mut piped = tokio::spawn(async move { pipe.run(pipe_stop).await });
+        let pipe_result = tokio::select! {
+            r = &mut piped => {
+                // The pipeline ended on its own: a critical failure stops the gateway.
+                task_stop.cancel();
+                flatten(r)
+            }
+            // A stop: the pipeline flushes its checkpoint, sessions close with 1001.
+            _ = task_stop.cancelled() => flatten(piped.await),
+        };
+        let server_result = flatten_io(server.await);
+        pipe_result.map_err(AppError::from).and(server_result)
+    });
+    Ok(AppHandle {
+        addr,
+        hub,
+        metrics,
+        health,
+        stop,
+        task,
+    })
+}
+
+fn flatten(
+    r: Result<Result<(), PipelineError>, tokio::task::JoinError>,
+) -> Result<(), PipelineError> {
+    r.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())))
+}
+
+fn flatten_io(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), AppError> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(AppError::Server(e)),
+        Err(e) => Err(AppError::Pipeline(PipelineError::Task(e.to_string()))),
+    }
+}
+
+/// `changecast tail`: the pipeline printing routed events to stdout, no sockets.
+pub async fn tail(
+    config: &Config,
+    opts: RunOptions,
+    stop: CancellationToken,
+) -> Result<(), AppError> {
+    let client = mongo_client(config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(
+        config.mongo.databases.iter().map(String::as_str),
+    ));
+    pipeline(config, &opts, &client, Output::Stdout, &metrics, &health)
+        .run(stop)
+        .await
+        .map_err(AppError::from)
+}

@@ -1,0 +1,87 @@
+//! The domain event: what normalization produces, routing addresses and the hub fans out; knows nothing of sockets or MongoDB.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::room::Room;
+
+/// An event id: the hex `_data` of the change event's resume token.
+///
+/// Tokens from one cluster sort in commit order as strings and are identical
+/// in every process watching that cluster, which is what makes recovery work
+/// across reconnects and across replicas.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(Arc<str>);
+
+impl EventId {
+    /// Wraps a resume token's hex `_data`.
+    pub fn new(hex: impl Into<Arc<str>>) -> Self {
+        Self(hex.into())
+    }
+
+    /// The hex string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Ord for EventId {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Hex digits of mongod's KeyString tokens compare case-insensitively in
+        // commit order; mongod emits upper case, be lenient with clients.
+        let a = self.0.bytes().map(|b| b.to_ascii_uppercase());
+        let b = other.0.bytes().map(|b| b.to_ascii_uppercase());
+        a.cmp(b)
+    }
+}
+
+impl PartialOrd for EventId {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventId({})", self.0)
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One named event from one change, before it is addressed to rooms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The change's resume token; shared by every event derived from that change.
+    pub id: EventId,
+    /// Canonical name, e.g. `order:status_changed`.
+    pub name: String,
+    /// Commit wall time of the change in Unix milliseconds (0 when the server gave none).
+    pub ts_ms: i64,
+}
+
+/// The payload one audience (room) receives for an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// Where it goes.
+    pub room: Room,
+    /// What that audience may see: an allowlisted projection, never the raw document.
+    pub data: serde_json::Value,
+}
+
+/// An event with its per-room payloads, ready for the hub.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutedEvent {
+    /// The event.
+    pub event: Event,
+    /// One entry per room; a room appears at most once.
+    pub deliveries: Vec<Delivery>,
+}

@@ -1,0 +1,156 @@
+//! The HTTP listener: `/ws`, `/socket.io/`, `/healthz`, `/readyz`, `/metrics`; owns client sessions, not the hub.
+
+pub mod limits;
+pub mod protocol;
+pub mod session;
+pub mod sio;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::authz::Authorizer;
+use crate::config::ServerConfig;
+use crate::event::EventId;
+use crate::health::Health;
+use crate::hub::{Hub, Message};
+use crate::metrics::Metrics;
+use crate::room::Room;
+
+/// Replays a room's events from the oplog when the in-memory history does not reach back.
+pub trait Replayer: Send + Sync {
+    /// Messages for `room` after `since` up to and including `until`, in order; `Err` means resync.
+    fn replay<'a>(
+        &'a self,
+        room: &'a Room,
+        since: &'a EventId,
+        until: Option<EventId>,
+    ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, String>>;
+}
+
+/// Everything a session needs, shared by all of them.
+pub struct Gateway {
+    /// Fan-out.
+    pub hub: Arc<Hub>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness.
+    pub health: Arc<Health>,
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// Room authorization.
+    pub authz: Arc<Authorizer>,
+    /// Oplog replay for recovery beyond history; `None` disables it.
+    pub replayer: Option<Arc<dyn Replayer>>,
+    /// Limits and timeouts.
+    pub cfg: ServerConfig,
+    /// Whether `?token=` is accepted (`auth.allow_query_token`).
+    pub allow_query_token: bool,
+    /// Connection counting.
+    pub limits: Arc<limits::ConnLimits>,
+    /// Fires on shutdown: sessions close with 1001.
+    pub stop: CancellationToken,
+    /// Sessions, so shutdown can wait for them to close.
+    pub tracker: TaskTracker,
+    /// The Socket.IO endpoint: whether it is served, and its legacy event names.
+    pub sio: crate::config::SocketIoConfig,
+}
+
+impl Gateway {
+    /// Whether a browser `Origin` may open a socket (an empty allowlist allows all).
+    pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+        if self.cfg.allowed_origins.is_empty() {
+            return true;
+        }
+        match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+            // Non-browser clients send no Origin; hijacking needs a browser, which always sends one.
+            None => true,
+            Some(origin) => self.cfg.allowed_origins.iter().any(|a| a == origin),
+        }
+    }
+}
+
+/// The HTTP routes; `extra` is merged in (the Socket.IO layer, the demo page).
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let sio = gw.sio.enabled.then(|| sio::layer(gw.clone()));
+    let router = Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(gw.clone());
+    match sio {
+        // socketioxide answers `/socket.io/` and passes every other request through;
+        // CORS wraps it so cross-origin long-polling works.
+        Some(layer) => router
+            .layer(layer)
+            .layer(axum::middleware::from_fn_with_state(gw, sio::cors)),
+        None => router,
+    }
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let ready = gw.health.is_ready() && !gw.stop.is_cancelled();
+    let body = serde_json::json!({
+        "ready": ready,
+        "streams": gw.health.streams().into_iter().map(|(db, open)| serde_json::json!({"database": db, "open": open})).collect::<Vec<_>>(),
+        "checkpointWritable": gw.health.checkpoint_ok(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    gw.health.refresh_gauges(&gw.metrics);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        gw.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Serves `app` on `listener` until `stop` fires, then waits up to `grace` for sessions to close.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    gw: Arc<Gateway>,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let stop = gw.stop.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await });
+    server.await?;
+    gw.tracker.close();
+    if tokio::time::timeout(grace, gw.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = gw.tracker.len(),
+            "sessions still open after the grace period"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The native JSON protocol at `/ws`: client message parsing, server message encoding, close codes; pure.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::hub::{Body, Message};
+
+/// Close codes (docs/PROTOCOL.md). 4000–4499: reconnect; 4500–4999: do not retry with this token.
+pub mod close {
+    /// Server shutting down: reconnect (elsewhere).
+    pub const GOING_AWAY: u16 = 1001;
+    /// Protocol error (RFC 6455), e.g. an unmasked client frame.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8 (RFC 6455).
+    pub const INVALID_DATA: u16 = 1007;
+    /// Message too big (RFC 6455).
+    pub const TOO_BIG: u16 = 1009;
+    /// The client fell behind its bounded queue.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// The peer stopped answering pings.
+    pub const PING_TIMEOUT: u16 = 4001;
+    /// The client kept exceeding its message rate.
+    pub const RATE_LIMITED: u16 = 4002;
+    /// Too many connections (in total or for this subject): retry later.
+    pub const OVERLOADED: u16 = 4003;
+    /// The token is invalid: do not retry with it.
+    pub const AUTH_FAILED: u16 = 4500;
+    /// The token expired and no fresh one came in time.
+    pub const TOKEN_EXPIRED: u16 = 4501;
+    /// No `auth` message arrived within the deadline.
+    pub const AUTH_TIMEOUT: u16 = 4502;
+}
+
+/// A parsed client message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMsg {
+    /// `{"type":"auth","token":…,"since":…?}`
+    Auth {
+        /// The JWT.
+        token: String,
+        /// Recover auto-joined rooms after this event id.
+        since: Option<String>,
+    },
+    /// `{"type":"subscribe","room":…,"since":…?}`
+    Subscribe {
+        /// Room name.
+        room: String,
+        /// Last event id seen in this room.
+        since: Option<String>,
+    },
+    /// `{"type":"unsubscribe","room":…}`
+    Unsubscribe {
+        /// Room name.
+        room: String,
+    },
+    /// `{"type":"ping"}`
+    Ping,
+}
+
+/// Why a client message was refused; `code()` is the wire error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Not JSON, or not an object.
+    #[error("message is not a JSON object")]
+    BadJson,
+    /// No string `type`.
+    #[error("message has no string field \"type\"")]
+    MissingType,
+    /// A `type` this server does not know.
+    #[error("unknown message type")]
+    UnknownType,
+    /// A required field is missing or has the wrong type.
+    #[error("invalid fields for this message type: {0}")]
+    BadFields(String),
+}
+
+impl ParseError {
+    /// The `code` sent in the error message.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ParseError::BadJson => "bad_json",
+            ParseError::MissingType => "bad_request",
+            ParseError::UnknownType => "unknown_type",
+            ParseError::BadFields(_) => "bad_request",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFields {
+    #[serde(rename = "type")]
+    _t: String,
+    token: String,
+    #[serde(default)]
+    since: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeFields {
+    #[serde(rename = "type")]
+    _t: String,
+    room: String,
+    #[serde(default)]
+    since: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubscribeFields {
+    #[serde(rename = "type")]
+    _t: String,
+    room: String,
+}
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Result<ClientMsg, ParseError> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|_| ParseError::BadJson)?;
+    let obj = v.as_object().ok_or(ParseError::BadJson)?;
+    let ty = obj
+        .get("type")
+        .and_then(|t| t.as_str())
+        .ok_or(ParseError::MissingType)?;
+    let bad = |e: serde_json::Error| ParseError::BadFields(e.to_string());
+    match ty {
+        "auth" => {
+            let f: AuthFields = serde_json::from_value(v).map_err(bad)?;
+            Ok(ClientMsg::Auth {
+                token: f.token,
+                since: f.since,
+            })
+        }
+        "subscribe" => {
+            let f: SubscribeFields = serde_json::from_value(v).map_err(bad)?;
+            Ok(ClientMsg::Subscribe {
+                room: f.room,
+                since: f.since,
+            })
+        }
+        "unsubscribe" => {
+            let f: UnsubscribeFields = serde_json::from_value(v).map_err(bad)?;
+            Ok(ClientMsg::Unsubscribe { room: f.room })
+        }
+        "ping" => Ok(ClientMsg::Ping),
+        _ => Err(ParseError::UnknownType),
+    }
+}
+
+/// `{"type":"event",…}` or `{"type":"resync",…}` for a hub message, encoded once and shared.
+pub fn encode_message(m: &Message) -> Bytes {
+    let room = m.room.as_str();
+    let s = match &m.body {
+        Body::Event {
+            name, ts_ms, data, ..
+        } => {
+            let id = m.id.as_ref().map(|i| i.as_str()).unwrap_or("");
+            format!(
+                "{{\"type\":\"event\",\"id\":{},\"event\":{},\"room\":{},\"ts\":{},\"data\":{}}}",
+                json_str(id),
+                json_str(name),
+                json_str(room),
+                ts_ms,
+                data.get()
+            )
+        }
+        Body::Resync { reason } => {
+            json!({"type": "resync", "room": room, "reason": &**reason}).to_string()
+        }
+    };
+    Bytes::from(s)
+}
+
+fn json_str(s: &str) -> String {
+    // Serializing a str cannot fail.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// `{"type":"welcome",…}`.
+pub fn welcome(session: u64, rooms: &[String], subject: Option<&str>) -> String {
+    json!({"type": "welcome", "session": session, "subject": subject, "rooms": rooms}).to_string()
+}
+
+/// `{"type":"subscribed",…}`.
+pub fn subscribed(room: &str, recovered: bool) -> String {
+    json!({"type": "subscribed", "room": room, "recovered": recovered}).to_string()
+}
+
+/// `{"type":"unsubscribed",…}`.
+pub fn unsubscribed(room: &str) -> String {
+    json!({"type": "unsubscribed", "room": room}).to_string()
+}
+
+/// `{"type":"resync",…}` for one room (recovery could not reach back).
+pub fn resync(room: &str, reason: &str) -> String {
+    json!({"type": "resync", "room": room, "reason": reason}).to_string()
+}
+
+/// `{"type":"error",…}`.
+pub fn error(code: &str, message: &str, room: Option<&str>) -> String {
+    match room {
+        Some(r) => json!({"type": "error", "code": code, "message": message, "room": r}),
+        None => json!({"type": "error", "code": code, "message": message}),
+    }
+    .to_string()
+}
+
+/// `{"type":"pong"}`.
+pub fn pong() -> &'static str {
+    "{\"type\":\"pong\"}"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_message() {
+        assert_eq!(
+            parse(r#"{"type":"auth","token":"t"}"#),
+            Ok(ClientMsg::Auth {
+                token: "t".into(),
+                since: None
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"subscribe","room":"order:1","since":"82AB"}"#),
+            Ok(ClientMsg::Subscribe {
+                room: "order:1".into(),
+                since: Some("82AB".into())
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"unsubscribe","room":"order:1"}"#),
+            Ok(ClientMsg::Unsubscribe {
+                room: "order:1".into()
+            })
+        );
+        assert_eq!(parse(r#"{"type":"ping"}"#), Ok(ClientMsg::Ping));
+    }
+
+    #[test]
+    fn refuses_bad_messages_with_codes() {
+        let cases = [
+            ("{", "bad_json"),
+            ("[]", "bad_json"),
+            ("\"x\"", "bad_json"),
+            ("{}", "bad_request"),
+            (r#"{"type":5}"#, "bad_request"),
+            (r#"{"type":"nope"}"#, "unknown_type"),
+            (r#"{"type":"subscribe"}"#, "bad_request"),
+            (r#"{"type":"subscribe","room":5}"#, "bad_request"),
+            (r#"{"type":"auth","token":"t","extra":1}"#, "bad_request"),
+        ];
+        for (text, code) in cases {
+            assert_eq!(parse(text).unwrap_err().code(), code, "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,300}") {
+            let _ = parse(&s);
+        }
+    }
+}

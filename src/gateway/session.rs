@@ -1,0 +1,238 @@
+//! What a client session is, whatever its wire format: principal, joined rooms, recovery and per-room dedup.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::auth::Principal;
+use crate::event::EventId;
+use crate::hub::{Mailbox, Message, Recovery};
+use crate::metrics::{ReasonLabels, RecoveryKind, RecoveryLabels};
+use crate::room::Room;
+
+use super::Gateway;
+
+/// A refused join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinError {
+    /// Wire code: `forbidden`, `unavailable`, `bad_room`, `too_many_subscriptions`…
+    pub code: &'static str,
+    /// Human-readable reason (never contains a token).
+    pub message: String,
+}
+
+/// The outcome of a join.
+#[derive(Debug)]
+pub struct Joined {
+    /// The room.
+    pub room: Room,
+    /// True when `since` was given and everything after it is in `replay`.
+    pub recovered: bool,
+    /// True when `since` was given but neither history nor the oplog reached back.
+    pub resync: bool,
+    /// Messages to send before any live one, in order.
+    pub replay: Vec<Arc<Message>>,
+}
+
+#[derive(Default)]
+struct RoomState {
+    /// The client has seen every event with an id ≤ this.
+    since: Option<EventId>,
+    /// Newest id sent in this room; live messages older than it are replays' overlap.
+    last: Option<EventId>,
+}
+
+/// One session's rooms and identity. Dropping it leaves every room.
+pub struct Session {
+    gw: Arc<Gateway>,
+    mailbox: Mailbox,
+    principal: Principal,
+    rooms: HashMap<Room, RoomState>,
+}
+
+impl Session {
+    /// A session with no rooms yet.
+    pub fn new(gw: Arc<Gateway>, mailbox: Mailbox, principal: Principal) -> Self {
+        Self {
+            gw,
+            mailbox,
+            principal,
+            rooms: HashMap::new(),
+        }
+    }
+
+    /// Who this is.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// Replaces the principal after a token refresh; the subject must not change.
+    pub fn refresh(&mut self, p: Principal) -> Result<(), JoinError> {
+        if p.subject != self.principal.subject {
+            return Err(JoinError {
+                code: "subject_changed",
+                message: "a refreshed token must carry the same subject".into(),
+            });
+        }
+        self.principal = p;
+        Ok(())
+    }
+
+    /// Joined rooms.
+    pub fn rooms(&self) -> impl Iterator<Item = &Room> {
+        self.rooms.keys()
+    }
+
+    /// Joins the rooms the token grants, recovering after `since` when given.
+    pub async fn join_auto(&mut self, since: Option<&EventId>) -> Vec<Joined> {
+        let mut out = Vec::new();
+        for room in self.principal.auto_rooms() {
+            out.push(self.join_checked(room, since.cloned()).await);
+        }
+        out
+    }
+
+    /// Joins a room the client asked for, after the authorization rules.
+    pub async fn join(&mut self, room: &str, since: Option<&str>) -> Result<Joined, JoinError> {
+        let refused = |code: &'static str, message: String| {
+            self.gw
+                .metrics
+                .subscriptions_refused
+                .get_or_create(&ReasonLabels { reason: code })
+                .inc();
+            JoinError { code, message }
+        };
+        let room: Room = room
+            .parse()
+            .map_err(|e: crate::room::RoomError| refused("bad_room", e.to_string()))?;
+        if !self.rooms.contains_key(&room)
+            && self.rooms.len() >= self.gw.cfg.max_subscriptions_per_connection.get()
+        {
+            return Err(refused(
+                "too_many_subscriptions",
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.gw.cfg.max_subscriptions_per_connection
+                ),
+            ));
+        }
+        if let Err(d) = self.gw.authz.may_join(&self.principal, &room).await {
+            return Err(refused(d.code, d.message));
+        }
+        let since = since.map(EventId::new);
+        Ok(self.join_checked(room, since).await)
+    }
+
+    async fn join_checked(&mut self, room: Room, since: Option<EventId>) -> Joined {
+        // Subscribe before reading history, so nothing falls between.
+        let recovery = self.gw.hub.subscribe(&room, &self.mailbox, since.as_ref());
+        self.rooms.insert(
+            room.clone(),
+            RoomState {
+                since: since.clone(),
+                last: None,
+            },
+        );
+        let metrics = &self.gw.metrics;
+        let mut joined = Joined {
+            room: room.clone(),
+            recovered: false,
+            resync: false,
+            replay: Vec::new(),
+        };
+        match (recovery, since) {
+            (Recovery::Live, _) | (_, None) => {}
+            (Recovery::Recovered(replay), Some(_)) => {
+                metrics
+                    .recoveries
+                    .get_or_create(&RecoveryLabels {
+                        source: RecoveryKind::History,
+                    })
+                    .inc();
+                joined.recovered = true;
+                joined.replay = replay;
+            }
+            (Recovery::NotCovered { head }, Some(since)) => {
+                let replayed = match &self.gw.replayer {
+                    Some(r) => tokio::time::timeout(
+                        self.gw.cfg.replay_timeout,
+                        r.replay(&room, &since, head),
+                    )
+                    .await
+                    .map_err(|_| "timed out".to_owned())
+                    .and_then(|r| r),
+                    None => Err("no oplog replayer".to_owned()),
+                };
+                match replayed {
+                    Ok(replay) => {
+                        metrics
+                            .recoveries
+                            .get_or_create(&RecoveryLabels {
+                                source: RecoveryKind::Oplog,
+                            })
+                            .inc();
+                        joined.recovered = true;
+                        joined.replay = replay;
+                    }
+                    Err(reason) => {
+                        tracing::info!(room = %room, reason = %reason, "recovery not possible; client told to resync");
+                        metrics
+                            .recoveries
+                            .get_or_create(&RecoveryLabels {
+                                source: RecoveryKind::Resync,
+                            })
+                            .inc();
+                        joined.resync = true;
+                    }
+                }
+            }
+        }
+        joined
+    }
+
+    /// Leaves a room; false when it was not joined.
+    pub fn leave(&mut self, room: &str) -> bool {
+        let Ok(room) = room.parse::<Room>() else {
+            return false;
+        };
+        if self.rooms.remove(&room).is_some() {
+            self.gw.hub.unsubscribe(&room, self.mailbox.id());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `msg` should be sent: its room is joined and it is not older than
+    /// what the client already has (replay/live overlap, or a `since` from a replica ahead of us).
+    pub fn accept(&mut self, msg: &Message) -> bool {
+        let Some(state) = self.rooms.get_mut(&msg.room) else {
+            return false;
+        };
+        let Some(id) = &msg.id else {
+            // A resync notice: whatever the client had is void.
+            state.last = None;
+            state.since = None;
+            return true;
+        };
+        if state.since.as_ref().is_some_and(|s| id <= s)
+            || state.last.as_ref().is_some_and(|l| id < l)
+        {
+            return false;
+        }
+        state.last = Some(id.clone());
+        true
+    }
+
+    /// The hub mailbox (for the kicked token).
+    pub fn mailbox(&self) -> &Mailbox {
+        &self.mailbox
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.gw
+            .hub
+            .unsubscribe_all(self.rooms.keys(), self.mailbox.id());
+    }
+}

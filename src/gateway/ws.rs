@@ -1,0 +1,551 @@
+//! The native `/ws` endpoint: upgrade checks, in-band auth, and the one `select!` loop per socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::SinkExt;
+use tracing::Instrument;
+
+use super::limits::{SubjectPermit, TotalPermit};
+use super::protocol::{self, close, ClientMsg};
+use super::session::{Joined, Session};
+use super::Gateway;
+use crate::auth::{AuthError, Principal};
+use crate::event::EventId;
+use crate::hub::{Message, WireFormat};
+use crate::metrics::{ReasonLabels, Wire, WireLabels};
+
+/// Most hub messages written before one flush; bounds the time between flushes under load.
+const WRITE_BATCH: usize = 64;
+
+/// `GET /ws`: checks origin, token (when sent in headers) and limits before upgrading.
+pub(crate) async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    ws: WebSocketUpgrade,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if gw.stop.is_cancelled() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
+    }
+    if !gw.origin_allowed(&headers) {
+        gw.metrics
+            .client_errors
+            .get_or_create(&ReasonLabels {
+                reason: "origin_not_allowed",
+            })
+            .inc();
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "origin is not in server.allowed_origins",
+        );
+    }
+    let found = crate::auth::token_from_headers(&headers, gw.allow_query_token, query.as_deref());
+    let principal = match &found.token {
+        Some((_, t)) => match gw.verifier.verify(t.expose(), SystemTime::now()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                count_auth_failure(&gw, &e);
+                return refuse(StatusCode::UNAUTHORIZED, e.code(), &e.to_string());
+            }
+        },
+        None => None,
+    };
+    let Some(total) = gw.limits.acquire_total(gw.cfg.max_connections.get()) else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many connections",
+        );
+    };
+    let subject_permit = match principal.as_ref().and_then(|p| p.subject.as_deref()) {
+        Some(sub) => match gw
+            .limits
+            .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
+        {
+            Some(p) => Some(p),
+            None => {
+                return refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections",
+                    "too many connections for this subject",
+                )
+            }
+        },
+        None => None,
+    };
+    let since = query.as_deref().and_then(since_param).map(EventId::new);
+    let mut ws = ws
+        .max_message_size(gw.cfg.max_message_bytes.get())
+        .max_frame_size(gw.cfg.max_message_bytes.get());
+    if let Some(p) = found.subprotocol {
+        ws.set_selected_protocol(HeaderValue::from_static(p));
+    }
+    let tracker = gw.tracker.clone();
+    ws.on_upgrade(move |socket| {
+        let span = tracing::info_span!("ws", peer = %peer);
+        tracker.track_future(
+            async move {
+                let conn = Conn {
+                    gw,
+                    socket,
+                    _total: total,
+                    subject_permit,
+                };
+                conn.run(principal, since).await;
+            }
+            .instrument(span),
+        )
+    })
+}
+
+/// What to tell a peer whose frame could not be read. tungstenite reports an
+/// oversized message or invalid UTF-8 as a read error; the peer deserves the
+/// RFC 6455 code rather than a dropped TCP connection.
+fn read_error_exit(e: &axum::Error) -> Option<Exit> {
+    let text = e.to_string();
+    if text.contains("Space limit exceeded") || text.contains("too long") {
+        Some(Exit(close::TOO_BIG, "message_too_big"))
+    } else if text.contains("UTF-8") {
+        Some(Exit(close::INVALID_DATA, "invalid_utf8"))
+    } else if text.contains("Protocol") {
+        Some(Exit(close::PROTOCOL_ERROR, "protocol_error"))
+    } else {
+        None
+    }
+}
+
+/// The `since` query parameter (an event id is hex, so no percent-decoding is needed).
+fn since_param(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "since")
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty() && v.len() <= 512 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": code, "message": message})),
+    )
+        .into_response()
+}
+
+fn count_auth_failure(gw: &Gateway, e: &AuthError) {
+    e.record(&gw.metrics);
+}
+
+struct Conn {
+    gw: Arc<Gateway>,
+    socket: WebSocket,
+    _total: TotalPermit,
+    subject_permit: Option<SubjectPermit>,
+}
+
+/// Why the loop ended, and what to tell the peer.
+struct Exit(u16, &'static str);
+
+impl Conn {
+    async fn run(mut self, principal: Option<Principal>, since: Option<EventId>) {
+        self.gw
+            .metrics
+            .connections
+            .get_or_create(&WireLabels { wire: Wire::Native })
+            .inc();
+        let exit = self.serve(principal, since).await;
+        self.gw
+            .metrics
+            .connections
+            .get_or_create(&WireLabels { wire: Wire::Native })
+            .dec();
+        if let Some(Exit(code, reason)) = exit {
+            tracing::info!(code, reason, "closing");
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = tokio::time::timeout(
+                self.gw.cfg.write_timeout,
+                self.socket.send(WsMessage::Close(Some(frame))),
+            )
+            .await;
+        }
+    }
+
+    /// Waits for `{"type":"auth"}` within the deadline.
+    async fn authenticate(&mut self) -> Result<(Principal, Option<EventId>), Option<Exit>> {
+        let deadline = tokio::time::sleep(self.gw.cfg.auth_deadline);
+        tokio::pin!(deadline);
+        loop {
+            let msg = tokio::select! {
+                _ = &mut deadline => return Err(Some(Exit(close::AUTH_TIMEOUT, "auth_timeout"))),
+                _ = self.gw.stop.cancelled() => return Err(Some(Exit(close::GOING_AWAY, "shutting_down"))),
+                m = self.socket.recv() => m,
+            };
+            let text = match msg {
+                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return Err(None),
+                Some(Ok(WsMessage::Text(t))) => t,
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(WsMessage::Binary(_))) => {
+                    self.send_text(protocol::error(
+                        "binary_not_supported",
+                        "send JSON text frames",
+                        None,
+                    ))
+                    .await
+                    .map_err(|_| None)?;
+                    continue;
+                }
+            };
+            match protocol::parse(&text) {
+                Ok(ClientMsg::Auth { token, since }) => {
+                    match self.gw.verifier.verify(&token, SystemTime::now()) {
+                        Ok(p) => return Ok((p, since.map(EventId::new))),
+                        Err(e) => {
+                            count_auth_failure(&self.gw, &e);
+                            let _ = self
+                                .send_text(protocol::error(e.code(), &e.to_string(), None))
+                                .await;
+                            return Err(Some(Exit(close::AUTH_FAILED, "auth_failed")));
+                        }
+                    }
+                }
+                Ok(ClientMsg::Ping) => self
+                    .send_text(protocol::pong().to_owned())
+                    .await
+                    .map_err(|_| None)?,
+                Ok(_) => self
+                    .send_text(protocol::error(
+                        "unauthenticated",
+                        "send {\"type\":\"auth\",\"token\":…} first",
+                        None,
+                    ))
+                    .await
+                    .map_err(|_| None)?,
+                Err(e) => self
+                    .send_text(protocol::error(e.code(), &e.to_string(), None))
+                    .await
+                    .map_err(|_| None)?,
+            }
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        principal: Option<Principal>,
+        since: Option<EventId>,
+    ) -> Option<Exit> {
+        let (principal, since) = match principal {
+            Some(p) => (p, since),
+            None => match self.authenticate().await {
+                Ok((p, s)) => (p, s.or(since)),
+                Err(exit) => return exit,
+            },
+        };
+        if self.subject_permit.is_none() {
+            if let Some(sub) = principal.subject.as_deref() {
+                match self
+                    .gw
+                    .limits
+                    .acquire_subject(sub, self.gw.cfg.max_connections_per_subject.get())
+                {
+                    Some(p) => self.subject_permit = Some(p),
+                    None => return Some(Exit(close::OVERLOADED, "too_many_connections")),
+                }
+            }
+        }
+        let (mailbox, mut rx) = self.gw.hub.mailbox();
+        let kicked = mailbox.kicked().clone();
+        let mut session = Session::new(self.gw.clone(), mailbox, principal);
+        tracing::debug!(session = session.mailbox().id(), "authenticated");
+
+        let joined = session.join_auto(since.as_ref()).await;
+        let rooms: Vec<String> = session.rooms().map(|r| r.to_string()).collect();
+        let welcome = protocol::welcome(
+            session.mailbox().id(),
+            &rooms,
+            session.principal().subject.as_deref(),
+        );
+        if self.send_text(welcome).await.is_err() {
+            return None;
+        }
+        for j in joined {
+            if since.is_some() {
+                if let Err(()) = self.send_joined(&mut session, j, false).await {
+                    return None;
+                }
+            }
+        }
+
+        let mut ping = tokio::time::interval(self.gw.cfg.ping_interval);
+        ping.reset();
+        let mut awaiting_pong: Option<Instant> = None;
+        let mut rate = RateWindow::new(
+            u32::try_from(self.gw.cfg.max_messages_per_second.get()).unwrap_or(u32::MAX),
+        );
+        let leeway = self.gw.verifier.leeway();
+        loop {
+            let expiry = expiry_in(session.principal(), leeway);
+            tokio::select! {
+                biased;
+                _ = self.gw.stop.cancelled() => return Some(Exit(close::GOING_AWAY, "shutting_down")),
+                _ = kicked.cancelled() => return Some(Exit(close::SLOW_CONSUMER, "slow_consumer")),
+                _ = tokio::time::sleep(expiry) => {
+                    return Some(Exit(close::TOKEN_EXPIRED, "token_expired"));
+                }
+                msg = rx.recv() => {
+                    let msg = msg?;
+                    if self.write_batch(&mut session, msg, &mut rx).await.is_err() {
+                        return None;
+                    }
+                }
+                inbound = self.socket.recv() => {
+                    let text = match inbound {
+                        None => return None,
+                        Some(Err(e)) => return read_error_exit(&e),
+                        Some(Ok(WsMessage::Close(_))) => return None,
+                        Some(Ok(WsMessage::Pong(_))) => { awaiting_pong = None; continue; }
+                        Some(Ok(WsMessage::Ping(_))) => continue,
+                        Some(Ok(WsMessage::Binary(_))) => {
+                            if !rate.allow() { if rate.abusive() { return Some(Exit(close::RATE_LIMITED, "rate_limited")); } continue; }
+                            self.count_error("binary_not_supported");
+                            if self.send_text(protocol::error("binary_not_supported", "send JSON text frames", None)).await.is_err() { return None; }
+                            continue;
+                        }
+                        Some(Ok(WsMessage::Text(t))) => t,
+                    };
+                    if !rate.allow() {
+                        if rate.abusive() {
+                            return Some(Exit(close::RATE_LIMITED, "rate_limited"));
+                        }
+                        if rate.first_refusal() {
+                            self.count_error("rate_limited");
+                            if self.send_text(protocol::error("rate_limited", "too many messages per second; message dropped", None)).await.is_err() { return None; }
+                        }
+                        continue;
+                    }
+                    if let Err(exit) = self.handle(&mut session, &text).await {
+                        return exit;
+                    }
+                }
+                _ = ping.tick() => {
+                    if let Some(sent) = awaiting_pong {
+                        if sent.elapsed() >= self.gw.cfg.pong_timeout {
+                            return Some(Exit(close::PING_TIMEOUT, "ping_timeout"));
+                        }
+                    } else {
+                        awaiting_pong = Some(Instant::now());
+                    }
+                    if self.send(WsMessage::Ping(bytes::Bytes::new())).await.is_err() { return None; }
+                }
+            }
+        }
+    }
+
+    /// Handles one client message; `Err` ends the connection.
+    async fn handle(&mut self, session: &mut Session, text: &str) -> Result<(), Option<Exit>> {
+        let reply = match protocol::parse(text) {
+            Err(e) => {
+                self.count_error(e.code());
+                protocol::error(e.code(), &e.to_string(), None)
+            }
+            Ok(ClientMsg::Ping) => protocol::pong().to_owned(),
+            Ok(ClientMsg::Auth { token, .. }) => {
+                match self.gw.verifier.verify(&token, SystemTime::now()) {
+                    Ok(p) => match session.refresh(p) {
+                        Ok(()) => serde_json::json!({"type": "authenticated"}).to_string(),
+                        Err(e) => protocol::error(e.code, &e.message, None),
+                    },
+                    Err(e) => {
+                        count_auth_failure(&self.gw, &e);
+                        protocol::error(e.code(), &e.to_string(), None)
+                    }
+                }
+            }
+            Ok(ClientMsg::Subscribe { room, since }) => {
+                match session.join(&room, since.as_deref()).await {
+                    Ok(j) => return self.send_joined(session, j, true).await.map_err(|_| None),
+                    Err(e) => protocol::error(e.code, &e.message, Some(&room)),
+                }
+            }
+            Ok(ClientMsg::Unsubscribe { room }) => {
+                if session.leave(&room) {
+                    protocol::unsubscribed(&room)
+                } else {
+                    protocol::error("not_subscribed", "not subscribed to this room", Some(&room))
+                }
+            }
+        };
+        self.send_text(reply).await.map_err(|_| None)
+    }
+
+    /// `subscribed` (when asked), then the replay or a resync notice.
+    async fn send_joined(&mut self, session: &mut Session, j: Joined, ack: bool) -> Result<(), ()> {
+        if ack {
+            self.send_text(protocol::subscribed(j.room.as_str(), j.recovered))
+                .await?;
+        }
+        if j.resync {
+            self.send_text(protocol::resync(j.room.as_str(), "history_unavailable"))
+                .await?;
+        }
+        for m in j.replay {
+            if session.accept(&m) {
+                self.feed_message(&m).await?;
+            }
+        }
+        self.flush().await
+    }
+
+    /// Writes `first` and whatever else is already queued (up to a batch), then flushes once.
+    async fn write_batch(
+        &mut self,
+        session: &mut Session,
+        first: Arc<Message>,
+        rx: &mut tokio::sync::mpsc::Receiver<Arc<Message>>,
+    ) -> Result<(), ()> {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(m) = next.take() {
+            if session.accept(&m) {
+                self.feed_message(&m).await?;
+            }
+            n += 1;
+            if n < WRITE_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        self.flush().await
+    }
+
+    async fn feed_message(&mut self, m: &Message) -> Result<(), ()> {
+        let bytes = m.encoded(WireFormat::Native, protocol::encode_message);
+        let text = Utf8Bytes::try_from(bytes).map_err(|_| ())?;
+        timed(
+            self.gw.cfg.write_timeout,
+            self.socket.feed(WsMessage::Text(text)),
+        )
+        .await?;
+        self.gw
+            .metrics
+            .deliveries
+            .get_or_create(&WireLabels { wire: Wire::Native })
+            .inc();
+        if let Some(ts) = m.ts_ms() {
+            observe_latency(&self.gw, ts);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ()> {
+        timed(self.gw.cfg.write_timeout, self.socket.flush()).await
+    }
+
+    async fn send_text(&mut self, text: String) -> Result<(), ()> {
+        self.send(WsMessage::Text(text.into())).await
+    }
+
+    async fn send(&mut self, m: WsMessage) -> Result<(), ()> {
+        timed(self.gw.cfg.write_timeout, self.socket.send(m)).await
+    }
+
+    fn count_error(&self, reason: &'static str) {
+        self.gw
+            .metrics
+            .client_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+}
+
+/// Every socket write has a timeout: a peer that stops reading cannot hold a session forever.
+async fn timed(
+    timeout: Duration,
+    write: impl std::future::Future<Output = Result<(), axum::Error>>,
+) -> Result<(), ()> {
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Records commit-to-socket latency.
+pub(crate) fn observe_latency(gw: &Gateway, ts_ms: i64) {
+    if ts_ms <= 0 {
+        return;
+    }
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    gw.metrics
+        .delivery_latency
+        .observe(((now_ms - ts_ms).max(0) as f64) / 1000.0);
+}
+
+/// Time until the principal's token expires (plus leeway); far future when it has no expiry.
+pub(crate) fn expiry_in(p: &Principal, leeway: Duration) -> Duration {
+    match p.expires_at {
+        Some(at) => (at + leeway)
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+        None => Duration::from_secs(365 * 24 * 3600),
+    }
+}
+
+/// Messages-per-second accounting for one connection.
+pub(crate) struct RateWindow {
+    limit: u32,
+    start: Instant,
+    count: u32,
+    refused: u32,
+}
+
+impl RateWindow {
+    pub(crate) fn new(limit: u32) -> Self {
+        Self {
+            limit: limit.max(1),
+            start: Instant::now(),
+            count: 0,
+            refused: 0,
+        }
+    }
+
+    /// Counts one message; false when over the limit in this one-second window.
+    pub(crate) fn allow(&mut self) -> bool {
+        if self.start.elapsed() >= Duration::from_secs(1) {
+            self.start = Instant::now();
+            self.count = 0;
+            self.refused = 0;
+        }
+        self.count += 1;
+        if self.count > self.limit {
+            self.refused += 1;
+            return false;
+        }
+        true
+    }
+
+    /// The first refusal in this window (reply once, then drop silently).
+    pub(crate) fn first_refusal(&self) -> bool {
+        self.refused == 1
+    }
+
+    /// Far over the limit: close rather than keep parsing.
+    pub(crate) fn abusive(&self) -> bool {
+        self.count > self.limit.saturating_mul(10)
+    }
+}

@@ -1,0 +1,529 @@
+//! Rooms → subscribers fan-out and the bounded recovery history; knows nothing of WebSockets or MongoDB.
+//!
+//! One publisher (the pipeline) and many sessions. Publishing never waits on a
+//! session: every session owns one bounded mailbox, and a session whose mailbox
+//! is full is kicked (its `kicked` token fires) instead of slowing the others.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{EventId, RoutedEvent};
+use crate::metrics::Metrics;
+use crate::room::Room;
+
+/// Hub tunables.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Most events kept for recovery (all rooms together).
+    pub history_len: NonZeroUsize,
+    /// Oldest event kept for recovery.
+    pub history_age: Duration,
+    /// Messages a session may have queued before it is cut off as a slow consumer.
+    pub mailbox_capacity: NonZeroUsize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            history_len: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
+            history_age: Duration::from_secs(300),
+            mailbox_capacity: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+/// What a message carries.
+#[derive(Debug)]
+pub enum Body {
+    /// A routed event.
+    Event {
+        /// Canonical event name.
+        name: Arc<str>,
+        /// Commit wall time, Unix ms.
+        ts_ms: i64,
+        /// The audience's payload, serialized once.
+        data: Box<RawValue>,
+        /// The payload's `status` field when it has one (Socket.IO aliases branch on it).
+        status: Option<Arc<str>>,
+    },
+    /// The room's history has a hole: refetch state.
+    Resync {
+        /// Why, e.g. `history_lost`.
+        reason: Arc<str>,
+    },
+}
+
+/// One event addressed to one room, shared by every recipient of that room.
+#[derive(Debug)]
+pub struct Message {
+    /// Event id; `None` for resync notices.
+    pub id: Option<EventId>,
+    /// The room it was addressed to.
+    pub room: Room,
+    /// Payload.
+    pub body: Body,
+    /// Encodings per wire format, made by the first recipient that needs them.
+    encoded: [OnceLock<Bytes>; 2],
+}
+
+/// Wire formats whose encodings a message caches.
+#[derive(Debug, Clone, Copy)]
+pub enum WireFormat {
+    /// The native JSON protocol at `/ws`.
+    Native = 0,
+    /// The Socket.IO endpoint.
+    SocketIo = 1,
+}
+
+impl Message {
+    fn new(id: Option<EventId>, room: Room, body: Body) -> Self {
+        Self {
+            id,
+            room,
+            body,
+            encoded: [OnceLock::new(), OnceLock::new()],
+        }
+    }
+
+    /// The encoding of this message for `format`, made by `encode` on first use and shared after.
+    pub fn encoded(&self, format: WireFormat, encode: impl FnOnce(&Self) -> Bytes) -> Bytes {
+        self.encoded[format as usize]
+            .get_or_init(|| encode(self))
+            .clone()
+    }
+
+    /// Commit time of the event, Unix ms (None for resync notices).
+    pub fn ts_ms(&self) -> Option<i64> {
+        match &self.body {
+            Body::Event { ts_ms, .. } => Some(*ts_ms),
+            Body::Resync { .. } => None,
+        }
+    }
+}
+
+/// A session's handle in the hub: its id, its mailbox sender and the token fired when it is kicked.
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    id: u64,
+    tx: mpsc::Sender<Arc<Message>>,
+    kicked: CancellationToken,
+}
+
+impl Mailbox {
+    /// Fires when the hub cut this session off because its mailbox was full.
+    pub fn kicked(&self) -> &CancellationToken {
+        &self.kicked
+    }
+
+    /// The session id (unique per hub).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// What subscribing with `since` found.
+#[derive(Debug)]
+pub enum Recovery {
+    /// No `since` was given: live events only.
+    Live,
+    /// History covers everything after `since`: these messages, in order, then live.
+    Recovered(Vec<Arc<Message>>),
+    /// History does not reach back to `since`; the caller must replay from the oplog
+    /// everything after `since` up to and including `head`, or tell the client to resync.
+    NotCovered {
+        /// The newest event published before this subscription; later ones reach the mailbox.
+        head: Option<EventId>,
+    },
+}
+
+struct Entry {
+    id: EventId,
+    at: Instant,
+    messages: Vec<Arc<Message>>,
+}
+
+#[derive(Default)]
+struct State {
+    rooms: HashMap<Room, HashMap<u64, Mailbox>>,
+    history: VecDeque<Entry>,
+    /// Every event with an id ≤ floor may be missing from `history`;
+    /// `None` means the hub does not yet know where its stream started.
+    floor: Option<EventId>,
+    head: Option<EventId>,
+}
+
+/// Rooms, subscribers and recent history.
+pub struct Hub {
+    cfg: HubConfig,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+    state: Mutex<State>,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new(cfg: HubConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cfg,
+            metrics,
+            next_id: AtomicU64::new(1),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-updated in a way
+        // that matters more than stopping fan-out would, so recover the guard.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new session mailbox; the receiver is the session's only inbound queue.
+    ///
+    /// Overflow policy: when full, the hub fires `kicked` and drops the session
+    /// from every room; the session closes its socket with a reconnect code.
+    pub fn mailbox(&self) -> (Mailbox, mpsc::Receiver<Arc<Message>>) {
+        let (tx, rx) = mpsc::channel(self.cfg.mailbox_capacity.get());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        (
+            Mailbox {
+                id,
+                tx,
+                kicked: CancellationToken::new(),
+            },
+            rx,
+        )
+    }
+
+    /// Declares that this process's stream starts after `token`: events at or
+    /// before it were never seen here, so recovery from earlier ids needs the oplog.
+    pub fn set_floor(&self, token: EventId) {
+        let mut st = self.state();
+        if st.floor.as_ref().is_none_or(|f| *f < token) && st.history.is_empty() {
+            st.floor = Some(token);
+        }
+    }
+
+    /// The newest event id published.
+    pub fn head(&self) -> Option<EventId> {
+        self.state().head.clone()
+    }
+
+    /// Joins `room` and, when `since` is given, returns what history holds after it.
+    ///
+    /// Subscribing and reading history happen under one lock, so an event is
+    /// either in the returned replay or delivered to the mailbox — never both, never neither.
+    pub fn subscribe(&self, room: &Room, mailbox: &Mailbox, since: Option<&EventId>) -> Recovery {
+        let mut st = self.state();
+        let recovery = match since {
+            None => Recovery::Live,
+            Some(since) => {
+                let covered = st.floor.as_ref().is_some_and(|floor| since >= floor);
+                if covered {
+                    let start = st.history.partition_point(|e| e.id <= *since);
+                    let replay = st
+                        .history
+                        .range(start..)
+                        .filter_map(|e| e.messages.iter().find(|m| m.room == *room).cloned())
+                        .collect();
+                    Recovery::Recovered(replay)
+                } else {
+                    Recovery::NotCovered {
+                        head: st.head.clone(),
+                    }
+                }
+            }
+        };
+        let subs = st.rooms.entry(room.clone()).or_default();
+        subs.insert(mailbox.id, mailbox.clone());
+        self.metrics.rooms.set(st.rooms.len() as i64);
+        recovery
+    }
+
+    /// Leaves `room`; the room is dropped when its last subscriber leaves.
+    pub fn unsubscribe(&self, room: &Room, mailbox_id: u64) {
+        let mut st = self.state();
+        remove_sub(&mut st, room, mailbox_id);
+        self.metrics.rooms.set(st.rooms.len() as i64);
+    }
+
+    /// Leaves every room in `rooms` (on disconnect).
+    pub fn unsubscribe_all<'a>(&self, rooms: impl IntoIterator<Item = &'a Room>, mailbox_id: u64) {
+        let mut st = self.state();
+        for room in rooms {
+            remove_sub(&mut st, room, mailbox_id);
+        }
+        self.metrics.rooms.set(st.rooms.len() as i64);
+    }
+
+    /// Number of rooms with at least one subscriber.
+    pub fn room_count(&self) -> usize {
+        self.state().rooms.len()
+    }
+
+    /// Records `ev` in history and hands it to every subscriber of its rooms. Never waits.
+    pub fn publish(&self, ev: &RoutedEvent) {
+        let messages = messages_for(ev);
+        let mut st = self.state();
+        let now = Instant::now();
+        // Several events can share one change (and one id); history keeps them
+        // in one entry so replay from that id includes or excludes all of them.
+        match st.history.back_mut() {
+            Some(last) if last.id == ev.event.id => last.messages.extend(messages.iter().cloned()),
+            _ => st.history.push_back(Entry {
+                id: ev.event.id.clone(),
+                at: now,
+                messages: messages.clone(),
+            }),
+        }
+        while st.history.len() > self.cfg.history_len.get()
+            || st
+                .history
+                .front()
+                .is_some_and(|e| now.duration_since(e.at) > self.cfg.history_age)
+        {
+            if let Some(old) = st.history.pop_front() {
+                st.floor = Some(old.id);
+            }
+        }
+        st.head = Some(ev.event.id.clone());
+        for msg in &messages {
+            self.deliver(&mut st, msg);
+        }
+    }
+
+    /// Tells every room to resync and forgets history: used when the stream had to
+    /// restart after a gap (history lost). `new_floor` is where the new stream starts.
+    pub fn resync_all(&self, reason: &str, new_floor: Option<EventId>) {
+        let mut st = self.state();
+        st.history.clear();
+        st.floor = new_floor;
+        let rooms: Vec<Room> = st.rooms.keys().cloned().collect();
+        let reason: Arc<str> = reason.into();
+        for room in rooms {
+            let msg = Arc::new(Message::new(
+                None,
+                room,
+                Body::Resync {
+                    reason: reason.clone(),
+                },
+            ));
+            self.deliver(&mut st, &msg);
+        }
+    }
+
+    fn deliver(&self, st: &mut State, msg: &Arc<Message>) {
+        let Some(subs) = st.rooms.get_mut(&msg.room) else {
+            return;
+        };
+        let mut gone = Vec::new();
+        for (id, mb) in subs.iter() {
+            if mb.kicked.is_cancelled() {
+                gone.push(*id);
+                continue;
+            }
+            match mb.tx.try_send(msg.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    mb.kicked.cancel();
+                    self.metrics.slow_consumer_disconnects.inc();
+                    gone.push(*id);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
+            }
+        }
+        if !gone.is_empty() {
+            for id in gone {
+                subs.remove(&id);
+            }
+            if subs.is_empty() {
+                st.rooms.remove(&msg.room);
+                self.metrics.rooms.set(st.rooms.len() as i64);
+            }
+        }
+    }
+}
+
+/// One shared message per delivery of `ev` (payloads serialized once here).
+pub fn messages_for(ev: &RoutedEvent) -> Vec<Arc<Message>> {
+    ev.deliveries
+        .iter()
+        .filter_map(|d| {
+            let data = match serde_json::value::to_raw_value(&d.data) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    tracing::warn!(event = %ev.event.name, error = %e, "payload not serializable, dropped");
+                    return None;
+                }
+            };
+            let status = d.data.get("status").and_then(|s| s.as_str()).map(Arc::from);
+            Some(Arc::new(Message::new(
+                Some(ev.event.id.clone()),
+                d.room.clone(),
+                Body::Event {
+                    name: ev.event.name.as_str().into(),
+                    ts_ms: ev.event.ts_ms,
+                    data,
+                    status,
+                },
+            )))
+        })
+        .collect()
+}
+
+fn remove_sub(st: &mut State, room: &Room, mailbox_id: u64) {
+    if let Some(subs) = st.rooms.get_mut(room) {
+        subs.remove(&mailbox_id);
+        if subs.is_empty() {
+            st.rooms.remove(room);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Delivery, Event};
+
+    fn ev(id: &str, rooms: &[&str]) -> RoutedEvent {
+        RoutedEvent {
+            event: Event {
+                id: EventId::new(id),
+                name: "order:status_changed".into(),
+                ts_ms: 1,
+            },
+            deliveries: rooms
+                .iter()
+                .map(|r| Delivery {
+                    room: r.parse().unwrap(),
+                    data: serde_json::json!({"status": "processing", "r": r}),
+                })
+                .collect(),
+        }
+    }
+
+    fn hub(history: usize, mailbox: usize) -> Hub {
+        Hub::new(
+            HubConfig {
+                history_len: NonZeroUsize::new(history).unwrap(),
+                history_age: Duration::from_secs(60),
+                mailbox_capacity: NonZeroUsize::new(mailbox).unwrap(),
+            },
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn ids(v: &[Arc<Message>]) -> Vec<&str> {
+        v.iter().map(|m| m.id.as_ref().unwrap().as_str()).collect()
+    }
+
+    #[test]
+    fn delivers_only_to_subscribers_of_the_room() {
+        let h = hub(10, 10);
+        let (a, mut ra) = h.mailbox();
+        let (b, mut rb) = h.mailbox();
+        let r1: Room = "customer:c1".parse().unwrap();
+        let r2: Room = "customer:c2".parse().unwrap();
+        h.subscribe(&r1, &a, None);
+        h.subscribe(&r2, &b, None);
+        h.publish(&ev("8201", &["customer:c1", "store:s1"]));
+        let m = ra.try_recv().unwrap();
+        assert_eq!(m.room, r1);
+        assert!(rb.try_recv().is_err());
+        assert!(ra.try_recv().is_err());
+    }
+
+    #[test]
+    fn recovery_splits_exactly_between_replay_and_live() {
+        let h = hub(100, 100);
+        let room: Room = "customer:c1".parse().unwrap();
+        h.set_floor(EventId::new("8200"));
+        for i in 1..=5 {
+            h.publish(&ev(&format!("82{i:02}"), &["customer:c1", "customer:c2"]));
+        }
+        let (mb, mut rx) = h.mailbox();
+        let Recovery::Recovered(replay) = h.subscribe(&room, &mb, Some(&EventId::new("8202")))
+        else {
+            panic!("expected history recovery");
+        };
+        assert_eq!(ids(&replay), ["8203", "8204", "8205"]);
+        assert!(replay.iter().all(|m| m.room == room));
+        h.publish(&ev("8206", &["customer:c1"]));
+        assert_eq!(rx.try_recv().unwrap().id.as_ref().unwrap().as_str(), "8206");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn since_below_the_floor_is_not_covered() {
+        let h = hub(2, 100);
+        let room: Room = "customer:c1".parse().unwrap();
+        let (mb, _rx) = h.mailbox();
+        // Unknown start: nothing can be promised.
+        assert!(matches!(
+            h.subscribe(&room, &mb, Some(&EventId::new("8201"))),
+            Recovery::NotCovered { .. }
+        ));
+        h.set_floor(EventId::new("8200"));
+        for i in 1..=4 {
+            h.publish(&ev(&format!("82{i:02}"), &["customer:c1"]));
+        }
+        // History holds 8203, 8204; 8202 was evicted, so the floor is 8202.
+        assert!(
+            matches!(h.subscribe(&room, &mb, Some(&EventId::new("8201"))), Recovery::NotCovered { head: Some(ref h) } if h.as_str() == "8204")
+        );
+        let Recovery::Recovered(r) = h.subscribe(&room, &mb, Some(&EventId::new("8202"))) else {
+            panic!()
+        };
+        assert_eq!(ids(&r), ["8203", "8204"]);
+    }
+
+    #[test]
+    fn a_full_mailbox_kicks_only_that_session() {
+        let h = hub(10, 2);
+        let room: Room = "storefront:s1".parse().unwrap();
+        let (slow, _slow_rx) = h.mailbox();
+        let (fast, mut fast_rx) = h.mailbox();
+        h.subscribe(&room, &slow, None);
+        h.subscribe(&room, &fast, None);
+        for i in 0..3 {
+            h.publish(&ev(&format!("82{i:02}"), &["storefront:s1"]));
+            assert!(fast_rx.try_recv().is_ok());
+        }
+        assert!(slow.kicked().is_cancelled());
+        assert!(!fast.kicked().is_cancelled());
+        assert_eq!(h.metrics.slow_consumer_disconnects.get(), 1);
+        h.publish(&ev("8299", &["storefront:s1"]));
+        assert!(fast_rx.try_recv().is_ok());
+        assert_eq!(
+            h.metrics.slow_consumer_disconnects.get(),
+            1,
+            "a kicked session is counted once"
+        );
+    }
+
+    #[test]
+    fn rooms_are_dropped_when_empty_and_resync_reaches_everyone() {
+        let h = hub(10, 10);
+        let (a, mut rx) = h.mailbox();
+        let r1: Room = "customer:c1".parse().unwrap();
+        let r2: Room = "store:s1".parse().unwrap();
+        h.subscribe(&r1, &a, None);
+        h.subscribe(&r2, &a, None);
+        assert_eq!(h.room_count(), 2);
+        h.resync_all("history_lost", None);
+        let got: Vec<_> = (0..2).map(|_| rx.try_recv().unwrap()).collect();
+        assert!(got
+            .iter()
+            .all(|m| matches!(m.body, Body::Resync { .. }) && m.id.is_none()));
+        h.unsubscribe_all([&r1, &r2], a.id());
+        assert_eq!(h.room_count(), 0);
+        assert_eq!(h.metrics.rooms.get(), 0);
+    }
+}

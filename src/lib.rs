@@ -1,0 +1,29 @@
+//! changecast: MongoDB change streams → normalized events → authenticated WebSocket and Socket.IO rooms.
+//!
+//! Modules in reading order: `config` (the TOML file), `event` and `room`
+//! (the vocabulary), `normalize` (change → domain events), `route` (rooms and
+//! payload allowlists), `hub` (fan-out and history), `source` (change
+//! streams), `checkpoint` (the durable resume token), `pipeline` (source →
+//! hub), `auth` (JWT → principal), `gateway` (HTTP, `/ws`, `/socket.io/`),
+//! `metrics`, `cli`.
+
+pub mod app;
+pub mod auth;
+pub mod authz;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod gateway;
+pub mod health;
+pub mod hub;
+pub mod mapper;
+pub mod metrics;
+pub mod normalize;
+pub mod pipeline;
+pub mod replay;
+pub mod room;
+pub mod route;
+pub mod source;
+pub mod token;

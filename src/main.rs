@@ -1,0 +1,253 @@
+//! The `changecast` binary: parses the CLI, sets up logging, loads config, maps outcomes to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use changecast::app::{self, RunOptions};
+use changecast::checkpoint::CheckpointStore;
+use changecast::cli::{exit, Cli, Command, ConfigArgs, LogFormat, RunArgs, TokenCommand};
+use changecast::config::{self, Config, LogConfig};
+use changecast::token;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("changecast: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let code = rt.block_on(dispatch(cli));
+    // Sessions and streams have been asked to stop; do not wait on stragglers.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    ExitCode::from(code)
+}
+
+async fn dispatch(cli: Cli) -> u8 {
+    match cli.command {
+        None => run(cli.run, false).await,
+        Some(Command::Run(args)) => run(args, false).await,
+        Some(Command::Tail(args)) => run(args, true).await,
+        Some(Command::CheckConfig(args)) => check_config(&args),
+        Some(Command::Token {
+            command: TokenCommand::Show(args),
+        }) => token_show(&args).await,
+        Some(Command::Demo(args)) => {
+            init_logging(
+                &LogConfig {
+                    level: "info".into(),
+                    format: config::LogFormat::Pretty,
+                },
+                args.log_format,
+                false,
+            );
+            // Wired to changecast::demo::run_demo once the demo module lands.
+            eprintln!("changecast demo: not available in this build");
+            exit::FAILURE
+        }
+    }
+}
+
+fn load(args: &ConfigArgs) -> Result<Config, u8> {
+    Config::load(&args.config).map_err(|e| {
+        eprintln!("changecast: invalid configuration: {}", error_chain(&e));
+        exit::USAGE
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn init_logging(cfg: &LogConfig, flag: Option<LogFormat>, stderr_only: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CHANGECAST_LOG")
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match flag {
+        Some(f) => f == LogFormat::Json,
+        None => cfg.format == config::LogFormat::Json,
+    };
+    // `tail` owns stdout for its JSON lines, so logs always go to stderr.
+    let _ = stderr_only;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+async fn run(args: RunArgs, tail: bool) -> u8 {
+    let mut config = match load(&args.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(&config.log, args.config.log_format, tail);
+    let start_override = match args.start_override() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("changecast: {e}");
+            return exit::USAGE;
+        }
+    };
+    let opts = RunOptions {
+        start_override,
+        on_history_lost: args.on_history_lost,
+    };
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+
+    let outcome = if tail {
+        app::tail(&config, opts, stop).await
+    } else {
+        if let Some(listen) = args.listen {
+            config.server.listen = listen;
+        }
+        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("changecast: cannot listen on {}: {e}", config.server.listen);
+                return exit::FAILURE;
+            }
+        };
+        let handle = match app::start(&config, opts, listener, None).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("changecast: {}", error_chain(&e));
+                return exit::USAGE;
+            }
+        };
+        tracing::info!(addr = %handle.addr, "listening");
+        let app_stop = handle.stop_token();
+        let linked = stop.clone();
+        tokio::spawn(async move {
+            linked.cancelled().await;
+            app_stop.cancel();
+        });
+        handle.wait().await
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!("stopped");
+            exit::OK
+        }
+        Err(e) if e.is_history_lost() => {
+            tracing::error!(error = %error_chain(&e), "stopping");
+            eprintln!("changecast: {}", error_chain(&e));
+            exit::HISTORY_LOST
+        }
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "stopping");
+            eprintln!("changecast: {}", error_chain(&e));
+            exit::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or SIGINT → graceful stop; a second signal exits at once.
+fn spawn_signal_handler(stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            if n == 0 {
+                tracing::info!("signal received: stopping (send again to exit at once)");
+                stop.cancel();
+            } else {
+                std::process::exit(i32::from(exit::FAILURE));
+            }
+        }
+    });
+}
+
+fn check_config(args: &ConfigArgs) -> u8 {
+    match load(args) {
+        Ok(cfg) => {
+            print!("{}", cfg.effective_toml_masked());
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+async fn token_show(args: &ConfigArgs) -> u8 {
+    let config = match load(args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match &config.checkpoint.store {
+        config::CheckpointStoreConfig::File { path } => CheckpointStore::file(path.clone()),
+        config::CheckpointStoreConfig::Mongo { .. } => match app::mongo_client(&config).await {
+            Ok(client) => {
+                let db = config
+                    .mongo
+                    .databases
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or("admin");
+                let coll = match &config.checkpoint.store {
+                    config::CheckpointStoreConfig::Mongo { collection } => collection.clone(),
+                    config::CheckpointStoreConfig::File { .. } => String::new(),
+                };
+                CheckpointStore::Mongo(client.database(db).collection(&coll))
+            }
+            Err(e) => {
+                eprintln!("changecast: {}", error_chain(&e));
+                return exit::FAILURE;
+            }
+        },
+    };
+    let mut code = exit::OK;
+    for db in &config.mongo.databases {
+        match store.load(db).await {
+            Ok(Some(cp)) => {
+                let data = cp.token.get_str("_data").unwrap_or("?");
+                let when = token::cluster_time(data)
+                    .map(token::describe_time)
+                    .unwrap_or_else(|| "unknown (token format not recognised)".into());
+                println!("database:      {db}");
+                println!(
+                    "resume token:  {}",
+                    bson::Bson::Document(cp.token.clone()).into_relaxed_extjson()
+                );
+                println!("cluster time:  {when}");
+                println!(
+                    "last event id: {}",
+                    cp.last_event_id.as_deref().unwrap_or("-")
+                );
+                println!("saved at:      {}", cp.saved_at);
+            }
+            Ok(None) => println!(
+                "database:      {db}\nresume token:  none stored (the next run starts from now)"
+            ),
+            Err(e) => {
+                eprintln!("changecast: {}", error_chain(&e));
+                code = exit::FAILURE;
+            }
+        }
+    }
+    code
+}

@@ -1,0 +1,137 @@
+//! Change document → routed events: normalization + routing, with counting and rate-limited logging of data problems.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::Document;
+
+use crate::config::Config;
+use crate::event::RoutedEvent;
+use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
+use crate::normalize::{Issue, Normalizer};
+use crate::route::Router;
+
+/// Builds a fresh mapper per stream (and per oplog replay).
+pub type MapperFactory = Arc<dyn Fn() -> Mapper + Send + Sync>;
+
+/// At most one warning per reason per this interval; the rest are counted only.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Distinct unknown status values logged once each; beyond this they are only counted.
+const MAX_LOGGED_UNKNOWN: usize = 1000;
+
+/// Normalizes and routes one stream's changes.
+pub struct Mapper {
+    config: Arc<Config>,
+    normalizer: Normalizer,
+    router: Router,
+    metrics: Arc<Metrics>,
+    watched: Vec<String>,
+    last_warned: HashMap<&'static str, (Instant, u64)>,
+    unknown_logged: HashSet<String>,
+}
+
+impl Mapper {
+    /// A mapper for `config`.
+    pub fn new(config: &Arc<Config>, metrics: Arc<Metrics>) -> Self {
+        let c = &config.mongo.collections;
+        Self {
+            config: config.clone(),
+            normalizer: Normalizer::new(config),
+            router: Router::new(&config.routing),
+            metrics,
+            watched: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
+            last_warned: HashMap::new(),
+            unknown_logged: HashSet::new(),
+        }
+    }
+
+    /// Maps one change to the events to publish, counting what was read and dropped.
+    pub fn map(&mut self, change: &Document) -> Vec<RoutedEvent> {
+        self.count_change(change);
+        let normalized = self.normalizer.normalize(change);
+        for issue in &normalized.issues {
+            self.report(issue);
+        }
+        let mut out = Vec::with_capacity(normalized.events.len());
+        for ev in &normalized.events {
+            let (routed, issues) = self.router.route(ev);
+            for i in issues {
+                self.drop_reason(i.reason());
+                self.warn(i.reason(), || format!("{i:?}"));
+            }
+            match routed {
+                Some(r) if !r.deliveries.is_empty() => out.push(r),
+                _ => self.drop_reason("no_rooms"),
+            }
+        }
+        out
+    }
+
+    /// Forgets remembered document state (after a gap in the stream).
+    pub fn forget(&mut self) {
+        self.normalizer = Normalizer::new(&self.config);
+    }
+
+    fn count_change(&self, change: &Document) {
+        let coll = change
+            .get_document("ns")
+            .ok()
+            .and_then(|ns| ns.get_str("coll").ok())
+            .filter(|c| self.watched.iter().any(|w| w == c))
+            .unwrap_or("other");
+        let op = change
+            .get_str("operationType")
+            .ok()
+            .filter(|op| matches!(*op, "insert" | "update" | "replace" | "delete"))
+            .unwrap_or("other");
+        self.metrics
+            .changes_read
+            .get_or_create(&ChangeLabels {
+                collection: coll.to_owned(),
+                op: op.to_owned(),
+            })
+            .inc();
+    }
+
+    fn report(&mut self, issue: &Issue) {
+        match issue {
+            Issue::UnknownStatus { value, collection } => {
+                // Passed through marked unknown, not dropped.
+                self.metrics.unknown_statuses.inc();
+                if self.unknown_logged.len() < MAX_LOGGED_UNKNOWN
+                    && self.unknown_logged.insert(value.clone())
+                {
+                    tracing::warn!(collection = collection.as_str(), value = %value, "unknown status value (logged once per value)");
+                }
+            }
+            Issue::UnhandledOperation { .. } => self.drop_reason(issue.reason()),
+            other => {
+                self.drop_reason(other.reason());
+                self.warn(other.reason(), || format!("{other:?}"));
+            }
+        }
+    }
+
+    fn drop_reason(&self, reason: &'static str) {
+        self.metrics
+            .events_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Rate-limited warning for data problems: one line per reason per interval, with the suppressed count.
+    fn warn(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
+        let now = Instant::now();
+        let entry = self
+            .last_warned
+            .entry(reason)
+            .or_insert((now - WARN_EVERY, 0));
+        if now.duration_since(entry.0) >= WARN_EVERY {
+            tracing::warn!(reason, suppressed = entry.1, detail = %detail(), "data problem in a change; route skipped");
+            *entry = (now, 0);
+        } else {
+            entry.1 += 1;
+        }
+    }
+}

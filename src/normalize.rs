@@ -1,0 +1,1417 @@
+//! Change event → domain events through the status table and field paths; no I/O, knows nothing of rooms or sockets.
+//!
+//! Input is the raw change event as a `bson::Document`, not the driver's typed
+//! `ChangeStreamEvent`, so that nothing a hostile or odd document contains can
+//! fail deserialization: every field may be missing, null, wrong-typed or
+//! huge, and the worst outcome is a dropped route plus an [`Issue`].
+//!
+//! The normalizer keeps one piece of state: a bounded map of the last status
+//! and owners seen per document (`normalize.state_cache_docs`), which supplies
+//! `previousStatus` when MongoDB sends no pre-image and the owners of a delete.
+
+use std::collections::{HashMap, VecDeque};
+
+use bson::{Bson, Document};
+
+use crate::config::{Collections, Config, FieldPaths, SettingsSection, StatusTable};
+use crate::event::EventId;
+
+/// Longest string kept in the state cache or copied into an [`Issue`]; longer
+/// values cannot be valid room ids anyway and must not grow memory without bound.
+const MAX_KEPT_LEN: usize = 128;
+
+/// Which watched collection a change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CollectionKind {
+    /// `mongodb.collections.orders`
+    Orders,
+    /// `mongodb.collections.payments`
+    Payments,
+    /// `mongodb.collections.settings`
+    Settings,
+}
+
+impl CollectionKind {
+    /// A short label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Orders => "orders",
+            Self::Payments => "payments",
+            Self::Settings => "settings",
+        }
+    }
+}
+
+/// Canonical event names produced by normalization (plus `system:resync`, sent by the pipeline).
+///
+/// `payment:deleted` exists alongside `order:deleted` so that removing a
+/// payment is not silently lost; like every delete it is routed only when
+/// the owners are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventName {
+    /// An order was inserted.
+    OrderCreated,
+    /// An order's status field changed.
+    OrderStatusChanged,
+    /// Another change to an order.
+    OrderUpdated,
+    /// An order was deleted.
+    OrderDeleted,
+    /// A payment was inserted.
+    PaymentCreated,
+    /// A payment's status field changed.
+    PaymentStatusChanged,
+    /// Another change to a payment.
+    PaymentUpdated,
+    /// A payment was deleted.
+    PaymentDeleted,
+    /// One or more settings sections changed.
+    SettingsUpdated,
+    /// A room's history has a hole; clients must refetch (sent by the pipeline, never by normalization).
+    SystemResync,
+}
+
+impl EventName {
+    /// The wire name, e.g. `order:status_changed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OrderCreated => "order:created",
+            Self::OrderStatusChanged => "order:status_changed",
+            Self::OrderUpdated => "order:updated",
+            Self::OrderDeleted => "order:deleted",
+            Self::PaymentCreated => "payment:created",
+            Self::PaymentStatusChanged => "payment:status_changed",
+            Self::PaymentUpdated => "payment:updated",
+            Self::PaymentDeleted => "payment:deleted",
+            Self::SettingsUpdated => "settings:updated",
+            Self::SystemResync => "system:resync",
+        }
+    }
+}
+
+/// The normalized status of an order or payment at this change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusInfo {
+    /// Canonical status, or the raw value when it is unknown.
+    pub status: String,
+    /// The value as stored in the document.
+    pub raw: String,
+    /// The canonical (or unknown raw) status before this change, when known
+    /// from the pre-image or from the last state this process saw.
+    pub previous: Option<String>,
+    /// Position on the order flow, 0..=100 (see [`OrderStatus::progress`]);
+    /// `None` for cancelled, unknown statuses and payments.
+    pub progress: Option<u8>,
+    /// The raw value is not in the status table.
+    pub unknown: bool,
+}
+
+/// The ids that decide rooms, read from the document at the configured paths
+/// (or from the remembered state for deletes without a pre-image).
+/// `None` means absent or unusable; normalization has already reported why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteKeys {
+    /// `customer:{id}` (orders, payments).
+    pub customer: Option<String>,
+    /// `store:{id}` (all collections; settings also `storefront:{id}`).
+    pub store: Option<String>,
+    /// `order:{id}`: the order's `_id` for orders, the order id field for payments.
+    pub order: Option<String>,
+}
+
+/// One settings section touched by a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SectionChange {
+    /// Section name from `[routing.settings]`.
+    pub name: String,
+    /// Whether the section may reach `storefront:{id}`.
+    pub public: bool,
+    /// The section's fields (as configured) that changed.
+    pub changed_fields: Vec<String>,
+    /// All the section's configured fields, so routing can project them.
+    pub fields: Vec<String>,
+}
+
+/// A named event derived from one change, before routing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainEvent {
+    /// The change's resume token.
+    pub id: EventId,
+    /// Canonical name.
+    pub name: EventName,
+    /// Commit time, Unix ms: `wallTime` if present, else `clusterTime` seconds × 1000, else 0.
+    pub ts_ms: i64,
+    /// Source collection.
+    pub collection: CollectionKind,
+    /// The document's `_id` as a string (ObjectId as hex), when usable.
+    pub doc_id: Option<String>,
+    /// The document the payload is projected from: `fullDocument`, or for a
+    /// delete its pre-image; empty when neither was sent. Never sent as is.
+    pub document: Document,
+    /// Status (orders and payments), when the document has one.
+    pub status: Option<StatusInfo>,
+    /// Room ids.
+    pub keys: RouteKeys,
+    /// Paths from `updateDescription` (updated, then removed) for updates; empty otherwise.
+    pub changed_fields: Vec<String>,
+    /// Settings sections touched (settings only, never empty for `settings:updated`).
+    pub sections: Vec<SectionChange>,
+}
+
+/// Something in a change that could not be used; counted and logged by the caller.
+/// Carried strings are truncated to 128 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issue {
+    /// The change has no usable `_id._data` resume token; the change is dropped.
+    MissingEventId,
+    /// `operationType` is missing or not one MongoDB documents.
+    UnknownOperation {
+        /// The value, or `<missing>`.
+        op: String,
+    },
+    /// A valid operation changecast does not turn into events (`drop`, `rename`,
+    /// `invalidate`, DDL, or a settings `delete`).
+    UnhandledOperation {
+        /// The operation.
+        op: String,
+    },
+    /// `ns.coll` is missing or not a watched collection.
+    UnknownCollection {
+        /// The value, or `<missing>`.
+        collection: String,
+    },
+    /// A routing field is absent: that route is skipped.
+    MissingField {
+        /// Source collection.
+        collection: CollectionKind,
+        /// Which key (`customer`, `store`, `order_id`, `_id`, `status`).
+        field: &'static str,
+    },
+    /// A field has a type that cannot be used (e.g. an id that is an array).
+    WrongType {
+        /// Source collection.
+        collection: CollectionKind,
+        /// Which key.
+        field: &'static str,
+        /// The BSON type found, e.g. `array`.
+        found: &'static str,
+    },
+    /// A status value not in the table; passed through with `unknown: true`.
+    UnknownStatus {
+        /// Source collection.
+        collection: CollectionKind,
+        /// The raw value.
+        value: String,
+    },
+    /// A delete whose owners are unknown (no pre-image, not seen before); dropped.
+    NoOwnerForDelete {
+        /// Source collection.
+        collection: CollectionKind,
+    },
+}
+
+impl Issue {
+    /// A bounded label for metrics (`events_dropped_total{reason=…}` and the like).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Issue::MissingEventId => "missing_event_id",
+            Issue::UnknownOperation { .. } => "unknown_operation",
+            Issue::UnhandledOperation { .. } => "unhandled_operation",
+            Issue::UnknownCollection { .. } => "unknown_collection",
+            Issue::MissingField { .. } => "missing_field",
+            Issue::WrongType { .. } => "wrong_type",
+            Issue::UnknownStatus { .. } => "unknown_status",
+            Issue::NoOwnerForDelete { .. } => "no_owner_for_delete",
+        }
+    }
+}
+
+/// What one change produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Normalized {
+    /// Zero or one event today (one per change keeps "one id, one event" for recovery).
+    pub events: Vec<DomainEvent>,
+    /// Problems found, in the order met.
+    pub issues: Vec<Issue>,
+}
+
+/// Last state seen of one document.
+#[derive(Debug, Clone, Default)]
+struct DocState {
+    raw_status: Option<String>,
+    order_type: Option<String>,
+    keys: RouteKeys,
+}
+
+/// Bounded map of document → last state; evicts the least recently written.
+///
+/// Bound: `cap` entries (each a few short strings, ~200 bytes), plus an
+/// insertion queue compacted when it exceeds twice that.
+#[derive(Debug)]
+struct StateCache {
+    cap: usize,
+    gen: u64,
+    map: HashMap<(CollectionKind, String), (u64, DocState)>,
+    order: VecDeque<(u64, (CollectionKind, String))>,
+}
+
+impl StateCache {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            gen: 0,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&self, kind: CollectionKind, id: &str) -> Option<&DocState> {
+        self.map.get(&(kind, id.to_owned())).map(|(_, s)| s)
+    }
+
+    fn put(&mut self, kind: CollectionKind, id: &str, st: DocState) {
+        if self.cap == 0 || id.len() > MAX_KEPT_LEN {
+            return;
+        }
+        self.gen += 1;
+        let key = (kind, id.to_owned());
+        self.map.insert(key.clone(), (self.gen, st));
+        self.order.push_back((self.gen, key));
+        while self.map.len() > self.cap {
+            let Some((g, k)) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.get(&k).is_some_and(|(mg, _)| *mg == g) {
+                self.map.remove(&k);
+            }
+        }
+        // Rewrites leave stale queue entries behind; drop them before the queue outgrows the map.
+        if self.order.len() > self.cap.saturating_mul(2).saturating_add(16) {
+            let map = &self.map;
+            self.order
+                .retain(|(g, k)| map.get(k).is_some_and(|(mg, _)| mg == g));
+        }
+    }
+
+    fn remove(&mut self, kind: CollectionKind, id: &str) {
+        self.map.remove(&(kind, id.to_owned()));
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Turns change events into domain events. Deterministic; its only state is the bounded last-seen cache.
+#[derive(Debug)]
+pub struct Normalizer {
+    fields: FieldPaths,
+    status: StatusTable,
+    collections: Collections,
+    sections: Vec<SettingsSection>,
+    cache: StateCache,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Insert,
+    Update,
+    Replace,
+    Delete,
+}
+
+/// Operations MongoDB documents that carry no document change we turn into events.
+const UNHANDLED_OPS: [&str; 12] = [
+    "drop",
+    "rename",
+    "dropDatabase",
+    "invalidate",
+    "create",
+    "createIndexes",
+    "dropIndexes",
+    "modify",
+    "shardCollection",
+    "refineCollectionShardKey",
+    "reshardCollection",
+    "createSearchIndexes",
+];
+
+fn truncate(s: &str) -> String {
+    if s.len() <= MAX_KEPT_LEN {
+        return s.to_owned();
+    }
+    let mut end = MAX_KEPT_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("").to_owned()
+}
+
+/// A value worth remembering: too long a value is forgotten, never cut, because
+/// a cut id would be a different, possibly valid, room id.
+fn keep(s: &str) -> Option<String> {
+    (s.len() <= MAX_KEPT_LEN).then(|| s.to_owned())
+}
+
+/// The BSON type name, for issues.
+pub fn type_name(b: &Bson) -> &'static str {
+    match b {
+        Bson::Double(_) => "double",
+        Bson::String(_) => "string",
+        Bson::Array(_) => "array",
+        Bson::Document(_) => "object",
+        Bson::Boolean(_) => "bool",
+        Bson::Null => "null",
+        Bson::RegularExpression(_) => "regex",
+        Bson::JavaScriptCode(_) | Bson::JavaScriptCodeWithScope(_) => "javascript",
+        Bson::Int32(_) => "int",
+        Bson::Int64(_) => "long",
+        Bson::Timestamp(_) => "timestamp",
+        Bson::Binary(_) => "binData",
+        Bson::ObjectId(_) => "objectId",
+        Bson::DateTime(_) => "date",
+        Bson::Symbol(_) => "symbol",
+        Bson::Decimal128(_) => "decimal",
+        Bson::Undefined => "undefined",
+        Bson::MaxKey => "maxKey",
+        Bson::MinKey => "minKey",
+        Bson::DbPointer(_) => "dbPointer",
+    }
+}
+
+/// The value at a dotted path; does not descend into arrays (an index would be a guess).
+pub fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
+    let mut cur = doc;
+    let mut segs = path.split('.').peekable();
+    while let Some(seg) = segs.next() {
+        let v = cur.get(seg)?;
+        if segs.peek().is_none() {
+            return Some(v);
+        }
+        match v {
+            Bson::Document(d) => cur = d,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// An id usable in a room name: ObjectId → hex, string as is, int/long → decimal.
+/// Anything else is refused (a double or a date as an id would be a guess).
+pub fn id_string(b: &Bson) -> Result<String, &'static str> {
+    match b {
+        Bson::ObjectId(o) => Ok(o.to_hex()),
+        Bson::String(s) => Ok(s.clone()),
+        Bson::Int32(i) => Ok(i.to_string()),
+        Bson::Int64(i) => Ok(i.to_string()),
+        other => Err(type_name(other)),
+    }
+}
+
+/// Outcome of reading an id at the first present of several paths.
+enum Lookup {
+    Found(String),
+    Missing,
+    WrongType(&'static str),
+}
+
+fn lookup_id(doc: &Document, paths: &[String]) -> Lookup {
+    // First present (non-null) path wins; a present value of the wrong type is
+    // reported, never skipped in favour of a later path.
+    for p in paths {
+        match get_path(doc, p) {
+            None | Some(Bson::Null) => continue,
+            Some(v) => {
+                return match id_string(v) {
+                    Ok(s) => Lookup::Found(s),
+                    Err(t) => Lookup::WrongType(t),
+                }
+            }
+        }
+    }
+    Lookup::Missing
+}
+
+/// Whether a changed path touches `target`: equal, an ancestor of it, or inside it.
+fn touches(changed: &str, target: &str) -> bool {
+    fn under(a: &str, b: &str) -> bool {
+        a.len() > b.len() && a.starts_with(b) && a.as_bytes().get(b.len()) == Some(&b'.')
+    }
+    changed == target || under(target, changed) || under(changed, target)
+}
+
+impl Normalizer {
+    /// Builds a normalizer from the whole configuration.
+    pub fn new(cfg: &Config) -> Self {
+        Self::from_parts(
+            cfg.fields.clone(),
+            cfg.status.clone(),
+            cfg.mongo.collections.clone(),
+            cfg.routing.settings_sections.clone(),
+            cfg.normalize.state_cache_docs,
+        )
+    }
+
+    /// Builds a normalizer from its pieces; `state_cache_docs` bounds the last-seen map (0 disables it).
+    pub fn from_parts(
+        fields: FieldPaths,
+        status: StatusTable,
+        collections: Collections,
+        sections: Vec<SettingsSection>,
+        state_cache_docs: usize,
+    ) -> Self {
+        Self {
+            fields,
+            status,
+            collections,
+            sections,
+            cache: StateCache::new(state_cache_docs),
+        }
+    }
+
+    /// Documents currently remembered (bounded by `normalize.state_cache_docs`).
+    pub fn remembered(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Normalizes one raw change event. Never panics, whatever the document holds.
+    pub fn normalize(&mut self, change: &Document) -> Normalized {
+        let mut out = Normalized::default();
+        let ev = self.normalize_inner(change, &mut out.issues);
+        out.events.extend(ev);
+        out
+    }
+
+    fn normalize_inner(
+        &mut self,
+        change: &Document,
+        issues: &mut Vec<Issue>,
+    ) -> Option<DomainEvent> {
+        let id = match change.get("_id") {
+            Some(Bson::Document(t)) => match t.get("_data") {
+                Some(Bson::String(s)) if !s.is_empty() => EventId::new(s.as_str()),
+                _ => {
+                    issues.push(Issue::MissingEventId);
+                    return None;
+                }
+            },
+            _ => {
+                issues.push(Issue::MissingEventId);
+                return None;
+            }
+        };
+
+        let op = match change.get("operationType") {
+            Some(Bson::String(s)) => match s.as_str() {
+                "insert" => Op::Insert,
+                "update" => Op::Update,
+                "replace" => Op::Replace,
+                "delete" => Op::Delete,
+                other if UNHANDLED_OPS.contains(&other) => {
+                    issues.push(Issue::UnhandledOperation {
+                        op: other.to_owned(),
+                    });
+                    return None;
+                }
+                other => {
+                    issues.push(Issue::UnknownOperation {
+                        op: truncate(other),
+                    });
+                    return None;
+                }
+            },
+            Some(other) => {
+                issues.push(Issue::UnknownOperation {
+                    op: format!("<{}>", type_name(other)),
+                });
+                return None;
+            }
+            None => {
+                issues.push(Issue::UnknownOperation {
+                    op: "<missing>".into(),
+                });
+                return None;
+            }
+        };
+
+        let coll_name = match change.get("ns") {
+            Some(Bson::Document(ns)) => match ns.get("coll") {
+                Some(Bson::String(c)) => Some(c.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let kind = match coll_name {
+            Some(c) if c == self.collections.orders => CollectionKind::Orders,
+            Some(c) if c == self.collections.payments => CollectionKind::Payments,
+            Some(c) if c == self.collections.settings => CollectionKind::Settings,
+            other => {
+                issues.push(Issue::UnknownCollection {
+                    collection: truncate(other.unwrap_or("<missing>")),
+                });
+                return None;
+            }
+        };
+
+        let ts_ms = match change.get("wallTime") {
+            Some(Bson::DateTime(d)) => d.timestamp_millis(),
+            _ => match change.get("clusterTime") {
+                Some(Bson::Timestamp(t)) => i64::from(t.time) * 1000,
+                _ => 0,
+            },
+        };
+
+        let full = match change.get("fullDocument") {
+            Some(Bson::Document(d)) if op != Op::Delete => Some(d),
+            _ => None,
+        };
+        let pre = match change.get("fullDocumentBeforeChange") {
+            Some(Bson::Document(d)) => Some(d),
+            _ => None,
+        };
+
+        // The document's identity: documentKey._id is authoritative; the full
+        // document's `_id` stands in when a hostile or partial event lacks it.
+        let id_bson = match change.get("documentKey") {
+            Some(Bson::Document(k)) => k.get("_id"),
+            _ => None,
+        }
+        .or_else(|| full.and_then(|d| d.get("_id")))
+        .or_else(|| pre.and_then(|d| d.get("_id")));
+        let doc_id = match id_bson {
+            None | Some(Bson::Null) => {
+                issues.push(Issue::MissingField {
+                    collection: kind,
+                    field: "_id",
+                });
+                None
+            }
+            Some(b) => match id_string(b) {
+                Ok(s) => Some(s),
+                Err(found) => {
+                    issues.push(Issue::WrongType {
+                        collection: kind,
+                        field: "_id",
+                        found,
+                    });
+                    None
+                }
+            },
+        };
+
+        let (updated, removed) = match change.get("updateDescription") {
+            Some(Bson::Document(u)) if op == Op::Update => {
+                let upd = match u.get("updatedFields") {
+                    Some(Bson::Document(d)) => Some(d),
+                    _ => None,
+                };
+                let rem: Vec<String> = match u.get("removedFields") {
+                    Some(Bson::Array(a)) => a
+                        .iter()
+                        .filter_map(|b| match b {
+                            Bson::String(s) => Some(s.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                (upd, rem)
+            }
+            _ => (None, Vec::new()),
+        };
+        let mut changed_fields: Vec<String> = Vec::new();
+        if op == Op::Update {
+            changed_fields.extend(updated.iter().flat_map(|d| d.keys().cloned()));
+            changed_fields.extend(removed.iter().cloned());
+        }
+
+        let remembered = doc_id
+            .as_deref()
+            .and_then(|id| self.cache.get(kind, id))
+            .cloned();
+
+        let base = Base {
+            id,
+            ts_ms,
+            kind,
+            op,
+            doc_id,
+            full,
+            pre,
+            updated,
+            changed_fields,
+            remembered,
+        };
+        match kind {
+            CollectionKind::Orders | CollectionKind::Payments => self.record(base, issues),
+            CollectionKind::Settings => self.settings(base, issues),
+        }
+    }
+
+    /// Orders and payments.
+    fn record(&mut self, b: Base<'_>, issues: &mut Vec<Issue>) -> Option<DomainEvent> {
+        let kind = b.kind;
+        let is_order = kind == CollectionKind::Orders;
+        let status_path = if is_order {
+            self.fields.status.clone()
+        } else {
+            self.fields.payment_status.clone()
+        };
+
+        // The document the keys and payload come from.
+        // An update whose fullDocument is gone (deleted since, or lookup off) uses what we remember.
+        let source = match b.op {
+            Op::Delete => b.pre,
+            _ => b.full,
+        };
+
+        let keys = match source {
+            Some(doc) => self.keys_from(kind, doc, b.doc_id.as_deref(), issues),
+            None => match &b.remembered {
+                Some(st) => st.keys.clone(),
+                None if b.op == Op::Delete => {
+                    issues.push(Issue::NoOwnerForDelete { collection: kind });
+                    if let Some(id) = &b.doc_id {
+                        self.cache.remove(kind, id);
+                    }
+                    return None;
+                }
+                None => {
+                    // No document and no memory: only the order room (orders) is known.
+                    issues.push(Issue::MissingField {
+                        collection: kind,
+                        field: if is_order { "customer" } else { "order_id" },
+                    });
+                    RouteKeys {
+                        order: if is_order { b.doc_id.clone() } else { None },
+                        ..RouteKeys::default()
+                    }
+                }
+            },
+        };
+
+        // Current raw status: this update's own value first (fullDocument may be later).
+        let status_bson: Option<&Bson> = match b.op {
+            Op::Update => b
+                .updated
+                .and_then(|u| status_in_updated(u, &status_path))
+                .or_else(|| source.and_then(|d| get_path(d, &status_path))),
+            _ => source.and_then(|d| get_path(d, &status_path)),
+        };
+        let raw_status: Option<String> = match status_bson {
+            None | Some(Bson::Null) => {
+                if b.op == Op::Delete || b.op == Op::Update {
+                    b.remembered.as_ref().and_then(|r| r.raw_status.clone())
+                } else {
+                    None
+                }
+            }
+            Some(Bson::String(s)) => Some(s.clone()),
+            Some(other) => {
+                issues.push(Issue::WrongType {
+                    collection: kind,
+                    field: "status",
+                    found: type_name(other),
+                });
+                None
+            }
+        };
+        let order_type: Option<String> = source
+            .and_then(|d| match get_path(d, &self.fields.order_type) {
+                Some(Bson::String(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .or_else(|| b.remembered.as_ref().and_then(|r| r.order_type.clone()));
+
+        // Previous status: pre-image first, then memory.
+        let previous_raw: Option<String> = b
+            .pre
+            .filter(|_| b.op != Op::Delete)
+            .and_then(|p| match get_path(p, &status_path) {
+                Some(Bson::String(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .or_else(|| b.remembered.as_ref().and_then(|r| r.raw_status.clone()));
+        let previous = previous_raw.as_deref().map(|raw| {
+            let pre_type = b
+                .pre
+                .and_then(|p| match get_path(p, &self.fields.order_type) {
+                    Some(Bson::String(s)) => Some(s.as_str()),
+                    _ => None,
+                })
+                .or(order_type.as_deref());
+            self.canonical(kind, raw, pre_type).0
+        });
+
+        let status = raw_status.as_ref().map(|raw| {
+            let (status, progress, unknown) = self.canonical(kind, raw, order_type.as_deref());
+            if unknown {
+                issues.push(Issue::UnknownStatus {
+                    collection: kind,
+                    value: truncate(raw),
+                });
+            }
+            StatusInfo {
+                status,
+                raw: raw.clone(),
+                previous: if b.op == Op::Insert {
+                    None
+                } else {
+                    previous.clone()
+                },
+                progress,
+                unknown,
+            }
+        });
+
+        let status_touched = match b.op {
+            Op::Update => b.changed_fields.iter().any(|c| touches(c, &status_path)),
+            // A replace carries no field list: compare with what was known before.
+            Op::Replace => match (&previous_raw, &raw_status) {
+                (Some(p), Some(n)) => p != n,
+                _ => false,
+            },
+            _ => false,
+        };
+        let name = match (kind, b.op, status_touched) {
+            (CollectionKind::Orders, Op::Insert, _) => EventName::OrderCreated,
+            (CollectionKind::Orders, Op::Delete, _) => EventName::OrderDeleted,
+            (CollectionKind::Orders, _, true) => EventName::OrderStatusChanged,
+            (CollectionKind::Orders, _, false) => EventName::OrderUpdated,
+            (_, Op::Insert, _) => EventName::PaymentCreated,
+            (_, Op::Delete, _) => EventName::PaymentDeleted,
+            (_, _, true) => EventName::PaymentStatusChanged,
+            (_, _, false) => EventName::PaymentUpdated,
+        };
+
+        if let Some(id) = &b.doc_id {
+            if b.op == Op::Delete {
+                self.cache.remove(kind, id);
+            } else {
+                let st = DocState {
+                    raw_status: raw_status.as_deref().and_then(keep),
+                    order_type: order_type.as_deref().and_then(keep),
+                    keys: RouteKeys {
+                        customer: keys.customer.as_deref().and_then(keep),
+                        store: keys.store.as_deref().and_then(keep),
+                        order: keys.order.as_deref().and_then(keep),
+                    },
+                };
+                self.cache.put(kind, id, st);
+            }
+        }
+
+        Some(DomainEvent {
+            id: b.id,
+            name,
+            ts_ms: b.ts_ms,
+            collection: kind,
+            doc_id: b.doc_id,
+            document: source.cloned().unwrap_or_default(),
+            status,
+            keys,
+            changed_fields: b.changed_fields,
+            sections: Vec::new(),
+        })
+    }
+
+    /// (status to show, progress, unknown)
+    fn canonical(
+        &self,
+        kind: CollectionKind,
+        raw: &str,
+        order_type: Option<&str>,
+    ) -> (String, Option<u8>, bool) {
+        if kind == CollectionKind::Orders {
+            match self.status.order_status(raw, order_type) {
+                Some(s) => (s.as_str().to_owned(), s.progress(), false),
+                None => (raw.to_owned(), None, true),
+            }
+        } else {
+            match self.status.payment_status(raw) {
+                Some(s) => (s.as_str().to_owned(), None, false),
+                None => (raw.to_owned(), None, true),
+            }
+        }
+    }
+
+    fn keys_from(
+        &self,
+        kind: CollectionKind,
+        doc: &Document,
+        doc_id: Option<&str>,
+        issues: &mut Vec<Issue>,
+    ) -> RouteKeys {
+        let mut get = |field: &'static str, paths: &[String]| match lookup_id(doc, paths) {
+            Lookup::Found(s) => Some(s),
+            Lookup::Missing => {
+                issues.push(Issue::MissingField {
+                    collection: kind,
+                    field,
+                });
+                None
+            }
+            Lookup::WrongType(found) => {
+                issues.push(Issue::WrongType {
+                    collection: kind,
+                    field,
+                    found,
+                });
+                None
+            }
+        };
+        match kind {
+            CollectionKind::Orders => RouteKeys {
+                customer: get("customer", &self.fields.customer),
+                store: get("store", &self.fields.store),
+                order: doc_id.map(str::to_owned),
+            },
+            CollectionKind::Payments => RouteKeys {
+                customer: get("customer", &self.fields.customer),
+                store: get("store", &self.fields.store),
+                order: get("order_id", &self.fields.order_id),
+            },
+            CollectionKind::Settings => RouteKeys {
+                store: get("store", &self.fields.settings_store),
+                ..RouteKeys::default()
+            },
+        }
+    }
+
+    fn settings(&mut self, b: Base<'_>, issues: &mut Vec<Issue>) -> Option<DomainEvent> {
+        let kind = CollectionKind::Settings;
+        if b.op == Op::Delete {
+            // Deleting a settings document changes no section a client shows.
+            if let Some(id) = &b.doc_id {
+                self.cache.remove(kind, id);
+            }
+            issues.push(Issue::UnhandledOperation {
+                op: "delete".into(),
+            });
+            return None;
+        }
+        let keys = match b.full {
+            Some(doc) => self.keys_from(kind, doc, b.doc_id.as_deref(), issues),
+            None => match &b.remembered {
+                Some(st) => st.keys.clone(),
+                None => {
+                    issues.push(Issue::MissingField {
+                        collection: kind,
+                        field: "store",
+                    });
+                    RouteKeys::default()
+                }
+            },
+        };
+        if let Some(id) = &b.doc_id {
+            let st = DocState {
+                keys: RouteKeys {
+                    store: keys.store.as_deref().and_then(keep),
+                    ..RouteKeys::default()
+                },
+                ..DocState::default()
+            };
+            self.cache.put(kind, id, st);
+        }
+
+        let mut sections = Vec::new();
+        for sec in &self.sections {
+            let changed: Vec<String> = sec
+                .fields
+                .iter()
+                .filter(|f| match b.op {
+                    Op::Update => b.changed_fields.iter().any(|c| touches(c, f)),
+                    // Insert/replace: with a pre-image only the fields that differ; else all present.
+                    _ => {
+                        let now = b.full.and_then(|d| get_path(d, f));
+                        match b.pre.filter(|_| b.op == Op::Replace) {
+                            Some(pre) => get_path(pre, f) != now,
+                            None => now.is_some(),
+                        }
+                    }
+                })
+                .cloned()
+                .collect();
+            if !changed.is_empty() {
+                sections.push(SectionChange {
+                    name: sec.name.clone(),
+                    public: sec.public,
+                    changed_fields: changed,
+                    fields: sec.fields.clone(),
+                });
+            }
+        }
+        if sections.is_empty() {
+            return None;
+        }
+        Some(DomainEvent {
+            id: b.id,
+            name: EventName::SettingsUpdated,
+            ts_ms: b.ts_ms,
+            collection: kind,
+            doc_id: b.doc_id,
+            document: b.full.cloned().unwrap_or_default(),
+            status: None,
+            keys,
+            changed_fields: b.changed_fields,
+            sections,
+        })
+    }
+}
+
+/// The status value inside `updatedFields`: the key itself, or nested under an updated ancestor.
+fn status_in_updated<'a>(updated: &'a Document, path: &str) -> Option<&'a Bson> {
+    if let Some(v) = updated.get(path) {
+        return Some(v);
+    }
+    for (k, v) in updated {
+        if let Some(rest) = path
+            .strip_prefix(k.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+        {
+            if let Bson::Document(d) = v {
+                return get_path(d, rest);
+            }
+        }
+    }
+    None
+}
+
+/// The parts of a change every collection handler needs.
+struct Base<'a> {
+    id: EventId,
+    ts_ms: i64,
+    kind: CollectionKind,
+    op: Op,
+    doc_id: Option<String>,
+    full: Option<&'a Document>,
+    pre: Option<&'a Document>,
+    updated: Option<&'a Document>,
+    changed_fields: Vec<String>,
+    remembered: Option<DocState>,
+}
+
+/// Used by tests here and in `route` to build inputs.
+#[cfg(test)]
+pub(crate) mod testing {
+    use bson::{doc, Bson, Document};
+
+    /// A change event as the driver would return it.
+    pub(crate) fn change(op: &str, coll: &str, id: Bson, full: Option<Document>) -> Document {
+        let mut d = doc! {
+            "_id": { "_data": "8265F0A1B2000000012B022C0100296E5A1004" },
+            "operationType": op,
+            "ns": { "db": "app", "coll": coll },
+            "documentKey": { "_id": id },
+            "clusterTime": bson::Timestamp { time: 1_700_000_000, increment: 1 },
+        };
+        if let Some(f) = full {
+            d.insert("fullDocument", f);
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::change;
+    use super::*;
+    use crate::config::OrderStatus;
+    use bson::{doc, oid::ObjectId};
+
+    fn normalizer() -> Normalizer {
+        Normalizer::new(&Config::from_toml_str("", "t").unwrap())
+    }
+
+    fn one(n: &mut Normalizer, d: &Document) -> DomainEvent {
+        let out = n.normalize(d);
+        assert_eq!(out.events.len(), 1, "{out:?}");
+        out.events.into_iter().next().unwrap()
+    }
+
+    fn order_insert(status: &str, order_type: &str) -> Document {
+        change(
+            "insert",
+            "orders",
+            Bson::String("o1".into()),
+            Some(
+                doc! {"_id": "o1", "customerId": "c1", "storeId": "s1", "status": status, "orderType": order_type},
+            ),
+        )
+    }
+
+    #[test]
+    fn every_default_order_mapping() {
+        let cases = [
+            ("new", "pending"),
+            ("pending", "pending"),
+            ("accepted", "processing"),
+            ("processing", "processing"),
+            ("packing", "processing"),
+            ("ready_for_pickup", "ready_for_pickup"),
+            ("ready_for_delivery", "ready_for_delivery"),
+            ("driver_assigned", "driver_assigned"),
+            ("picked_up", "picked_up"),
+            ("out_for_delivery", "in_transit"),
+            ("in_transit", "in_transit"),
+            ("completed", "delivered"),
+            ("delivered", "delivered"),
+            ("cancelled", "cancelled"),
+            ("canceled", "cancelled"),
+            ("  Accepted ", "processing"),
+        ];
+        let mut n = normalizer();
+        for (raw, want) in cases {
+            let ev = one(&mut n, &order_insert(raw, "delivery"));
+            let st = ev.status.unwrap();
+            assert_eq!(st.status, want, "{raw}");
+            assert_eq!(st.raw, raw);
+            assert!(!st.unknown);
+        }
+    }
+
+    #[test]
+    fn ready_splits_by_order_type() {
+        let mut n = normalizer();
+        for (t, want) in [
+            ("pickup", "ready_for_pickup"),
+            ("Collection", "ready_for_pickup"),
+            ("takeaway", "ready_for_pickup"),
+            ("delivery", "ready_for_delivery"),
+            ("", "ready_for_delivery"),
+        ] {
+            let ev = one(&mut n, &order_insert("ready", t));
+            assert_eq!(ev.status.unwrap().status, want, "{t}");
+        }
+        // No order type at all: delivery.
+        let d = change(
+            "insert",
+            "orders",
+            Bson::Int32(7),
+            Some(doc! {"customerId": "c", "storeId": "s", "status": "ready"}),
+        );
+        assert_eq!(one(&mut n, &d).status.unwrap().status, "ready_for_delivery");
+    }
+
+    #[test]
+    fn progress_follows_the_flow() {
+        let p = |s: OrderStatus| s.progress();
+        assert_eq!(p(OrderStatus::Pending), Some(0));
+        assert_eq!(p(OrderStatus::Processing), Some(20));
+        assert_eq!(p(OrderStatus::ReadyForPickup), Some(40));
+        assert_eq!(p(OrderStatus::ReadyForDelivery), Some(40));
+        assert_eq!(p(OrderStatus::DriverAssigned), Some(55));
+        assert_eq!(p(OrderStatus::PickedUp), Some(70));
+        assert_eq!(p(OrderStatus::InTransit), Some(85));
+        assert_eq!(p(OrderStatus::Delivered), Some(100));
+        assert_eq!(p(OrderStatus::Cancelled), None);
+    }
+
+    #[test]
+    fn every_default_payment_mapping() {
+        let mut n = normalizer();
+        for (raw, want) in [
+            ("succeeded", "succeeded"),
+            ("paid", "succeeded"),
+            ("completed", "succeeded"),
+            ("pending", "pending"),
+            ("processing", "pending"),
+            ("requires_action", "pending"),
+            ("failed", "failed"),
+            ("canceled", "canceled"),
+            ("cancelled", "canceled"),
+            ("refunded", "refunded"),
+            ("partially_refunded", "refunded"),
+        ] {
+            let d = change(
+                "insert",
+                "payments",
+                Bson::String("p1".into()),
+                Some(doc! {"orderId": "o1", "customerId": "c1", "storeId": "s1", "status": raw}),
+            );
+            let ev = one(&mut n, &d);
+            assert_eq!(ev.name, EventName::PaymentCreated);
+            let st = ev.status.unwrap();
+            assert_eq!(
+                (st.status.as_str(), st.unknown, st.progress),
+                (want, false, None)
+            );
+            assert_eq!(ev.keys.order.as_deref(), Some("o1"));
+        }
+    }
+
+    #[test]
+    fn unknown_status_passes_through() {
+        let mut n = normalizer();
+        let out = n.normalize(&order_insert("teleported", "delivery"));
+        let st = out.events[0].status.clone().unwrap();
+        assert_eq!(st.status, "teleported");
+        assert!(st.unknown);
+        assert_eq!(st.progress, None);
+        assert_eq!(
+            out.issues,
+            [Issue::UnknownStatus {
+                collection: CollectionKind::Orders,
+                value: "teleported".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn status_change_uses_memory_for_previous() {
+        let mut n = normalizer();
+        let oid = ObjectId::new();
+        let full = |s: &str| doc! {"_id": oid, "customerId": oid, "storeId": 42_i64, "status": s};
+        one(
+            &mut n,
+            &change("insert", "orders", Bson::ObjectId(oid), Some(full("new"))),
+        );
+        let mut upd = change(
+            "update",
+            "orders",
+            Bson::ObjectId(oid),
+            Some(full("accepted")),
+        );
+        upd.insert(
+            "updateDescription",
+            doc! {"updatedFields": {"status": "accepted", "updatedAt": 1}, "removedFields": []},
+        );
+        let ev = one(&mut n, &upd);
+        assert_eq!(ev.name, EventName::OrderStatusChanged);
+        let st = ev.status.unwrap();
+        assert_eq!(st.status, "processing");
+        assert_eq!(st.previous.as_deref(), Some("pending"));
+        assert_eq!(st.progress, Some(20));
+        assert_eq!(ev.keys.customer, Some(oid.to_hex()));
+        assert_eq!(ev.keys.store.as_deref(), Some("42"));
+        assert_eq!(ev.keys.order, Some(oid.to_hex()));
+
+        // Not touching status: order:updated, current status still reported.
+        let mut upd = change(
+            "update",
+            "orders",
+            Bson::ObjectId(oid),
+            Some(full("accepted")),
+        );
+        upd.insert("updateDescription", doc! {"updatedFields": {"notes": "x"}});
+        let ev = one(&mut n, &upd);
+        assert_eq!(ev.name, EventName::OrderUpdated);
+        assert_eq!(ev.changed_fields, ["notes"]);
+
+        // Replace with a different status than remembered: status_changed.
+        let ev = one(
+            &mut n,
+            &change(
+                "replace",
+                "orders",
+                Bson::ObjectId(oid),
+                Some(full("ready")),
+            ),
+        );
+        assert_eq!(ev.name, EventName::OrderStatusChanged);
+        assert_eq!(ev.status.unwrap().previous.as_deref(), Some("processing"));
+
+        // Delete without pre-image: routed from memory.
+        let ev = one(
+            &mut n,
+            &change("delete", "orders", Bson::ObjectId(oid), None),
+        );
+        assert_eq!(ev.name, EventName::OrderDeleted);
+        assert_eq!(ev.keys.customer, Some(oid.to_hex()));
+        // Forgotten after the delete: a second delete has no owner.
+        let out = n.normalize(&change("delete", "orders", Bson::ObjectId(oid), None));
+        assert!(out.events.is_empty());
+        assert_eq!(
+            out.issues,
+            [Issue::NoOwnerForDelete {
+                collection: CollectionKind::Orders
+            }]
+        );
+    }
+
+    #[test]
+    fn pre_image_wins_for_previous_and_delete() {
+        let mut n = normalizer();
+        let mut upd = change(
+            "update",
+            "orders",
+            Bson::String("o9".into()),
+            Some(doc! {"customerId": "c", "storeId": "s", "status": "out_for_delivery"}),
+        );
+        upd.insert(
+            "updateDescription",
+            doc! {"updatedFields": {"status": "out_for_delivery"}},
+        );
+        upd.insert("fullDocumentBeforeChange", doc! {"status": "picked_up"});
+        let ev = one(&mut n, &upd);
+        let st = ev.status.unwrap();
+        assert_eq!(
+            (st.status.as_str(), st.previous.as_deref()),
+            ("in_transit", Some("picked_up"))
+        );
+
+        let mut del = change("delete", "payments", Bson::String("p".into()), None);
+        del.insert(
+            "fullDocumentBeforeChange",
+            doc! {"_id": "p", "customerId": "c2", "storeId": "s2", "orderId": "o2", "status": "paid"},
+        );
+        let ev = one(&mut n, &del);
+        assert_eq!(ev.name, EventName::PaymentDeleted);
+        assert_eq!(ev.keys.customer.as_deref(), Some("c2"));
+        assert_eq!(ev.document.get_str("orderId").unwrap(), "o2");
+    }
+
+    #[test]
+    fn update_status_from_update_description_not_later_lookup() {
+        let mut n = normalizer();
+        let mut upd = change(
+            "update",
+            "orders",
+            Bson::String("o".into()),
+            // fullDocument was looked up later and already says delivered.
+            Some(doc! {"customerId": "c", "storeId": "s", "status": "delivered"}),
+        );
+        upd.insert(
+            "updateDescription",
+            doc! {"updatedFields": {"status": "picked_up"}},
+        );
+        assert_eq!(one(&mut n, &upd).status.unwrap().status, "picked_up");
+    }
+
+    #[test]
+    fn settings_sections_from_updated_fields() {
+        let mut n = normalizer();
+        let mut upd = change(
+            "update",
+            "settings",
+            Bson::ObjectId(ObjectId::new()),
+            Some(doc! {"sellerId": "s1", "storeLogo": "l.png", "taxEnabled": true, "secret": 1}),
+        );
+        upd.insert(
+            "updateDescription",
+            doc! {"updatedFields": {"storeLogo": "l.png", "taxEnabled": true, "secret": 1, "warehouse.city": "Oslo"}},
+        );
+        let ev = one(&mut n, &upd);
+        assert_eq!(ev.name, EventName::SettingsUpdated);
+        assert_eq!(ev.keys.store.as_deref(), Some("s1"));
+        let got: Vec<(&str, bool, Vec<String>)> = ev
+            .sections
+            .iter()
+            .map(|s| (s.name.as_str(), s.public, s.changed_fields.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("branding", true, vec!["storeLogo".to_owned()]),
+                ("tax_settings", false, vec!["taxEnabled".to_owned()]),
+                ("warehouse", false, vec!["warehouse".to_owned()]),
+            ]
+        );
+
+        // A change outside every section produces nothing.
+        let mut upd = change(
+            "update",
+            "settings",
+            Bson::Int64(5),
+            Some(doc! {"storeId": "s1"}),
+        );
+        upd.insert(
+            "updateDescription",
+            doc! {"updatedFields": {"internalFlag": 1}},
+        );
+        let out = n.normalize(&upd);
+        assert!(out.events.is_empty() && out.issues.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn settings_insert_all_present_sections() {
+        let mut n = normalizer();
+        let d = change(
+            "insert",
+            "settings",
+            Bson::Int32(1),
+            Some(doc! {"storeId": "s1", "username": "bob", "shippingPrice": 5}),
+        );
+        let ev = one(&mut n, &d);
+        let names: Vec<&str> = ev.sections.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["shipping", "username"]);
+    }
+
+    #[test]
+    fn hostile_basics() {
+        let mut n = normalizer();
+        assert_eq!(n.normalize(&doc! {}).issues, [Issue::MissingEventId]);
+        let mut d = order_insert("new", "x");
+        d.insert("operationType", "frobnicate");
+        assert_eq!(n.normalize(&d).issues[0].reason(), "unknown_operation");
+        d.insert("operationType", "drop");
+        assert_eq!(n.normalize(&d).issues[0].reason(), "unhandled_operation");
+        let mut d = order_insert("new", "x");
+        d.insert("ns", doc! {"coll": "users"});
+        assert_eq!(n.normalize(&d).issues[0].reason(), "unknown_collection");
+        let d = change(
+            "insert",
+            "orders",
+            Bson::Array(vec![]),
+            Some(doc! {"customerId": 1.5, "sellerId": "s", "status": 3}),
+        );
+        let out = n.normalize(&d);
+        let ev = &out.events[0];
+        assert_eq!(
+            ev.keys,
+            RouteKeys {
+                customer: None,
+                store: Some("s".into()),
+                order: None
+            }
+        );
+        assert!(ev.status.is_none());
+        let reasons: Vec<&str> = out.issues.iter().map(Issue::reason).collect();
+        assert_eq!(reasons, ["wrong_type", "wrong_type", "wrong_type"]);
+    }
+
+    #[test]
+    fn long_ids_are_forgotten_not_cut() {
+        let mut n = normalizer();
+        let long = "x".repeat(MAX_KEPT_LEN + 2);
+        let d = change(
+            "insert",
+            "payments",
+            Bson::String("p".into()),
+            Some(doc! {"orderId": long.as_str(), "customerId": "c"}),
+        );
+        assert_eq!(one(&mut n, &d).keys.order.as_deref(), Some(long.as_str()));
+        // No fullDocument: keys come from memory, which must not hold a cut id.
+        let d = change("update", "payments", Bson::String("p".into()), None);
+        let ev = one(&mut n, &d);
+        assert_eq!(ev.keys.order, None);
+        assert_eq!(ev.keys.customer.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn state_cache_is_bounded() {
+        let cfg = Config::from_toml_str("[normalize]\nstate_cache_docs = 3\n", "t").unwrap();
+        let mut n = Normalizer::new(&cfg);
+        for i in 0..100 {
+            let d = change(
+                "insert",
+                "orders",
+                Bson::Int32(i),
+                Some(doc! {"customerId": "c", "storeId": "s", "status": "new"}),
+            );
+            n.normalize(&d);
+            // Rewrites of the same document must not grow the queue either.
+            n.normalize(&change(
+                "replace",
+                "orders",
+                Bson::Int32(0),
+                Some(doc! {"status": "new"}),
+            ));
+        }
+        assert_eq!(n.remembered(), 3);
+        assert!(n.cache.order.len() <= 3 * 2 + 16);
+        // The oldest were evicted: a delete of document 1 has no owner.
+        let out = n.normalize(&change("delete", "orders", Bson::Int32(1), None));
+        assert!(out.events.is_empty());
+    }
+}

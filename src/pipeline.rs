@@ -1,0 +1,383 @@
+//! Source → mapper → output, one task per watched database, with checkpointing and the failure policy.
+//!
+//! Order of effects per change: map → hand to the output (hub or stdout) →
+//! advance the checkpointer. The token is therefore never saved ahead of an
+//! event the output has not taken: at-least-once into the hub.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::Document;
+use mongodb::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{CheckpointStore, Checkpointer};
+use crate::event::{EventId, RoutedEvent};
+use crate::health::Health;
+use crate::hub::Hub;
+use crate::mapper::MapperFactory;
+use crate::metrics::Metrics;
+use crate::source::{Source, SourceError, SourceSpec};
+use crate::token::{self, StartAt};
+
+/// What to do when the stored token has fallen out of the oplog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HistoryLostPolicy {
+    /// Exit non-zero and tell the operator the choices.
+    Fail,
+    /// Start from now and tell every room to resync.
+    Resync,
+}
+
+/// Where routed events go.
+#[derive(Clone)]
+pub enum Output {
+    /// The hub (normal operation).
+    Hub(Arc<Hub>),
+    /// One JSON line per routed event on stdout (`changecast tail`).
+    Stdout,
+}
+
+/// Pipeline tunables (from config and CLI).
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Databases to watch, one stream each.
+    pub databases: Vec<String>,
+    /// Collections to keep.
+    pub collections: Vec<String>,
+    /// `maxAwaitTimeMS` of each `getMore`.
+    pub max_await: Duration,
+    /// Debounce interval of checkpoint saves.
+    pub checkpoint_interval: Duration,
+    /// Save at least every this many events.
+    pub checkpoint_every: usize,
+    /// History-lost policy.
+    pub on_history_lost: HistoryLostPolicy,
+    /// Where to start instead of the stored checkpoint (CLI `--resume-token`, `--start-at`, `--from-now`).
+    pub start_override: Option<StartAt>,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+}
+
+/// Everything the pipeline needs.
+#[derive(Clone)]
+pub struct Pipeline {
+    /// Driver client.
+    pub client: Client,
+    /// Checkpoint store.
+    pub store: Arc<CheckpointStore>,
+    /// Output.
+    pub output: Output,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness.
+    pub health: Arc<Health>,
+    /// Builds one mapper per stream.
+    pub mappers: MapperFactory,
+    /// Tunables.
+    pub cfg: PipelineConfig,
+}
+
+/// Why the pipeline stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// History lost under the `fail` policy.
+    #[error(
+        "{0}. The stored resume token is older than the oldest oplog entry, so changes were missed. \
+         Choose one: restart with --on-history-lost=resync (start from now and tell clients to resync), \
+         --from-now (ignore the stored token), --start-at <time> (replay from a time still in the oplog), \
+         or enlarge the oplog to avoid this in future"
+    )]
+    HistoryLost(#[source] SourceError),
+    /// Writing to stdout failed (e.g. the reader of `tail` went away).
+    #[error("output closed: {0}")]
+    Output(#[source] std::io::Error),
+    /// A stream task panicked or was aborted.
+    #[error("stream task failed: {0}")]
+    Task(String),
+}
+
+impl Pipeline {
+    /// Runs one stream per database until `stop` fires or one fails for good;
+    /// a failure stops the others (they flush their checkpoints) and is returned.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), PipelineError> {
+        let inner_stop = stop.child_token();
+        let mut set = tokio::task::JoinSet::new();
+        for db in self.cfg.databases.clone() {
+            let p = self.clone();
+            let s = inner_stop.clone();
+            set.spawn(async move { p.run_stream(db, s).await });
+        }
+        let mut result = Ok(());
+        while let Some(joined) = set.join_next().await {
+            let outcome = joined.unwrap_or_else(|e| Err(PipelineError::Task(e.to_string())));
+            if let Err(e) = outcome {
+                inner_stop.cancel();
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    async fn run_stream(&self, db: String, stop: CancellationToken) -> Result<(), PipelineError> {
+        let stored = self.load_checkpoint(&db, &stop).await;
+        let mut start = match (&self.cfg.start_override, stored) {
+            (Some(o), _) => o.clone(),
+            (None, Some(token)) => StartAt::Token(token),
+            (None, None) => StartAt::Now,
+        };
+        let mut cp = Checkpointer::new(
+            &self.store,
+            &db,
+            self.cfg.checkpoint_interval,
+            self.cfg.checkpoint_every,
+        );
+        let mut mapper = (self.mappers)();
+        let mut backoff = Backoff::new(self.cfg.max_backoff);
+        let mut first_open = true;
+        let spec = SourceSpec {
+            database: db.clone(),
+            collections: self.cfg.collections.clone(),
+            max_await: self.cfg.max_await,
+        };
+
+        'reconnect: loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            let opened = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = Source::open(&self.client, spec.clone(), &start) => r,
+            };
+            let mut source = match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(next) = self.on_error(&db, e, &mut mapper)? {
+                        start = next;
+                        continue 'reconnect;
+                    }
+                    if !backoff.wait(&stop).await {
+                        break;
+                    }
+                    continue 'reconnect;
+                }
+            };
+            self.health.set_stream_open(&db, true);
+            if first_open {
+                first_open = false;
+                let floor = match &start {
+                    StartAt::Token(t) => token::event_id(t),
+                    _ => source.token().as_ref().and_then(token::event_id),
+                };
+                if let (Output::Hub(hub), Some(floor)) = (&self.output, floor) {
+                    hub.set_floor(floor);
+                }
+                // Save where this stream starts before handing out any event, so a
+                // crash before the first debounced save resumes here, not at "now".
+                if let Some(t) = source.token() {
+                    cp.advance(t, None, 0);
+                    match cp.flush().await {
+                        Ok(()) => self.health.set_checkpoint_ok(true),
+                        Err(e) => {
+                            self.health.set_checkpoint_ok(false);
+                            tracing::warn!(database = %db, error = %e, "cannot save the starting checkpoint; will retry");
+                        }
+                    }
+                }
+                tracing::info!(database = %db, start = ?start_label(&start), "change stream open");
+            } else {
+                tracing::info!(database = %db, "change stream resumed");
+            }
+
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => break 'reconnect,
+                    r = source.next() => r,
+                };
+                let change = match next {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.health.set_stream_open(&db, false);
+                        self.metrics.stream_reconnects.inc();
+                        if let Some(t) = source.token() {
+                            start = StartAt::Token(t);
+                        }
+                        if let Some(next) = self.on_error(&db, e, &mut mapper)? {
+                            start = next;
+                            continue 'reconnect;
+                        }
+                        if !backoff.wait(&stop).await {
+                            break 'reconnect;
+                        }
+                        continue 'reconnect;
+                    }
+                };
+                backoff.reset();
+                let Some(tok) = source.token() else { continue };
+                let (mut last_id, mut count) = (None, 0);
+                if let Some(change) = change {
+                    let events = mapper.map(&change);
+                    for ev in &events {
+                        self.emit(ev)?;
+                        last_id = Some(ev.event.id.as_str().to_owned());
+                        count += 1;
+                    }
+                    if let Ok(ts) = change.get_timestamp("clusterTime") {
+                        self.health.observe_cluster_time(ts.time);
+                    }
+                }
+                if let Some(ts) = tok.get_str("_data").ok().and_then(token::cluster_time) {
+                    self.health.observe_cluster_time(ts.time);
+                }
+                start = StartAt::Token(tok.clone());
+                cp.advance(tok, last_id, count);
+                match cp.maybe_save().await {
+                    Ok(_) => self.health.set_checkpoint_ok(true),
+                    Err(e) => {
+                        self.health.set_checkpoint_ok(false);
+                        tracing::warn!(database = %db, error = %e, "checkpoint save failed; will retry");
+                    }
+                }
+            }
+        }
+
+        self.health.set_stream_open(&db, false);
+        match cp.flush().await {
+            Ok(()) => tracing::info!(database = %db, "final checkpoint saved"),
+            Err(e) => tracing::error!(database = %db, error = %e, "final checkpoint save failed"),
+        }
+        Ok(())
+    }
+
+    async fn load_checkpoint(&self, db: &str, stop: &CancellationToken) -> Option<Document> {
+        let mut backoff = Backoff::new(self.cfg.max_backoff);
+        loop {
+            match self.store.load(db).await {
+                Ok(cp) => {
+                    self.health.set_checkpoint_ok(true);
+                    return cp.map(|c| c.token);
+                }
+                Err(e) => {
+                    self.health.set_checkpoint_ok(false);
+                    tracing::warn!(database = %db, error = %e, "cannot load checkpoint; retrying");
+                    if !backoff.wait(stop).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides what a stream error means: `Ok(Some(start))` restart at `start`
+    /// at once, `Ok(None)` back off and retry from the last token, `Err` stop.
+    fn on_error(
+        &self,
+        db: &str,
+        e: SourceError,
+        mapper: &mut crate::mapper::Mapper,
+    ) -> Result<Option<StartAt>, PipelineError> {
+        match e {
+            SourceError::HistoryLost { .. } => {
+                self.metrics.history_lost.inc();
+                match self.cfg.on_history_lost {
+                    HistoryLostPolicy::Fail => Err(PipelineError::HistoryLost(e)),
+                    HistoryLostPolicy::Resync => {
+                        tracing::warn!(database = %db, "history lost: starting from now and telling every room to resync");
+                        mapper.forget();
+                        match &self.output {
+                            Output::Hub(hub) => hub.resync_all("history_lost", None),
+                            Output::Stdout => print_line(&serde_json::json!({
+                                "event": "system:resync", "reason": "history_lost", "database": db,
+                            }))
+                            .map_err(PipelineError::Output)?,
+                        }
+                        Ok(Some(StartAt::Now))
+                    }
+                }
+            }
+            other => {
+                tracing::warn!(database = %db, error = %other, "change stream failed; reconnecting from the last token");
+                Ok(None)
+            }
+        }
+    }
+
+    fn emit(&self, ev: &RoutedEvent) -> Result<(), PipelineError> {
+        self.metrics
+            .events_routed
+            .get_or_create(&crate::metrics::EventLabels {
+                event: ev.event.name.clone(),
+            })
+            .inc();
+        match &self.output {
+            Output::Hub(hub) => {
+                hub.publish(ev);
+                Ok(())
+            }
+            Output::Stdout => print_line(&tail_json(ev)).map_err(PipelineError::Output),
+        }
+    }
+}
+
+fn start_label(s: &StartAt) -> String {
+    match s {
+        StartAt::Token(t) => format!("after token {}", t.get_str("_data").unwrap_or("?")),
+        StartAt::Time(ts) => format!("at {}", token::describe_time(*ts)),
+        StartAt::Now => "now".into(),
+    }
+}
+
+/// The `tail` line for one routed event.
+pub fn tail_json(ev: &RoutedEvent) -> serde_json::Value {
+    serde_json::json!({
+        "id": ev.event.id,
+        "event": ev.event.name,
+        "ts": ev.event.ts_ms,
+        "deliveries": ev.deliveries.iter().map(|d| serde_json::json!({"room": d.room, "data": d.data})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_line(v: &serde_json::Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, v)?;
+    // Flushed per line: a SIGKILL must not lose lines whose token may already be checkpointed.
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// Exponential backoff between reconnects: 100 ms doubling to `max`.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(100),
+            max,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+
+    /// Sleeps the current delay; false when `stop` fired first.
+    async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+/// The id of the newest event the hub holds, for the SIGTERM test and `token show`.
+pub fn head_id(hub: &Hub) -> Option<EventId> {
+    hub.head()
+}

@@ -1,0 +1,142 @@
+//! One change stream per watched database: open, read, resume; knows nothing of events or rooms.
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use mongodb::change_stream::ChangeStream;
+use mongodb::error::{Error as MongoError, ErrorKind};
+use mongodb::options::FullDocumentType;
+use mongodb::Client;
+
+use crate::token::{self, StartAt};
+
+/// MongoDB's `ChangeStreamHistoryLost`: the resume point has fallen out of the oplog.
+pub const HISTORY_LOST: i32 = 286;
+
+/// Why a stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The resume point is no longer in the oplog (code 286).
+    #[error(
+        "resume point of stream {database} is no longer in the oplog (ChangeStreamHistoryLost)"
+    )]
+    HistoryLost {
+        /// The database whose stream failed.
+        database: String,
+    },
+    /// The stream failed in a way a reconnect from the last token may fix.
+    #[error("change stream on {database}: {source}")]
+    Mongo {
+        /// The database.
+        database: String,
+        /// Cause.
+        #[source]
+        source: MongoError,
+    },
+    /// The server ended the stream (invalidate, e.g. the database was dropped).
+    #[error("change stream on {database} was invalidated by the server")]
+    Invalidated {
+        /// The database.
+        database: String,
+    },
+}
+
+/// What the stream watches and how.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// The database to watch.
+    pub database: String,
+    /// Collections kept by the `$match` (the app's orders, payments, settings).
+    pub collections: Vec<String>,
+    /// How long one `getMore` waits for changes; also how often an idle token advances.
+    pub max_await: Duration,
+}
+
+/// An open change stream and the newest token it has handed out.
+pub struct Source {
+    spec: SourceSpec,
+    stream: ChangeStream<Document>,
+}
+
+impl Source {
+    /// Opens the stream at `start`.
+    pub async fn open(
+        client: &Client,
+        spec: SourceSpec,
+        start: &StartAt,
+    ) -> Result<Self, SourceError> {
+        let db = client.database(&spec.database);
+        // Only the configured collections: the checkpoint collection and the
+        // app's other collections never reach normalization.
+        let pipeline = [doc! {"$match": {"ns.coll": {"$in": &spec.collections}}}];
+        let mut watch = db
+            .watch()
+            .pipeline(pipeline)
+            .full_document(FullDocumentType::UpdateLookup)
+            .max_await_time(spec.max_await);
+        match start {
+            StartAt::Token(t) => {
+                // startAfter (not resumeAfter) also accepts an invalidate's token.
+                let t = token::from_document(t).ok_or_else(|| SourceError::Mongo {
+                    database: spec.database.clone(),
+                    source: MongoError::custom("stored resume token is not a BSON document"),
+                })?;
+                watch = watch.start_after(t);
+            }
+            StartAt::Time(ts) => watch = watch.start_at_operation_time(*ts),
+            StartAt::Now => {}
+        }
+        let stream = watch.await.map_err(|e| classify(&spec.database, e))?;
+        Ok(Self {
+            spec,
+            stream: stream.with_type::<Document>(),
+        })
+    }
+
+    /// One `getMore`'s worth: the next change, or `None` when the batch was empty
+    /// (the token still advances then, so an idle stream's checkpoint stays fresh).
+    pub async fn next(&mut self) -> Result<Option<Document>, SourceError> {
+        if !self.stream.is_alive() {
+            return Err(SourceError::Invalidated {
+                database: self.spec.database.clone(),
+            });
+        }
+        self.stream
+            .next_if_any()
+            .await
+            .map_err(|e| classify(&self.spec.database, e))
+    }
+
+    /// The token to resume after everything returned so far.
+    pub fn token(&self) -> Option<Document> {
+        self.stream
+            .resume_token()
+            .as_ref()
+            .and_then(token::to_document)
+    }
+
+    /// The database watched.
+    pub fn database(&self) -> &str {
+        &self.spec.database
+    }
+}
+
+/// The server error code of a driver error, if it carries one.
+pub fn error_code(e: &MongoError) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+fn classify(database: &str, e: MongoError) -> SourceError {
+    if error_code(&e) == Some(HISTORY_LOST) {
+        return SourceError::HistoryLost {
+            database: database.to_owned(),
+        };
+    }
+    SourceError::Mongo {
+        database: database.to_owned(),
+        source: e,
+    }
+}

@@ -1,0 +1,338 @@
+#!/usr/bin/env node
+// Browser test of the changecast demo dashboard: headless Debian Chromium driven
+// by playwright-core, assertions on the DOM (never on pixels), screenshots saved.
+//
+// Two ways to run it:
+//   node demo.test.mjs --bin target/debug/changecast [--out DIR]
+//       starts `changecast demo` itself on a free loopback port, and for the
+//       outage phase stops it with SIGINT (Ctrl-C: must exit 0) and starts it
+//       again on the same port.
+//   node demo.test.mjs --url http://127.0.0.1:8080 [--stop-cmd CMD --start-cmd CMD]
+//       uses a demo started by someone else; the outage phase runs only when
+//       both shell commands are given (and is skipped with a printed reason otherwise).
+//
+// Other options: --chromium PATH (default $CHROMIUM or /usr/bin/chromium),
+// --rate N (traffic writes per second, --bin mode; default 4), --timeout SECS
+// (per wait; default 60), --no-socketio (skip the Socket.IO panel check).
+// Exit 0: passed, or skipped because Chromium is missing outside CI (reason
+// printed). Exit 1: failed. Chromium missing with CI set: failed.
+
+import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync, createWriteStream } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const repo = path.resolve(here, '..', '..');
+
+const { values: opt } = parseArgs({
+  options: {
+    bin: { type: 'string' },
+    url: { type: 'string', default: process.env.CHANGECAST_DEMO_URL },
+    'stop-cmd': { type: 'string' },
+    'start-cmd': { type: 'string' },
+    out: { type: 'string', default: path.join(repo, 'test-output', 'browser') },
+    chromium: { type: 'string', default: process.env.CHROMIUM || '/usr/bin/chromium' },
+    rate: { type: 'string', default: '4' },
+    timeout: { type: 'string', default: '60' },
+    'no-socketio': { type: 'boolean', default: false },
+  },
+});
+const TIMEOUT_MS = Number(opt.timeout) * 1000;
+const out = path.resolve(opt.out);
+mkdirSync(out, { recursive: true });
+
+const t0 = Date.now();
+const log = (...a) => console.log(`[browser ${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...a);
+const results = { checks: [], screenshots: [] };
+function pass(name, detail = {}) {
+  results.checks.push({ name, ok: true, ...detail });
+  log(`ok   ${name}`, Object.keys(detail).length ? JSON.stringify(detail) : '');
+}
+
+if (!opt.bin && !opt.url) {
+  console.error('usage: demo.test.mjs --bin PATH | --url URL [--stop-cmd CMD --start-cmd CMD]');
+  process.exit(2);
+}
+if (!existsSync(opt.chromium)) {
+  const reason = `chromium not found at ${opt.chromium} (install Debian's chromium, or pass --chromium)`;
+  if (process.env.CI) {
+    console.error(`FAIL: ${reason}`);
+    process.exit(1);
+  }
+  console.log(`SKIP browser test: ${reason}`);
+  process.exit(0);
+}
+
+// ---------- the demo server (--bin mode) ----------
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.unref();
+    s.on('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+// The same secret across restarts keeps the page's tokens valid; the page
+// would also pick up fresh ones from /demo/tokens.json if it changed.
+const secret = randomBytes(32).toString('hex');
+let server = null; // { child, exited: Promise<{code, signal}> }
+let serverRuns = 0;
+
+function startServer(listen) {
+  serverRuns += 1;
+  const logFile = path.join(out, `demo-server-${serverRuns}.log`);
+  const child = spawn(opt.bin, ['demo', '--listen', listen, '--rate', opt.rate], {
+    env: { ...process.env, CHANGECAST_JWT_SECRET: secret },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const sink = createWriteStream(logFile);
+  child.stdout.pipe(sink);
+  child.stderr.pipe(sink);
+  const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  server = { child, exited, logFile };
+  log(`started changecast demo (pid ${child.pid}) on ${listen}, log ${path.relative(repo, logFile)}`);
+  return server;
+}
+
+async function stopServer() {
+  if (!server) return null;
+  const s = server;
+  server = null;
+  s.child.kill('SIGINT'); // what Ctrl-C sends: the demo must shut down cleanly
+  const timer = setTimeout(() => s.child.kill('SIGKILL'), 20000);
+  const r = await s.exited;
+  clearTimeout(timer);
+  return r;
+}
+
+function runShell(cmd) {
+  log(`$ ${cmd}`);
+  const r = spawnSync('sh', ['-c', cmd], { stdio: 'inherit' });
+  if (r.status !== 0) throw new Error(`command failed (${r.status}): ${cmd}`);
+}
+
+// Readiness: /healthz answers (the page is served by the same listener).
+async function waitHealthy(base) {
+  const deadline = Date.now() + TIMEOUT_MS;
+  let last = '';
+  while (Date.now() < deadline) {
+    if (server && server.child.exitCode !== null) {
+      throw new Error(`changecast demo exited early (code ${server.child.exitCode}); see ${server.logFile}`);
+    }
+    try {
+      const r = await fetch(new URL('/healthz', base), { signal: AbortSignal.timeout(2000) });
+      if (r.ok) return;
+      last = `HTTP ${r.status}`;
+    } catch (e) {
+      last = e.cause?.code || e.message;
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`demo at ${base} not healthy after ${opt.timeout}s (${last})`);
+}
+
+// ---------- the test ----------
+
+let browser = null;
+let profile = null;
+
+async function main() {
+  const { chromium } = await import('playwright-core');
+  let base = opt.url;
+  let listen = null;
+  if (opt.bin) {
+    const port = await freePort();
+    listen = `127.0.0.1:${port}`;
+    base = `http://${listen}`;
+    startServer(listen);
+  }
+  await waitHealthy(base);
+  pass('demo is healthy', { base });
+
+  profile = mkdtempSync(path.join(tmpdir(), 'changecast-chromium-'));
+  browser = await chromium.launchPersistentContext(profile, {
+    executablePath: opt.chromium,
+    headless: true,
+    viewport: { width: 1440, height: 1000 },
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+  });
+  const page = browser.pages()[0] || (await browser.newPage());
+  page.setDefaultTimeout(TIMEOUT_MS);
+  const pageErrors = [];
+  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  page.on('console', (m) => {
+    if (m.type() === 'error') log(`console.error: ${m.text()}`);
+  });
+  page.on('response', (r) => {
+    if (r.status() >= 400) log(`HTTP ${r.status()} ${r.request().method()} ${r.url()}`);
+  });
+
+  await page.goto(base, { waitUntil: 'load' });
+  await page.waitForFunction(() => document.querySelector('[data-testid="conn-state"]').textContent === 'connected');
+  pass('connection indicator says connected');
+
+  // An order card moves to another status column, and sits in the column of its status.
+  const moved = await page.waitForFunction(() => {
+    for (const card of document.querySelectorAll('[data-testid="order-card"]')) {
+      if (Number(card.dataset.moves) >= 1) {
+        const col = card.closest('[data-testid="board-column"]');
+        if (col && col.dataset.col === card.dataset.status && card.dataset.prevStatus !== card.dataset.status) {
+          return { order: card.dataset.orderId, from: card.dataset.prevStatus, to: card.dataset.status };
+        }
+      }
+    }
+    return false;
+  }, null, { polling: 100 });
+  pass('an order card moved to a new status column', await moved.jsonValue());
+
+  // The tracker's progress changes for one and the same order.
+  const firstProgress = new Map();
+  const trackerChange = await pollUntil(async () => {
+    const t = await page.getByTestId('tracker').evaluate((e) => ({
+      order: e.dataset.orderId,
+      progress: e.querySelector('[data-testid="tracker-progress"]').dataset.progress,
+      status: e.querySelector('[data-testid="tracker-status"]').dataset.status,
+    }));
+    if (!t.order || t.progress === '') return null;
+    if (!firstProgress.has(t.order)) firstProgress.set(t.order, t);
+    const first = firstProgress.get(t.order);
+    return first.progress !== t.progress ? { order: t.order, from: first, to: t } : null;
+  }, 'tracker progress to change');
+  pass('tracker progress changed', {
+    order: trackerChange.order,
+    progress: `${trackerChange.from.progress} → ${trackerChange.to.progress}`,
+    status: `${trackerChange.from.status} → ${trackerChange.to.status}`,
+  });
+  const timeline = await page.getByTestId('tracker-timeline').locator('li[data-state="done"]').count();
+  if (timeline < 1) throw new Error('tracker timeline shows no completed step');
+
+  // The storefront preview gets public settings and never a private field.
+  await page.waitForFunction(() => Number(document.querySelector('[data-testid="storefront"]').dataset.received) >= 1);
+  const privacy = await page.getByTestId('storefront-privacy').evaluate((e) => ({
+    fields: e.dataset.privateFields, changed: e.dataset.privateChanged,
+  }));
+  if (privacy.fields || privacy.changed) {
+    throw new Error(`storefront visitor received private settings: ${JSON.stringify(privacy)}`);
+  }
+  const sfText = await page.getByTestId('storefront').innerText();
+  for (const secretish of ['stripe', 'paypal', 'square', 'shippingPrice', 'taxEnabled', '.example.com']) {
+    if (sfText.includes(secretish)) throw new Error(`storefront shows private value ${secretish}`);
+  }
+  pass('storefront updated with public settings only', {
+    updates: await page.getByTestId('storefront').getAttribute('data-received'),
+  });
+
+  if (!opt['no-socketio']) {
+    await page.waitForFunction(() => document.querySelector('[data-testid="sio-state"]').dataset.state === 'connected');
+    const ev = await page.getByTestId('sio-event').first().getAttribute('data-event', { timeout: TIMEOUT_MS });
+    pass('socket.io panel connected and received events', { first: ev });
+  }
+
+  if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join(' | ')}`);
+  await shot(page, 'demo.png');
+
+  // ---------- outage: changecast stops, the page says so, then recovers ----------
+  const canRestart = opt.bin || (opt['stop-cmd'] && opt['start-cmd']);
+  if (!canRestart) {
+    log('skip outage phase: pass --bin, or both --stop-cmd and --start-cmd');
+    results.checks.push({ name: 'outage phase', skipped: true });
+    return;
+  }
+  if (opt.bin) {
+    const r = await stopServer();
+    if (r.code !== 0) throw new Error(`changecast demo did not exit cleanly on SIGINT: ${JSON.stringify(r)}`);
+    pass('demo stopped cleanly on SIGINT', r);
+  } else {
+    runShell(opt['stop-cmd']);
+  }
+
+  await page.waitForFunction(() => document.querySelector('[data-testid="conn-state"]').textContent === 'disconnected');
+  const bannerVisible = await page.getByTestId('conn-banner').isVisible();
+  if (!bannerVisible) throw new Error('disconnected banner not visible');
+  pass('page shows disconnected', { detail: await page.getByTestId('conn-detail').textContent() });
+  await shot(page, 'demo-disconnected.png');
+
+  const movesBefore = await totalMoves(page);
+  if (opt.bin) startServer(listen);
+  else runShell(opt['start-cmd']);
+  await waitHealthy(base);
+
+  await page.waitForFunction(() => document.querySelector('[data-testid="conn-state"]').textContent === 'connected');
+  if (await page.getByTestId('conn-banner').isVisible()) throw new Error('banner still visible after reconnect');
+  pass('page recovered to connected');
+
+  // Live again: events flow after the reconnect (a card is created or moves).
+  await pollUntil(async () => {
+    const now = await totalMoves(page);
+    return now.cards !== movesBefore.cards || now.moves !== movesBefore.moves ? now : null;
+  }, 'events after reconnect');
+  pass('events flow after reconnect');
+  if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join(' | ')}`);
+  await shot(page, 'demo-reconnected.png');
+}
+
+async function totalMoves(page) {
+  return page.evaluate(() => {
+    const cards = [...document.querySelectorAll('[data-testid="order-card"]')];
+    return {
+      cards: cards.map((c) => c.dataset.orderId).sort().join(','),
+      moves: cards.reduce((n, c) => n + Number(c.dataset.moves || 0), 0),
+    };
+  });
+}
+
+async function pollUntil(fn, what) {
+  const deadline = Date.now() + TIMEOUT_MS;
+  while (Date.now() < deadline) {
+    const v = await fn();
+    if (v) return v;
+    await new Promise((r) => setTimeout(r, 150));
+  }
+  throw new Error(`timed out after ${opt.timeout}s waiting for ${what}`);
+}
+
+async function shot(page, name) {
+  const file = path.join(out, name);
+  await page.screenshot({ path: file, fullPage: true });
+  results.screenshots.push(path.relative(repo, file));
+  log(`screenshot ${path.relative(repo, file)}`);
+}
+
+let failed = null;
+try {
+  await main();
+} catch (e) {
+  failed = e;
+}
+try {
+  if (failed && browser) {
+    const page = browser.pages()[0];
+    if (page) await shot(page, 'demo-failure.png').catch(() => {});
+  }
+  if (browser) await browser.close();
+} finally {
+  const r = await stopServer();
+  if (r && r.code !== 0 && !failed) failed = new Error(`demo exited with ${JSON.stringify(r)} at the end`);
+  if (profile) rmSync(profile, { recursive: true, force: true });
+}
+results.ok = !failed;
+if (failed) results.error = String(failed.stack || failed);
+writeFileSync(path.join(out, 'result.json'), JSON.stringify(results, null, 2));
+if (failed) {
+  console.error(`FAIL browser test: ${failed.message}`);
+  process.exit(1);
+}
+log(`PASS browser test (${results.checks.length} checks)`);

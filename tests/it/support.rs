@@ -1,0 +1,373 @@
+//! Test support: a MongoDB (mongo-sim, or `TEST_MONGODB_URI`), changecast on port 0, tokens and WebSocket clients.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bson::Document;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use changecast::app::{self, AppHandle, RunOptions};
+use changecast::config::Config;
+
+/// The HMAC secret every test token is signed with.
+pub const SECRET: &str = "changecast-integration-test-secret-0123456789";
+/// The env var the test configs name in `auth.secret_env`.
+pub const SECRET_ENV: &str = "CHANGECAST_IT_JWT_SECRET";
+
+/// A database for one test: a private mongo-sim, or a unique database on `TEST_MONGODB_URI`.
+pub struct Db {
+    pub sim: Option<mongo_sim::SimHandle>,
+    pub uri: String,
+    pub name: String,
+    pub client: mongodb::Client,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Whether tests run against an external server (no sim-only features such as fail points).
+pub fn external() -> bool {
+    std::env::var("TEST_MONGODB_URI").is_ok_and(|u| !u.is_empty())
+}
+
+impl Db {
+    pub async fn start() -> Db {
+        Self::start_with(mongo_sim::SimConfig {
+            port: 0,
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(cfg: mongo_sim::SimConfig) -> Db {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!("it_{}_{}", std::process::id(), n);
+        let (sim, uri) = match std::env::var("TEST_MONGODB_URI") {
+            Ok(uri) if !uri.is_empty() => (None, uri),
+            _ => {
+                let sim = mongo_sim::MongoSim::start(cfg)
+                    .await
+                    .expect("start mongo-sim");
+                let uri = sim.uri();
+                (Some(sim), uri)
+            }
+        };
+        let client = mongodb::Client::with_uri_str(&uri).await.expect("client");
+        Db {
+            sim,
+            uri,
+            name,
+            client,
+        }
+    }
+
+    pub fn coll(&self, name: &str) -> mongodb::Collection<Document> {
+        self.client.database(&self.name).collection(name)
+    }
+}
+
+/// A config for `db` with a checkpoint file in `dir` plus `extra` TOML appended to `[server]`-free sections.
+pub fn config(db: &Db, checkpoint: &std::path::Path, extra: &str) -> Config {
+    std::env::set_var(SECRET_ENV, SECRET);
+    let text = format!(
+        r#"
+[mongodb]
+uri = "{uri}"
+databases = ["{db}"]
+connect_timeout = "5s"
+
+[checkpoint]
+store = "file"
+path = "{cp}"
+interval = "100ms"
+every_events = 100
+
+[auth]
+algorithms = ["HS256"]
+secret_env = "{env}"
+
+{extra}
+"#,
+        uri = db.uri,
+        db = db.name,
+        cp = checkpoint.display(),
+        env = SECRET_ENV,
+    );
+    Config::from_toml_str(&text, "test.toml").expect("test config")
+}
+
+/// A running changecast; stopped on drop.
+pub struct Server {
+    pub handle: Option<AppHandle>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub async fn start(db: &Db, extra: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(db, extra, dir, RunOptions::default()).await
+    }
+
+    pub async fn start_in(
+        db: &Db,
+        extra: &str,
+        dir: tempfile::TempDir,
+        opts: RunOptions,
+    ) -> Server {
+        let cfg = config(db, &dir.path().join("checkpoint.json"), extra);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let handle = app::start(&cfg, opts, listener, None)
+            .await
+            .expect("start changecast");
+        let addr = handle.addr;
+        let s = Server {
+            handle: Some(handle),
+            addr,
+            dir,
+        };
+        s.wait_ready().await;
+        s
+    }
+
+    pub fn app(&self) -> &AppHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    /// Waits until `/readyz` says the change streams are open (no sleeps on a fixed guess).
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !self.app().health.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "changecast never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) -> Result<(), changecast::app::AppError> {
+        let h = self.handle.take().unwrap();
+        h.stop();
+        h.wait().await
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path).await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle {
+            h.stop();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no client crate needed for health and metrics).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token with `claims` plus `exp` one hour ahead unless given.
+pub fn token(mut claims: Value) -> String {
+    if claims.get("exp").is_none() {
+        claims["exp"] = json!(now() + 3600);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn customer_token(id: &str) -> String {
+    token(json!({"sub": id, "role": "customer"}))
+}
+
+pub fn store_token(sub: &str, stores: &[&str]) -> String {
+    token(json!({"sub": sub, "role": "store", "stores": stores}))
+}
+
+pub fn admin_token() -> String {
+    token(json!({"sub": "admin-1", "role": "admin"}))
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A native-protocol client.
+pub struct Client {
+    pub ws: Ws,
+}
+
+/// Why a connect failed: the HTTP status and body of the refusal.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Client {
+    /// Connects with `Authorization: Bearer`, and waits for `welcome`.
+    pub async fn connect(server: &Server, token: &str) -> (Client, Value) {
+        let mut c = Self::try_connect(server, Some(token), &[])
+            .await
+            .expect("connect");
+        let welcome = c.next_json().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (c, welcome)
+    }
+
+    pub async fn try_connect(
+        server: &Server,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, Refused> {
+        Self::try_connect_url(&server.ws_url(), token, headers).await
+    }
+
+    pub async fn try_connect_url(
+        url: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, Refused> {
+        let mut req = url.into_client_request().unwrap();
+        if let Some(t) = token {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(Refused {
+                status: resp.status().as_u16(),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            }),
+            Err(e) => panic!("connect failed: {e}"),
+        }
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        let _ = self.ws.send(m).await;
+    }
+
+    /// The next JSON text message (pings are answered by tungstenite), within 10 s.
+    pub async fn next_json(&mut self) -> Value {
+        self.next_json_within(Duration::from_secs(10))
+            .await
+            .expect("no message within 10s")
+    }
+
+    pub async fn next_json_within(&mut self, d: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
+            match m {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(f)) => panic!("closed: {f:?}"),
+                Ok(_) => continue,
+                Err(e) => panic!("socket error: {e}"),
+            }
+        }
+    }
+
+    /// Waits for the close frame and returns its code.
+    pub async fn closed_with(&mut self, d: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?
+            {
+                Some(Ok(Message::Close(Some(f)))) => return Some(f.code.into()),
+                Some(Ok(Message::Close(None))) | None => return Some(1005),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return Some(1006),
+            }
+        }
+    }
+
+    /// Collects `event` messages until `n` arrive or `d` passes.
+    pub async fn events(&mut self, n: usize, d: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + d;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_json_within(left).await {
+                Some(v) if v["type"] == "event" => out.push(v),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        out
+    }
+
+    pub async fn subscribe(&mut self, room: &str, since: Option<&str>) -> Value {
+        let mut msg = json!({"type": "subscribe", "room": room});
+        if let Some(s) = since {
+            msg["since"] = json!(s);
+        }
+        self.send_json(msg).await;
+        loop {
+            let v = self.next_json().await;
+            if v["type"] == "subscribed" || v["type"] == "error" {
+                return v;
+            }
+        }
+    }
+}

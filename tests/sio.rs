@@ -1,0 +1,994 @@
+//! The Socket.IO endpoint end to end: a hand-written Engine.IO client, the real `socket.io-client` (Node), and `/ws` side by side on one hub.
+
+// Helpers outside `#[test]` fns unwrap too: a failed setup should fail the test loudly.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMsg;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use changecast::auth::Verifier;
+use changecast::authz::{Authorizer, LookupError, OrderOwner, OrderOwners};
+use changecast::config::Config;
+use changecast::event::{Delivery, Event, EventId, RoutedEvent};
+use changecast::gateway::{self, Gateway};
+use changecast::health::Health;
+use changecast::hub::Hub;
+use changecast::metrics::Metrics;
+use changecast::room::Room;
+
+const SECRET: &str = "changecast-sio-test-secret-0123456789abcdef";
+
+/// The legacy aliases as config.example.toml ships them (the part these tests rely on).
+const ALIASES: &str = r#"
+[[socketio.aliases]]
+event = "order:created"
+name = "newOrder"
+rooms = ["store"]
+
+[[socketio.aliases]]
+event = "order:status_changed"
+name = "orderStatusUpdated"
+rooms = ["store", "customer"]
+
+[[socketio.aliases]]
+event = "order:status_changed"
+name = "customer_order_update"
+rooms = ["customer"]
+
+[[socketio.aliases]]
+event = "order:status_changed"
+name = "delivery_update"
+rooms = ["customer", "order"]
+statuses = ["driver_assigned", "picked_up", "in_transit", "delivered"]
+"#;
+
+static SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// A secret env var per server, so parallel tests never race on one variable.
+fn config(mongo_uri: &str, db: &str, checkpoint: &std::path::Path, extra: &str) -> Config {
+    let env = format!(
+        "CHANGECAST_SIO_TEST_SECRET_{}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    std::env::set_var(&env, SECRET);
+    let text = format!(
+        r#"
+[mongodb]
+uri = "{mongo_uri}"
+databases = ["{db}"]
+connect_timeout = "5s"
+
+[checkpoint]
+store = "file"
+path = "{cp}"
+interval = "100ms"
+every_events = 100
+
+[auth]
+algorithms = ["HS256"]
+secret_env = "{env}"
+leeway = "0s"
+
+{ALIASES}
+{extra}
+"#,
+        cp = checkpoint.display(),
+    );
+    Config::from_toml_str(&text, "sio-test.toml").expect("test config")
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(mut claims: Value) -> String {
+    if claims.get("exp").is_none() {
+        claims["exp"] = json!(now() + 3600);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn customer_token(id: &str) -> String {
+    token(json!({"sub": id, "role": "customer"}))
+}
+
+fn store_token(sub: &str, stores: &[&str]) -> String {
+    token(json!({"sub": sub, "role": "store", "stores": stores}))
+}
+
+/// In-memory order owners for the hub-only server.
+#[derive(Default)]
+struct Owners(Mutex<HashMap<String, OrderOwner>>);
+
+impl OrderOwners for Owners {
+    fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>> {
+        let found = self.0.lock().unwrap().get(order_id).cloned();
+        Box::pin(async move { Ok(found) })
+    }
+}
+
+/// The gateway on port 0 over a hub the test publishes into directly (no MongoDB); stopped on drop.
+struct HubServer {
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    owners: Arc<Owners>,
+    stop: CancellationToken,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    next_id: AtomicU64,
+    _dir: tempfile::TempDir,
+}
+
+impl HubServer {
+    async fn start(extra: &str) -> HubServer {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            "mongodb://127.0.0.1:1/?replicaSet=rs0",
+            "app",
+            &dir.path().join("cp"),
+            extra,
+        );
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(cfg.hub.clone(), metrics.clone()));
+        // History covers everything from the first id on, as after a fresh start from "now".
+        hub.set_floor(EventId::new("0000000000000000"));
+        let owners = Arc::new(Owners::default());
+        let stop = CancellationToken::new();
+        let gw = Arc::new(Gateway {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            health: Arc::new(Health::new(["app"])),
+            verifier: Arc::new(Verifier::new(&cfg.auth)),
+            authz: Arc::new(Authorizer::new(owners.clone(), false)),
+            replayer: None,
+            cfg: cfg.server.clone(),
+            allow_query_token: cfg.auth.allow_query_token,
+            limits: Arc::default(),
+            stop: stop.clone(),
+            tracker: TaskTracker::new(),
+            sio: cfg.socketio.clone(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = gateway::router(gw.clone());
+        let served = tokio::spawn(gateway::serve(listener, router, gw, Duration::from_secs(5)));
+        HubServer {
+            addr,
+            hub,
+            owners,
+            stop,
+            served: Some(served),
+            next_id: AtomicU64::new(1),
+            _dir: dir,
+        }
+    }
+
+    fn add_order(&self, id: &str, customer: &str, store: &str) {
+        self.owners.0.lock().unwrap().insert(
+            id.into(),
+            OrderOwner {
+                customer: Some(customer.into()),
+                stores: vec![store.into()],
+            },
+        );
+    }
+
+    /// Publishes `name` with `data` to `rooms`; returns the event id.
+    fn publish(&self, name: &str, rooms: &[&str], data: Value) -> String {
+        let id = format!("{:016X}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        self.hub.publish(&RoutedEvent {
+            event: Event {
+                id: EventId::new(id.clone()),
+                name: name.into(),
+                ts_ms: ms,
+            },
+            deliveries: rooms
+                .iter()
+                .map(|r| Delivery {
+                    room: r.parse::<Room>().unwrap(),
+                    data: data.clone(),
+                })
+                .collect(),
+        });
+        id
+    }
+
+    /// What normalization would publish for an order's status change.
+    fn status_changed(&self, order: &str, customer: &str, store: &str, status: &str) -> String {
+        let data = json!({"_id": order, "orderId": order, "status": status});
+        self.publish(
+            "order:status_changed",
+            &[
+                &format!("customer:{customer}"),
+                &format!("store:{store}"),
+                &format!("order:{order}"),
+            ],
+            data,
+        )
+    }
+
+    async fn metrics_text(&self) -> String {
+        http(self.addr, "GET", "/metrics", None).await.1
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(s) = self.served.take() {
+            tokio::time::timeout(Duration::from_secs(10), s)
+                .await
+                .expect("gateway stops within 10s")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for HubServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A minimal HTTP/1.1 request; returns status and body.
+async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// The value of the sample `series` (name and labels as exposed) in an OpenMetrics text; 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// What a Socket.IO client sees.
+#[derive(Debug)]
+enum Seen {
+    /// `42["name", args…]`
+    Event(String, Vec<Value>),
+    /// `43<id>[args…]`
+    Ack(u64, Vec<Value>),
+    /// `41`: the server disconnected this socket.
+    Disconnect,
+    /// The transport closed.
+    Closed,
+}
+
+/// A hand-written Engine.IO v4 / Socket.IO v5 client over the websocket transport.
+struct SioClient {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    next_ack: u64,
+}
+
+impl SioClient {
+    /// Opens the transport and sends CONNECT with `auth`; `Err` carries the CONNECT_ERROR payload.
+    async fn connect(
+        addr: SocketAddr,
+        auth: Value,
+        headers: &[(&str, &str)],
+    ) -> Result<(SioClient, Value), Value> {
+        let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("ws open");
+        let mut c = SioClient { ws, next_ack: 1 };
+        let open = c.frame().await.expect("open packet");
+        assert!(open.starts_with('0'), "{open}");
+        c.send(format!("40{auth}")).await;
+        let reply = c.frame().await.expect("connect reply");
+        if let Some(ok) = reply.strip_prefix("40") {
+            Ok((c, serde_json::from_str(ok).unwrap()))
+        } else if let Some(err) = reply.strip_prefix("44") {
+            Err(serde_json::from_str(err).unwrap())
+        } else {
+            panic!("unexpected connect reply {reply}")
+        }
+    }
+
+    async fn send(&mut self, text: String) {
+        self.ws.send(WsMsg::Text(text.into())).await.unwrap();
+    }
+
+    /// The next Engine.IO message (pings answered), within 10 s; `None` when closed.
+    async fn frame(&mut self) -> Option<String> {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("nothing within 10s");
+            match m {
+                Some(Ok(WsMsg::Text(t))) if t.as_str() == "2" => self.send("3".into()).await,
+                Some(Ok(WsMsg::Text(t))) => return Some(t.as_str().to_owned()),
+                Some(Ok(WsMsg::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Seen {
+        let Some(f) = self.frame().await else {
+            return Seen::Closed;
+        };
+        if f == "41" {
+            return Seen::Disconnect;
+        }
+        if f == "1" {
+            // Engine.IO close: the transport ends (socket.io-client reconnects).
+            return Seen::Closed;
+        }
+        if let Some(ev) = f.strip_prefix("42") {
+            let v: Vec<Value> = serde_json::from_str(ev).unwrap();
+            let name = v[0].as_str().unwrap().to_owned();
+            return Seen::Event(name, v[1..].to_vec());
+        }
+        if let Some(ack) = f.strip_prefix("43") {
+            let i = ack.find('[').unwrap();
+            return Seen::Ack(
+                ack[..i].parse().unwrap(),
+                serde_json::from_str(&ack[i..]).unwrap(),
+            );
+        }
+        panic!("unexpected packet {f}")
+    }
+
+    /// The next event (acks are skipped).
+    async fn event(&mut self) -> (String, Vec<Value>) {
+        loop {
+            match self.next().await {
+                Seen::Event(n, a) => return (n, a),
+                Seen::Ack(..) => continue,
+                other => panic!("expected an event, got {other:?}"),
+            }
+        }
+    }
+
+    /// Emits `name` with `arg` and waits for its ack, collecting events seen meanwhile.
+    async fn call(&mut self, name: &str, arg: Value) -> (Value, Vec<(String, Vec<Value>)>) {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        self.send(format!("42{id}{}", json!([name, arg]))).await;
+        let mut events = Vec::new();
+        loop {
+            match self.next().await {
+                Seen::Ack(i, mut a) if i == id => return (a.remove(0), events),
+                Seen::Ack(..) => {}
+                Seen::Event(n, a) => events.push((n, a)),
+                other => panic!("expected ack {id}, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// A `/ws` client with `Authorization: Bearer`.
+async fn ws_client(
+    addr: SocketAddr,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws
+}
+
+async fn ws_next(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("nothing within 10s")
+            .unwrap()
+            .unwrap();
+        if let WsMsg::Text(t) = m {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_and_socket_io_clients_get_the_same_events_from_one_hub() {
+    let srv = HubServer::start("").await;
+    let mut ws = ws_client(srv.addr, &customer_token("c1")).await;
+    assert_eq!(ws_next(&mut ws).await["type"], "welcome");
+    let (mut sio, ack) = SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+        .await
+        .unwrap();
+    assert!(ack["sid"].is_string(), "{ack}");
+    let (name, args) = sio.event().await;
+    assert_eq!(name, "welcome");
+    assert_eq!(args[0]["rooms"], json!(["customer:c1"]));
+
+    let id = srv.status_changed("o1", "c1", "s1", "in_transit");
+    let native = ws_next(&mut ws).await;
+    assert_eq!(native["type"], "event");
+    assert_eq!(native["event"], "order:status_changed");
+    assert_eq!(native["id"], id);
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        let (name, args) = sio.event().await;
+        assert_eq!(args, vec![native["data"].clone(), json!(id)], "{name}");
+        names.push(name);
+    }
+    assert_eq!(
+        names,
+        [
+            "order:status_changed",
+            "orderStatusUpdated",
+            "customer_order_update",
+            "delivery_update"
+        ]
+    );
+    let text = srv.metrics_text().await;
+    assert_eq!(
+        metric(&text, "changecast_deliveries_total{wire=\"SocketIo\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "changecast_deliveries_total{wire=\"Native\"}"),
+        1.0,
+        "{text}"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_get_a_readable_connect_error() {
+    let srv = HubServer::start("").await;
+    let expired = token(json!({"sub": "c1", "role": "customer", "exp": now() - 60}));
+    let cases = [
+        (json!({"token": "not-a-jwt"}), "token_malformed: "),
+        (
+            json!({"token": expired}),
+            "token_expired: token has expired",
+        ),
+        (json!({}), "token_missing: no token was presented"),
+    ];
+    for (auth, want) in cases {
+        let err = SioClient::connect(srv.addr, auth.clone(), &[])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{auth} was accepted"));
+        let msg = err["message"].as_str().unwrap();
+        assert!(msg.starts_with(want), "{auth}: {msg}");
+    }
+    // The handshake's Authorization header is the other way in.
+    let bearer = format!("Bearer {}", customer_token("c2"));
+    let (mut c, _) = SioClient::connect(srv.addr, json!({}), &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(c.event().await.1[0]["rooms"], json!(["customer:c2"]));
+    let text = srv.metrics_text().await;
+    assert_eq!(
+        metric(&text, "changecast_auth_failures_total{reason=\"expired\"}"),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_follow_the_ws_rules_and_answer_with_acks_or_error_events() {
+    let srv = HubServer::start("").await;
+    srv.add_order("o1", "c1", "s1");
+    srv.add_order("o2", "c2", "s2");
+    let (mut c, _) = SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+        .await
+        .unwrap();
+    c.event().await; // welcome
+
+    let (ack, _) = c.call("join-order-room", json!({"orderId": "o1"})).await;
+    assert_eq!(
+        ack,
+        json!({"ok": true, "room": "order:o1", "recovered": false})
+    );
+
+    let (ack, seen) = c.call("join-order-room", json!({"orderId": "o2"})).await;
+    assert_eq!(ack["ok"], false);
+    assert_eq!(ack["code"], "forbidden");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0, "error");
+    assert_eq!(seen[0].1[0]["code"], "forbidden");
+    assert_eq!(seen[0].1[0]["room"], "order:o2");
+
+    // Without a callback the refusal still arrives, as an `error` event.
+    c.send(format!(
+        "42{}",
+        json!(["join-store-room", {"storeId": "s2"}])
+    ))
+    .await;
+    let (name, args) = c.event().await;
+    assert_eq!(
+        (name.as_str(), &args[0]["code"]),
+        ("error", &json!("forbidden"))
+    );
+
+    // Order room events flow; the generic subscribe and unsubscribe work too.
+    let id = srv.publish("order:updated", &["order:o1"], json!({"orderId": "o1"}));
+    assert_eq!(
+        c.event().await,
+        (
+            "order:updated".into(),
+            vec![json!({"orderId": "o1"}), json!(id)]
+        )
+    );
+    let (ack, _) = c.call("leave-order-room", json!("o1")).await;
+    assert_eq!(ack, json!({"ok": true, "room": "order:o1"}));
+    let (ack, _) = c.call("unsubscribe", json!({"room": "order:o1"})).await;
+    assert_eq!(ack["code"], "not_subscribed");
+    let (ack, _) = c.call("subscribe", json!({"room": "bogus"})).await;
+    assert_eq!(ack["code"], "bad_room");
+
+    // ping → pong, with the ack as well.
+    let (ack, seen) = c.call("ping", json!(null)).await;
+    assert!(ack["ts"].is_i64(), "{ack}");
+    assert_eq!(seen[0].0, "pong");
+    let (ack, _) = c.call("no-such-event", json!(1)).await;
+    assert_eq!(ack["code"], "unknown_event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_with_since_recovers_exactly_the_missed_events() {
+    let srv = HubServer::start("").await;
+    srv.add_order("o1", "c1", "s1");
+    let first = srv.status_changed("o1", "c1", "s1", "processing");
+    let second = srv.status_changed("o1", "c1", "s1", "ready_for_pickup");
+    let third = srv.status_changed("o1", "c1", "s1", "delivered");
+    // The auto-joined room replays from `auth.since`.
+    let (mut c, _) = SioClient::connect(
+        srv.addr,
+        json!({"token": store_token("u1", &["s1"]), "since": first}),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.event().await.0, "welcome");
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let (name, args) = c.event().await;
+        got.push((name, args[0]["status"].clone(), args[1].clone()));
+    }
+    assert_eq!(
+        got,
+        [
+            (
+                "order:status_changed".into(),
+                json!("ready_for_pickup"),
+                json!(second)
+            ),
+            (
+                "orderStatusUpdated".into(),
+                json!("ready_for_pickup"),
+                json!(second)
+            ),
+            (
+                "order:status_changed".into(),
+                json!("delivered"),
+                json!(third)
+            ),
+            (
+                "orderStatusUpdated".into(),
+                json!("delivered"),
+                json!(third)
+            ),
+        ]
+    );
+    // An explicit join with `since` replays that room.
+    let (ack, seen) = c
+        .call("join-order-room", json!({"orderId": "o1", "since": second}))
+        .await;
+    assert_eq!(ack["recovered"], true);
+    let (ack_ok, replay) = if seen.is_empty() {
+        (true, vec![c.event().await])
+    } else {
+        (true, seen)
+    };
+    assert!(ack_ok);
+    assert_eq!(replay[0].0, "order:status_changed");
+    assert_eq!(replay[0].1[1], json!(third));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_as_a_slow_consumer() {
+    let srv = HubServer::start("[hub]\nmailbox_capacity = 100000\n").await;
+    // Long-polling, and then never polling again: nothing drains its buffer.
+    let (_, open) = http(srv.addr, "GET", "/socket.io/?EIO=4&transport=polling", None).await;
+    let open: Value = serde_json::from_str(open.trim_start_matches('0')).unwrap();
+    let sid = open["sid"].as_str().unwrap();
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let auth = format!("40{}", json!({"token": customer_token("c1")}));
+    let (status, _) = http(srv.addr, "POST", &path, Some(&auth)).await;
+    assert_eq!(status, 200);
+    let (_, connected) = http(srv.addr, "GET", &path, None).await;
+    assert!(connected.contains("40{"), "{connected}");
+    // A control client that reads everything must not be affected.
+    let (mut control, _) =
+        SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+            .await
+            .unwrap();
+    control.event().await;
+    // Chunks the control reads before the next, so only the stuck client falls behind.
+    for chunk in 0..15 {
+        for i in 0..100 {
+            srv.publish(
+                "order:updated",
+                &["customer:c1"],
+                json!({"n": chunk * 100 + i}),
+            );
+        }
+        for i in 0..100 {
+            let (name, args) = control.event().await;
+            assert_eq!(
+                (name.as_str(), &args[0]),
+                ("order:updated", &json!({"n": chunk * 100 + i}))
+            );
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = srv.metrics_text().await;
+        if metric(&text, "changecast_slow_consumer_disconnects_total") == 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_transport_so_clients_reconnect() {
+    let srv = HubServer::start("").await;
+    let (mut c, _) = SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+        .await
+        .unwrap();
+    c.event().await;
+    srv.shutdown().await;
+    // No DISCONNECT packet (which would tell socket.io-client not to reconnect): the transport just ends.
+    loop {
+        match c.next().await {
+            Seen::Closed => break,
+            Seen::Disconnect => panic!("shutdown sent a namespace DISCONNECT"),
+            _ => {}
+        }
+    }
+}
+
+/// Runs tests/node/sio.test.mjs against `url`, serving its driver requests with `drive`.
+async fn run_node<F>(url: &str, mut drive: F)
+where
+    F: FnMut(Value) -> BoxFuture<'static, Value>,
+{
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    if !dir.join("node_modules/socket.io-client").exists() {
+        let npm = tokio::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .await;
+        match npm {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("npm ci failed: {s}"),
+            Err(e) => {
+                eprintln!("skipping the socket.io-client suite: node_modules missing and npm unavailable ({e})");
+                return;
+            }
+        }
+    }
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("sio.test.mjs")
+        .current_dir(&dir)
+        .env("CC_URL", url)
+        .env("CC_SECRET", SECRET)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("node is installed");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut stdout = child.stdout.take().unwrap();
+    let out = tokio::spawn(async move {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).await.unwrap();
+        s
+    });
+    let mut log = String::new();
+    let serve = async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            match line.strip_prefix("@@drive ") {
+                Some(req) => {
+                    let reply = drive(serde_json::from_str(req).unwrap()).await;
+                    stdin
+                        .write_all(format!("{reply}\n").as_bytes())
+                        .await
+                        .unwrap();
+                    stdin.flush().await.unwrap();
+                }
+                None => {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), serve)
+        .await
+        .expect("node suite finished within 120s");
+    let status = child.wait().await.unwrap();
+    let out = out.await.unwrap();
+    println!("{out}");
+    assert!(status.success(), "node suite failed:\n{out}\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_io_client_suite_against_the_hub() {
+    let srv = Arc::new(HubServer::start("").await);
+    let url = format!("http://{}", srv.addr);
+    let s = srv.clone();
+    run_node(&url, move |req| {
+        let s = s.clone();
+        Box::pin(async move { drive_hub(&s, req) })
+    })
+    .await;
+}
+
+/// The driver requests of sio.test.mjs, served by publishing what normalization would.
+fn drive_hub(srv: &HubServer, req: Value) -> Value {
+    let s = |k: &str| req[k].as_str().unwrap_or_default().to_owned();
+    match req["op"].as_str() {
+        Some("order") => {
+            srv.add_order(&s("id"), &s("customer"), &s("store"));
+            json!({"ok": true})
+        }
+        Some("status") => {
+            let canonical = match s("status").as_str() {
+                "out_for_delivery" => "in_transit".to_owned(),
+                "accepted" => "processing".to_owned(),
+                "completed" => "delivered".to_owned(),
+                other => other.to_owned(),
+            };
+            let id = srv.status_changed(&s("id"), &s("customer"), &s("store"), &canonical);
+            json!({"ok": true, "id": id})
+        }
+        other => json!({"ok": false, "error": format!("unknown op {other:?}")}),
+    }
+}
+
+/// changecast itself (change streams, normalization, routing) against a private mongo-sim; stopped on drop.
+struct AppServer {
+    app: Option<changecast::app::AppHandle>,
+    orders: mongodb::Collection<bson::Document>,
+    _sim: mongo_sim::SimHandle,
+    _dir: tempfile::TempDir,
+}
+
+impl AppServer {
+    async fn start() -> AppServer {
+        let sim = mongo_sim::MongoSim::start(mongo_sim::SimConfig {
+            port: 0,
+            ..Default::default()
+        })
+        .await
+        .expect("start mongo-sim");
+        let uri = sim.uri();
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sio_{}", SEQ.fetch_add(1, Ordering::Relaxed));
+        let cfg = config(&uri, &db, &dir.path().join("checkpoint.json"), "");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app =
+            changecast::app::start(&cfg, changecast::app::RunOptions::default(), listener, None)
+                .await
+                .expect("start changecast");
+        // Ready means the change streams are open: writes from now on are seen.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !app.health.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "changecast never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+        AppServer {
+            app: Some(app),
+            orders: client.database(&db).collection("orders"),
+            _sim: sim,
+            _dir: dir,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.app.as_ref().unwrap().addr
+    }
+
+    /// The driver requests of sio.test.mjs, served by writing to MongoDB.
+    async fn drive(&self, req: Value) -> Value {
+        let oid = |k: &str| {
+            bson::oid::ObjectId::parse_str(req[k].as_str().unwrap_or_default()).expect("24-hex id")
+        };
+        match req["op"].as_str() {
+            Some("order") => {
+                let doc = bson::doc! {
+                    "_id": oid("id"),
+                    "customerId": oid("customer"),
+                    "storeId": oid("store"),
+                    "status": "new",
+                    "orderType": "delivery",
+                    "total": 12.5,
+                };
+                self.orders.insert_one(doc).await.unwrap();
+                json!({"ok": true})
+            }
+            Some("status") => {
+                let status = req["status"].as_str().unwrap_or_default();
+                let r = self
+                    .orders
+                    .update_one(
+                        bson::doc! {"_id": oid("id")},
+                        bson::doc! {"$set": {"status": status}},
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r.matched_count, 1);
+                json!({"ok": true})
+            }
+            other => json!({"ok": false, "error": format!("unknown op {other:?}")}),
+        }
+    }
+
+    async fn stop(mut self) {
+        let app = self.app.take().unwrap();
+        app.stop();
+        tokio::time::timeout(Duration::from_secs(15), app.wait())
+            .await
+            .expect("changecast stops within 15s")
+            .unwrap();
+    }
+}
+
+impl Drop for AppServer {
+    fn drop(&mut self) {
+        if let Some(app) = &self.app {
+            app.stop();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_io_client_suite_against_changecast_and_mongo_sim() {
+    let srv = Arc::new(AppServer::start().await);
+    let url = format!("http://{}", srv.addr());
+    let s = srv.clone();
+    run_node(&url, move |req| {
+        let s = s.clone();
+        Box::pin(async move { s.drive(req).await })
+    })
+    .await;
+    Arc::try_unwrap(srv).ok().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_and_socket_io_get_the_same_order_update_from_mongo_sim() {
+    let srv = AppServer::start().await;
+    let (order, customer, store) = (
+        bson::oid::ObjectId::new(),
+        bson::oid::ObjectId::new(),
+        bson::oid::ObjectId::new(),
+    );
+    let tok = customer_token(&customer.to_hex());
+    let mut ws = ws_client(srv.addr(), &tok).await;
+    assert_eq!(ws_next(&mut ws).await["type"], "welcome");
+    let (mut sio, _) = SioClient::connect(srv.addr(), json!({"token": tok}), &[])
+        .await
+        .unwrap();
+    assert_eq!(sio.event().await.0, "welcome");
+    let req = |op: &str, status: &str| {
+        json!({"op": op, "id": order.to_hex(), "customer": customer.to_hex(),
+               "store": store.to_hex(), "status": status})
+    };
+    srv.drive(req("order", "")).await;
+    srv.drive(req("status", "out_for_delivery")).await;
+
+    // /ws: order:created, then order:status_changed.
+    let created = ws_next(&mut ws).await;
+    assert_eq!(created["event"], "order:created", "{created}");
+    let changed = ws_next(&mut ws).await;
+    assert_eq!(changed["event"], "order:status_changed", "{changed}");
+    assert_eq!(changed["data"]["status"], "in_transit", "{changed}");
+
+    // Socket.IO: the same events, same payloads and ids, under canonical and legacy names.
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let (name, args) = sio.event().await;
+        got.push(name.clone());
+        let native = if name == "order:created" {
+            &created
+        } else {
+            &changed
+        };
+        assert_eq!(
+            args,
+            vec![native["data"].clone(), native["id"].clone()],
+            "{name}"
+        );
+    }
+    assert_eq!(
+        got,
+        [
+            "order:created",
+            "order:status_changed",
+            "orderStatusUpdated",
+            "customer_order_update",
+            "delivery_update"
+        ]
+    );
+    srv.stop().await;
+}
