@@ -164,6 +164,8 @@ fn invalid_at(
 struct Ctx<'a> {
     text: &'a str,
     origin: &'a str,
+    /// Environment lookups (the JWT secret); injectable so tests need not touch the process env.
+    env: &'a dyn Fn(&str) -> Option<std::ffi::OsString>,
 }
 
 impl Ctx<'_> {
@@ -1296,8 +1298,17 @@ impl Config {
     }
 
     /// Parses and converts TOML text; `origin` names it in errors (usually the file path).
-    /// Reads no environment variables itself (but `[auth]` conversion may, see `crate::auth`).
+    /// Reads only the environment variable `[auth] secret_env` names (the JWT secret).
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_str_with_env(text, origin, &|name| std::env::var_os(name))
+    }
+
+    /// [`Config::from_toml_str`] with the environment supplied by the caller.
+    pub fn from_toml_str_with_env(
+        text: &str,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| {
             let (key, line_col) = match e.span() {
                 Some(span) => (key_at(text, span.start), Some(line_col(text, span.start))),
@@ -1321,7 +1332,7 @@ impl Config {
                 _ => None,
             })
             .unwrap_or_default();
-        let ctx = Ctx { text, origin };
+        let ctx = Ctx { text, origin, env };
         Self::convert(&ctx, raw, auth_raw)
     }
 
@@ -1683,7 +1694,7 @@ impl Config {
             settings_sections: sections.into_values().collect(),
         };
 
-        let auth = AuthConfig::from_raw(&auth).map_err(|e| {
+        let auth = AuthConfig::from_raw_with_env(&auth, ctx.env).map_err(|e| {
             let key = if e.key.starts_with("auth") {
                 e.key.clone()
             } else {
@@ -1856,6 +1867,15 @@ fn ser_masked_uri<S: Serializer>(uri: &Secret, s: S) -> Result<S::Ok, S::Error> 
     s.serialize_str(&mask_uri_password(uri.expose()))
 }
 
+/// Test helper: parses `text` with a fixed JWT secret in place of the process environment.
+#[cfg(test)]
+pub(crate) fn test_config(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    Config::from_toml_str_with_env(text, origin, &|name| {
+        (name == crate::auth::DEFAULT_SECRET_ENV)
+            .then(|| "unit-test-secret-unit-test-secret-0123".into())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1863,7 +1883,7 @@ mod tests {
     const EXAMPLE: &str = include_str!("../config.example.toml");
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml_str(text, "test.toml")
+        test_config(text, "test.toml")
     }
 
     fn invalid(text: &str) -> (String, Option<(usize, usize)>, String) {
@@ -1875,7 +1895,7 @@ mod tests {
 
     #[test]
     fn example_parses_and_matches_defaults() {
-        let ex = Config::from_toml_str(EXAMPLE, "config.example.toml").unwrap();
+        let ex = test_config(EXAMPLE, "config.example.toml").unwrap();
         let def = parse("").unwrap();
         // The example documents the defaults; keep them in sync.
         assert_eq!(ex.mongo.databases, def.mongo.databases);
@@ -2119,7 +2139,7 @@ mod tests {
 
     #[test]
     fn example_effective_output_round_trips() {
-        let ex = Config::from_toml_str(EXAMPLE, "config.example.toml").unwrap();
+        let ex = test_config(EXAMPLE, "config.example.toml").unwrap();
         let out = ex.effective_toml_masked();
         let again = parse(&out).unwrap();
         assert_eq!(again.socketio.aliases, ex.socketio.aliases);

@@ -44,9 +44,13 @@ async fn dispatch(cli: Cli) -> u8 {
                 args.log_format,
                 false,
             );
-            // Wired to changecast::demo::run_demo once the demo module lands.
-            eprintln!("changecast demo: not available in this build");
-            exit::FAILURE
+            match changecast::demo::run_demo(&args).await {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    eprintln!("changecast demo: {e:#}");
+                    exit::FAILURE
+                }
+            }
         }
     }
 }

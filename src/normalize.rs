@@ -1020,7 +1020,7 @@ mod tests {
     use bson::{doc, oid::ObjectId};
 
     fn normalizer() -> Normalizer {
-        Normalizer::new(&Config::from_toml_str("", "t").unwrap())
+        Normalizer::new(&crate::config::test_config("", "t").unwrap())
     }
 
     fn one(n: &mut Normalizer, d: &Document) -> DomainEvent {
@@ -1390,7 +1390,7 @@ mod tests {
 
     #[test]
     fn state_cache_is_bounded() {
-        let cfg = Config::from_toml_str("[normalize]\nstate_cache_docs = 3\n", "t").unwrap();
+        let cfg = crate::config::test_config("[normalize]\nstate_cache_docs = 3\n", "t").unwrap();
         let mut n = Normalizer::new(&cfg);
         for i in 0..100 {
             let d = change(

@@ -355,7 +355,7 @@ mod tests {
     use std::collections::HashSet;
 
     fn cfg() -> Config {
-        Config::from_toml_str("", "t").unwrap()
+        crate::config::test_config("", "t").unwrap()
     }
 
     fn rooms(r: &RoutedEvent) -> Vec<String> {

@@ -3,6 +3,12 @@
 
 mod support;
 
+mod authn;
+mod authz_matrix;
 mod durability;
 mod gateway;
+mod limits;
+mod ops;
 mod pipeline;
+mod recovery;
+mod resume;

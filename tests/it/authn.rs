@@ -1,0 +1,1 @@
+//! Integration tests: token matrix and expiry mid-connection.

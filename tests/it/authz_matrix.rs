@@ -1,0 +1,1 @@
+//! Integration tests: authorization matrix and the admin observer.

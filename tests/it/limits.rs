@@ -1,0 +1,1 @@
+//! Integration tests: backpressure, rate limits, pings, origins and hostile frames.

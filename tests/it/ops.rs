@@ -1,0 +1,1 @@
+//! Integration tests: metrics, readiness, SIGTERM lifecycle and log hygiene.

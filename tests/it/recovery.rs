@@ -1,0 +1,1 @@
+//! Integration tests: reconnect recovery: history, second process, oplog replay, resync.

@@ -1,0 +1,1 @@
+//! Integration tests: CLI resume flags and history-lost policies.
