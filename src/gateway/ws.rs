@@ -304,6 +304,8 @@ impl Conn {
                 _ = self.gw.stop.cancelled() => return Some(Exit(close::GOING_AWAY, "shutting_down")),
                 _ = kicked.cancelled() => return Some(Exit(close::SLOW_CONSUMER, "slow_consumer")),
                 _ = tokio::time::sleep(expiry) => {
+                    // Counted apart from refused tokens: this one was valid when it came.
+                    self.gw.metrics.auth_failures.get_or_create(&ReasonLabels { reason: "expired_in_session" }).inc();
                     return Some(Exit(close::TOKEN_EXPIRED, "token_expired"));
                 }
                 msg = rx.recv() => {
