@@ -190,7 +190,7 @@ pub fn render(
          load tool are not counted).\n",
         cfg.fixed_rate,
         cfg.phase.as_secs(),
-        if cfg.smoke { 5 } else { 15 }
+        crate::suite::DRAIN_TIMEOUT.as_secs()
     );
 
     let sizes = &cfg.sizes;

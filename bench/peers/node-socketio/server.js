@@ -205,9 +205,10 @@ async function main() {
     console.error('change stream failed', err);
     process.exit(1);
   });
-  // The stream is open once the server has answered the aggregate with a resume token.
+  // The stream is open once the server has answered the aggregate with a resume token
+  // (postBatchResumeToken, MongoDB 4.0.7+ and mongo-sim). No timer fallback: reporting
+  // ready before the stream is open would lose the first writes.
   stream.once('resumeTokenChanged', () => { ready = true; });
-  setTimeout(() => { ready = true; }, 1000).unref();
 
   httpServer.listen(PORT, '127.0.0.1', () => {
     console.log(`node peer listening on 127.0.0.1:${PORT}`);
