@@ -1,1 +1,424 @@
-//! Integration tests: reconnect recovery: history, second process, oplog replay, resync.
+//! Integration tests: reconnect recovery (history, a second process, oplog replay, resync), readiness across a database outage, and SIGTERM.
+
+use std::time::{Duration, Instant};
+
+use bson::doc;
+use serde_json::Value;
+
+use crate::resume::{spawn, tail, write_config};
+use crate::support::*;
+
+/// Inserts an order for customer `c` of store `s1` and returns nothing; ids come from observers.
+async fn order(db: &Db, c: &str, n: i32) {
+    db.coll("orders")
+        .insert_one(doc! {"customerId": c, "storeId": "s1", "status": "new", "n": n})
+        .await
+        .unwrap();
+}
+
+/// Collects admin-room events until `n` arrive; panics if they do not.
+async fn admin_events(admin: &mut Client, n: usize) -> Vec<Value> {
+    let evs: Vec<Value> = admin
+        .events(n, Duration::from_secs(20))
+        .await
+        .into_iter()
+        .filter(|e| e["room"] == "admin")
+        .collect();
+    assert_eq!(evs.len(), n, "the observer saw {} of {n}", evs.len());
+    evs
+}
+
+/// Ids of `customer`'s events among admin-room events, in order.
+fn ids_of(evs: &[Value], customer: &str) -> Vec<String> {
+    evs.iter()
+        .filter(|e| e["data"]["customerId"] == customer)
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn ids(evs: &[Value]) -> Vec<String> {
+    evs.iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Subscribes an admin to `customer:c1` with `since`; returns the `subscribed` answer and what follows it in that room.
+async fn recover(server: &Server, since: &str, n: usize) -> (Value, Vec<Value>) {
+    let (mut c, _) = Client::connect(server, &admin_token()).await;
+    let ack = c.subscribe("customer:c1", Some(since)).await;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = c.next_json_within(left).await else {
+            break;
+        };
+        if m["room"] == "customer:c1" {
+            got.push(m);
+        }
+    }
+    (ack, got)
+}
+
+/// Reconnecting to a second process with `since`: exactly the missed events in order, then live —
+/// from that process's history when it saw them, from the oplog when it started after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_to_another_process_gets_exactly_what_was_missed() {
+    let db = Db::start().await;
+    let a = Server::start(&db, "").await;
+    let b = Server::start(&db, "").await;
+    let (mut watch_a, _) = Client::connect(&a, &admin_token()).await;
+    let (mut watch_b, _) = Client::connect(&b, &admin_token()).await;
+
+    let (mut c, _) = Client::connect(&a, &customer_token("c1")).await;
+    order(&db, "c1", 0).await;
+    let first = c.events(1, Duration::from_secs(10)).await;
+    let since = first[0]["id"].as_str().unwrap().to_owned();
+    drop(c);
+    // 100 missed events of c1, interleaved with another customer's.
+    for n in 1..=100 {
+        order(&db, "c1", n).await;
+        order(&db, "c2", n).await;
+    }
+    let seen_a = admin_events(&mut watch_a, 201).await;
+    let want: Vec<String> = ids_of(&seen_a, "c1")[1..].to_vec();
+    assert_eq!(want.len(), 100);
+    // B has published them too, so its history covers them.
+    assert_eq!(ids(&admin_events(&mut watch_b, 201).await), ids(&seen_a));
+
+    let mut c = Client::try_connect_url(
+        &format!("{}?since={since}", b.ws_url()),
+        Some(&customer_token("c1")),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.next_json().await["type"], "welcome");
+    let got = c.events(100, Duration::from_secs(10)).await;
+    assert_eq!(ids(&got), want, "exactly the missed events, in order");
+    assert!(got.iter().all(|e| e["room"] == "customer:c1"));
+    assert_eq!(c.next_json_within(Duration::from_millis(300)).await, None);
+    order(&db, "c1", 101).await;
+    let live = c.events(1, Duration::from_secs(10)).await;
+    assert_eq!(live.len(), 1, "then live");
+    assert!(live[0]["id"].as_str().unwrap() > want[99].as_str());
+
+    let (ack, got) = recover(&b, &since, 101).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    assert_eq!(ack["recovered"], true);
+    assert_eq!(ids(&got[..100]), want, "from B's history");
+
+    // A third process started after all of it: its history starts later, so the oplog answers.
+    let late = Server::start(&db, "").await;
+    let (ack, got) = recover(&late, &since, 101).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(ids(&got[..100]), want, "from the oplog");
+    assert_eq!(got[100]["id"], live[0]["id"]);
+    let (_, metrics) = late.get("/metrics").await;
+    assert!(
+        metrics.contains("changecast_recoveries_total{source=\"oplog\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// `since` older than the hub's history: replayed from the oplog, `recovered: true`, exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_history_replays_from_the_oplog() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "[hub]\nhistory_len = 10\n").await;
+    let (mut watch, _) = Client::connect(&server, &admin_token()).await;
+    order(&db, "c1", 0).await;
+    let since = admin_events(&mut watch, 1).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for n in 1..=100 {
+        order(&db, "c1", n).await;
+        order(&db, "c2", n).await;
+    }
+    let want = ids_of(&admin_events(&mut watch, 200).await, "c1");
+
+    let (ack, got) = recover(&server, &since, 100).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    assert_eq!(ack["recovered"], true);
+    assert_eq!(ids(&got), want);
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("changecast_recoveries_total{source=\"oplog\"} 1"),
+        "{metrics}"
+    );
+
+    // A native client reconnecting the same way gets the same, then live.
+    let mut c = Client::try_connect_url(
+        &format!("{}?since={since}", server.ws_url()),
+        Some(&customer_token("c1")),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.next_json().await["type"], "welcome");
+    assert_eq!(ids(&c.events(100, Duration::from_secs(10)).await), want);
+    order(&db, "c1", 101).await;
+    let live = c.events(1, Duration::from_secs(10)).await;
+    assert!(live[0]["id"].as_str().unwrap() > want[99].as_str());
+}
+
+/// `since` older than the oplog: an explicit `resync`, and the room then continues live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_oplog_answers_resync() {
+    if external() {
+        eprintln!("SKIP beyond_the_oplog_answers_resync: needs mongo-sim's small oplog");
+        return;
+    }
+    let db = Db::start_with(mongo_sim::SimConfig {
+        oplog_size: 30,
+        ..Default::default()
+    })
+    .await;
+    let server = Server::start(&db, "[hub]\nhistory_len = 10\n").await;
+    let (mut watch, _) = Client::connect(&server, &admin_token()).await;
+    order(&db, "c1", 0).await;
+    let since = admin_events(&mut watch, 1).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Paced by the observer: the server's own stream must never fall 30 entries behind,
+    // or it would lose its history too (and stop, under the default policy).
+    for n in 1..=100 {
+        order(&db, "c1", n).await;
+        admin_events(&mut watch, 1).await;
+    }
+
+    let (mut c, _) = Client::connect(&server, &admin_token()).await;
+    let ack = c.subscribe("customer:c1", Some(&since)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    assert_eq!(ack["recovered"], false);
+    let next = c.next_json().await;
+    assert_eq!(next["type"], "resync", "{next}");
+    assert_eq!(next["room"], "customer:c1");
+    assert!(next["reason"].is_string());
+    // Nothing from the hole is sent after the resync, and live events follow.
+    order(&db, "c1", 101).await;
+    let m = loop {
+        let m = c.next_json().await;
+        if m["room"] == "customer:c1" {
+            break m;
+        }
+    };
+    assert_eq!(m["type"], "event");
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("changecast_recoveries_total{source=\"resync\"} 1"),
+        "{metrics}"
+    );
+}
+
+async fn ready(server: &Server) -> bool {
+    server.get("/readyz").await.0 == 200
+}
+
+async fn wait_ready_is(server: &Server, want: bool, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while ready(server).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never became {want}: {}",
+            server.get("/readyz").await.1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lag(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("changecast_stream_lag_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lag gauge in {metrics}"))
+}
+
+/// `/readyz` is false before the stream opens and while the database is down, true
+/// again after it returns; nothing written after the return is missed and lag goes back to ~0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database() {
+    if external() {
+        eprintln!("SKIP readiness_follows_the_database: needs to stop mongo-sim");
+        return;
+    }
+    let db = Db::start().await;
+    let sim = db.sim.as_ref().unwrap();
+    // The database is down when changecast starts: it must serve, but not be ready.
+    sim.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&db, &dir.path().join("checkpoint.json"), "");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handle = changecast::app::start(&cfg, Default::default(), listener, None)
+        .await
+        .unwrap();
+    let server = Server {
+        addr: handle.addr,
+        handle: Some(handle),
+        dir,
+    };
+    assert_eq!(server.get("/healthz").await.0, 200, "alive while not ready");
+    for _ in 0..5 {
+        let (status, body) = server.get("/readyz").await;
+        assert_eq!(status, 503, "ready before the stream opened: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    sim.restart().await.unwrap();
+    wait_ready_is(&server, true, Duration::from_secs(20)).await;
+    let (mut admin, _) = Client::connect(&server, &admin_token()).await;
+    order(&db, "c1", 1).await;
+    assert_eq!(admin_events(&mut admin, 1).await.len(), 1);
+
+    // An outage while running.
+    sim.stop().await;
+    let down = Instant::now();
+    wait_ready_is(&server, false, Duration::from_secs(20)).await;
+    eprintln!(
+        "readiness: false {:?} after the database stopped",
+        down.elapsed()
+    );
+    sim.restart().await.unwrap();
+    let up = Instant::now();
+    wait_ready_is(&server, true, Duration::from_secs(20)).await;
+    eprintln!(
+        "readiness: true {:?} after the database returned",
+        up.elapsed()
+    );
+    // The socket stayed up; changes after the return are delivered.
+    order(&db, "c1", 2).await;
+    let evs = admin_events(&mut admin, 1).await;
+    assert_eq!(evs[0]["data"]["customerId"], "c1");
+    // Lag back to about zero: idle empty batches keep the token current.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = lag(&server.get("/metrics").await.1);
+        if l <= 2.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lag stayed at {l} s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        !metrics.contains("changecast_stream_reconnects_total 0\n"),
+        "the outage counted as a reconnect: {metrics}"
+    );
+}
+
+/// SIGTERM to `changecast run`: every client gets 1001, the stored checkpoint is at the
+/// last delivered event (a restart repeats nothing), exit code 0 within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_with_1001_saves_the_checkpoint_and_exits_0() {
+    let db = Db::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let grace = Duration::from_secs(5);
+    let cfg = write_config(
+        &db,
+        dir.path(),
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n",
+    );
+    let mut p = spawn(
+        &[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        dir.path().join("stdout.txt"),
+    );
+    p.wait_stderr("\"listening\"", Duration::from_secs(20))
+        .await;
+    let addr: std::net::SocketAddr = p
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "listening")
+        .and_then(|l| l["addr"].as_str()?.parse().ok())
+        .expect("listening line with addr");
+    p.wait_stderr("change stream open", Duration::from_secs(20))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while http_get(addr, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let url = format!("ws://{addr}/ws");
+    let mut clients = Vec::new();
+    for t in [
+        customer_token("c1"),
+        store_token("owner-1", &["s1"]),
+        admin_token(),
+    ] {
+        let mut c = Client::try_connect_url(&url, Some(&t), &[]).await.unwrap();
+        assert_eq!(c.next_json().await["type"], "welcome");
+        clients.push(c);
+    }
+    for n in 0..20 {
+        order(&db, "c1", n).await;
+    }
+    let mut last = String::new();
+    for c in &mut clients {
+        let evs = c.events(20, Duration::from_secs(15)).await;
+        assert_eq!(evs.len(), 20);
+        let id = evs[19]["id"].as_str().unwrap().to_owned();
+        assert!(
+            last.is_empty() || last == id,
+            "clients disagree on the last id"
+        );
+        last = id;
+    }
+
+    let sent = Instant::now();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    for c in &mut clients {
+        assert_eq!(
+            c.closed_with(Duration::from_secs(10)).await,
+            Some(1001),
+            "shutdown close code"
+        );
+    }
+    let status = p.wait_exit(grace + Duration::from_secs(5)).await;
+    let took = sent.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", p.stderr());
+    assert!(took < grace + Duration::from_secs(2), "exit took {took:?}");
+    eprintln!("sigterm: 3 clients closed with 1001, exit 0 after {took:?}");
+
+    let stored: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cp.json")).unwrap())
+            .unwrap();
+    let entry = &stored["streams"][&db.name];
+    assert_eq!(entry["lastEventId"], last.as_str(), "{entry}");
+    let token = entry["token"]["_data"].as_str().unwrap();
+    // The token is the last event's, or an idle high-water mark after it with no event between.
+    assert!(token >= last.as_str(), "{token} < {last}");
+    eprintln!(
+        "sigterm: stored token {} the last delivered id",
+        if token == last {
+            "equals"
+        } else {
+            "is a high-water mark past"
+        }
+    );
+    // Nothing between: a restart from the stored token repeats nothing and misses nothing.
+    let mut t = tail(&cfg, &[], dir.path().join("after.jsonl")).await;
+    order(&db, "c1", 99).await;
+    let lines = t.lines_until(Duration::from_secs(15), |_| true).await;
+    assert!(lines[0]["id"].as_str().unwrap() > last.as_str());
+    assert_eq!(lines.len(), 1);
+    assert!(t.term(Duration::from_secs(10)).await.success());
+    assert_eq!(t.lines().len(), 1, "{:?}", t.lines());
+}
