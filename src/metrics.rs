@@ -2,7 +2,7 @@
 //!
 //! Label values are bounded enums or configured collection names, never ids.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -34,12 +34,23 @@ pub struct EventLabels {
 }
 
 /// Wire formats for deliveries.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum Wire {
     /// `/ws`
     Native,
     /// `/socket.io/`
     SocketIo,
+}
+
+// Written by hand: the derive would print `Native`, and Prometheus label values are lowercase by convention.
+impl EncodeLabelValue for Wire {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let v = match self {
+            Wire::Native => "native",
+            Wire::SocketIo => "socketio",
+        };
+        EncodeLabelValue::encode(&v, encoder)
+    }
 }
 
 /// `wire` label.
@@ -50,7 +61,7 @@ pub struct WireLabels {
 }
 
 /// Recovery outcomes.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum RecoveryKind {
     /// Served from the in-memory history.
     History,
@@ -58,6 +69,17 @@ pub enum RecoveryKind {
     Oplog,
     /// Neither reached back: the client was told to resync.
     Resync,
+}
+
+impl EncodeLabelValue for RecoveryKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let v = match self {
+            RecoveryKind::History => "history",
+            RecoveryKind::Oplog => "oplog",
+            RecoveryKind::Resync => "resync",
+        };
+        EncodeLabelValue::encode(&v, encoder)
+    }
 }
 
 /// `source` label for recoveries.

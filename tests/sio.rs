@@ -489,12 +489,12 @@ async fn ws_and_socket_io_clients_get_the_same_events_from_one_hub() {
     );
     let text = srv.metrics_text().await;
     assert_eq!(
-        metric(&text, "changecast_deliveries_total{wire=\"SocketIo\"}"),
+        metric(&text, "changecast_deliveries_total{wire=\"socketio\"}"),
         1.0,
         "{text}"
     );
     assert_eq!(
-        metric(&text, "changecast_deliveries_total{wire=\"Native\"}"),
+        metric(&text, "changecast_deliveries_total{wire=\"native\"}"),
         1.0,
         "{text}"
     );

@@ -9,6 +9,7 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::SinkExt;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::limits::{SubjectPermit, TotalPermit};
@@ -22,6 +23,8 @@ use crate::metrics::{ReasonLabels, Wire, WireLabels};
 
 /// Most hub messages written before one flush; bounds the time between flushes under load.
 const WRITE_BATCH: usize = 64;
+/// Longest wait for the peer's close frame after ours (RFC 6455 §7.1.1 closing handshake).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// `GET /ws`: checks origin, token (when sent in headers) and limits before upgrading.
 pub(crate) async fn upgrade(
@@ -100,6 +103,7 @@ pub(crate) async fn upgrade(
                 let conn = Conn {
                     gw,
                     socket,
+                    kicked: CancellationToken::new(),
                     _total: total,
                     subject_permit,
                 };
@@ -151,12 +155,26 @@ fn count_auth_failure(gw: &Gateway, e: &AuthError) {
 struct Conn {
     gw: Arc<Gateway>,
     socket: WebSocket,
+    /// The hub's kick for this session's mailbox (a never-fired token until authenticated):
+    /// a write blocked on a stalled peer gives up as soon as the hub cuts the session off.
+    kicked: CancellationToken,
     _total: TotalPermit,
     subject_permit: Option<SubjectPermit>,
 }
 
 /// Why the loop ended, and what to tell the peer.
 struct Exit(u16, &'static str);
+
+/// Why a socket write did not complete.
+#[derive(Debug)]
+enum WriteError {
+    /// The peer is gone (or the socket failed).
+    Failed,
+    /// The write took longer than `server.write_timeout`: the peer stopped reading.
+    TimedOut,
+    /// The hub cut the session off while it was writing.
+    Kicked,
+}
 
 impl Conn {
     async fn run(mut self, principal: Option<Principal>, since: Option<EventId>) {
@@ -177,11 +195,24 @@ impl Conn {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = tokio::time::timeout(
+            let sent = tokio::time::timeout(
                 self.gw.cfg.write_timeout,
                 self.socket.send(WsMessage::Close(Some(frame))),
             )
             .await;
+            if matches!(sent, Ok(Ok(()))) {
+                // Wait for the peer's close reply before dropping the TCP connection:
+                // a peer that writes (a pong, a message) after we closed would get a
+                // reset, and a reset makes its kernel discard our unread close frame.
+                let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                    while let Some(Ok(m)) = self.socket.recv().await {
+                        if matches!(m, WsMessage::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
         }
     }
 
@@ -269,6 +300,7 @@ impl Conn {
         }
         let (mailbox, mut rx) = self.gw.hub.mailbox();
         let kicked = mailbox.kicked().clone();
+        self.kicked = kicked.clone();
         let mut session = Session::new(self.gw.clone(), mailbox, principal);
         tracing::debug!(session = session.mailbox().id(), "authenticated");
 
@@ -279,13 +311,13 @@ impl Conn {
             &rooms,
             session.principal().subject.as_deref(),
         );
-        if self.send_text(welcome).await.is_err() {
-            return None;
+        if let Err(e) = self.send_text(welcome).await {
+            return self.write_failed(e);
         }
         for j in joined {
             if since.is_some() {
-                if let Err(()) = self.send_joined(&mut session, j, false).await {
-                    return None;
+                if let Err(e) = self.send_joined(&mut session, j, false).await {
+                    return self.write_failed(e);
                 }
             }
         }
@@ -310,8 +342,8 @@ impl Conn {
                 }
                 msg = rx.recv() => {
                     let msg = msg?;
-                    if self.write_batch(&mut session, msg, &mut rx).await.is_err() {
-                        return None;
+                    if let Err(e) = self.write_batch(&mut session, msg, &mut rx).await {
+                        return self.write_failed(e);
                     }
                 }
                 inbound = self.socket.recv() => {
@@ -324,7 +356,7 @@ impl Conn {
                         Some(Ok(WsMessage::Binary(_))) => {
                             if !rate.allow() { if rate.abusive() { return Some(Exit(close::RATE_LIMITED, "rate_limited")); } continue; }
                             self.count_error("binary_not_supported");
-                            if self.send_text(protocol::error("binary_not_supported", "send JSON text frames", None)).await.is_err() { return None; }
+                            if let Err(e) = self.send_text(protocol::error("binary_not_supported", "send JSON text frames", None)).await { return self.write_failed(e); }
                             continue;
                         }
                         Some(Ok(WsMessage::Text(t))) => t,
@@ -335,7 +367,7 @@ impl Conn {
                         }
                         if rate.first_refusal() {
                             self.count_error("rate_limited");
-                            if self.send_text(protocol::error("rate_limited", "too many messages per second; message dropped", None)).await.is_err() { return None; }
+                            if let Err(e) = self.send_text(protocol::error("rate_limited", "too many messages per second; message dropped", None)).await { return self.write_failed(e); }
                         }
                         continue;
                     }
@@ -351,7 +383,7 @@ impl Conn {
                     } else {
                         awaiting_pong = Some(Instant::now());
                     }
-                    if self.send(WsMessage::Ping(bytes::Bytes::new())).await.is_err() { return None; }
+                    if let Err(e) = self.send(WsMessage::Ping(bytes::Bytes::new())).await { return self.write_failed(e); }
                 }
             }
         }
@@ -379,7 +411,12 @@ impl Conn {
             }
             Ok(ClientMsg::Subscribe { room, since }) => {
                 match session.join(&room, since.as_deref()).await {
-                    Ok(j) => return self.send_joined(session, j, true).await.map_err(|_| None),
+                    Ok(j) => {
+                        return self
+                            .send_joined(session, j, true)
+                            .await
+                            .map_err(|e| self.write_failed(e))
+                    }
                     Err(e) => protocol::error(e.code, &e.message, Some(&room)),
                 }
             }
@@ -391,11 +428,18 @@ impl Conn {
                 }
             }
         };
-        self.send_text(reply).await.map_err(|_| None)
+        self.send_text(reply)
+            .await
+            .map_err(|e| self.write_failed(e))
     }
 
     /// `subscribed` (when asked), then the replay or a resync notice.
-    async fn send_joined(&mut self, session: &mut Session, j: Joined, ack: bool) -> Result<(), ()> {
+    async fn send_joined(
+        &mut self,
+        session: &mut Session,
+        j: Joined,
+        ack: bool,
+    ) -> Result<(), WriteError> {
         if ack {
             self.send_text(protocol::subscribed(j.room.as_str(), j.recovered))
                 .await?;
@@ -418,7 +462,7 @@ impl Conn {
         session: &mut Session,
         first: Arc<Message>,
         rx: &mut tokio::sync::mpsc::Receiver<Arc<Message>>,
-    ) -> Result<(), ()> {
+    ) -> Result<(), WriteError> {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(m) = next.take() {
@@ -433,11 +477,12 @@ impl Conn {
         self.flush().await
     }
 
-    async fn feed_message(&mut self, m: &Message) -> Result<(), ()> {
+    async fn feed_message(&mut self, m: &Message) -> Result<(), WriteError> {
         let bytes = m.encoded(WireFormat::Native, protocol::encode_message);
-        let text = Utf8Bytes::try_from(bytes).map_err(|_| ())?;
+        let text = Utf8Bytes::try_from(bytes).map_err(|_| WriteError::Failed)?;
         timed(
             self.gw.cfg.write_timeout,
+            &self.kicked,
             self.socket.feed(WsMessage::Text(text)),
         )
         .await?;
@@ -452,16 +497,32 @@ impl Conn {
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<(), ()> {
-        timed(self.gw.cfg.write_timeout, self.socket.flush()).await
+    async fn flush(&mut self) -> Result<(), WriteError> {
+        timed(self.gw.cfg.write_timeout, &self.kicked, self.socket.flush()).await
     }
 
-    async fn send_text(&mut self, text: String) -> Result<(), ()> {
+    async fn send_text(&mut self, text: String) -> Result<(), WriteError> {
         self.send(WsMessage::Text(text.into())).await
     }
 
-    async fn send(&mut self, m: WsMessage) -> Result<(), ()> {
-        timed(self.gw.cfg.write_timeout, self.socket.send(m)).await
+    async fn send(&mut self, m: WsMessage) -> Result<(), WriteError> {
+        timed(self.gw.cfg.write_timeout, &self.kicked, self.socket.send(m)).await
+    }
+
+    /// What to do after a failed write: a peer that stopped reading is a slow
+    /// consumer (told 4000 if it ever reads again, and counted once: the hub
+    /// already counted a kick), a broken socket just ends.
+    fn write_failed(&self, e: WriteError) -> Option<Exit> {
+        match e {
+            WriteError::Failed => None,
+            WriteError::TimedOut => {
+                if !self.kicked.is_cancelled() {
+                    self.gw.metrics.slow_consumer_disconnects.inc();
+                }
+                Some(Exit(close::SLOW_CONSUMER, "slow_consumer"))
+            }
+            WriteError::Kicked => Some(Exit(close::SLOW_CONSUMER, "slow_consumer")),
+        }
     }
 
     fn count_error(&self, reason: &'static str) {
@@ -473,14 +534,22 @@ impl Conn {
     }
 }
 
-/// Every socket write has a timeout: a peer that stops reading cannot hold a session forever.
+/// Every socket write has a timeout, and gives up when the hub kicks the
+/// session: a peer that stops reading cannot hold a session forever. Dropping
+/// a pending write is safe: tungstenite keeps whole frames in its buffer.
 async fn timed(
     timeout: Duration,
+    kicked: &CancellationToken,
     write: impl std::future::Future<Output = Result<(), axum::Error>>,
-) -> Result<(), ()> {
-    match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
+) -> Result<(), WriteError> {
+    tokio::select! {
+        biased;
+        r = tokio::time::timeout(timeout, write) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WriteError::Failed),
+            Err(_) => Err(WriteError::TimedOut),
+        },
+        _ = kicked.cancelled() => Err(WriteError::Kicked),
     }
 }
 
