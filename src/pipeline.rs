@@ -20,6 +20,10 @@ use crate::metrics::Metrics;
 use crate::source::{Source, SourceError, SourceSpec};
 use crate::token::{self, StartAt};
 
+/// How much longer than its `max_await` a getMore may take before the stream counts as
+/// stalled (not ready): room for a slow server without flapping readiness under load.
+const STALL_GRACE: Duration = Duration::from_secs(3);
+
 /// What to do when the stored token has fallen out of the oplog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HistoryLostPolicy {
@@ -137,6 +141,9 @@ impl Pipeline {
         let mut mapper = (self.mappers)();
         let mut backoff = Backoff::new(self.cfg.max_backoff);
         let mut first_open = true;
+        // Set when history was lost under `resync`: rooms are told once the new stream is
+        // open, so a client that refetches on the notice cannot miss a change made after it.
+        let mut resync_pending = false;
         let spec = SourceSpec {
             database: db.clone(),
             collections: self.cfg.collections.clone(),
@@ -155,7 +162,10 @@ impl Pipeline {
                 Ok(s) => s,
                 Err(e) => {
                     if let Some(next) = self.on_error(&db, e, &mut mapper)? {
+                        // A new start after a gap: a new floor and a new saved start point.
                         start = next;
+                        first_open = true;
+                        resync_pending = true;
                         continue 'reconnect;
                     }
                     if !backoff.wait(&stop).await {
@@ -171,9 +181,20 @@ impl Pipeline {
                     StartAt::Token(t) => token::event_id(t),
                     _ => source.token().as_ref().and_then(token::event_id),
                 };
-                if let (Output::Hub(hub), Some(floor)) = (&self.output, floor) {
-                    hub.set_floor(floor);
+                match &self.output {
+                    Output::Hub(hub) if resync_pending => hub.resync_all("history_lost", floor),
+                    Output::Hub(hub) => {
+                        if let Some(floor) = floor {
+                            hub.set_floor(floor);
+                        }
+                    }
+                    Output::Stdout if resync_pending => print_line(&serde_json::json!({
+                        "event": "system:resync", "reason": "history_lost", "database": &db,
+                    }))
+                    .map_err(PipelineError::Output)?,
+                    Output::Stdout => {}
                 }
+                resync_pending = false;
                 // Save where this stream starts before handing out any event, so a
                 // crash before the first debounced save resumes here, not at "now".
                 if let Some(t) = source.token() {
@@ -192,9 +213,31 @@ impl Pipeline {
             }
 
             loop {
-                let next = tokio::select! {
-                    _ = stop.cancelled() => break 'reconnect,
-                    r = source.next() => r,
+                let next = {
+                    // The driver retries a failed getMore internally (server selection can
+                    // take `connect_timeout`), so an unreachable server shows up here as a
+                    // getMore that outlives its `max_await`: not ready until it answers.
+                    let fut = source.next();
+                    tokio::pin!(fut);
+                    let stall = tokio::time::sleep(self.cfg.max_await + STALL_GRACE);
+                    tokio::pin!(stall);
+                    let mut stalled = false;
+                    let r = loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break 'reconnect,
+                            r = &mut fut => break r,
+                            _ = &mut stall, if !stalled => {
+                                stalled = true;
+                                self.health.set_stream_open(&db, false);
+                                tracing::warn!(database = %db, "change stream stalled: the server has not answered; not ready until it does");
+                            }
+                        }
+                    };
+                    if stalled && r.is_ok() {
+                        self.health.set_stream_open(&db, true);
+                        tracing::info!(database = %db, "change stream answering again");
+                    }
+                    r
                 };
                 let change = match next {
                     Ok(c) => c,
@@ -206,6 +249,8 @@ impl Pipeline {
                         }
                         if let Some(next) = self.on_error(&db, e, &mut mapper)? {
                             start = next;
+                            first_open = true;
+                            resync_pending = true;
                             continue 'reconnect;
                         }
                         if !backoff.wait(&stop).await {
@@ -217,6 +262,10 @@ impl Pipeline {
                 backoff.reset();
                 let Some(tok) = source.token() else { continue };
                 let (mut last_id, mut count) = (None, 0);
+                if change.is_none() {
+                    // An empty batch: the server had nothing newer, so the stream is current now.
+                    self.health.observe_caught_up();
+                }
                 if let Some(change) = change {
                     let events = mapper.map(&change);
                     for ev in &events {
@@ -270,8 +319,9 @@ impl Pipeline {
         }
     }
 
-    /// Decides what a stream error means: `Ok(Some(start))` restart at `start`
-    /// at once, `Ok(None)` back off and retry from the last token, `Err` stop.
+    /// Decides what a stream error means: `Ok(Some(start))` history was lost under
+    /// `resync`, restart at `start` at once and tell every room; `Ok(None)` back off and
+    /// retry from the last token; `Err` stop.
     fn on_error(
         &self,
         db: &str,
@@ -285,14 +335,8 @@ impl Pipeline {
                     HistoryLostPolicy::Fail => Err(PipelineError::HistoryLost(e)),
                     HistoryLostPolicy::Resync => {
                         tracing::warn!(database = %db, "history lost: starting from now and telling every room to resync");
+                        // What the mapper remembers (previous statuses, delete owners) may be stale after the gap.
                         mapper.forget();
-                        match &self.output {
-                            Output::Hub(hub) => hub.resync_all("history_lost", None),
-                            Output::Stdout => print_line(&serde_json::json!({
-                                "event": "system:resync", "reason": "history_lost", "database": db,
-                            }))
-                            .map_err(PipelineError::Output)?,
-                        }
                         Ok(Some(StartAt::Now))
                     }
                 }
