@@ -13,6 +13,10 @@ pub struct Health {
     checkpoint_ok: AtomicBool,
     /// Cluster time (seconds) of the newest token any stream has seen.
     last_cluster_secs: AtomicU64,
+    /// Wall time (Unix ms) of the last empty batch: the stream was current then, even
+    /// when the server's post-batch token did not move (an idle oplog only advances with
+    /// MongoDB's periodic no-op writes, every 10 s; mongo-sim's not at all).
+    caught_up_ms: AtomicU64,
     /// Monotonic ms since `started` of the last successful checkpoint save.
     last_checkpoint_ms: AtomicU64,
     started: Instant,
@@ -25,6 +29,7 @@ impl Health {
             streams: Mutex::new(streams.into_iter().map(|s| (s.to_owned(), false)).collect()),
             checkpoint_ok: AtomicBool::new(true),
             last_cluster_secs: AtomicU64::new(0),
+            caught_up_ms: AtomicU64::new(0),
             last_checkpoint_ms: AtomicU64::new(0),
             started: Instant::now(),
         }
@@ -51,6 +56,15 @@ impl Health {
             .fetch_max(u64::from(secs), Ordering::Relaxed);
     }
 
+    /// Records that a getMore came back empty: nothing newer was committed.
+    pub fn observe_caught_up(&self) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        self.caught_up_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
     /// True while every stream is open and the checkpoint store is writable.
     pub fn is_ready(&self) -> bool {
         let s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
@@ -70,8 +84,10 @@ impl Health {
 
     /// Refreshes the time-derived gauges just before a scrape.
     pub fn refresh_gauges(&self, metrics: &Metrics) {
-        let cluster = self.last_cluster_secs.load(Ordering::Relaxed);
-        if cluster > 0 {
+        let cluster = self.last_cluster_secs.load(Ordering::Relaxed) as f64;
+        let caught_up = self.caught_up_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let current_as_of = cluster.max(caught_up);
+        if current_as_of > 0.0 {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
@@ -79,10 +95,32 @@ impl Health {
             // Cluster time has one-second resolution; never report negative lag.
             metrics
                 .stream_lag_seconds
-                .set((now - cluster as f64).max(0.0));
+                .set((now - current_as_of).max(0.0));
         }
         let saved_ms = self.last_checkpoint_ms.load(Ordering::Relaxed);
         let age = self.started.elapsed().as_secs_f64() - saved_ms as f64 / 1000.0;
         metrics.checkpoint_age_seconds.set(age.max(0.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_batch_keeps_the_lag_near_zero_when_the_token_is_old() {
+        let h = Health::new(["db"]);
+        let m = Metrics::new();
+        let old = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            - 60;
+        h.observe_cluster_time(u32::try_from(old).unwrap_or(u32::MAX));
+        h.refresh_gauges(&m);
+        assert!(m.stream_lag_seconds.get() >= 59.0);
+        h.observe_caught_up();
+        h.refresh_gauges(&m);
+        assert!(m.stream_lag_seconds.get() < 1.0);
     }
 }
