@@ -220,14 +220,37 @@ impl Conn {
     async fn authenticate(&mut self) -> Result<(Principal, Option<EventId>), Option<Exit>> {
         let deadline = tokio::time::sleep(self.gw.cfg.auth_deadline);
         tokio::pin!(deadline);
+        // The rate limit holds before authentication too: an anonymous peer must not
+        // get unlimited parsing for the whole deadline.
+        let mut rate = RateWindow::new(
+            u32::try_from(self.gw.cfg.max_messages_per_second.get()).unwrap_or(u32::MAX),
+        );
         loop {
             let msg = tokio::select! {
                 _ = &mut deadline => return Err(Some(Exit(close::AUTH_TIMEOUT, "auth_timeout"))),
                 _ = self.gw.stop.cancelled() => return Err(Some(Exit(close::GOING_AWAY, "shutting_down"))),
                 m = self.socket.recv() => m,
             };
+            if matches!(msg, Some(Ok(WsMessage::Text(_) | WsMessage::Binary(_)))) && !rate.allow() {
+                if rate.abusive() {
+                    self.count_error("rate_limited");
+                    return Err(Some(Exit(close::RATE_LIMITED, "rate_limited")));
+                }
+                if rate.first_refusal() {
+                    self.count_error("rate_limited");
+                    self.send_text(protocol::error(
+                        "rate_limited",
+                        "too many messages per second; message dropped",
+                        None,
+                    ))
+                    .await
+                    .map_err(|_| None)?;
+                }
+                continue;
+            }
             let text = match msg {
-                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return Err(None),
+                None | Some(Ok(WsMessage::Close(_))) => return Err(None),
+                Some(Err(e)) => return Err(read_error_exit(&e)),
                 Some(Ok(WsMessage::Text(t))) => t,
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
                 Some(Ok(WsMessage::Binary(_))) => {
@@ -363,6 +386,7 @@ impl Conn {
                     };
                     if !rate.allow() {
                         if rate.abusive() {
+                            self.count_error("rate_limited");
                             return Some(Exit(close::RATE_LIMITED, "rate_limited"));
                         }
                         if rate.first_refusal() {

@@ -398,3 +398,29 @@ async fn per_subject_and_total_connection_caps() {
     drop(again);
     control_sees_a_new_order(&db, &mut control, "ctl").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_before_authentication_too() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "[server]\nmax_messages_per_second = 50").await;
+    let (mut control, _) = Client::connect(&server, &customer_token("ctl")).await;
+    // A flood from a socket that never authenticates: answered `unauthenticated` up to the
+    // limit, one `rate_limited`, then closed with 4002 long before the 10 s auth deadline.
+    let mut anon = Client::try_connect(&server, None, &[]).await.unwrap();
+    let t = Instant::now();
+    for _ in 0..1000 {
+        anon.send_raw(Message::Text(
+            r#"{"type":"subscribe","room":"storefront:s1"}"#.into(),
+        ))
+        .await;
+    }
+    let (answers, code) = drain_to_close(&mut anon, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(4002), "after {answers} answers");
+    assert!(answers <= 51, "{answers}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // An oversized first message gets 1009, not a silent drop.
+    let mut big = Client::try_connect(&server, None, &[]).await.unwrap();
+    big.send_raw(Message::Text("x".repeat(70_000).into())).await;
+    assert_eq!(big.closed_with(Duration::from_secs(5)).await, Some(1009));
+    control_sees_a_new_order(&db, &mut control, "ctl").await;
+}
