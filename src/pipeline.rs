@@ -87,12 +87,20 @@ pub struct Pipeline {
 pub enum PipelineError {
     /// History lost under the `fail` policy.
     #[error(
-        "{0}. The stored resume token is older than the oldest oplog entry, so changes were missed. \
+        "{0}. The resume token is older than the oldest oplog entry, so changes were missed. \
          Choose one: restart with --on-history-lost=resync (start from now and tell clients to resync), \
          --from-now (ignore the stored token), --start-at <time> (replay from a time still in the oplog), \
          or enlarge the oplog to avoid this in future"
     )]
-    HistoryLost(#[source] SourceError),
+    // The cause is the first sentence of the message, so it is not also a `source`
+    // (main prints the source chain, which would repeat it).
+    HistoryLost(SourceError),
+    /// The server refused the stream for good (bad resume token, missing privilege, no replica set).
+    #[error(
+        "{0}. If the resume token is the problem (from another cluster, or mistyped), restart \
+         with --from-now or --start-at <time>"
+    )]
+    Refused(SourceError),
     /// Writing to stdout failed (e.g. the reader of `tail` went away).
     #[error("output closed: {0}")]
     Output(#[source] std::io::Error),
@@ -341,6 +349,7 @@ impl Pipeline {
                     }
                 }
             }
+            SourceError::Fatal { .. } => Err(PipelineError::Refused(e)),
             other => {
                 tracing::warn!(database = %db, error = %other, "change stream failed; reconnecting from the last token");
                 Ok(None)

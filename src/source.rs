@@ -13,6 +13,12 @@ use crate::token::{self, StartAt};
 /// MongoDB's `ChangeStreamHistoryLost`: the resume point has fallen out of the oplog.
 pub const HISTORY_LOST: i32 = 286;
 
+/// Server errors that retrying cannot fix, so the stream stops for the operator instead of
+/// reconnecting forever: `Unauthorized` (13, the user lacks `changeStream`/`find`),
+/// `InvalidResumeToken` (260, a token from another cluster or mistyped),
+/// `ChangeStreamFatalError` (280), and 40573 (change streams need a replica set).
+pub const FATAL_CODES: [i32; 4] = [13, 260, 280, 40573];
+
 /// Why a stream stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -25,13 +31,20 @@ pub enum SourceError {
         database: String,
     },
     /// The stream failed in a way a reconnect from the last token may fix.
-    #[error("change stream on {database}: {source}")]
+    #[error("change stream on {database}: {detail}")]
     Mongo {
         /// The database.
         database: String,
-        /// Cause.
-        #[source]
-        source: MongoError,
+        /// The server's or driver's reason, without the raw reply the driver's `Display` adds.
+        detail: String,
+    },
+    /// The server refused the stream in a way no retry can fix (see [`FATAL_CODES`]).
+    #[error("change stream on {database} refused: {detail}")]
+    Fatal {
+        /// The database.
+        database: String,
+        /// The server's reason.
+        detail: String,
     },
     /// The server ended the stream (invalidate, e.g. the database was dropped).
     #[error("change stream on {database} was invalidated by the server")]
@@ -77,9 +90,9 @@ impl Source {
         match start {
             StartAt::Token(t) => {
                 // startAfter (not resumeAfter) also accepts an invalidate's token.
-                let t = token::from_document(t).ok_or_else(|| SourceError::Mongo {
+                let t = token::from_document(t).ok_or_else(|| SourceError::Fatal {
                     database: spec.database.clone(),
-                    source: MongoError::custom("stored resume token is not a BSON document"),
+                    detail: "the resume token is not a BSON document".into(),
                 })?;
                 watch = watch.start_after(t);
             }
@@ -130,13 +143,12 @@ pub fn error_code(e: &MongoError) -> Option<i32> {
 }
 
 fn classify(database: &str, e: MongoError) -> SourceError {
-    if error_code(&e) == Some(HISTORY_LOST) {
-        return SourceError::HistoryLost {
-            database: database.to_owned(),
-        };
-    }
-    SourceError::Mongo {
-        database: database.to_owned(),
-        source: e,
+    let database = database.to_owned();
+    // The error kind alone: the driver's full `Display` appends the raw server reply as bytes.
+    let detail = e.kind.to_string();
+    match error_code(&e) {
+        Some(HISTORY_LOST) => SourceError::HistoryLost { database },
+        Some(code) if FATAL_CODES.contains(&code) => SourceError::Fatal { database, detail },
+        _ => SourceError::Mongo { database, detail },
     }
 }

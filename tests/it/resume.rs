@@ -975,3 +975,34 @@ async fn hostile_documents_never_misroute_and_the_checkpoint_advances() {
         "too few events routed to check anything: {events}"
     );
 }
+
+/// A resume token the server never issued is refused for good: exit 1 with the way out, not a reconnect loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_server_rejects_stops_with_a_clear_message() {
+    if external() {
+        eprintln!("SKIP a_token_the_server_rejects_stops_with_a_clear_message: error codes for forged tokens differ between servers");
+        return;
+    }
+    let db = Db::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&db, dir.path(), "");
+    let mut p = spawn(
+        &[
+            "tail",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--resume-token",
+            "8200",
+        ],
+        dir.path().join("out.jsonl"),
+    );
+    let status = p.wait_exit(Duration::from_secs(15)).await;
+    let err = p.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("InvalidResumeToken"), "{err}");
+    assert!(err.contains("--from-now"), "{err}");
+    assert!(
+        !err.contains("RawDocumentBuf"),
+        "raw server reply in the message: {err}"
+    );
+}
