@@ -228,10 +228,7 @@ pub async fn start(
         tracker: TaskTracker::new(),
         sio: config.socketio.clone(),
     });
-    let mut router = gateway::router(gw.clone());
-    if let Some(extra) = extra {
-        router = router.merge(extra);
-    }
+    let router = gateway::router_with(gw.clone(), extra);
 
     let pipe = pipeline(
         config,

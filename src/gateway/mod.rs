@@ -82,15 +82,25 @@ impl Gateway {
     }
 }
 
-/// The HTTP routes; `extra` is merged in (the Socket.IO layer, the demo page).
+/// The HTTP routes, with the Socket.IO layer when enabled.
 pub fn router(gw: Arc<Gateway>) -> Router {
+    router_with(gw, None)
+}
+
+/// [`router`] with `extra` routes (the demo page) merged in first: the
+/// Socket.IO layer wraps only what the router holds when it is added, and a
+/// later `merge` swaps in an unlayered fallback, so `/socket.io/` would 404.
+pub fn router_with(gw: Arc<Gateway>, extra: Option<Router>) -> Router {
     let sio = gw.sio.enabled.then(|| sio::layer(gw.clone()));
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(gw.clone());
+    if let Some(extra) = extra {
+        router = router.merge(extra);
+    }
     match sio {
         // socketioxide answers `/socket.io/` and passes every other request through;
         // CORS wraps it so cross-origin long-polling works.
