@@ -12,6 +12,7 @@
 
 pub mod traffic;
 
+use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -173,19 +174,28 @@ pub fn assets_router(tokens: DemoTokens) -> Router {
 /// `changecast demo`: binds `args.listen`, runs [`serve_demo`] until Ctrl-C or SIGTERM.
 ///
 /// The HS256 secret is `CHANGECAST_JWT_SECRET` when set (so a restarted demo
-/// accepts the tokens of a page left open), otherwise 32 random bytes.
+/// accepts the tokens of a page left open), otherwise 32 random bytes. Either
+/// way it reaches the config as an argument; the process environment is only read.
+/// A restart keeps the tokens but not the data: mongo-sim lives in this process.
 pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
+    // Checked here too so a bad flag fails before anything starts, not after the banner.
+    if !traffic::RATE_RANGE.contains(&args.rate) {
+        anyhow::bail!(
+            "--rate {} is outside {}..={} writes per second",
+            args.rate,
+            traffic::RATE_RANGE.start(),
+            traffic::RATE_RANGE.end()
+        );
+    }
     let secret = match std::env::var(DEFAULT_SECRET_ENV) {
         Ok(s) if !s.is_empty() => s,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("{DEFAULT_SECRET_ENV} is not valid UTF-8")
+        }
         _ => {
             let mut bytes = [0u8; 32];
             rand::thread_rng().fill_bytes(&mut bytes);
-            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            // The config reads its HMAC secret from this variable only. Set
-            // here, before any task of ours runs, as tests/it does; see the
-            // report asking for `Config::from_toml_str_with_env` to drop this.
-            std::env::set_var(DEFAULT_SECRET_ENV, &hex);
-            hex
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
         }
     };
     let listener = TcpListener::bind(args.listen)
@@ -193,42 +203,54 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let stop = CancellationToken::new();
     let signals = tokio::spawn(stop_on_signal(stop.clone()));
-    let r = serve_demo(listener, args.rate, secret.as_bytes(), stop).await;
+    let r = serve_demo(listener, args.rate, &secret, stop).await;
     signals.abort();
     r
 }
 
+/// The first Ctrl-C or SIGTERM stops the demo gracefully; a second exits at
+/// once, as `changecast run` does, so a stuck shutdown never traps the user.
 async fn stop_on_signal(stop: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+    use tokio::signal::unix::{signal, SignalKind};
+    // Without a SIGTERM handler, Ctrl-C still works; a supervisor's SIGTERM then
+    // kills the process outright, which is what it would do after its timeout anyway.
+    let mut term = signal(SignalKind::terminate()).ok();
+    for n in 0u32.. {
+        let term_recv = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
                 }
+                None => std::future::pending().await,
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        };
+        let ctrl_c = async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
             }
+        };
+        tokio::select! {
+            () = ctrl_c => {}
+            () = term_recv => {}
+        }
+        if n == 0 {
+            println!("signal received: stopping (send again to exit at once)");
+            stop.cancel();
+        } else {
+            std::process::exit(i32::from(crate::cli::exit::FAILURE));
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    stop.cancel();
 }
 
 /// The demo on `listener` until `stop` fires: mongo-sim on a free loopback
 /// port, changecast with a generated config (the same config, pipeline and
 /// gateway users run) plus the dashboard routes, and `rate` writes per second
-/// of traffic. `secret` must be what `CHANGECAST_JWT_SECRET` holds.
+/// of traffic. `secret` is the HS256 secret both the config and the page's
+/// tokens use; it is handed to the config as `CHANGECAST_JWT_SECRET` would be.
 pub async fn serve_demo(
     listener: TcpListener,
     rate: f64,
-    secret: &[u8],
+    secret: &str,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let traffic_cfg = TrafficConfig {
@@ -244,8 +266,9 @@ pub async fn serve_demo(
     .await
     .context("cannot start the embedded mongo-sim")?;
     let uri = sim.uri();
-    let config = demo_config(&uri, addr)?;
-    let tokens = mint_tokens(secret, TOKEN_TTL).context("cannot sign the demo tokens")?;
+    let config = demo_config(&uri, addr, secret)?;
+    let tokens =
+        mint_tokens(secret.as_bytes(), TOKEN_TTL).context("cannot sign the demo tokens")?;
     let handle = app::start(
         &config,
         RunOptions::default(),
@@ -312,7 +335,9 @@ pub async fn serve_demo(
 
 /// The demo's configuration: the example defaults plus the sim's URI, a
 /// checkpoint in the sim itself (no file left behind) and a short shutdown grace.
-fn demo_config(uri: &str, listen: SocketAddr) -> anyhow::Result<Config> {
+/// The secret is supplied as the value of `secret_env`, the way users supply it,
+/// without touching the process environment.
+fn demo_config(uri: &str, listen: SocketAddr, secret: &str) -> anyhow::Result<Config> {
     let text = format!(
         r#"
 [mongodb]
@@ -333,7 +358,8 @@ algorithms = ["HS256"]
 secret_env = "{DEFAULT_SECRET_ENV}"
 "#
     );
-    Config::from_toml_str(&text, "<demo config>").context("demo config")
+    let env = |name: &str| (name == DEFAULT_SECRET_ENV).then(|| OsString::from(secret));
+    Config::from_toml_str_with_env(&text, "<demo config>", &env).context("demo config")
 }
 
 /// The URL to open: a wildcard listen address is reachable on loopback.
@@ -564,16 +590,25 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn demo_runs_end_to_end_and_stops_cleanly() {
         use futures::SinkExt;
-        std::env::set_var(DEFAULT_SECRET_ENV, std::str::from_utf8(SECRET).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let demo = tokio::spawn(serve_demo(listener, 25.0, SECRET, stop.clone()));
+        let demo = tokio::spawn(serve_demo(
+            listener,
+            25.0,
+            std::str::from_utf8(SECRET).unwrap(),
+            stop.clone(),
+        ));
         let tokens = mint_tokens(SECRET, Duration::from_secs(600)).unwrap();
 
         let html = http_get(addr, "/").await;
         assert!(html.starts_with("HTTP/1.1 200"), "{html}");
         assert!(html.contains("window.CHANGECAST_DEMO = "));
+        // The Socket.IO layer still answers beside the demo's routes (an
+        // Engine.IO handshake needs no token; the namespace connect does).
+        let eio = http_get(addr, "/socket.io/?EIO=4&transport=polling").await;
+        assert!(eio.starts_with("HTTP/1.1 200"), "{eio}");
+        assert!(eio.contains("\"sid\""), "{eio}");
 
         let (mut store, welcome) = ws_auth(addr, &tokens.store_token).await;
         assert!(

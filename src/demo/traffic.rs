@@ -41,7 +41,7 @@ const REFUND_P: f64 = 0.08;
 /// Consecutive failed writes after which [`run`] gives up.
 const MAX_CONSECUTIVE_FAILURES: u32 = 20;
 /// Accepted range of `rate_per_sec`: slower looks dead, faster is a load test, not a demo.
-const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.05..=500.0;
+pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.05..=500.0;
 
 /// What the generator writes and how fast.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,15 +5,20 @@
 // Two ways to run it:
 //   node demo.test.mjs --bin target/debug/changecast [--out DIR]
 //       starts `changecast demo` itself on a free loopback port, and for the
-//       outage phase stops it with SIGINT (Ctrl-C: must exit 0) and starts it
-//       again on the same port.
+//       outage phase stops it with SIGTERM (must exit 0) and starts it again on
+//       the same port with the same CHANGECAST_JWT_SECRET, so the page's tokens
+//       still verify. The demo's mongo-sim lives in its process, so the
+//       restarted demo has fresh data: the page must cope (its `since` ids are
+//       unknown to the new server) and show the new orders. The final stop is
+//       SIGINT (Ctrl-C), which must exit 0 too.
 //   node demo.test.mjs --url http://127.0.0.1:8080 [--stop-cmd CMD --start-cmd CMD]
 //       uses a demo started by someone else; the outage phase runs only when
 //       both shell commands are given (and is skipped with a printed reason otherwise).
 //
 // Other options: --chromium PATH (default $CHROMIUM or /usr/bin/chromium),
 // --rate N (traffic writes per second, --bin mode; default 4), --timeout SECS
-// (per wait; default 60), --no-socketio (skip the Socket.IO panel check).
+// (per wait; default 60), --deadline SECS (whole test; default 150),
+// --no-socketio (skip the Socket.IO panel checks).
 // Exit 0: passed, or skipped because Chromium is missing outside CI (reason
 // printed). Exit 1: failed. Chromium missing with CI set: failed.
 
@@ -39,6 +44,7 @@ const { values: opt } = parseArgs({
     chromium: { type: 'string', default: process.env.CHROMIUM || '/usr/bin/chromium' },
     rate: { type: 'string', default: '4' },
     timeout: { type: 'string', default: '60' },
+    deadline: { type: 'string', default: '150' },
     'no-socketio': { type: 'boolean', default: false },
   },
 });
@@ -104,11 +110,13 @@ function startServer(listen) {
   return server;
 }
 
-async function stopServer() {
+// SIGTERM is what a supervisor sends, SIGINT what Ctrl-C sends: either must stop the demo cleanly.
+async function stopServer(signal = 'SIGINT') {
   if (!server) return null;
   const s = server;
   server = null;
-  s.child.kill('SIGINT'); // what Ctrl-C sends: the demo must shut down cleanly
+  if (s.child.exitCode !== null || s.child.signalCode !== null) return s.exited;
+  s.child.kill(signal);
   const timer = setTimeout(() => s.child.kill('SIGKILL'), 20000);
   const r = await s.exited;
   clearTimeout(timer);
@@ -176,8 +184,35 @@ async function main() {
   page.on('console', (m) => {
     if (m.type() === 'error') log(`console.error: ${m.text()}`);
   });
+  // Before the outage every request must succeed (a 404 on /socket.io/ once hid
+  // behind a 60 s wait); during and after it, refused requests are expected.
+  const httpErrors = [];
+  let outage = false;
   page.on('response', (r) => {
-    if (r.status() >= 400) log(`HTTP ${r.status()} ${r.request().method()} ${r.url()}`);
+    if (r.status() < 400) return;
+    const what = `HTTP ${r.status()} ${r.request().method()} ${r.url()}`;
+    log(what);
+    if (!outage) httpErrors.push(what);
+  });
+  const checkHttp = () => {
+    if (httpErrors.length) throw new Error(`requests failed: ${httpErrors.join(' | ')}`);
+  };
+
+  // The wire, independently of the page's own bookkeeping: every frame a
+  // storefront room delivers is checked for store-only fields.
+  const wire = { storefrontFrames: 0, leaks: [] };
+  page.on('websocket', (ws) => {
+    if (!ws.url().endsWith('/ws')) return;
+    ws.on('framereceived', ({ payload }) => {
+      let msg;
+      try { msg = JSON.parse(String(payload)); } catch { return; }
+      if (msg.type !== 'event' || !String(msg.room || '').startsWith('storefront:')) return;
+      wire.storefrontFrames += 1;
+      const d = msg.data || {};
+      const found = [...Object.keys(d), ...(Array.isArray(d.changedFields) ? d.changedFields : [])]
+        .filter((k) => PRIVATE_SETTINGS.includes(k));
+      if (found.length) wire.leaks.push({ event: msg.event, fields: found });
+    });
   });
 
   await page.goto(base, { waitUntil: 'load' });
@@ -218,6 +253,12 @@ async function main() {
   });
   const timeline = await page.getByTestId('tracker-timeline').locator('li[data-state="done"]').count();
   if (timeline < 1) throw new Error('tracker timeline shows no completed step');
+  const bar = await page.getByTestId('tracker-progress').evaluate((e) => ({
+    progress: e.dataset.progress, aria: e.getAttribute('aria-valuenow'), width: e.querySelector('.progress-fill').style.width,
+  }));
+  if (bar.aria !== bar.progress || bar.width !== `${bar.progress}%`) {
+    throw new Error(`tracker bar does not show its progress: ${JSON.stringify(bar)}`);
+  }
 
   // The storefront preview gets public settings and never a private field.
   await page.waitForFunction(() => Number(document.querySelector('[data-testid="storefront"]').dataset.received) >= 1);
@@ -231,17 +272,29 @@ async function main() {
   for (const secretish of ['stripe', 'paypal', 'square', 'shippingPrice', 'taxEnabled', '.example.com']) {
     if (sfText.includes(secretish)) throw new Error(`storefront shows private value ${secretish}`);
   }
+  const shown = await page.getByTestId('storefront').evaluate((e) => ({
+    banner: e.querySelector('[data-testid="storefront-banner"]').dataset.banner,
+    logo: e.querySelector('[data-testid="storefront-logo"]').dataset.logo,
+    about: e.querySelector('[data-testid="storefront-about"]').textContent,
+    open: e.querySelector('[data-testid="storefront-open"]').dataset.open,
+  }));
+  if (!shown.banner && !shown.logo && shown.about.startsWith('Waiting') && !shown.open) {
+    throw new Error(`storefront received an update but shows none of it: ${JSON.stringify(shown)}`);
+  }
   pass('storefront updated with public settings only', {
     updates: await page.getByTestId('storefront').getAttribute('data-received'),
+    shown: Object.fromEntries(Object.entries(shown).filter(([, v]) => v && !String(v).startsWith('Waiting'))),
   });
 
   if (!opt['no-socketio']) {
     await page.waitForFunction(() => document.querySelector('[data-testid="sio-state"]').dataset.state === 'connected');
     const ev = await page.getByTestId('sio-event').first().getAttribute('data-event', { timeout: TIMEOUT_MS });
-    pass('socket.io panel connected and received events', { first: ev });
+    const transport = await page.getByTestId('sio-state').textContent();
+    pass('socket.io panel connected and received events', { first: ev, state: transport });
   }
 
   if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join(' | ')}`);
+  checkHttp();
   await shot(page, 'demo.png');
 
   // ---------- outage: changecast stops, the page says so, then recovers ----------
@@ -249,12 +302,14 @@ async function main() {
   if (!canRestart) {
     log('skip outage phase: pass --bin, or both --stop-cmd and --start-cmd');
     results.checks.push({ name: 'outage phase', skipped: true });
+    await checkPrivacy(page, wire);
     return;
   }
+  outage = true;
   if (opt.bin) {
-    const r = await stopServer();
-    if (r.code !== 0) throw new Error(`changecast demo did not exit cleanly on SIGINT: ${JSON.stringify(r)}`);
-    pass('demo stopped cleanly on SIGINT', r);
+    const r = await stopServer('SIGTERM');
+    if (r.code !== 0) throw new Error(`changecast demo did not exit cleanly on SIGTERM: ${JSON.stringify(r)}`);
+    pass('demo stopped cleanly on SIGTERM', r);
   } else {
     runShell(opt['stop-cmd']);
   }
@@ -263,9 +318,13 @@ async function main() {
   const bannerVisible = await page.getByTestId('conn-banner').isVisible();
   if (!bannerVisible) throw new Error('disconnected banner not visible');
   pass('page shows disconnected', { detail: await page.getByTestId('conn-detail').textContent() });
+  if (!opt['no-socketio']) {
+    await page.waitForFunction(() => document.querySelector('[data-testid="sio-state"]').dataset.state === 'disconnected');
+    pass('socket.io panel shows disconnected', { state: await page.getByTestId('sio-state').textContent() });
+  }
   await shot(page, 'demo-disconnected.png');
 
-  const movesBefore = await totalMoves(page);
+  const before = await snapshot(page);
   if (opt.bin) startServer(listen);
   else runShell(opt['start-cmd']);
   await waitHealthy(base);
@@ -274,22 +333,65 @@ async function main() {
   if (await page.getByTestId('conn-banner').isVisible()) throw new Error('banner still visible after reconnect');
   pass('page recovered to connected');
 
-  // Live again: events flow after the reconnect (a card is created or moves).
-  await pollUntil(async () => {
-    const now = await totalMoves(page);
-    return now.cards !== movesBefore.cards || now.moves !== movesBefore.moves ? now : null;
-  }, 'events after reconnect');
-  pass('events flow after reconnect');
+  // Live again: the restarted demo's orders (new ids: its mongo-sim started
+  // empty) reach the board. A card that merely vanished (resync) does not count.
+  const fresh = await pollUntil(async () => {
+    const now = await snapshot(page);
+    const added = now.cards.filter((id) => !before.cards.includes(id));
+    return added.length ? { newCards: added.length } : null;
+  }, 'a new order card after reconnect');
+  pass('native events flow after reconnect', fresh);
+  if (!opt['no-socketio']) {
+    await page.waitForFunction(() => document.querySelector('[data-testid="sio-state"]').dataset.state === 'connected');
+    await pollUntil(async () => {
+      const now = await snapshot(page);
+      return now.sioTop !== '' && now.sioTop !== before.sioTop;
+    }, 'a Socket.IO event after reconnect');
+    pass('socket.io panel reconnected and receives events');
+  }
+  await checkPrivacy(page, wire);
   if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join(' | ')}`);
   await shot(page, 'demo-reconnected.png');
 }
 
-async function totalMoves(page) {
+// Store-only settings fields (src/demo/assets/app.js PRIVATE_SETTINGS; the
+// traffic generator edits paymentProvider, taxEnabled and shippingPrice).
+const PRIVATE_SETTINGS = [
+  'paymentProvider', 'taxEnabled', 'taxNexusCountries', 'taxNexusStates', 'taxProductCode',
+  'customDomain', 'customDomainVerified', 'shippingPrice', 'warehouse', 'warehouseAddress',
+  'warehouseAddress2', 'warehouseCity', 'warehouseState', 'warehouseZip', 'warehousePostalCode',
+  'warehouseCountry', 'warehousePhone',
+];
+
+// The visitor never got a store-only field, while the store owner did: so the
+// traffic does carry private settings and the filter is what kept them out.
+async function checkPrivacy(page, wire) {
+  const owner = await pollUntil(
+    () => page.locator('[data-testid="store-settings-values"] .kv.private').evaluateAll((es) => (es.length ? es.map((e) => e.dataset.field) : null)),
+    "a private settings field on the store owner's board",
+  );
+  const privacy = await page.getByTestId('storefront-privacy').evaluate((e) => ({
+    fields: e.dataset.privateFields, changed: e.dataset.privateChanged,
+  }));
+  if (privacy.fields || privacy.changed || wire.leaks.length) {
+    throw new Error(`storefront visitor received private settings: ${JSON.stringify({ privacy, wire: wire.leaks })}`);
+  }
+  if (wire.storefrontFrames < 1) throw new Error('no storefront frame seen on the wire');
+  pass('visitor never received private settings; owner did', {
+    ownerPrivateFields: owner.join(','),
+    storefrontFramesChecked: wire.storefrontFrames,
+    storefrontUpdatesShown: await page.getByTestId('storefront').getAttribute('data-received'),
+  });
+}
+
+async function snapshot(page) {
   return page.evaluate(() => {
-    const cards = [...document.querySelectorAll('[data-testid="order-card"]')];
+    // The newest Socket.IO log line gets a mark, so a later new line is told apart from it.
+    const li = document.querySelector('[data-testid="sio-event"]');
+    if (li && !li.dataset.mark) li.dataset.mark = String(Math.random()).slice(2);
     return {
-      cards: cards.map((c) => c.dataset.orderId).sort().join(','),
-      moves: cards.reduce((n, c) => n + Number(c.dataset.moves || 0), 0),
+      cards: [...document.querySelectorAll('[data-testid="order-card"]')].map((c) => c.dataset.orderId),
+      sioTop: li ? li.dataset.mark : '',
     };
   });
 }
@@ -312,10 +414,19 @@ async function shot(page, name) {
 }
 
 let failed = null;
+const DEADLINE_MS = Number(opt.deadline) * 1000;
+let deadlineTimer;
 try {
-  await main();
+  await Promise.race([
+    main(),
+    new Promise((_, reject) => {
+      deadlineTimer = setTimeout(() => reject(new Error(`whole test exceeded --deadline ${opt.deadline}s`)), DEADLINE_MS);
+    }),
+  ]);
 } catch (e) {
   failed = e;
+} finally {
+  clearTimeout(deadlineTimer);
 }
 try {
   if (failed && browser) {
