@@ -650,7 +650,14 @@ impl Conn {
                 _ = gw.stop.cancelled() => return Exit::Shutdown,
                 _ = self.gone.cancelled() => return Exit::Gone,
                 _ = kicked.cancelled() => return Exit::Kicked,
-                _ = tokio::time::sleep(expiry) => return Exit::TokenExpired,
+                _ = tokio::time::sleep(expiry) => {
+                    // Counted apart from refused tokens, as on `/ws`.
+                    gw.metrics
+                        .auth_failures
+                        .get_or_create(&ReasonLabels { reason: "expired_in_session" })
+                        .inc();
+                    return Exit::TokenExpired;
+                }
                 cmd = cmd_rx.recv() => {
                     let Some(cmd) = cmd else { return Exit::Gone };
                     if !rate.allow() {
