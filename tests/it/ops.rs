@@ -104,6 +104,34 @@ async fn every_metric_moves_as_expected() {
         1.0
     );
 
+    // Data problems: a missing routing field is dropped for that route and counted; an
+    // unknown status passes through, counted.
+    orders
+        .insert_one(doc! {"storeId": "s1", "status": "new"})
+        .await
+        .unwrap();
+    orders
+        .insert_one(doc! {"customerId": "c1", "storeId": "s1", "status": "teleported"})
+        .await
+        .unwrap();
+    assert_eq!(admin.events(2, Duration::from_secs(10)).await.len(), 2);
+    let unknown = customer.events(1, Duration::from_secs(10)).await;
+    assert_eq!(unknown[0]["data"]["unknown"], true, "{unknown:?}");
+    let m_data = scrape(addr).await;
+    assert_eq!(
+        delta(
+            &m1,
+            &m_data,
+            "changecast_events_dropped_total{reason=\"missing_field\"}"
+        ),
+        1.0,
+        "{m_data:?}"
+    );
+    assert_eq!(
+        delta(&m1, &m_data, "changecast_unknown_statuses_total"),
+        1.0
+    );
+
     // Bad tokens: auth failures by reason.
     let expired = token(json!({"sub": "c1", "exp": now() - 3600}));
     for t in ["garbage", expired.as_str()] {
