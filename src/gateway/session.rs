@@ -39,6 +39,9 @@ struct RoomState {
     since: Option<EventId>,
     /// Newest id sent in this room; live messages older than it are replays' overlap.
     last: Option<EventId>,
+    /// Joined by `subscribe` (counts against `server.max_subscriptions_per_connection`),
+    /// not automatically from the token: a store with many shops keeps its full quota.
+    explicit: bool,
 }
 
 /// One session's rooms and identity. Dropping it leaves every room.
@@ -104,9 +107,9 @@ impl Session {
         let room: Room = room
             .parse()
             .map_err(|e: crate::room::RoomError| refused("bad_room", e.to_string()))?;
-        if !self.rooms.contains_key(&room)
-            && self.rooms.len() >= self.gw.cfg.max_subscriptions_per_connection.get()
-        {
+        let new = !self.rooms.contains_key(&room);
+        let explicit = self.rooms.values().filter(|s| s.explicit).count();
+        if new && explicit >= self.gw.cfg.max_subscriptions_per_connection.get() {
             return Err(refused(
                 "too_many_subscriptions",
                 format!(
@@ -119,7 +122,13 @@ impl Session {
             return Err(refused(d.code, d.message));
         }
         let since = since.map(EventId::new);
-        Ok(self.join_checked(room, since).await)
+        let joined = self.join_checked(room, since).await;
+        if new {
+            if let Some(st) = self.rooms.get_mut(&joined.room) {
+                st.explicit = true;
+            }
+        }
+        Ok(joined)
     }
 
     async fn join_checked(&mut self, room: Room, since: Option<EventId>) -> Joined {
@@ -130,6 +139,7 @@ impl Session {
             RoomState {
                 since: since.clone(),
                 last: None,
+                explicit: self.rooms.get(&room).is_some_and(|s| s.explicit),
             },
         );
         let metrics = &self.gw.metrics;

@@ -424,3 +424,43 @@ async fn limits_hold_before_authentication_too() {
     assert_eq!(big.closed_with(Duration::from_secs(5)).await, Some(1009));
     control_sees_a_new_order(&db, &mut control, "ctl").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_connection_count_explicit_rooms_only() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "[server]\nmax_subscriptions_per_connection = 2").await;
+    // Five auto-joined store rooms do not use up the quota.
+    let stores = ["s1", "s2", "s3", "s4", "s5"];
+    let (mut c, w) = Client::connect(&server, &store_token("owner", &stores)).await;
+    assert_eq!(w["rooms"].as_array().unwrap().len(), 5);
+    for room in ["storefront:a", "storefront:b"] {
+        assert_eq!(
+            c.subscribe(room, None).await["type"],
+            "subscribed",
+            "{room}"
+        );
+    }
+    let r = c.subscribe("storefront:c", None).await;
+    assert_eq!(r["code"], "too_many_subscriptions", "{r}");
+    // Joining a room again is not a new subscription; leaving one frees a slot.
+    assert_eq!(
+        c.subscribe("storefront:a", None).await["type"],
+        "subscribed"
+    );
+    assert_eq!(c.subscribe("store:s1", None).await["type"], "subscribed");
+    c.send_json(json!({"type": "unsubscribe", "room": "storefront:b"}))
+        .await;
+    assert_eq!(c.next_json().await["type"], "unsubscribed");
+    assert_eq!(
+        c.subscribe("storefront:c", None).await["type"],
+        "subscribed"
+    );
+    // The refused room delivers nothing; the joined ones do.
+    db.coll("settings")
+        .insert_one(doc! {"storeId": "s1", "storeBanner": "x"})
+        .await
+        .unwrap();
+    let evs = c.events(1, Duration::from_secs(10)).await;
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0]["room"], "store:s1");
+}
