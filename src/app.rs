@@ -24,6 +24,7 @@ use crate::health::Health;
 use crate::hub::Hub;
 use crate::mapper::{Mapper, MapperFactory};
 use crate::metrics::Metrics;
+use crate::normalize::{OwnerBook, OwnerBookUse};
 use crate::pipeline::{HistoryLostPolicy, Output, Pipeline, PipelineConfig, PipelineError};
 use crate::replay::OplogReplayer;
 use crate::token::StartAt;
@@ -134,10 +135,10 @@ fn checkpoint_store(config: &Config, client: &Client) -> CheckpointStore {
     }
 }
 
-fn mapper_factory(config: &Config, metrics: &Arc<Metrics>) -> MapperFactory {
+fn mapper_factory(config: &Config, metrics: &Arc<Metrics>, book: OwnerBookUse) -> MapperFactory {
     let config = Arc::new(config.clone());
     let metrics = metrics.clone();
-    Arc::new(move || Mapper::new(&config, metrics.clone()))
+    Arc::new(move || Mapper::new(&config, metrics.clone()).with_owner_book(book.clone()))
 }
 
 fn pipeline(
@@ -147,6 +148,7 @@ fn pipeline(
     output: Output,
     metrics: &Arc<Metrics>,
     health: &Arc<Health>,
+    book: &Arc<OwnerBook>,
 ) -> Pipeline {
     let c = &config.mongo.collections;
     Pipeline {
@@ -155,7 +157,7 @@ fn pipeline(
         output,
         metrics: metrics.clone(),
         health: health.clone(),
-        mappers: mapper_factory(config, metrics),
+        mappers: mapper_factory(config, metrics, OwnerBookUse::Record(book.clone())),
         cfg: PipelineConfig {
             databases: config.mongo.databases.clone(),
             collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
@@ -204,11 +206,17 @@ pub async fn start(
     );
     let owners = CachedOrderOwners::new(owners, &config.auth.order_lookup);
     let c = &config.mongo.collections;
+    let book = Arc::new(OwnerBook::new(config.normalize.state_cache_docs));
     let replayer = OplogReplayer {
         client: client.clone(),
         databases: config.mongo.databases.clone(),
         collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
-        mappers: mapper_factory(config, &metrics),
+        // Replays get metrics of their own: the changes they re-read were counted live.
+        mappers: mapper_factory(
+            config,
+            &Arc::new(Metrics::new()),
+            OwnerBookUse::Consult(book.clone()),
+        ),
         max_changes: MAX_REPLAY_CHANGES,
     };
     let gw = Arc::new(Gateway {
@@ -237,6 +245,7 @@ pub async fn start(
         Output::Hub(hub.clone()),
         &metrics,
         &health,
+        &book,
     );
     let grace = config.server.shutdown_grace;
     let task_stop = stop.clone();
@@ -299,8 +308,18 @@ pub async fn tail(
     let health = Arc::new(Health::new(
         config.mongo.databases.iter().map(String::as_str),
     ));
-    pipeline(config, &opts, &client, Output::Stdout, &metrics, &health)
-        .run(stop)
-        .await
-        .map_err(AppError::from)
+    // `tail` serves no replays; its book is only written.
+    let book = Arc::new(OwnerBook::new(0));
+    pipeline(
+        config,
+        &opts,
+        &client,
+        Output::Stdout,
+        &metrics,
+        &health,
+        &book,
+    )
+    .run(stop)
+    .await
+    .map_err(AppError::from)
 }

@@ -9,7 +9,7 @@ use bson::Document;
 use crate::config::Config;
 use crate::event::RoutedEvent;
 use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
-use crate::normalize::{Issue, Normalizer};
+use crate::normalize::{Issue, Normalizer, OwnerBookUse};
 use crate::route::Router;
 
 /// Builds a fresh mapper per stream (and per oplog replay).
@@ -29,6 +29,7 @@ pub struct Mapper {
     watched: Vec<String>,
     last_warned: HashMap<&'static str, (Instant, u64)>,
     unknown_logged: HashSet<String>,
+    book: Option<OwnerBookUse>,
 }
 
 impl Mapper {
@@ -43,7 +44,15 @@ impl Mapper {
             watched: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
             last_warned: HashMap::new(),
             unknown_logged: HashSet::new(),
+            book: None,
         }
+    }
+
+    /// A mapper whose normalizer records owners in, or consults, a shared owner book.
+    pub fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
+        self.normalizer = Normalizer::new(&self.config).with_owner_book(book.clone());
+        self.book = Some(book);
+        self
     }
 
     /// Maps one change to the events to publish, counting what was read and dropped.
@@ -70,7 +79,12 @@ impl Mapper {
 
     /// Forgets remembered document state (after a gap in the stream).
     pub fn forget(&mut self) {
-        self.normalizer = Normalizer::new(&self.config);
+        // The owner book stays: owners outlive a gap in the stream far better than statuses.
+        let mut n = Normalizer::new(&self.config);
+        if let Some(book) = &self.book {
+            n = n.with_owner_book(book.clone());
+        }
+        self.normalizer = n;
     }
 
     fn count_change(&self, change: &Document) {

@@ -8,8 +8,11 @@
 //! The normalizer keeps one piece of state: a bounded map of the last status
 //! and owners seen per document (`normalize.state_cache_docs`), which supplies
 //! `previousStatus` when MongoDB sends no pre-image and the owners of a delete.
+//! The live stream's normalizer also records owners in a shared [`OwnerBook`]
+//! that oplog replays consult, since a replay starts in the middle of history.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use bson::{Bson, Document};
 
@@ -302,6 +305,54 @@ impl StateCache {
     }
 }
 
+/// Owners (route keys) of the documents the live stream has seen, kept after their
+/// deletion, shared with oplog replays.
+///
+/// A replay starts at a client's `since`, so a change to a document written before
+/// that point and deleted since (the lookup finds nothing, no pre-image) would have
+/// no owner there and be dropped — a silent gap the live clients never had.
+/// Bound: `normalize.state_cache_docs` entries (~150 bytes each), least recently
+/// written evicted first.
+#[derive(Debug)]
+pub struct OwnerBook {
+    owners: Mutex<StateCache>,
+}
+
+impl OwnerBook {
+    /// A book of at most `cap` documents (0 disables it).
+    pub fn new(cap: usize) -> Self {
+        Self {
+            owners: Mutex::new(StateCache::new(cap)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StateCache> {
+        // A cache update cannot be left half-done in a way worse than losing it.
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, kind: CollectionKind, id: &str, keys: &RouteKeys) {
+        let st = DocState {
+            keys: keys.clone(),
+            ..DocState::default()
+        };
+        self.lock().put(kind, id, st);
+    }
+
+    fn owners(&self, kind: CollectionKind, id: &str) -> Option<RouteKeys> {
+        self.lock().get(kind, id).map(|s| s.keys.clone())
+    }
+}
+
+/// How a normalizer uses an [`OwnerBook`].
+#[derive(Debug, Clone)]
+pub enum OwnerBookUse {
+    /// The live stream: records every document's owners.
+    Record(Arc<OwnerBook>),
+    /// An oplog replay: falls back to the book for documents it has not seen itself.
+    Consult(Arc<OwnerBook>),
+}
+
 /// Turns change events into domain events. Deterministic; its only state is the bounded last-seen cache.
 #[derive(Debug)]
 pub struct Normalizer {
@@ -310,6 +361,7 @@ pub struct Normalizer {
     collections: Collections,
     sections: Vec<SettingsSection>,
     cache: StateCache,
+    book: Option<OwnerBookUse>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,7 +518,21 @@ impl Normalizer {
             collections,
             sections,
             cache: StateCache::new(state_cache_docs),
+            book: None,
         }
+    }
+
+    /// Records owners in, or consults, a shared [`OwnerBook`].
+    pub fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
+        self.book = Some(book);
+        self
+    }
+
+    fn remember(&mut self, kind: CollectionKind, id: &str, st: DocState) {
+        if let Some(OwnerBookUse::Record(book)) = &self.book {
+            book.record(kind, id, &st.keys);
+        }
+        self.cache.put(kind, id, st);
     }
 
     /// Documents currently remembered (bounded by `normalize.state_cache_docs`).
@@ -625,10 +691,21 @@ impl Normalizer {
             changed_fields.extend(removed.iter().cloned());
         }
 
-        let remembered = doc_id
-            .as_deref()
-            .and_then(|id| self.cache.get(kind, id))
-            .cloned();
+        let remembered = doc_id.as_deref().and_then(|id| {
+            self.cache
+                .get(kind, id)
+                .cloned()
+                .or_else(|| match &self.book {
+                    // Owners only: a status from the book is the latest, not the one before this change.
+                    Some(OwnerBookUse::Consult(book)) => {
+                        book.owners(kind, id).map(|keys| DocState {
+                            keys,
+                            ..DocState::default()
+                        })
+                    }
+                    _ => None,
+                })
+        });
 
         let base = Base {
             id,
@@ -797,7 +874,7 @@ impl Normalizer {
                         order: keys.order.as_deref().and_then(keep),
                     },
                 };
-                self.cache.put(kind, id, st);
+                self.remember(kind, id, st);
             }
         }
 
@@ -911,7 +988,7 @@ impl Normalizer {
                 },
                 ..DocState::default()
             };
-            self.cache.put(kind, id, st);
+            self.remember(kind, id, st);
         }
 
         let mut sections = Vec::new();
@@ -1386,6 +1463,51 @@ mod tests {
         let ev = one(&mut n, &d);
         assert_eq!(ev.keys.order, None);
         assert_eq!(ev.keys.customer.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn a_replay_finds_owners_the_live_stream_recorded_even_after_a_delete() {
+        let book = Arc::new(OwnerBook::new(10));
+        let mut live = normalizer().with_owner_book(OwnerBookUse::Record(book.clone()));
+        let full = doc! {"_id": "o1", "customerId": "c1", "storeId": "s1", "status": "new"};
+        one(
+            &mut live,
+            &change("insert", "orders", Bson::String("o1".into()), Some(full)),
+        );
+        one(
+            &mut live,
+            &change("delete", "orders", Bson::String("o1".into()), None),
+        );
+
+        // A replay starting after the insert: the update's lookup found nothing, then the delete.
+        let mut upd = change("update", "orders", Bson::String("o1".into()), None);
+        upd.insert(
+            "updateDescription",
+            doc! {"updatedFields": {"status": "accepted"}},
+        );
+        let del = change("delete", "orders", Bson::String("o1".into()), None);
+        assert_eq!(normalizer().normalize(&upd).events[0].keys.customer, None);
+        assert!(normalizer().normalize(&del).events.is_empty());
+
+        let mut replay = normalizer().with_owner_book(OwnerBookUse::Consult(book.clone()));
+        let ev = one(&mut replay, &upd);
+        assert_eq!(ev.keys.customer.as_deref(), Some("c1"));
+        assert_eq!(ev.keys.store.as_deref(), Some("s1"));
+        let st = ev.status.unwrap();
+        assert_eq!(st.status, "processing");
+        assert_eq!(
+            st.previous, None,
+            "a status from the book would be a later one"
+        );
+        assert_eq!(one(&mut replay, &del).name, EventName::OrderDeleted);
+        // Consulting never writes.
+        replay.normalize(&change(
+            "insert",
+            "orders",
+            Bson::String("o2".into()),
+            Some(doc! {"customerId": "c2"}),
+        ));
+        assert_eq!(book.owners(CollectionKind::Orders, "o2"), None);
     }
 
     #[test]

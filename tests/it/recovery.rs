@@ -496,3 +496,48 @@ async fn history_lost_while_running_resyncs_every_room_and_continues() {
         "{metrics}"
     );
 }
+
+/// Oplog replay of changes to a document that was deleted since: the updates and the delete
+/// reach the customer's room exactly as they did live, though the replay's lookups find nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oplog_replay_routes_changes_to_documents_deleted_since() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "[hub]\nhistory_len = 5\n").await;
+    let (mut watch, _) = Client::connect(&server, &admin_token()).await;
+    let (mut c, _) = Client::connect(&server, &customer_token("c1")).await;
+    let orders = db.coll("orders");
+    orders
+        .insert_one(doc! {"_id": "o1", "customerId": "c1", "storeId": "s1", "status": "new"})
+        .await
+        .unwrap();
+    let since = c.events(1, Duration::from_secs(10)).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(c);
+    for s in ["accepted", "ready"] {
+        orders
+            .update_one(doc! {"_id": "o1"}, doc! {"$set": {"status": s}})
+            .await
+            .unwrap();
+    }
+    orders.delete_one(doc! {"_id": "o1"}).await.unwrap();
+    for n in 0..10 {
+        order(&db, "c2", n).await;
+    }
+    let live: Vec<Value> = admin_events(&mut watch, 14).await[1..4].to_vec();
+    let names: Vec<&str> = live.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "order:status_changed",
+            "order:status_changed",
+            "order:deleted"
+        ]
+    );
+
+    let (ack, got) = recover(&server, &since, 3).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(ids(&got), ids(&live), "replayed {got:#?}");
+    assert_eq!(got[1]["data"]["status"], "ready_for_delivery");
+}

@@ -26,7 +26,7 @@ pub(crate) fn write_config(db: &Db, dir: &Path, extra: &str) -> PathBuf {
         &path,
         format!(
             "[mongodb]\nuri = \"{}\"\ndatabases = [\"{}\"]\nconnect_timeout = \"2s\"\n\
-             [checkpoint]\nstore = \"file\"\npath = \"{}\"\ninterval = \"100ms\"\nevery_events = 100\n\
+             [checkpoint]\nstore = \"file\"\npath = \"{}\"\ninterval = \"100ms\"\nevery_events = 1000\n\
              [auth]\nsecret_env = \"{}\"\n{extra}\n",
             db.uri,
             db.name,
