@@ -177,14 +177,20 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-/// `{"type":"welcome",…}`.
-pub fn welcome(session: u64, rooms: &[String], subject: Option<&str>) -> String {
-    json!({"type": "welcome", "session": session, "subject": subject, "rooms": rooms}).to_string()
+/// `{"type":"welcome",…}`; `position` is the `since` to use before any event has arrived.
+pub fn welcome(
+    session: u64,
+    rooms: &[String],
+    subject: Option<&str>,
+    position: Option<&str>,
+) -> String {
+    json!({"type": "welcome", "session": session, "subject": subject, "rooms": rooms, "position": position}).to_string()
 }
 
-/// `{"type":"subscribed",…}`.
-pub fn subscribed(room: &str, recovered: bool) -> String {
-    json!({"type": "subscribed", "room": room, "recovered": recovered}).to_string()
+/// `{"type":"subscribed",…}`; `position` as in [`welcome`], for this room.
+pub fn subscribed(room: &str, recovered: bool, position: Option<&str>) -> String {
+    json!({"type": "subscribed", "room": room, "recovered": recovered, "position": position})
+        .to_string()
 }
 
 /// `{"type":"unsubscribed",…}`.

@@ -31,6 +31,9 @@ pub struct Joined {
     pub resync: bool,
     /// Messages to send before any live one, in order.
     pub replay: Vec<Arc<Message>>,
+    /// The newest event published before this join: a client that receives no event in the
+    /// room before it disconnects passes this as `since`, so its first gap is recoverable too.
+    pub position: Option<EventId>,
 }
 
 #[derive(Default)]
@@ -69,15 +72,29 @@ impl Session {
     }
 
     /// Replaces the principal after a token refresh; the subject must not change.
-    pub fn refresh(&mut self, p: Principal) -> Result<(), JoinError> {
+    ///
+    /// Rights follow the token: rooms the new principal may not join (a store dropped from the
+    /// `stores` claim, an admin role removed) are left and returned. A check that cannot be
+    /// made (order lookup failed) leaves the room too: fail closed, the client may rejoin.
+    pub async fn refresh(&mut self, p: Principal) -> Result<Vec<Room>, JoinError> {
         if p.subject != self.principal.subject {
             return Err(JoinError {
                 code: "subject_changed",
                 message: "a refreshed token must carry the same subject".into(),
             });
         }
+        let mut left = Vec::new();
+        let joined: Vec<Room> = self.rooms.keys().cloned().collect();
+        for room in joined {
+            if self.gw.authz.may_join(&p, &room).await.is_err() {
+                // Queued messages of this room are dropped by `accept` from now on.
+                self.rooms.remove(&room);
+                self.gw.hub.unsubscribe(&room, self.mailbox.id());
+                left.push(room);
+            }
+        }
         self.principal = p;
-        Ok(())
+        Ok(left)
     }
 
     /// Joined rooms.
@@ -132,6 +149,9 @@ impl Session {
     }
 
     async fn join_checked(&mut self, room: Room, since: Option<EventId>) -> Joined {
+        // Read before subscribing: anything published in between is after `position`, so
+        // recovering from it may add events from just before the join but never skips one.
+        let position = self.gw.hub.head();
         // Subscribe before reading history, so nothing falls between.
         let recovery = self.gw.hub.subscribe(&room, &self.mailbox, since.as_ref());
         self.rooms.insert(
@@ -148,6 +168,7 @@ impl Session {
             recovered: false,
             resync: false,
             replay: Vec::new(),
+            position,
         };
         match (recovery, since) {
             (Recovery::Live, _) | (_, None) => {}

@@ -624,10 +624,13 @@ impl Conn {
         let gw = self.shared.gw.clone();
         let kicked = session.mailbox().kicked().clone();
         let rooms: Vec<String> = session.rooms().map(|r| r.to_string()).collect();
+        // The `since` to use before any event has arrived (see `Joined::position`).
+        let position = joined.first().and_then(|j| j.position.clone());
         let welcome = json!({
             "session": session.mailbox().id(),
             "subject": session.principal().subject,
             "rooms": rooms,
+            "position": position.as_ref().map(|p| p.as_str()),
         });
         if self.emit_raw("welcome", &welcome).is_err() {
             return Exit::BufferFull;
@@ -703,6 +706,7 @@ impl Conn {
                             "ok": true,
                             "room": j.room.as_str(),
                             "recovered": j.recovered,
+                            "position": j.position.as_ref().map(|p| p.as_str()),
                         }));
                         self.send_joined(session, j)
                     }

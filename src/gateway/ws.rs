@@ -329,10 +329,13 @@ impl Conn {
 
         let joined = session.join_auto(since.as_ref()).await;
         let rooms: Vec<String> = session.rooms().map(|r| r.to_string()).collect();
+        // Auto rooms are joined in turn, so the first position is at or before every other.
+        let position = joined.first().and_then(|j| j.position.clone());
         let welcome = protocol::welcome(
             session.mailbox().id(),
             &rooms,
             session.principal().subject.as_deref(),
+            position.as_ref().map(|p| p.as_str()),
         );
         if let Err(e) = self.send_text(welcome).await {
             return self.write_failed(e);
@@ -423,8 +426,11 @@ impl Conn {
             Ok(ClientMsg::Ping) => protocol::pong().to_owned(),
             Ok(ClientMsg::Auth { token, .. }) => {
                 match self.gw.verifier.verify(&token, SystemTime::now()) {
-                    Ok(p) => match session.refresh(p) {
-                        Ok(()) => serde_json::json!({"type": "authenticated"}).to_string(),
+                    Ok(p) => match session.refresh(p).await {
+                        Ok(left) => {
+                            let left: Vec<&str> = left.iter().map(|r| r.as_str()).collect();
+                            serde_json::json!({"type": "authenticated", "left": left}).to_string()
+                        }
                         Err(e) => protocol::error(e.code, &e.message, None),
                     },
                     Err(e) => {
@@ -465,8 +471,12 @@ impl Conn {
         ack: bool,
     ) -> Result<(), WriteError> {
         if ack {
-            self.send_text(protocol::subscribed(j.room.as_str(), j.recovered))
-                .await?;
+            self.send_text(protocol::subscribed(
+                j.room.as_str(),
+                j.recovered,
+                j.position.as_ref().map(|p| p.as_str()),
+            ))
+            .await?;
         }
         if j.resync {
             self.send_text(protocol::resync(j.room.as_str(), "history_unavailable"))
