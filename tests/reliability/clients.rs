@@ -202,7 +202,11 @@ async fn reconnecting_clients_inside_the_history_window_miss_nothing() {
     let (mut resyncs, mut conns, mut odd) = (0, 0, Vec::new());
     for (c, t) in tasks {
         let life = t.await.unwrap();
-        let r = check(&ledger, work.customer_keys(&c), std::slice::from_ref(&life.seen));
+        let r = check(
+            &ledger,
+            work.customer_keys(&c),
+            std::slice::from_ref(&life.seen),
+        );
         if r.missing > 0 && odd.len() < 3 {
             let must = work.customer_keys(&c);
             let got: std::collections::HashSet<&str> =
