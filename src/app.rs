@@ -267,8 +267,17 @@ pub async fn start(
                 task_stop.cancel();
                 flatten(r)
             }
-            // A stop: the pipeline flushes its checkpoint, sessions close with 1001.
-            _ = task_stop.cancelled() => flatten(piped.await),
+            // A stop: the pipeline flushes its checkpoint, sessions close with 1001,
+            // both within the grace period (a checkpoint store that hangs must not hold the exit).
+            _ = task_stop.cancelled() => match tokio::time::timeout(grace, &mut piped).await {
+                Ok(r) => flatten(r),
+                Err(_) => {
+                    piped.abort();
+                    Err(PipelineError::Task(
+                        "the pipeline did not stop within server.shutdown_grace; the final checkpoint may not be saved".into(),
+                    ))
+                }
+            },
         };
         let server_result = flatten_io(server.await);
         pipe_result.map_err(AppError::from).and(server_result)

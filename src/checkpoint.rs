@@ -119,7 +119,16 @@ impl CheckpointStore {
         match self {
             Self::File { path, lock } => {
                 let _g = lock.lock().await;
-                let mut file = read_file(path).await?;
+                let mut file = match read_file(path).await {
+                    Ok(f) => f,
+                    // Only reachable when the operator chose to ignore the stored token
+                    // (a plain start refuses a corrupt file): replace it.
+                    Err(e @ CheckpointError::Corrupt { .. }) => {
+                        tracing::warn!(error = %e, "replacing the unreadable checkpoint file");
+                        FileFormat::default()
+                    }
+                    Err(e) => return Err(e),
+                };
                 let token = bson::Bson::Document(cp.token.clone()).into_relaxed_extjson();
                 file.version = 1;
                 file.streams.insert(

@@ -11,7 +11,7 @@ use bson::Document;
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{CheckpointStore, Checkpointer};
+use crate::checkpoint::{CheckpointError, CheckpointStore, Checkpointer};
 use crate::event::{EventId, RoutedEvent};
 use crate::health::Health;
 use crate::hub::Hub;
@@ -101,6 +101,12 @@ pub enum PipelineError {
          with --from-now or --start-at <time>"
     )]
     Refused(SourceError),
+    /// The stored checkpoint exists but cannot be used.
+    #[error(
+        "the stored checkpoint cannot be used; fix or remove it, or restart with --from-now or \
+         --start-at <time> (the next save then replaces it)"
+    )]
+    Checkpoint(#[source] CheckpointError),
     /// Writing to stdout failed (e.g. the reader of `tail` went away).
     #[error("output closed: {0}")]
     Output(#[source] std::io::Error),
@@ -134,7 +140,11 @@ impl Pipeline {
     }
 
     async fn run_stream(&self, db: String, stop: CancellationToken) -> Result<(), PipelineError> {
-        let stored = self.load_checkpoint(&db, &stop).await;
+        // An explicit start point ignores the stored one, even one that cannot be read.
+        let stored = match &self.cfg.start_override {
+            Some(_) => None,
+            None => self.load_checkpoint(&db, &stop).await?,
+        };
         let mut start = match (&self.cfg.start_override, stored) {
             (Some(o), _) => o.clone(),
             (None, Some(token)) => StartAt::Token(token),
@@ -308,19 +318,27 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn load_checkpoint(&self, db: &str, stop: &CancellationToken) -> Option<Document> {
+    async fn load_checkpoint(
+        &self,
+        db: &str,
+        stop: &CancellationToken,
+    ) -> Result<Option<Document>, PipelineError> {
         let mut backoff = Backoff::new(self.cfg.max_backoff);
         loop {
             match self.store.load(db).await {
                 Ok(cp) => {
                     self.health.set_checkpoint_ok(true);
-                    return cp.map(|c| c.token);
+                    return Ok(cp.map(|c| c.token));
+                }
+                // Retrying cannot repair a file; the operator must choose.
+                Err(e @ CheckpointError::Corrupt { .. }) => {
+                    return Err(PipelineError::Checkpoint(e))
                 }
                 Err(e) => {
                     self.health.set_checkpoint_ok(false);
                     tracing::warn!(database = %db, error = %e, "cannot load checkpoint; retrying");
                     if !backoff.wait(stop).await {
-                        return None;
+                        return Ok(None);
                     }
                 }
             }

@@ -541,3 +541,61 @@ async fn oplog_replay_routes_changes_to_documents_deleted_since() {
     assert_eq!(ids(&got), ids(&live), "replayed {got:#?}");
     assert_eq!(got[1]["data"]["status"], "ready_for_delivery");
 }
+
+/// SIGTERM while the database (and with it the checkpoint collection) is unreachable: the exit
+/// still comes within the grace period, non-zero because the final checkpoint could not be saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_database_down_still_exits_within_the_grace_period() {
+    if external() {
+        eprintln!("SKIP sigterm_with_the_database_down_still_exits_within_the_grace_period: needs to stop mongo-sim");
+        return;
+    }
+    let db = Db::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("changecast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[mongodb]\nuri = \"{}\"\ndatabases = [\"{}\"]\nconnect_timeout = \"30s\"\n\
+             [checkpoint]\nstore = \"mongo\"\ninterval = \"100ms\"\n\
+             [server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\
+             [auth]\nsecret_env = \"{SECRET_ENV}\"\n",
+            db.uri, db.name
+        ),
+    )
+    .unwrap();
+    let mut p = spawn(
+        &["run", "--config", cfg.to_str().unwrap()],
+        dir.path().join("stdout.txt"),
+    );
+    p.wait_stderr("change stream open", Duration::from_secs(20))
+        .await;
+    order(&db, "c1", 1).await;
+    // The checkpoint collection holds the start point: the store works while the database is up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db
+        .coll("changecast_checkpoints")
+        .find_one(doc! {"_id": &db.name})
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no checkpoint saved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.sim.as_ref().unwrap().stop().await;
+    // Let the idle stream's token move past the saved one, so the final save has work to do.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = Instant::now();
+    let status = p.term(Duration::from_secs(20)).await;
+    let took = sent.elapsed();
+    eprintln!("sigterm with the database down: {status} after {took:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "exit took {took:?}: {}",
+        p.stderr()
+    );
+}

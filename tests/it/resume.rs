@@ -1006,3 +1006,38 @@ async fn a_token_the_server_rejects_stops_with_a_clear_message() {
         "raw server reply in the message: {err}"
     );
 }
+
+/// A corrupt checkpoint file stops a plain start with a message naming it; `--from-now`
+/// ignores it, runs, and replaces it with a valid checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_is_named_and_from_now_gets_past_it() {
+    let db = Db::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&db, dir.path(), "");
+    let cp = dir.path().join("cp.json");
+    std::fs::write(&cp, b"{\"version\": 1, \"streams\": {tru").unwrap();
+    let mut p = spawn(
+        &["tail", "--config", cfg.to_str().unwrap()],
+        dir.path().join("out.jsonl"),
+    );
+    let status = p.wait_exit(Duration::from_secs(15)).await;
+    let err = p.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cp.json") && err.contains("--from-now"),
+        "{err}"
+    );
+
+    let mut p = tail(&cfg, &["--from-now"], dir.path().join("out2.jsonl")).await;
+    insert_order(&db, "x").await;
+    p.lines_until(Duration::from_secs(15), |l| {
+        order_ids(std::slice::from_ref(l)) == ["x"]
+    })
+    .await;
+    assert!(p.term(Duration::from_secs(10)).await.success());
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+    assert!(
+        saved["streams"][&db.name]["token"]["_data"].is_string(),
+        "{saved}"
+    );
+}
