@@ -868,6 +868,7 @@ async fn hostile_documents_never_misroute_and_the_checkpoint_advances() {
         "hostile documents: all through tail after {:?}",
         t0.elapsed()
     );
+    assert!(!p.stderr().contains("panicked"), "{}", p.stderr());
     assert!(p.term(Duration::from_secs(10)).await.success());
     let last = stored_token().unwrap();
     assert!(
