@@ -78,6 +78,18 @@ pub struct PhaseResult {
     pub stalled: bool,
     /// Write errors (their deliveries are not owed).
     pub write_errors: u64,
+    /// Seconds the phase lasted (drain included): the window the CPU figures cover.
+    #[serde(default)]
+    pub wall_secs: f64,
+    /// CPU seconds the whole machine was busy during the phase (all processes).
+    #[serde(default)]
+    pub machine_cpu_secs: f64,
+    /// CPU seconds of the load tool itself during the phase.
+    #[serde(default)]
+    pub loadtool_cpu_secs: f64,
+    /// The machine's 1-minute load average at the end of the phase.
+    #[serde(default)]
+    pub load_1m_end: f64,
 }
 
 /// Figures of one run.
@@ -289,6 +301,10 @@ async fn phase(
 ) -> PhaseResult {
     let pid = cfg.server_pid;
     let cpu_before = pid.and_then(procstat::cpu_secs).unwrap_or(0.0);
+    // The machine is shared (other builds, mongo-sim, this tool): record how busy it was.
+    let own_pid = std::process::id();
+    let own_before = procstat::cpu_secs(own_pid).unwrap_or(0.0);
+    let machine_before = procstat::machine_busy_secs().unwrap_or(0.0);
     let peak = pid.map(|p| PeakRss::start(p, Duration::from_millis(200)));
     let first = *next_seq;
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1) as usize));
@@ -347,6 +363,8 @@ async fn phase(
     let summary = tracker.summarize(first, *next_seq);
     tracker.settle();
     let cpu_secs = pid.and_then(procstat::cpu_secs).unwrap_or(0.0) - cpu_before;
+    let loadtool_cpu_secs = procstat::cpu_secs(own_pid).unwrap_or(0.0) - own_before;
+    let machine_cpu_secs = procstat::machine_busy_secs().unwrap_or(0.0) - machine_before;
     let cpu_secs_per_million = if summary.delivered > 0 {
         cpu_secs * 1e6 / summary.delivered as f64
     } else {
@@ -360,6 +378,10 @@ async fn phase(
         cpu_secs_per_million,
         stalled,
         write_errors: errors.load(Ordering::Relaxed),
+        wall_secs: started.elapsed().as_secs_f64(),
+        machine_cpu_secs,
+        loadtool_cpu_secs,
+        load_1m_end: procstat::load_1m().unwrap_or(0.0),
     }
 }
 

@@ -23,6 +23,33 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / clock_ticks() as f64)
 }
 
+/// The 1-minute load average of the whole machine.
+pub fn load_1m() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// CPU seconds all cores of the machine have spent busy (not idle or iowait) since boot.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: idle (3) and iowait (4) are not busy;
+    // guest time is already inside user, so only the first eight fields count.
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Some(busy as f64 / clock_ticks() as f64)
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on every Linux we run on).
 pub fn clock_ticks() -> u64 {
     static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -77,5 +104,8 @@ mod tests {
         assert!(rss_kib(pid).unwrap() > 0);
         assert!(cpu_secs(pid).unwrap() >= 0.0);
         assert_eq!(rss_kib(u32::MAX), None);
+        assert!(load_1m().unwrap() >= 0.0);
+        // The machine has been busy at least as long as this process.
+        assert!(machine_busy_secs().unwrap() >= cpu_secs(pid).unwrap());
     }
 }

@@ -23,6 +23,8 @@ pub struct MachineFacts {
     pub date: String,
     /// Open-files limit (soft/hard) the servers inherit.
     pub nofile: String,
+    /// `git describe` of the checkout measured, with a note when its sources differ from it.
+    pub revision: String,
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
@@ -72,7 +74,34 @@ impl MachineFacts {
                 .to_owned(),
             date: command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
             nofile,
+            revision: revision(),
         }
+    }
+}
+
+/// The commit measured; uncommitted changes to the code under test are called out,
+/// since the binaries were built from the working tree.
+fn revision() -> String {
+    let head = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = command_output(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "src",
+            "crates",
+            "bench/src",
+            "bench/peers",
+            "Cargo.lock",
+        ],
+    );
+    if dirty.trim().is_empty() || dirty == "unknown" {
+        head
+    } else {
+        let files = dirty.lines().count();
+        format!("{head} plus uncommitted changes in {files} source file(s) (built from the working tree)")
     }
 }
 
@@ -158,7 +187,15 @@ pub fn render(
     let _ = writeln!(w, "## Machine\n");
     let _ = writeln!(w, "- CPU: {} × {} (nproc)", facts.cpu, facts.nproc);
     let _ = writeln!(w, "- Kernel: {}", facts.kernel);
+    let _ = writeln!(w, "- Code measured: {}", facts.revision);
     let _ = writeln!(w, "- Load average before the run: {}", facts.loadavg);
+    let _ = writeln!(
+        w,
+        "- Load average after the run: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
     let _ = writeln!(w, "- Open files limit: {}", facts.nofile);
     let _ = writeln!(w, "- Memory (`free -m`):\n\n```\n{}\n```\n", facts.free);
     let _ = writeln!(
@@ -304,6 +341,44 @@ pub fn render(
                 r.rss_idle_kib as f64 / 1024.0,
                 r.rss_per_idle_connection_bytes / 1024.0
             );
+        }
+    }
+    let _ = writeln!(w);
+
+    let _ = writeln!(w, "## How busy the machine was\n");
+    let _ = writeln!(
+        w,
+        "The machine is shared: CPU seconds of each phase (drain included) for the whole \
+         machine, the server under test and the load tool; *rest* is everything else — \
+         mongo-sim and any other work on the machine. With {} cores, a phase of *wall* seconds \
+         has at most {} × *wall* CPU seconds to give.\n",
+        facts.nproc, facts.nproc
+    );
+    let _ = writeln!(
+        w,
+        "| C | server | phase | wall s | machine CPU s | server CPU s | load tool CPU s | rest CPU s | load avg (1 min) at end |"
+    );
+    let _ = writeln!(w, "|---:|---|---|---:|---:|---:|---:|---:|---:|");
+    for &c in sizes {
+        for &t in &cfg.targets {
+            let Some(r) = find(results, t, c) else {
+                continue;
+            };
+            for p in &r.phases {
+                let rest = (p.machine_cpu_secs - p.cpu_secs - p.loadtool_cpu_secs).max(0.0);
+                let _ = writeln!(
+                    w,
+                    "| {c} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                    t.label(),
+                    p.name,
+                    p.wall_secs,
+                    p.machine_cpu_secs,
+                    p.cpu_secs,
+                    p.loadtool_cpu_secs,
+                    rest,
+                    p.load_1m_end
+                );
+            }
         }
     }
     let _ = writeln!(w);
