@@ -40,8 +40,10 @@ pub fn size(name: &str, fast: u64, long: u64) -> u64 {
 
 /// Prints one figure and appends it to `$RELIABILITY_FIGURES` (scripts/reliability collects them).
 pub fn figure(name: &str, value: impl std::fmt::Display) {
+    // libtest names the test's thread after the test, which gives the command to rerun it.
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
     let line = format!(
-        "FIGURE | {name} | {value} | {}",
+        "FIGURE | {name} | {value} | {} | {test}",
         if full() { "full" } else { "fast" }
     );
     eprintln!("{line}");
