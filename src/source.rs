@@ -5,7 +5,7 @@ use std::time::Duration;
 use bson::{doc, Document};
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::{Error as MongoError, ErrorKind};
-use mongodb::options::FullDocumentType;
+use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
 use mongodb::Client;
 
 use crate::token::{self, StartAt};
@@ -16,8 +16,9 @@ pub const HISTORY_LOST: i32 = 286;
 /// Server errors that retrying cannot fix, so the stream stops for the operator instead of
 /// reconnecting forever: `Unauthorized` (13, the user lacks `changeStream`/`find`),
 /// `InvalidResumeToken` (260, a token from another cluster or mistyped),
-/// `ChangeStreamFatalError` (280), and 40573 (change streams need a replica set).
-pub const FATAL_CODES: [i32; 4] = [13, 260, 280, 40573];
+/// `ChangeStreamFatalError` (280), 40573 (change streams need a replica set), and 40415
+/// (an option the server does not know: `fullDocumentBeforeChange` needs MongoDB 6.0+).
+pub const FATAL_CODES: [i32; 5] = [13, 260, 280, 40415, 40573];
 
 /// Why a stream stopped.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,10 @@ impl Source {
             .watch()
             .pipeline(pipeline)
             .full_document(FullDocumentType::UpdateLookup)
+            // Pre-images where the collection records them (`changeStreamPreAndPostImages`,
+            // MongoDB 6.0+): the owners of a delete, and of an update whose document is gone
+            // by lookup time, then come from MongoDB rather than this process's memory.
+            .full_document_before_change(FullDocumentBeforeChangeType::WhenAvailable)
             .max_await_time(spec.max_await);
         match start {
             StartAt::Token(t) => {

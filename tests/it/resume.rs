@@ -1042,3 +1042,36 @@ async fn a_corrupt_checkpoint_is_named_and_from_now_gets_past_it() {
         "{saved}"
     );
 }
+
+/// With pre-images enabled on the collection, a delete is routed to its owners even by a
+/// process that never saw the document (here: started after it was written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_images_route_deletes_of_documents_this_process_never_saw() {
+    let db = Db::start().await;
+    db.client
+        .database(&db.name)
+        .run_command(doc! {"create": "orders", "changeStreamPreAndPostImages": {"enabled": true}})
+        .await
+        .unwrap();
+    insert_order(&db, "old").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&db, dir.path(), "");
+    let mut p = tail(&cfg, &[], dir.path().join("out.jsonl")).await;
+    db.coll("orders")
+        .delete_one(doc! {"_id": "old"})
+        .await
+        .unwrap();
+    insert_order(&db, "marker").await;
+    let lines = p
+        .lines_until(Duration::from_secs(15), |l| {
+            order_ids(std::slice::from_ref(l)) == ["marker"]
+        })
+        .await;
+    assert!(p.term(Duration::from_secs(10)).await.success());
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(lines[0]["event"], "order:deleted");
+    assert_eq!(
+        rooms(&lines[0]),
+        ["admin", "customer:c1", "order:old", "store:s1"]
+    );
+}
