@@ -325,7 +325,7 @@ async fn history_lost_fails_clearly_or_resyncs() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(&db, dir.path(), "");
+    let cfg = write_config(&db, dir.path(), "[server]\nlisten = \"127.0.0.1:0\"\n");
     let mut witness = db.client.database(&db.name).watch().await.unwrap();
     insert_order(&db, "old").await;
     let (old, _) = next_change(&mut witness).await;
@@ -366,6 +366,14 @@ async fn history_lost_fails_clearly_or_resyncs() {
         dir.path().join("fail2.jsonl"),
     );
     assert_eq!(p.wait_exit(Duration::from_secs(20)).await.code(), Some(3));
+    // And the server, not only `tail`.
+    let mut p = spawn(
+        &["run", "--config", cfg.to_str().unwrap()],
+        dir.path().join("run.txt"),
+    );
+    let status = p.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(3), "{}", p.stderr());
+    assert!(p.stderr().contains("--on-history-lost=resync"));
 
     // resync: one system:resync line, then live service from now.
     let mut p = tail(
