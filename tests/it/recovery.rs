@@ -599,3 +599,31 @@ async fn sigterm_with_the_database_down_still_exits_within_the_grace_period() {
         p.stderr()
     );
 }
+
+/// `/readyz` also says whether the checkpoint can be saved: false while it cannot, true once it can again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_checkpoint_store() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "").await;
+    let path = server.dir.path().join("checkpoint.json");
+    // A directory where the file should be: every save fails, whoever runs the test (root included).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("occupied"), b"x").unwrap();
+    // A write nobody watches still moves the stream's token, so a save is due.
+    db.coll("users")
+        .insert_one(doc! {"name": "x"})
+        .await
+        .unwrap();
+    wait_ready_is(&server, false, Duration::from_secs(10)).await;
+    let (_, body) = server.get("/readyz").await;
+    assert!(body.contains("checkpoint"), "{body}");
+    std::fs::remove_dir_all(&path).unwrap();
+    wait_ready_is(&server, true, Duration::from_secs(10)).await;
+    assert!(path.is_file());
+}
