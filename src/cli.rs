@@ -122,11 +122,27 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Changes per second the traffic generator writes.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_parser = parse_rate)]
     pub rate: f64,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+}
+
+/// `--rate`: a number of writes per second in the traffic generator's range
+/// (checked here so a bad value is a usage error, exit 64, before anything starts).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let range = crate::demo::traffic::RATE_RANGE;
+    let r: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if range.contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!(
+            "{r} is outside {}..={} writes per second",
+            range.start(),
+            range.end()
+        ))
+    }
 }
 
 /// Log output format.

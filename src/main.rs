@@ -12,7 +12,18 @@ use changecast::config::{self, Config, LogConfig};
 use changecast::token;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors; anything else is a usage error (64, as documented).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -42,7 +53,6 @@ async fn dispatch(cli: Cli) -> u8 {
                     format: config::LogFormat::Pretty,
                 },
                 args.log_format,
-                false,
             );
             match changecast::demo::run_demo(&args).await {
                 Ok(()) => exit::OK,
@@ -73,7 +83,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn init_logging(cfg: &LogConfig, flag: Option<LogFormat>, stderr_only: bool) {
+fn init_logging(cfg: &LogConfig, flag: Option<LogFormat>) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CHANGECAST_LOG")
         .or_else(|_| EnvFilter::try_new(&cfg.level))
@@ -82,10 +92,12 @@ fn init_logging(cfg: &LogConfig, flag: Option<LogFormat>, stderr_only: bool) {
         Some(f) => f == LogFormat::Json,
         None => cfg.format == config::LogFormat::Json,
     };
-    // `tail` owns stdout for its JSON lines, so logs always go to stderr.
-    let _ = stderr_only;
+    // Logs always go to stderr (`tail` owns stdout for its JSON lines); colours
+    // only on a terminal, so files and log collectors get plain text.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().flatten_event(true).try_init()
@@ -99,7 +111,7 @@ async fn run(args: RunArgs, tail: bool) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(&config.log, args.config.log_format, tail);
+    init_logging(&config.log, args.config.log_format);
     let start_override = match args.start_override() {
         Ok(s) => s,
         Err(e) => {
