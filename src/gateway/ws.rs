@@ -23,6 +23,8 @@ use crate::metrics::{ReasonLabels, Wire, WireLabels};
 
 /// Most hub messages written before one flush; bounds the time between flushes under load.
 const WRITE_BATCH: usize = 64;
+/// Read buffer per `/ws` connection (Socket.IO's engine uses the same 4 KiB).
+const WS_READ_BUFFER_BYTES: usize = 4096;
 /// Longest wait for the peer's close frame after ours (RFC 6455 §7.1.1 closing handshake).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
@@ -89,7 +91,12 @@ pub(crate) async fn upgrade(
         None => None,
     };
     let since = query.as_deref().and_then(since_param).map(EventId::new);
+    // tungstenite's default read buffer is 128 KiB and is zero-filled up to its capacity
+    // on every read, so it stayed resident per connection and the memset was the top of
+    // the fan-out profile (bench/analysis.md); clients send only small control messages,
+    // and a larger one still grows the buffer up to max_message_bytes.
     let mut ws = ws
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
         .max_message_size(gw.cfg.max_message_bytes.get())
         .max_frame_size(gw.cfg.max_message_bytes.get());
     if let Some(p) = found.subprotocol {
