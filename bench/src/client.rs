@@ -99,6 +99,9 @@ pub struct FleetStats {
     pub other_frames: AtomicU64,
     /// First few distinct errors, for the report.
     pub errors: Mutex<Vec<String>>,
+    /// First few distinct text frames that were not counted deliveries (clipped), so a
+    /// server that renames or reshapes an event shows what it sent instead.
+    pub other_samples: Mutex<Vec<String>>,
 }
 
 impl FleetStats {
@@ -317,7 +320,17 @@ async fn on_text(
             .tracker
             .receive(seq, index, |target| role.accepts(target)),
         _ => {
-            fleet.stats.other_frames.fetch_add(1, Ordering::Relaxed);
+            if fleet.stats.other_frames.fetch_add(1, Ordering::Relaxed) < 1000 {
+                let mut samples = fleet
+                    .stats
+                    .other_samples
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let sample = clip(text);
+                if samples.len() < 3 && !samples.contains(&sample) {
+                    samples.push(sample);
+                }
+            }
         }
     }
     Ok(())

@@ -39,6 +39,8 @@ pub struct LoadConfig {
     pub secret: String,
     /// Server process to measure.
     pub server_pid: Option<u32>,
+    /// The database process (mongo-sim) whose CPU time is reported beside the server's.
+    pub db_pid: Option<u32>,
     /// Writes per second in the fixed-rate phase of workload T.
     pub fixed_rate: u32,
     /// Length of each writing phase.
@@ -87,6 +89,9 @@ pub struct PhaseResult {
     /// CPU seconds of the load tool itself during the phase.
     #[serde(default)]
     pub loadtool_cpu_secs: f64,
+    /// CPU seconds of the database (mongo-sim) during the phase; 0 for the raw limit.
+    #[serde(default)]
+    pub db_cpu_secs: f64,
     /// The machine's 1-minute load average at the end of the phase.
     #[serde(default)]
     pub load_1m_end: f64,
@@ -121,6 +126,9 @@ pub struct RunResult {
     pub unknown: u64,
     /// Frames not counted as deliveries.
     pub other_frames: u64,
+    /// A few of those frames, clipped.
+    #[serde(default)]
+    pub other_samples: Vec<String>,
     /// First errors seen.
     pub errors: Vec<String>,
 }
@@ -261,6 +269,11 @@ pub async fn run(cfg: &LoadConfig, sink: Arc<Sink>) -> anyhow::Result<RunResult>
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let other_samples = stats
+        .other_samples
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     Ok(RunResult {
         label: cfg.label.clone(),
         customers: cfg.customers,
@@ -275,6 +288,7 @@ pub async fn run(cfg: &LoadConfig, sink: Arc<Sink>) -> anyhow::Result<RunResult>
         misrouted: tracker.misrouted(),
         unknown: tracker.unknown(),
         other_frames: stats.other_frames.load(Ordering::Relaxed),
+        other_samples,
         errors,
     })
 }
@@ -304,6 +318,7 @@ async fn phase(
     // The machine is shared (other builds, mongo-sim, this tool): record how busy it was.
     let own_pid = std::process::id();
     let own_before = procstat::cpu_secs(own_pid).unwrap_or(0.0);
+    let db_before = cfg.db_pid.and_then(procstat::cpu_secs).unwrap_or(0.0);
     let machine_before = procstat::machine_busy_secs().unwrap_or(0.0);
     let peak = pid.map(|p| PeakRss::start(p, Duration::from_millis(200)));
     let first = *next_seq;
@@ -364,6 +379,7 @@ async fn phase(
     tracker.settle();
     let cpu_secs = pid.and_then(procstat::cpu_secs).unwrap_or(0.0) - cpu_before;
     let loadtool_cpu_secs = procstat::cpu_secs(own_pid).unwrap_or(0.0) - own_before;
+    let db_cpu_secs = cfg.db_pid.and_then(procstat::cpu_secs).unwrap_or(0.0) - db_before;
     let machine_cpu_secs = procstat::machine_busy_secs().unwrap_or(0.0) - machine_before;
     let cpu_secs_per_million = if summary.delivered > 0 {
         cpu_secs * 1e6 / summary.delivered as f64
@@ -381,6 +397,7 @@ async fn phase(
         wall_secs: started.elapsed().as_secs_f64(),
         machine_cpu_secs,
         loadtool_cpu_secs,
+        db_cpu_secs,
         load_1m_end: procstat::load_1m().unwrap_or(0.0),
     }
 }

@@ -50,6 +50,9 @@ struct Args {
     /// A line for the report's notes (repeatable).
     #[arg(long)]
     note: Vec<String>,
+    /// A hand-written Markdown file appended to the report (the analysis of a run).
+    #[arg(long)]
+    appendix: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -68,6 +71,7 @@ async fn main() -> std::process::ExitCode {
         command: args.command,
         smoke: args.smoke,
         notes: args.note,
+        appendix: args.appendix,
     };
     match suite::run(&cfg).await {
         Ok(results) => {

@@ -349,31 +349,33 @@ pub fn render(
     let _ = writeln!(
         w,
         "The machine is shared: CPU seconds of each phase (drain included) for the whole \
-         machine, the server under test and the load tool; *rest* is everything else — \
-         mongo-sim and any other work on the machine. With {} cores, a phase of *wall* seconds \
-         has at most {} × *wall* CPU seconds to give.\n",
+         machine, the server under test, mongo-sim and the load tool; *rest* is everything \
+         else — other work on the machine that has nothing to do with the benchmark. With {} \
+         cores, a phase of *wall* seconds has at most {} × *wall* CPU seconds to give.\n",
         facts.nproc, facts.nproc
     );
     let _ = writeln!(
         w,
-        "| C | server | phase | wall s | machine CPU s | server CPU s | load tool CPU s | rest CPU s | load avg (1 min) at end |"
+        "| C | server | phase | wall s | machine CPU s | server CPU s | mongo-sim CPU s | load tool CPU s | rest CPU s | load avg (1 min) at end |"
     );
-    let _ = writeln!(w, "|---:|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(w, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for &c in sizes {
         for &t in &cfg.targets {
             let Some(r) = find(results, t, c) else {
                 continue;
             };
             for p in &r.phases {
-                let rest = (p.machine_cpu_secs - p.cpu_secs - p.loadtool_cpu_secs).max(0.0);
+                let rest = (p.machine_cpu_secs - p.cpu_secs - p.db_cpu_secs - p.loadtool_cpu_secs)
+                    .max(0.0);
                 let _ = writeln!(
                     w,
-                    "| {c} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                    "| {c} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
                     t.label(),
                     p.name,
                     p.wall_secs,
                     p.machine_cpu_secs,
                     p.cpu_secs,
+                    p.db_cpu_secs,
                     p.loadtool_cpu_secs,
                     rest,
                     p.load_1m_end
@@ -413,15 +415,23 @@ pub fn render(
 
     let problems: Vec<String> = results
         .iter()
-        .filter(|r| !r.errors.is_empty() || r.misrouted > 0 || r.unknown > 0)
+        .filter(|r| {
+            !r.errors.is_empty() || r.misrouted > 0 || r.unknown > 0 || !r.other_samples.is_empty()
+        })
         .map(|r| {
             format!(
-                "- {} C={}: misrouted {}, unknown {}, errors: {}",
+                "- {} C={}: misrouted {}, unknown {}, errors: {}; {} uncounted frames, e.g. {}",
                 r.label,
                 r.customers,
                 r.misrouted,
                 r.unknown,
-                r.errors.join("; ")
+                r.errors.join("; "),
+                r.other_frames,
+                r.other_samples
+                    .iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         })
         .collect();

@@ -69,6 +69,8 @@ pub struct SuiteConfig {
     pub smoke: bool,
     /// Lines for the report's notes.
     pub notes: Vec<String>,
+    /// Hand-written Markdown appended to the report.
+    pub appendix: Option<PathBuf>,
 }
 
 /// How long deliveries may make no progress before the rest count as lost. The smoke
@@ -116,7 +118,18 @@ pub async fn run(cfg: &SuiteConfig) -> anyhow::Result<Vec<RunResult>> {
             results.push(result);
         }
     }
-    let markdown = report::render(cfg, &facts, &results, started.elapsed());
+    let mut markdown = report::render(cfg, &facts, &results, started.elapsed());
+    if let Some(path) = &cfg.appendix {
+        // Read at the end so an analysis edited during a long run is the one included;
+        // a missing file must not cost the figures of a whole run.
+        match std::fs::read_to_string(path) {
+            Ok(text) => markdown.push_str(&text),
+            Err(e) => markdown.push_str(&format!(
+                "\n> The analysis {} could not be read: {e}\n",
+                path.display()
+            )),
+        }
+    }
     std::fs::write(&cfg.out, markdown).with_context(|| format!("writing {}", cfg.out.display()))?;
     Ok(results)
 }
@@ -136,6 +149,7 @@ fn failed_run(target: Target, size: u32, error: String) -> RunResult {
         misrouted: 0,
         unknown: 0,
         other_frames: 0,
+        other_samples: Vec::new(),
         errors: vec![error],
     }
 }
@@ -151,6 +165,7 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
         customers: size,
         secret: SECRET.to_owned(),
         server_pid: None,
+        db_pid: None,
         fixed_rate: cfg.fixed_rate,
         phase: cfg.phase,
         drain_timeout: DRAIN_TIMEOUT,
@@ -158,7 +173,14 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
         window_t: 4096,
         window_b_writes: 4,
         sio_subscribe_event: "subscribe".to_owned(),
-        counted_events: vec!["order:status_changed".into(), "settings:updated".into()],
+        // order:updated too: whether a raw status step inside one canonical status
+        // (accepted → packing) is a status change is the server's policy, and either
+        // way the change reached its audience.
+        counted_events: vec![
+            "order:status_changed".into(),
+            "order:updated".into(),
+            "settings:updated".into(),
+        ],
         sources: (1..=16).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect(),
         max_writes: if cfg.smoke { 100_000 } else { 3_000_000 },
     };
@@ -254,6 +276,7 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
     }
     load.server = addr;
     load.server_pid = server.id();
+    load.db_pid = mongo.id();
     (load.protocol, load.url) = match target {
         Target::Native => (Protocol::Native, format!("ws://{addr}/ws")),
         _ => (

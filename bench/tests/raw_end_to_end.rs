@@ -27,6 +27,7 @@ async fn raw_server_delivers_every_write_to_its_audience() {
         customers: 150,
         secret: "s".into(),
         server_pid: Some(std::process::id()),
+        db_pid: None,
         fixed_rate: 500,
         phase: Duration::from_millis(400),
         drain_timeout: Duration::from_secs(5),
