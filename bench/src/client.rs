@@ -326,9 +326,11 @@ async fn on_text(
                     .other_samples
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                let sample = clip(text);
-                if samples.len() < 3 && !samples.contains(&sample) {
-                    samples.push(sample);
+                // One sample per kind of frame: the first 20 characters name it
+                // (`42["welcome",{"ses`, `{"type":"resync","r`).
+                let kind: String = text.chars().take(20).collect();
+                if samples.len() < 3 && !samples.iter().any(|s| s.starts_with(&kind)) {
+                    samples.push(clip(text));
                 }
             }
         }

@@ -415,17 +415,30 @@ pub fn render(
 
     let problems: Vec<String> = results
         .iter()
-        .filter(|r| {
-            !r.errors.is_empty() || r.misrouted > 0 || r.unknown > 0 || !r.other_samples.is_empty()
-        })
+        .filter(|r| !r.errors.is_empty() || r.misrouted > 0 || r.unknown > 0)
         .map(|r| {
             format!(
-                "- {} C={}: misrouted {}, unknown {}, errors: {}; {} uncounted frames, e.g. {}",
+                "- {} C={}: misrouted {}, unknown {}, errors: {}",
                 r.label,
                 r.customers,
                 r.misrouted,
                 r.unknown,
-                r.errors.join("; "),
+                r.errors.join("; ")
+            )
+        })
+        .collect();
+    if !problems.is_empty() {
+        let _ = writeln!(w, "## Errors seen\n\n{}\n", problems.join("\n"));
+    }
+    // Informational: greetings are expected; anything else here explains a loss.
+    let uncounted: Vec<String> = results
+        .iter()
+        .filter(|r| r.other_frames > 0)
+        .map(|r| {
+            format!(
+                "- {} C={}: {} frames, kinds: {}",
+                r.label,
+                r.customers,
                 r.other_frames,
                 r.other_samples
                     .iter()
@@ -435,8 +448,13 @@ pub fn render(
             )
         })
         .collect();
-    if !problems.is_empty() {
-        let _ = writeln!(w, "## Errors seen\n\n{}\n", problems.join("\n"));
+    if !uncounted.is_empty() {
+        let _ = writeln!(
+            w,
+            "## Frames that were not deliveries\n\nText frames the clients received besides the \
+             counted events (greetings, acks); listed so a renamed or reshaped event cannot hide.\n\n{}\n",
+            uncounted.join("\n")
+        );
     }
     md
 }
