@@ -120,6 +120,17 @@ pub async fn mongo_client(config: &Config) -> Result<Client, AppError> {
     Client::with_options(opts).map_err(AppError::Mongo)
 }
 
+/// The configured checkpoint store, connecting to MongoDB only when it lives there
+/// (`token show` reads a file store without a database).
+pub async fn open_checkpoint_store(config: &Config) -> Result<CheckpointStore, AppError> {
+    match &config.checkpoint.store {
+        CheckpointStoreConfig::File { path } => Ok(CheckpointStore::file(path.clone())),
+        CheckpointStoreConfig::Mongo { .. } => {
+            Ok(checkpoint_store(config, &mongo_client(config).await?))
+        }
+    }
+}
+
 fn checkpoint_store(config: &Config, client: &Client) -> CheckpointStore {
     match &config.checkpoint.store {
         CheckpointStoreConfig::File { path } => CheckpointStore::file(path.clone()),

@@ -6,7 +6,6 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use changecast::app::{self, RunOptions};
-use changecast::checkpoint::CheckpointStore;
 use changecast::cli::{exit, Cli, Command, ConfigArgs, LogFormat, RunArgs, TokenCommand};
 use changecast::config::{self, Config, LogConfig};
 use changecast::token;
@@ -239,27 +238,12 @@ async fn token_show(args: &ConfigArgs) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let store = match &config.checkpoint.store {
-        config::CheckpointStoreConfig::File { path } => CheckpointStore::file(path.clone()),
-        config::CheckpointStoreConfig::Mongo { .. } => match app::mongo_client(&config).await {
-            Ok(client) => {
-                let db = config
-                    .mongo
-                    .databases
-                    .first()
-                    .map(String::as_str)
-                    .unwrap_or("admin");
-                let coll = match &config.checkpoint.store {
-                    config::CheckpointStoreConfig::Mongo { collection } => collection.clone(),
-                    config::CheckpointStoreConfig::File { .. } => String::new(),
-                };
-                CheckpointStore::Mongo(client.database(db).collection(&coll))
-            }
-            Err(e) => {
-                eprintln!("changecast: {}", error_chain(&e));
-                return exit::FAILURE;
-            }
-        },
+    let store = match app::open_checkpoint_store(&config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("changecast: {}", error_chain(&e));
+            return exit::FAILURE;
+        }
     };
     let mut code = exit::OK;
     for db in &config.mongo.databases {
