@@ -68,6 +68,7 @@ async fn reconnecting_client(
     disconnects: u32,
     life_ms: (u64, u64),
     finish: CancellationToken,
+    welcomed: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Life {
     let mut life = Life::default();
     let mut last: Option<String> = None;
@@ -104,9 +105,14 @@ async fn reconnecting_client(
                         life.seen.push(s);
                     }
                 }
-                // Before the first event, the welcome's position is the recovery point.
-                Some("welcome") if last.is_none() => {
-                    last = v["position"].as_str().map(str::to_owned)
+                Some("welcome") => {
+                    if life.connections == 1 {
+                        welcomed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    // Before the first event, the welcome's position is the recovery point.
+                    if last.is_none() {
+                        last = v["position"].as_str().map(str::to_owned);
+                    }
                 }
                 Some("resync") => life.resyncs += 1,
                 _ => {}
@@ -156,6 +162,7 @@ async fn reconnecting_clients_inside_the_history_window_miss_nothing() {
     let reference = Observer::spawn(Client::connect(&server, &admin_token()).await.0);
     let finish = CancellationToken::new();
     let life_ms = (100, (secs * 1000 / u64::from(disconnects + 1)).max(200));
+    let welcomed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..clients {
         let c = work.customers[i % customers].clone();
@@ -167,8 +174,15 @@ async fn reconnecting_clients_inside_the_history_window_miss_nothing() {
                 disconnects,
                 life_ms,
                 finish.clone(),
+                welcomed.clone(),
             )),
         ));
+    }
+    // A client is owed the changes after its first join: write once everyone has joined.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while welcomed.load(std::sync::atomic::Ordering::SeqCst) < clients {
+        assert!(Instant::now() < deadline, "clients never all connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let started = Instant::now();
     let warm = {
@@ -383,6 +397,31 @@ async fn connect_url(url: &str, token: &str) -> (Client, Value) {
     (c, w)
 }
 
+/// Connects as a real client would: a connection reset (the listen backlog overflowing under a
+/// storm) is retried after a short random pause. Returns the client (welcome read) and the retries.
+async fn connect_retrying(url: &str, token: &str) -> (Client, u32) {
+    let mut retries = 0;
+    loop {
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => {
+                let mut c = Client { ws };
+                let w = c.next_json().await;
+                assert_eq!(w["type"], "welcome", "{w}");
+                return (c, retries);
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Io(e)) if retries < 10 => {
+                eprintln!("storm connect: {e}; retrying");
+                retries += 1;
+                pause(50, 300).await;
+            }
+            Err(e) => panic!("connect failed after {retries} retries: {e}"),
+        }
+    }
+}
+
 /// A client with a small receive buffer that reads its welcome and then nothing.
 async fn stalled_client(server: &Server, token: &str) -> Ws {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -418,8 +457,10 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_miss_nothing() {
     }
     let admin = Observer::spawn(Client::connect(&server, &admin_token()).await.0);
 
-    // The same paced big changes twice: first with everyone reading (the baseline), then with
-    // one client that has stopped reading; its socket buffers fill, then its mailbox.
+    // The same paced changes twice: first with everyone reading (the baseline), then with one
+    // admin that has stopped reading; its socket buffers fill, then its mailbox. The big field
+    // (`notes`) is store/admin-only, so customers get small payloads and their latency measures
+    // the server, not this machine's JSON throughput.
     let big = "x".repeat(32 * 1024);
     let rate = 100u32;
     let mut seq = 0u64;
@@ -430,7 +471,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_miss_nothing() {
             db.coll("orders")
                 .update_one(
                     bson::doc! {"_id": o.id},
-                    bson::doc! {"$set": {"total": seq as i64, "items": [big]}},
+                    bson::doc! {"$set": {"total": seq as i64, "notes": big}},
                 )
                 .await
                 .unwrap();
@@ -510,7 +551,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_miss_nothing() {
     figure(
         "clients.slow_consumer",
         format!(
-            "1 stalled client among {} (mailbox 64, 32 KB changes at {rate}/s): kicked {:?} after the big writes began, connection closed {:?}, {cut_delay} from kick to close; others {}; others' p99 latency {p99:.0} ms vs baseline {base_p99:.0} ms",
+            "1 stalled client among {} (mailbox 64, changes with 32 KB of admin-only notes at {rate}/s): kicked {:?} after the big writes began, connection closed {:?}, {cut_delay} from kick to close; others {}; others' p99 latency {p99:.0} ms vs baseline {base_p99:.0} ms",
             others + 1,
             kicked_at.map(|d| format!("{:.1}s", d.as_secs_f64())),
             cut_at.map(|d| format!("{:.1}s", d.as_secs_f64())),
@@ -598,7 +639,7 @@ async fn a_reconnect_storm_is_served_from_history_without_a_query_per_client() {
         let work = work.clone();
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let (mut cl, _) = connect_url(&url, &token).await;
+            let (mut cl, retries) = connect_retrying(&url, &token).await;
             let must = work.customer_keys(&c);
             let want = ledger.total(&must) - 1;
             let evs = cl.events(want as usize, Duration::from_secs(60)).await;
@@ -613,25 +654,31 @@ async fn a_reconnect_storm_is_served_from_history_without_a_query_per_client() {
             );
             let r = check(&ledger, &must, &[seen]);
             let _ = cl.ws.close(None).await;
-            (r, took)
+            (r, took, retries)
         }));
     }
     let mut total = Report::default();
-    let mut slowest = Duration::ZERO;
+    let mut took_s = Vec::new();
+    let mut retried = 0;
     for t in tasks {
-        let (r, took) = t.await.unwrap();
+        let (r, took, retries) = t.await.unwrap();
         total.add(&r);
-        slowest = slowest.max(took);
+        took_s.push(took.as_secs_f64());
+        retried += retries;
     }
+    let (p50, p99, slowest) = (
+        percentile(&mut took_s, 0.5),
+        percentile(&mut took_s, 0.99),
+        percentile(&mut took_s, 1.0),
+    );
     let m1 = metrics(&server).await;
     let history = metric(&m1, "changecast_recoveries_total{source=\"history\"}") - h0;
     let oplog = metric(&m1, "changecast_recoveries_total{source=\"oplog\"}") - o0;
     figure(
         "clients.reconnect_storm",
         format!(
-            "{n} clients reconnecting within {:.0}s: all recovered {:.1}s after the first; recoveries from history {history}, from the oplog {oplog}; {}",
+            "{n} clients reconnecting within {:.0}s: recovered after p50 {p50:.1}s, p99 {p99:.1}s, all {slowest:.1}s (debug build, server and clients in one 2-core process); connects reset at the TCP level and retried {retried}; recoveries from history {history}, from the oplog {oplog}; {}",
             spread.as_secs_f64(),
-            slowest.as_secs_f64(),
             total.line()
         ),
     );
