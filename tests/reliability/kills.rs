@@ -193,3 +193,87 @@ async fn sigkill_and_sigterm_restarts_lose_nothing() {
         "a kill repeated {max_kill} changes, more than one checkpoint window ({WINDOW})"
     );
 }
+
+/// The kill the issue names explicitly: after events were handed off but before any checkpoint
+/// covering them was saved. With saves pushed out to an hour / a million events, every handed-off
+/// event is in that window when the SIGKILL comes; the restart must deliver all of them again
+/// (the checkpoint is never ahead of the hand-off) and lose none. A SIGTERM then flushes, so the
+/// next restart repeats nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_hand_off_and_checkpoint_repeats_the_window_and_loses_nothing() {
+    let changes = size("WINDOW_CHANGES", 300, 5_000);
+    let db = Arc::new(Db::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("changecast.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[mongodb]\nuri = \"{}\"\ndatabases = [\"{}\"]\n[checkpoint]\nstore = \"file\"\npath = \"{}\"\ninterval = \"1h\"\nevery_events = 1000000\n[auth]\nsecret_env = \"{}\"\n",
+            db.uri,
+            db.name,
+            dir.path().join("cp.json").display(),
+            SECRET_ENV
+        ),
+    )
+    .unwrap();
+    let work = Workload::new(10, 4, 40);
+    work.seed(&db).await;
+    let wait_for = |path: PathBuf, n: u64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while distinct(&read_run(&path)) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tail never printed {n} changes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+
+    let mut first = start_tail(&cfg_path, dir.path().join("first.jsonl"));
+    work.write_n(&db, 0, changes, None).await;
+    wait_for(first.out.clone(), changes).await;
+    signal(&first.child, "-KILL");
+    first.child.wait().unwrap();
+
+    let mut second = start_tail(&cfg_path, dir.path().join("second.jsonl"));
+    wait_for(second.out.clone(), changes).await;
+    work.write_n(&db, changes, 50, None).await;
+    wait_for(second.out.clone(), changes + 50).await;
+    signal(&second.child, "-TERM");
+    assert!(second.child.wait().unwrap().success());
+
+    let mut third = start_tail(&cfg_path, dir.path().join("third.jsonl"));
+    work.write_n(&db, changes + 50, 10, None).await;
+    wait_for(third.out.clone(), 10).await;
+    signal(&third.child, "-TERM");
+    assert!(third.child.wait().unwrap().success());
+
+    let runs: Vec<Vec<Seen>> = [&first, &second, &third]
+        .iter()
+        .map(|t| read_run(&t.out))
+        .collect();
+    let report = check(&work.ledger(), |_| true, &runs);
+    let ids = |r: &[Seen]| r.iter().map(|s| s.id.clone()).collect::<HashSet<_>>();
+    let repeated_after_kill = ids(&runs[1]).intersection(&ids(&runs[0])).count();
+    let repeated_after_term = ids(&runs[2])
+        .intersection(&ids(&runs[0]).union(&ids(&runs[1])).cloned().collect())
+        .count();
+    figure(
+        "kills.between_hand_off_and_checkpoint",
+        format!(
+            "{changes} changes handed off, none checkpointed, then SIGKILL: restart delivered again {repeated_after_kill} (the whole unsaved window); then SIGTERM and restart: repeated {repeated_after_term}; over all runs missing {} inversions {}",
+            report.missing, report.inversions
+        ),
+    );
+    assert_eq!(
+        repeated_after_kill as u64, changes,
+        "the checkpoint got ahead of the hand-off"
+    );
+    assert_eq!(repeated_after_term, 0);
+    assert_eq!(
+        report.missing + report.inversions + report.cross_room + report.phantom,
+        0,
+        "{}",
+        report.line()
+    );
+}
