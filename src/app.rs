@@ -182,6 +182,24 @@ fn pipeline(
     }
 }
 
+/// Pending connections the kernel queues before `accept`. Tokio's default (1024)
+/// resets connections during a reconnect storm (thousands of clients returning
+/// at once after a deploy); the kernel caps it at `net.core.somaxconn` anyway.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds the client listener with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (a
+/// restart can bind while old connections sit in TIME_WAIT).
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Starts the worker: pipeline into the hub, gateway on `listener` (with `extra` routes merged).
 pub async fn start(
     config: &Config,

@@ -131,7 +131,7 @@ async fn run(args: RunArgs, tail: bool) -> u8 {
         if let Some(listen) = args.listen {
             config.server.listen = listen;
         }
-        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+        let listener = match app::bind_listener(config.server.listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("changecast: cannot listen on {}: {e}", config.server.listen);

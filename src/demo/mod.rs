@@ -198,8 +198,7 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
             bytes.iter().map(|b| format!("{b:02x}")).collect()
         }
     };
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let listener = app::bind_listener(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let stop = CancellationToken::new();
     let signals = tokio::spawn(stop_on_signal(stop.clone()));
