@@ -1,9 +1,7 @@
 //! Durability of the resume token: `changecast tail` killed with SIGKILL while changes are written loses nothing.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use bson::doc;
@@ -14,48 +12,6 @@ use crate::support::*;
 const CHANGES: i64 = 5_000;
 const ORDERS: i64 = 50;
 const KILLS: usize = 5;
-
-struct Tail {
-    child: Child,
-    out: PathBuf,
-}
-
-/// Starts `changecast tail` writing to `out`, and waits until its stream is open (it says so on stderr).
-fn start_tail(config: &Path, out: PathBuf) -> Tail {
-    let file = std::fs::File::create(&out).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_changecast"))
-        .args(["tail", "--config"])
-        .arg(config)
-        .env(SECRET_ENV, SECRET)
-        .env("CHANGECAST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::from(file))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        let mut told = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !told && line.contains("change stream open") {
-                told = tx.send(()).is_ok();
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("tail never opened its stream");
-    Tail { child, out }
-}
-
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
 
 /// (order id, event id) of every admin delivery in a tail output, in output order.
 ///
@@ -151,7 +107,7 @@ async fn tail_killed_five_times_loses_nothing_and_a_clean_stop_repeats_nothing()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let last = runs.last_mut().unwrap();
-    sigterm(&last.child);
+    signal(&last.child, "-TERM");
     let status = last.child.wait().unwrap();
     assert!(status.success(), "SIGTERM exit: {status}");
 
@@ -204,7 +160,7 @@ async fn tail_killed_five_times_loses_nothing_and_a_clean_stop_repeats_nothing()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    sigterm(&again.child);
+    signal(&again.child, "-TERM");
     assert!(again.child.wait().unwrap().success());
     let after = read_outputs(&again.out);
     let before: HashSet<String> = all.into_iter().map(|(_, id)| id).collect();

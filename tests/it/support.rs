@@ -371,3 +371,49 @@ impl Client {
         }
     }
 }
+
+/// A `changecast tail` child process and the file its stdout goes to.
+pub struct Tail {
+    pub child: std::process::Child,
+    pub out: std::path::PathBuf,
+}
+
+/// Starts `changecast tail` writing to `out`, and waits until its stream is open (it says so on stderr).
+pub fn start_tail(config: &std::path::Path, out: std::path::PathBuf) -> Tail {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let file = std::fs::File::create(&out).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_changecast"))
+        .args(["tail", "--config"])
+        .arg(config)
+        .env(SECRET_ENV, SECRET)
+        .env("CHANGECAST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let mut told = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !told && line.contains("change stream open") {
+                told = tx.send(()).is_ok();
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("tail never opened its stream");
+    Tail { child, out }
+}
+
+/// Sends `sig` (e.g. `"-TERM"`, `"-KILL"`) to a child process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}

@@ -3,9 +3,7 @@
 //! a clean stop repeats nothing, and no run delivers a document's changes out of order.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,39 +15,6 @@ use crate::world::*;
 
 /// `checkpoint.every_events` of the worker under test: the checkpoint window in events.
 const WINDOW: usize = 200;
-
-struct Tail {
-    child: Child,
-    out: PathBuf,
-}
-
-/// Starts `changecast tail` writing to `out` and waits until its stream is open.
-fn start_tail(config: &Path, out: PathBuf) -> Tail {
-    let file = std::fs::File::create(&out).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_changecast"))
-        .args(["tail", "--config"])
-        .arg(config)
-        .env(SECRET_ENV, SECRET)
-        .env("CHANGECAST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::from(file))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        let mut told = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !told && line.contains("change stream open") {
-                told = tx.send(()).is_ok();
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("tail never opened its stream");
-    Tail { child, out }
-}
 
 /// The admin deliveries of one run, in output order.
 fn read_run(path: &Path) -> Vec<Seen> {
@@ -70,15 +35,6 @@ fn read_run(path: &Path) -> Vec<Seen> {
         }
     }
     out
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
