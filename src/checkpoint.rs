@@ -5,13 +5,16 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 use mongodb::Collection;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
+
+use crate::health::Health;
 
 /// What is saved per stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +50,9 @@ pub enum CheckpointError {
     /// The MongoDB collection store failed.
     #[error("checkpoint collection: {0}")]
     Mongo(#[from] mongodb::error::Error),
+    /// The writer task is gone (it panicked), so nothing more can be saved.
+    #[error("the checkpoint writer task stopped")]
+    WriterGone,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -245,84 +251,245 @@ async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Debounces saves of one stream's token: at most one save per `interval`,
-/// or sooner after `every_events` events, and always on `flush`.
-pub struct Checkpointer<'a> {
-    store: &'a CheckpointStore,
-    stream: String,
-    interval: Duration,
-    every_events: usize,
-    pending: Option<(Document, Option<String>)>,
-    events_since_save: usize,
-    last_save: Instant,
-    last_saved_token: Option<Document>,
+/// Saves one stream's token off the read path: the stream hands over its newest
+/// token with [`CheckpointWriter::advance`] and never waits for the disk (an fsync
+/// can take tens of milliseconds, and every change behind it would wait too).
+///
+/// At most one save per `interval`, or sooner after `every_events` events, and at
+/// once on [`CheckpointWriter::flush`]. The queue is one slot deep (a `watch`):
+/// overflow policy — a newer token replaces an unsaved older one, which is safe
+/// because the newer token covers every event before it.
+pub struct CheckpointWriter {
+    tx: watch::Sender<Pending>,
+    outcome: watch::Receiver<Outcome>,
+    task: tokio::task::JoinHandle<()>,
+    seq: u64,
+    events: u64,
 }
 
-impl<'a> Checkpointer<'a> {
-    /// A checkpointer for `stream`.
-    pub fn new(
-        store: &'a CheckpointStore,
+/// The newest token handed over (seq 0: none yet).
+#[derive(Clone, Default)]
+struct Pending {
+    token: Option<Document>,
+    last_event_id: Option<String>,
+    /// Events handed off in total, for the `every_events` trigger.
+    events: u64,
+    seq: u64,
+    /// Tokens up to this seq are saved now, not at the end of the debounce window.
+    urgent_seq: u64,
+}
+
+/// The result of the writer's newest attempt.
+#[derive(Clone, Default)]
+struct Outcome {
+    /// Highest seq saved (or found already saved).
+    saved: u64,
+    /// The seq of the newest failed attempt and why.
+    failed: Option<(u64, Arc<CheckpointError>)>,
+}
+
+/// Wait after a failed save before the next attempt.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl CheckpointWriter {
+    /// Starts the writer task of `stream`; its outcomes go to `health`.
+    pub fn start(
+        store: Arc<CheckpointStore>,
+        health: Arc<Health>,
         stream: &str,
         interval: Duration,
         every_events: usize,
     ) -> Self {
-        Self {
+        let (tx, rx) = watch::channel(Pending::default());
+        let (outcome_tx, outcome) = watch::channel(Outcome::default());
+        let task = tokio::spawn(write_loop(WriteLoop {
             store,
+            health,
             stream: stream.to_owned(),
             interval,
-            every_events: every_events.max(1),
-            pending: None,
-            events_since_save: 0,
-            last_save: Instant::now(),
-            last_saved_token: None,
+            every_events: every_events.max(1) as u64,
+            rx,
+            outcome: outcome_tx,
+        }));
+        Self {
+            tx,
+            outcome,
+            task,
+            seq: 0,
+            events: 0,
         }
     }
 
-    /// Records that everything up to `token` has reached the hub; `events` is how many events that covered.
+    /// Records that everything up to `token` has reached the output; `events` is how many
+    /// events that covered and `last_event_id` the newest of them. Never waits.
     pub fn advance(&mut self, token: Document, last_event_id: Option<String>, events: usize) {
-        let last = last_event_id.or_else(|| self.pending.as_ref().and_then(|(_, id)| id.clone()));
-        self.pending = Some((token, last));
-        self.events_since_save += events;
+        self.hand_over(token, last_event_id, events, false);
     }
 
-    /// Saves if the debounce window has passed or enough events piled up.
-    pub async fn maybe_save(&mut self) -> Result<bool, CheckpointError> {
-        if self.pending.is_none() {
-            return Ok(false);
-        }
-        if self.events_since_save >= self.every_events || self.last_save.elapsed() >= self.interval
-        {
-            self.flush().await?;
-            return Ok(true);
-        }
-        Ok(false)
+    /// Hands over `token` and waits until it is saved (the start of a stream, shutdown).
+    pub async fn flush_at(
+        &mut self,
+        token: Document,
+        last_event_id: Option<String>,
+    ) -> Result<(), Arc<CheckpointError>> {
+        let seq = self.hand_over(token, last_event_id, 0, true);
+        self.wait_for(seq).await
     }
 
-    /// Saves the pending token now (final save on shutdown).
-    pub async fn flush(&mut self) -> Result<(), CheckpointError> {
-        let Some((token, last_event_id)) = self.pending.clone() else {
-            return Ok(());
-        };
-        if self.last_saved_token.as_ref() == Some(&token) {
-            self.last_save = Instant::now();
+    /// Saves the newest handed-over token now and waits for the outcome.
+    pub async fn flush(&mut self) -> Result<(), Arc<CheckpointError>> {
+        let seq = self.seq;
+        if seq == 0 {
             return Ok(());
         }
-        let cp = Checkpoint {
-            token: token.clone(),
-            last_event_id,
-            saved_at: now_rfc3339(),
-        };
-        // On failure the pending token stays and the next call retries it.
-        self.store.save(&self.stream, &cp).await?;
-        self.last_saved_token = Some(token);
-        self.events_since_save = 0;
-        self.last_save = Instant::now();
-        Ok(())
+        self.tx.send_modify(|p| p.urgent_seq = seq);
+        self.wait_for(seq).await
     }
 
-    /// Time since the last successful save.
-    pub fn age(&self) -> Duration {
-        self.last_save.elapsed()
+    /// Flushes, then stops the writer task.
+    pub async fn finish(mut self) -> Result<(), Arc<CheckpointError>> {
+        let r = self.flush().await;
+        drop(self.tx);
+        let _ = self.task.await;
+        r
+    }
+
+    fn hand_over(
+        &mut self,
+        token: Document,
+        last_event_id: Option<String>,
+        events: usize,
+        urgent: bool,
+    ) -> u64 {
+        self.seq += 1;
+        self.events += events as u64;
+        let (seq, total) = (self.seq, self.events);
+        self.tx.send_modify(|p| {
+            // An event-less token keeps the newest event id already handed over.
+            if last_event_id.is_some() {
+                p.last_event_id = last_event_id;
+            }
+            p.token = Some(token);
+            p.events = total;
+            p.seq = seq;
+            if urgent {
+                p.urgent_seq = seq;
+            }
+        });
+        seq
+    }
+
+    async fn wait_for(&mut self, seq: u64) -> Result<(), Arc<CheckpointError>> {
+        loop {
+            {
+                let o = self.outcome.borrow_and_update();
+                if o.saved >= seq {
+                    return Ok(());
+                }
+                if let Some((failed, e)) = &o.failed {
+                    if *failed >= seq {
+                        return Err(e.clone());
+                    }
+                }
+            }
+            if self.outcome.changed().await.is_err() {
+                return Err(Arc::new(CheckpointError::WriterGone));
+            }
+        }
+    }
+}
+
+struct WriteLoop {
+    store: Arc<CheckpointStore>,
+    health: Arc<Health>,
+    stream: String,
+    interval: Duration,
+    every_events: u64,
+    rx: watch::Receiver<Pending>,
+    outcome: watch::Sender<Outcome>,
+}
+
+async fn write_loop(mut w: WriteLoop) {
+    let mut saved_seq = 0u64;
+    let mut saved_events = 0u64;
+    let mut saved_token: Option<Document> = None;
+    let mut last_save = Instant::now();
+    let mut retry_at: Option<Instant> = None;
+    let mut open = true;
+    loop {
+        let cur = w.rx.borrow_and_update().clone();
+        let Some(token) = cur.token.filter(|_| cur.seq > saved_seq) else {
+            // Nothing unsaved: wait for a token, or stop once the stream is gone.
+            if !open || w.rx.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let due =
+            if !open || cur.urgent_seq > saved_seq || cur.events - saved_events >= w.every_events {
+                Instant::now()
+            } else {
+                last_save + w.interval
+            };
+        // After a failure, wait out the retry delay even when urgent (a flush waiting on
+        // this seq has already been told of the failure).
+        let due = retry_at.map_or(due, |r| due.max(r));
+        if Instant::now() < due {
+            // One timer per window; new tokens only end the wait when they make a save due.
+            let sleep = tokio::time::sleep_until(due.into());
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    r = w.rx.changed() => {
+                        if r.is_err() {
+                            open = false;
+                            break;
+                        }
+                        let p = w.rx.borrow();
+                        if retry_at.is_none()
+                            && (p.urgent_seq > saved_seq || p.events - saved_events >= w.every_events)
+                        {
+                            break;
+                        }
+                    }
+                    _ = &mut sleep => break,
+                }
+            }
+            continue;
+        }
+        let result = if saved_token.as_ref() == Some(&token) {
+            // The same token (an idle stream): nothing new to write.
+            Ok(())
+        } else {
+            let cp = Checkpoint {
+                token: token.clone(),
+                last_event_id: cur.last_event_id.clone(),
+                saved_at: now_rfc3339(),
+            };
+            w.store.save(&w.stream, &cp).await
+        };
+        match result {
+            Ok(()) => {
+                saved_seq = cur.seq;
+                saved_events = cur.events;
+                saved_token = Some(token);
+                last_save = Instant::now();
+                retry_at = None;
+                w.health.set_checkpoint_ok(true);
+                w.outcome.send_modify(|o| o.saved = cur.seq);
+            }
+            Err(e) => {
+                w.health.set_checkpoint_ok(false);
+                tracing::warn!(database = %w.stream, error = %e, "checkpoint save failed; will retry");
+                retry_at = Some(Instant::now() + RETRY_AFTER);
+                w.outcome
+                    .send_modify(|o| o.failed = Some((cur.seq, Arc::new(e))));
+                if !open {
+                    // The stream is gone and the final save failed: nothing more to try.
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -375,24 +542,88 @@ mod tests {
         assert!(err.to_string().contains("is not valid"), "{err}");
     }
 
+    /// Polls the store until `want` is saved for "app" (the writer saves in the background).
+    async fn saved_token(store: &CheckpointStore, want: &Document) -> bool {
+        for _ in 0..200 {
+            if store.load("app").await.unwrap().map(|c| c.token).as_ref() == Some(want) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     #[tokio::test]
-    async fn checkpointer_debounces_and_flushes() {
+    async fn writer_debounces_saves_by_count_and_flushes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CheckpointStore::file(dir.path().join("cp.json"));
-        let mut cp = Checkpointer::new(&store, "app", Duration::from_secs(3600), 3);
-        cp.advance(doc! {"_data": "8201"}, Some("8201".into()), 1);
-        assert!(!cp.maybe_save().await.unwrap());
-        assert_eq!(store.load("app").await.unwrap(), None);
-        cp.advance(doc! {"_data": "8202"}, None, 2);
-        assert!(cp.maybe_save().await.unwrap());
+        let store = Arc::new(CheckpointStore::file(dir.path().join("cp.json")));
+        let health = Arc::new(Health::new(["app"]));
+        let mut w =
+            CheckpointWriter::start(store.clone(), health, "app", Duration::from_secs(3600), 3);
+        w.advance(doc! {"_data": "8201"}, Some("8201".into()), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            store.load("app").await.unwrap(),
+            None,
+            "saved before the window"
+        );
+        // The third event crosses every_events: saved without waiting for the interval.
+        w.advance(doc! {"_data": "8202"}, None, 2);
+        assert!(saved_token(&store, &doc! {"_data": "8202"}).await);
         let saved = store.load("app").await.unwrap().unwrap();
-        assert_eq!(saved.token, doc! {"_data": "8202"});
         assert_eq!(saved.last_event_id.as_deref(), Some("8201"));
-        cp.advance(doc! {"_data": "8203"}, None, 0);
-        cp.flush().await.unwrap();
+        w.advance(doc! {"_data": "8203"}, None, 0);
+        w.finish().await.unwrap();
         assert_eq!(
             store.load("app").await.unwrap().unwrap().token,
             doc! {"_data": "8203"}
         );
+    }
+
+    #[tokio::test]
+    async fn writer_saves_after_the_interval_and_flush_at_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(CheckpointStore::file(dir.path().join("cp.json")));
+        let health = Arc::new(Health::new(["app"]));
+        let mut w = CheckpointWriter::start(
+            store.clone(),
+            health,
+            "app",
+            Duration::from_millis(100),
+            1_000_000,
+        );
+        w.flush_at(doc! {"_data": "8200"}, None).await.unwrap();
+        assert_eq!(
+            store.load("app").await.unwrap().unwrap().token,
+            doc! {"_data": "8200"}
+        );
+        w.advance(doc! {"_data": "8205"}, Some("8205".into()), 1);
+        assert!(saved_token(&store, &doc! {"_data": "8205"}).await);
+        w.finish().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_is_reported_to_flush_and_health_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: every save fails.
+        let path = dir.path().join("cp.json");
+        std::fs::create_dir(&path).unwrap();
+        let store = Arc::new(CheckpointStore::file(&path));
+        let health = Arc::new(Health::new(["app"]));
+        let mut w = CheckpointWriter::start(
+            store.clone(),
+            health.clone(),
+            "app",
+            Duration::from_millis(10),
+            1,
+        );
+        let err = w.flush_at(doc! {"_data": "8201"}, None).await.unwrap_err();
+        assert!(err.to_string().contains("cp.json"), "{err}");
+        assert!(!health.checkpoint_ok());
+        // Once the store works again the retry saves the pending token.
+        std::fs::remove_dir(&path).unwrap();
+        assert!(saved_token(&store, &doc! {"_data": "8201"}).await);
+        assert!(health.checkpoint_ok());
+        w.finish().await.unwrap();
     }
 }

@@ -11,7 +11,7 @@ use bson::Document;
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{CheckpointError, CheckpointStore, Checkpointer};
+use crate::checkpoint::{CheckpointError, CheckpointStore, CheckpointWriter};
 use crate::event::{EventId, RoutedEvent};
 use crate::health::Health;
 use crate::hub::Hub;
@@ -150,8 +150,10 @@ impl Pipeline {
             (None, Some(token)) => StartAt::Token(token),
             (None, None) => StartAt::Now,
         };
-        let mut cp = Checkpointer::new(
-            &self.store,
+        // Saves run beside the stream, so a slow fsync never holds up the next change.
+        let mut cp = CheckpointWriter::start(
+            self.store.clone(),
+            self.health.clone(),
             &db,
             self.cfg.checkpoint_interval,
             self.cfg.checkpoint_every,
@@ -216,13 +218,9 @@ impl Pipeline {
                 // Save where this stream starts before handing out any event, so a
                 // crash before the first debounced save resumes here, not at "now".
                 if let Some(t) = source.token() {
-                    cp.advance(t, None, 0);
-                    match cp.flush().await {
-                        Ok(()) => self.health.set_checkpoint_ok(true),
-                        Err(e) => {
-                            self.health.set_checkpoint_ok(false);
-                            tracing::warn!(database = %db, error = %e, "cannot save the starting checkpoint; will retry");
-                        }
+                    // The writer reports the outcome to health and retries a failure itself.
+                    if let Err(e) = cp.flush_at(t, None).await {
+                        tracing::warn!(database = %db, error = %e, "cannot save the starting checkpoint; will retry");
                     }
                 }
                 tracing::info!(database = %db, start = ?start_label(&start), "change stream open");
@@ -300,18 +298,11 @@ impl Pipeline {
                 }
                 start = StartAt::Token(tok.clone());
                 cp.advance(tok, last_id, count);
-                match cp.maybe_save().await {
-                    Ok(_) => self.health.set_checkpoint_ok(true),
-                    Err(e) => {
-                        self.health.set_checkpoint_ok(false);
-                        tracing::warn!(database = %db, error = %e, "checkpoint save failed; will retry");
-                    }
-                }
             }
         }
 
         self.health.set_stream_open(&db, false);
-        match cp.flush().await {
+        match cp.finish().await {
             Ok(()) => tracing::info!(database = %db, "final checkpoint saved"),
             Err(e) => tracing::error!(database = %db, error = %e, "final checkpoint save failed"),
         }

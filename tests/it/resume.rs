@@ -883,7 +883,10 @@ async fn hostile_documents_never_misroute_and_the_checkpoint_advances() {
         last >= sentinel_id,
         "final checkpoint {last} < {sentinel_id}"
     );
-    tokens.push(last);
+    // The final save may be the token already seen while waiting (saves run beside the stream).
+    if tokens.last() != Some(&last) {
+        tokens.push(last);
+    }
     assert!(
         tokens.windows(2).all(|w| w[0] < w[1]),
         "checkpoint went back"
