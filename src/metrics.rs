@@ -2,10 +2,13 @@
 //!
 //! Label values are bounded enums or configured collection names, never ids.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
@@ -87,6 +90,30 @@ impl EncodeLabelValue for RecoveryKind {
 pub struct RecoveryLabels {
     /// How the recovery was served.
     pub source: RecoveryKind,
+}
+
+/// `runtime_tasks`: the alive tasks of the tokio runtime the scrape runs on, read at each encode.
+///
+/// `/metrics` is served by changecast's own runtime, so that is the runtime counted (stable
+/// `RuntimeMetrics::num_alive_tasks`, no `tokio_unstable`). Outside any runtime nothing is written.
+#[derive(Debug)]
+struct RuntimeTasks;
+
+impl Collector for RuntimeTasks {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Ok(());
+        };
+        let alive = runtime.metrics().num_alive_tasks();
+        let tasks = ConstGauge::new(i64::try_from(alive).unwrap_or(i64::MAX));
+        let metric = encoder.encode_descriptor(
+            "runtime_tasks",
+            "Alive tokio tasks in changecast's runtime, sampled at scrape time",
+            None,
+            tasks.metric_type(),
+        )?;
+        tasks.encode(metric)
+    }
 }
 
 /// Every metric changecast exports.
@@ -247,6 +274,7 @@ impl Metrics {
             "Client messages refused, by reason",
             m.client_errors.clone(),
         );
+        r.register_collector(Box::new(RuntimeTasks));
         Self { registry, ..m }
     }
 
@@ -256,5 +284,56 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `changecast_runtime_tasks` sample in `text`, if any.
+    fn runtime_tasks(text: &str) -> Option<i64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("changecast_runtime_tasks "))
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn runtime_tasks_is_sampled_at_each_encode() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        let m = Metrics::new();
+        rt.block_on(async {
+            // `block_on`'s own future is not a spawned task.
+            let idle = runtime_tasks(&m.encode());
+            assert_eq!(idle, Some(0));
+            let text = m.encode();
+            assert!(
+                text.contains("# TYPE changecast_runtime_tasks gauge"),
+                "{text}"
+            );
+            let stop = tokio_util::sync::CancellationToken::new();
+            let parked: Vec<_> = (0..3)
+                .map(|_| {
+                    let stop = stop.clone();
+                    tokio::spawn(async move { stop.cancelled().await })
+                })
+                .collect();
+            assert_eq!(runtime_tasks(&m.encode()), idle.map(|n| n + 3));
+            stop.cancel();
+            for t in parked {
+                let _ = t.await;
+            }
+            assert_eq!(runtime_tasks(&m.encode()), idle);
+        });
+    }
+
+    #[test]
+    fn runtime_tasks_is_left_out_outside_a_runtime() {
+        let text = Metrics::new().encode();
+        assert!(!text.contains("changecast_runtime_tasks"), "{text}");
+        assert!(text.contains("changecast_rooms"), "{text}");
     }
 }

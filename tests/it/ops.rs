@@ -51,9 +51,12 @@ async fn every_metric_moves_as_expected() {
         "changecast_stream_reconnects_total",
         "changecast_history_lost_total",
         "changecast_delivery_latency_seconds_count",
+        "changecast_runtime_tasks",
     ] {
         assert!(m0.contains_key(family), "{family} is not exported: {m0:?}");
     }
+    // Sampled at scrape time: at least the task serving this scrape is alive.
+    assert!(get(&m0, "changecast_runtime_tasks") >= 1.0, "{m0:?}");
 
     // An order update: deliveries per wire format and the latency histogram.
     let id = ObjectId::new();

@@ -137,6 +137,30 @@ impl Server {
         s
     }
 
+    /// As `start`, but changecast (listener, driver, every task it spawns) runs on `runtime`
+    /// instead of the caller's: its `changecast_runtime_tasks` then counts changecast's tasks
+    /// only, not the test's clients, writers or an in-process mongo-sim.
+    pub async fn start_on(runtime: &tokio::runtime::Handle, db: &Db, extra: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(db, &dir.path().join("checkpoint.json"), extra);
+        let handle = runtime
+            .spawn(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                app::start(&cfg, RunOptions::default(), listener, None).await
+            })
+            .await
+            .unwrap()
+            .expect("start changecast");
+        let addr = handle.addr;
+        let s = Server {
+            handle: Some(handle),
+            addr,
+            dir,
+        };
+        s.wait_ready().await;
+        s
+    }
+
     pub fn app(&self) -> &AppHandle {
         self.handle.as_ref().unwrap()
     }

@@ -1,6 +1,7 @@
 //! Clients: many reconnecting clients at a steady event rate, recovery beyond the history window,
 //! one client that stops reading among many, a reconnect storm served from history, and the
-//! room/connection gauges back at zero once everyone has left.
+//! room/connection gauges back at zero and the task count back at its baseline once everyone has
+//! left (changecast runs on a runtime of its own here, see `OwnRuntimeServer`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,8 +130,12 @@ async fn reconnecting_client(
     life
 }
 
-/// Waits until `/metrics` shows no rooms and no native connections.
-async fn leak_check(server: &Server, label: &str) {
+/// Waits until `/metrics` shows no rooms, no native connections and no more changecast tasks
+/// than `server` had before any client connected. The server runs on its own runtime, so the
+/// task gauge counts changecast's tasks only (one per open socket, plus the scrape being served),
+/// never the test's clients or mongo-sim. No tolerance: every fast run measured the baseline
+/// exactly; fewer would mean a start-up task still running at the baseline, not a leak.
+async fn leak_check(server: &OwnRuntimeServer, label: &str) {
     let rooms = wait_metric(server, "changecast_rooms", 0.0, Duration::from_secs(10)).await;
     let conns = wait_metric(
         server,
@@ -139,12 +144,28 @@ async fn leak_check(server: &Server, label: &str) {
         Duration::from_secs(10),
     )
     .await;
+    let before = server.tasks_at_start;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let tasks = loop {
+        let v = metric(&metrics(server).await, "changecast_runtime_tasks");
+        if v <= before || tokio::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     figure(
         &format!("leaks.{label}"),
-        format!("after all clients left: rooms {rooms}, connections {conns}"),
+        format!(
+            "after all clients left: rooms {rooms}, connections {conns}; changecast tasks {before} before the clients → {tasks} after"
+        ),
     );
     assert_eq!(rooms, 0.0, "rooms gauge after everyone left");
     assert_eq!(conns, 0.0, "connections gauge after everyone left");
+    assert!(before > 0.0, "no changecast_runtime_tasks at the start");
+    assert!(
+        tasks <= before,
+        "changecast tasks {tasks} after everyone left, {before} before the clients"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +178,7 @@ async fn reconnecting_clients_inside_the_history_window_miss_nothing() {
     let customers = clients / 2;
     let work = Workload::new(customers, 20, customers * 2);
     work.seed(&db).await;
-    let server = Server::start(&db, "[server]\nmax_connections_per_subject = 20\n").await;
+    let server = OwnRuntimeServer::start(&db, "[server]\nmax_connections_per_subject = 20\n").await;
     // The reference: one admin that never disconnects sees every change's id.
     let reference = Observer::spawn(Client::connect(&server, &admin_token()).await.0);
     let finish = CancellationToken::new();
@@ -290,7 +311,7 @@ async fn beyond_the_history_window_clients_get_resync_and_no_partial_replay() {
     .await;
     let work = Workload::new(4, 2, 8);
     work.seed(&db).await;
-    let server = Server::start(&db, "[hub]\nhistory_len = 20\n").await;
+    let server = OwnRuntimeServer::start(&db, "[hub]\nhistory_len = 20\n").await;
     let c0 = work.customers[0].clone();
     let token = customer_token(&c0);
     let must = work.customer_keys(&c0);
@@ -446,7 +467,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_miss_nothing() {
     let customers = (others / 2).max(1);
     let work = Workload::new(customers, 5, customers);
     work.seed(&db).await;
-    let server = Server::start(&db, "[hub]\nmailbox_capacity = 64\n").await;
+    let server = OwnRuntimeServer::start(&db, "[hub]\nmailbox_capacity = 64\n").await;
     let mut obs = Vec::new();
     for i in 0..others {
         let c = &work.customers[i % customers];
@@ -579,7 +600,7 @@ async fn a_reconnect_storm_is_served_from_history_without_a_query_per_client() {
     let customers = (n / 10).max(1);
     let work = Workload::new(customers, 10, customers);
     work.seed(&db).await;
-    let server = Server::start(
+    let server = OwnRuntimeServer::start(
         &db,
         &format!("[server]\nmax_connections = {}\n", n * 2 + 100),
     )

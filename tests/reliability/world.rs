@@ -347,6 +347,63 @@ pub fn distinct(seen: &[Seen]) -> u64 {
         .len() as u64
 }
 
+/// changecast on a tokio runtime of its own (2 workers, as the tests' runtime), so that its
+/// `changecast_runtime_tasks` counts changecast's tasks only; the test's clients, writers and
+/// mongo-sim stay on the test's runtime. Derefs to the `Server`.
+pub struct OwnRuntimeServer {
+    server: Option<Server>,
+    runtime: Option<tokio::runtime::Runtime>,
+    /// `changecast_runtime_tasks` once ready, before any client connected.
+    pub tasks_at_start: f64,
+}
+
+impl OwnRuntimeServer {
+    pub async fn start(db: &Db, extra: &str) -> OwnRuntimeServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("changecast-server")
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = Server::start_on(runtime.handle(), db, extra).await;
+        let tasks_at_start = metric(&metrics(&server).await, "changecast_runtime_tasks");
+        OwnRuntimeServer {
+            server: Some(server),
+            runtime: Some(runtime),
+            tasks_at_start,
+        }
+    }
+}
+
+impl std::ops::Deref for OwnRuntimeServer {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+}
+
+impl Drop for OwnRuntimeServer {
+    fn drop(&mut self) {
+        // A graceful stop on a thread of its own (this is an async context, where a runtime
+        // cannot block or be dropped): dropping the runtime with changecast's tasks still
+        // running makes the driver panic (a cursor's kill after its pool is gone).
+        let (Some(mut server), Some(runtime)) = (self.server.take(), self.runtime.take()) else {
+            return;
+        };
+        let handle = server.handle.take();
+        std::thread::spawn(move || {
+            if let Some(h) = handle {
+                h.stop();
+                runtime.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), h.wait()).await;
+                });
+            }
+            drop(server);
+            drop(runtime);
+        });
+    }
+}
+
 /// The sum of the samples of `name` (a family name, or a name with its `{labels}`) in `/metrics`.
 pub fn metric(body: &str, name: &str) -> f64 {
     body.lines()
