@@ -255,16 +255,22 @@ async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// token with [`CheckpointWriter::advance`] and never waits for the disk (an fsync
 /// can take tens of milliseconds, and every change behind it would wait too).
 ///
-/// At most one save per `interval`, or sooner after `every_events` events, and at
-/// once on [`CheckpointWriter::flush`]. The queue is one slot deep (a `watch`):
-/// overflow policy — a newer token replaces an unsaved older one, which is safe
+/// At most one save per `interval`, or sooner once half of `every_events` events are
+/// unsaved, and at once on [`CheckpointWriter::flush`]. The queue is one slot deep (a
+/// `watch`): overflow policy — a newer token replaces an unsaved older one, which is safe
 /// because the newer token covers every event before it.
+///
+/// A crash repeats at most `every_events` events: when that many are handed over and
+/// unsaved (a save slower than the stream), [`CheckpointWriter::wait_for_room`] holds the
+/// stream until the save in flight lands. Saves start at half a window so that this wait
+/// only happens when the disk cannot keep up, not at every save.
 pub struct CheckpointWriter {
     tx: watch::Sender<Pending>,
     outcome: watch::Receiver<Outcome>,
     task: tokio::task::JoinHandle<()>,
     seq: u64,
     events: u64,
+    every_events: u64,
 }
 
 /// The newest token handed over (seq 0: none yet).
@@ -284,6 +290,8 @@ struct Pending {
 struct Outcome {
     /// Highest seq saved (or found already saved).
     saved: u64,
+    /// The events handed over in total up to that seq.
+    saved_events: u64,
     /// The seq of the newest failed attempt and why.
     failed: Option<(u64, Arc<CheckpointError>)>,
 }
@@ -302,12 +310,13 @@ impl CheckpointWriter {
     ) -> Self {
         let (tx, rx) = watch::channel(Pending::default());
         let (outcome_tx, outcome) = watch::channel(Outcome::default());
+        let every_events = every_events.max(1) as u64;
         let task = tokio::spawn(write_loop(WriteLoop {
             store,
             health,
             stream: stream.to_owned(),
             interval,
-            every_events: every_events.max(1) as u64,
+            save_after: every_events.div_ceil(2),
             rx,
             outcome: outcome_tx,
         }));
@@ -317,6 +326,7 @@ impl CheckpointWriter {
             task,
             seq: 0,
             events: 0,
+            every_events,
         }
     }
 
@@ -324,6 +334,25 @@ impl CheckpointWriter {
     /// events that covered and `last_event_id` the newest of them. Never waits.
     pub fn advance(&mut self, token: Document, last_event_id: Option<String>, events: usize) {
         self.hand_over(token, last_event_id, events, false);
+    }
+
+    /// Waits while `every_events` handed-over events are unsaved, so that a crash never
+    /// repeats more than that; returns at once otherwise. Does not wait while the store is
+    /// failing (the writer retries, logs and reports it to health): a broken store must
+    /// not stop the stream.
+    pub async fn wait_for_room(&mut self) {
+        loop {
+            {
+                let o = self.outcome.borrow_and_update();
+                let failing = o.failed.as_ref().is_some_and(|(seq, _)| *seq > o.saved);
+                if self.events - o.saved_events < self.every_events || failing {
+                    return;
+                }
+            }
+            if self.outcome.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Hands over `token` and waits until it is saved (the start of a stream, shutdown).
@@ -404,7 +433,8 @@ struct WriteLoop {
     health: Arc<Health>,
     stream: String,
     interval: Duration,
-    every_events: u64,
+    /// Unsaved events that make a save due before the interval ends (half a window).
+    save_after: u64,
     rx: watch::Receiver<Pending>,
     outcome: watch::Sender<Outcome>,
 }
@@ -426,7 +456,7 @@ async fn write_loop(mut w: WriteLoop) {
             continue;
         };
         let due =
-            if !open || cur.urgent_seq > saved_seq || cur.events - saved_events >= w.every_events {
+            if !open || cur.urgent_seq > saved_seq || cur.events - saved_events >= w.save_after {
                 Instant::now()
             } else {
                 last_save + w.interval
@@ -440,14 +470,16 @@ async fn write_loop(mut w: WriteLoop) {
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
-                    r = w.rx.changed() => {
+                    // Once the stream is gone, only the timer ends the wait (a closed
+                    // channel answers at once: selecting on it would spin).
+                    r = w.rx.changed(), if open => {
                         if r.is_err() {
                             open = false;
                             break;
                         }
                         let p = w.rx.borrow();
                         if retry_at.is_none()
-                            && (p.urgent_seq > saved_seq || p.events - saved_events >= w.every_events)
+                            && (p.urgent_seq > saved_seq || p.events - saved_events >= w.save_after)
                         {
                             break;
                         }
@@ -476,7 +508,10 @@ async fn write_loop(mut w: WriteLoop) {
                 last_save = Instant::now();
                 retry_at = None;
                 w.health.set_checkpoint_ok(true);
-                w.outcome.send_modify(|o| o.saved = cur.seq);
+                w.outcome.send_modify(|o| {
+                    o.saved = cur.seq;
+                    o.saved_events = cur.events;
+                });
             }
             Err(e) => {
                 w.health.set_checkpoint_ok(false);
@@ -567,7 +602,7 @@ mod tests {
             None,
             "saved before the window"
         );
-        // The third event crosses every_events: saved without waiting for the interval.
+        // The third event crosses half of every_events: saved without waiting for the interval.
         w.advance(doc! {"_data": "8202"}, None, 2);
         assert!(saved_token(&store, &doc! {"_data": "8202"}).await);
         let saved = store.load("app").await.unwrap().unwrap();
@@ -600,6 +635,70 @@ mod tests {
         w.advance(doc! {"_data": "8205"}, Some("8205".into()), 1);
         assert!(saved_token(&store, &doc! {"_data": "8205"}).await);
         w.finish().await.unwrap();
+    }
+
+    /// Whether `wait_for_room` returns within `d`.
+    async fn room(
+        w: &mut CheckpointWriter,
+        d: Duration,
+    ) -> Result<(), tokio::time::error::Elapsed> {
+        tokio::time::timeout(d, w.wait_for_room()).await
+    }
+
+    #[tokio::test]
+    async fn the_stream_waits_only_while_a_whole_window_is_unsaved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(CheckpointStore::file(dir.path().join("cp.json")));
+        let health = Arc::new(Health::new(["app"]));
+        let mut w =
+            CheckpointWriter::start(store.clone(), health, "app", Duration::from_secs(3600), 4);
+        // A save that cannot finish yet: the store's lock is held.
+        let CheckpointStore::File { lock, .. } = &*store else {
+            unreachable!()
+        };
+        let held = lock.lock().await;
+        // Half a window makes a save due; the stream goes on while it is in flight.
+        w.advance(doc! {"_data": "8201"}, Some("8201".into()), 2);
+        room(&mut w, Duration::from_millis(300))
+            .await
+            .expect("waited with half a window unsaved");
+        w.advance(doc! {"_data": "8202"}, Some("8202".into()), 1);
+        room(&mut w, Duration::from_millis(300))
+            .await
+            .expect("waited with 3 of 4 unsaved");
+        // A whole window unsaved: a crash now would repeat 4 events, so no more until a save lands.
+        w.advance(doc! {"_data": "8203"}, Some("8203".into()), 1);
+        room(&mut w, Duration::from_millis(300))
+            .await
+            .expect_err("went on with a whole window unsaved");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(10), w.wait_for_room())
+            .await
+            .expect("still waiting after the save could finish");
+        w.finish().await.unwrap();
+        assert_eq!(
+            store.load("app").await.unwrap().unwrap().token,
+            doc! {"_data": "8203"}
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_store_does_not_hold_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.json");
+        std::fs::create_dir(&path).unwrap();
+        let store = Arc::new(CheckpointStore::file(&path));
+        let health = Arc::new(Health::new(["app"]));
+        let mut w =
+            CheckpointWriter::start(store, health.clone(), "app", Duration::from_secs(3600), 2);
+        for i in 0..5u8 {
+            w.advance(doc! {"_data": format!("820{i}")}, None, 1);
+            tokio::time::timeout(Duration::from_secs(10), w.wait_for_room())
+                .await
+                .expect("held by a failing store");
+        }
+        assert!(!health.checkpoint_ok());
+        assert!(w.finish().await.is_err());
     }
 
     #[tokio::test]

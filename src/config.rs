@@ -735,7 +735,7 @@ pub struct CheckpointConfig {
     pub store: CheckpointStoreConfig,
     /// Most time between saves while events flow; default `1s`.
     pub interval: Duration,
-    /// Save sooner after this many events; default 1000.
+    /// A crash repeats at most this many events (saves start after half of them); default 1000.
     pub every_events: NonZeroUsize,
 }
 

@@ -298,6 +298,12 @@ impl Pipeline {
                 }
                 start = StartAt::Token(tok.clone());
                 cp.advance(tok, last_id, count);
+                // A crash repeats at most one checkpoint window: when a whole window is
+                // handed out but unsaved (the disk slower than the stream), wait for the save.
+                tokio::select! {
+                    _ = stop.cancelled() => break 'reconnect,
+                    () = cp.wait_for_room() => {}
+                }
             }
         }
 

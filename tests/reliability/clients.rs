@@ -335,6 +335,23 @@ async fn beyond_the_history_window_clients_get_resync_and_no_partial_replay() {
     );
     work.write_n(&db, 20, 100, None).await;
     let want = work.ledger().total(&must);
+    // Only once the worker has read the writes is `last` out of the hub's history (20): a
+    // client that came sooner would be served from history, not the oplog. Every write is one
+    // change read and the stream started after the seed, so the worker has read them all when
+    // `changes_read` reaches the ledger's total (the last one is published right after).
+    let written = work.ledger().total(|_| true) as f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let read = metric(&metrics(&server).await, "changecast_changes_read_total");
+        if read >= written {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker read {read} of {written} changes in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (c, _) = connect_url(&url_since(&server, Some(&last)), &token).await;
     let obs = Observer::spawn(c);
     let recovered = obs

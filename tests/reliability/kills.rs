@@ -108,20 +108,26 @@ async fn sigkill_and_sigterm_restarts_lose_nothing() {
 
     let outputs: Vec<Vec<Seen>> = runs.iter().map(|r| read_run(&r.out)).collect();
     let report = check(&ledger, |_| true, &outputs);
-    // Repeats per restart: changes of run i+1 already printed by an earlier run.
-    let mut before: HashSet<String> = HashSet::new();
+    // Repeats per stop: the changes a stopped run printed that any later run printed again,
+    // charged to that run's stop, not to the stop just before the repeating run. When a run
+    // resumed after a SIGKILL is SIGTERMed before it has re-delivered all of the killed run's
+    // unsaved window, the run after the SIGTERM delivers the rest: those repeats are the kill's
+    // (a clean stop's final checkpoint covers what the stopped run printed, nothing beyond).
+    // So a SIGTERMed run's output must never come again, and a SIGKILLed run's at most one
+    // checkpoint window of it.
+    let ids: Vec<HashSet<String>> = outputs
+        .iter()
+        .map(|out| out.iter().map(|s| s.id.clone()).collect())
+        .collect();
     let (mut per_kill, mut after_term) = (Vec::new(), 0usize);
-    for (i, out) in outputs.iter().enumerate() {
-        let ids: HashSet<String> = out.iter().map(|s| s.id.clone()).collect();
-        if i > 0 {
-            let repeated = ids.intersection(&before).count();
-            if kinds[i - 1] {
-                per_kill.push(repeated);
-            } else {
-                after_term += repeated;
-            }
+    for (j, is_kill) in kinds.iter().enumerate() {
+        let later: HashSet<&String> = ids[j + 1..].iter().flatten().collect();
+        let repeated = ids[j].iter().filter(|id| later.contains(id)).count();
+        if *is_kill {
+            per_kill.push(repeated);
+        } else {
+            after_term += repeated;
         }
-        before.extend(ids);
     }
     let max_kill = per_kill.iter().copied().max().unwrap_or(0);
     let total_kill: usize = per_kill.iter().sum();
