@@ -216,6 +216,17 @@ impl Hub {
         self.state().head.clone()
     }
 
+    /// The `since` a client should use before any event reached it: the newest event
+    /// published, or, before the first one (or after a resync moved the floor past it),
+    /// where the stream started. `None` only before any stream has opened.
+    pub fn position(&self) -> Option<EventId> {
+        let st = self.state();
+        match (&st.head, &st.floor) {
+            (Some(h), Some(f)) => Some(h.max(f).clone()),
+            (h, f) => h.clone().or_else(|| f.clone()),
+        }
+    }
+
     /// Joins `room` and, when `since` is given, returns what history holds after it.
     ///
     /// Subscribing and reading history happen under one lock, so an event is
@@ -458,6 +469,23 @@ mod tests {
         h.publish(&ev("8206", &["customer:c1"]));
         assert_eq!(rx.try_recv().unwrap().id.as_ref().unwrap().as_str(), "8206");
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn position_is_the_floor_until_the_first_event() {
+        let h = hub(10, 10);
+        assert_eq!(h.position(), None);
+        h.set_floor(EventId::new("8200"));
+        assert_eq!(h.position(), Some(EventId::new("8200")));
+        // A client that joins now with since = position gets the first event from history.
+        h.publish(&ev("8201", &["customer:c1"]));
+        assert_eq!(h.position(), Some(EventId::new("8201")));
+        let (mb, _rx) = h.mailbox();
+        let room: Room = "customer:c1".parse().unwrap();
+        match h.subscribe(&room, &mb, Some(&EventId::new("8200"))) {
+            Recovery::Recovered(replay) => assert_eq!(replay.len(), 1),
+            _ => panic!("since = the floor must be covered"),
+        }
     }
 
     #[test]

@@ -151,7 +151,7 @@ impl Session {
     async fn join_checked(&mut self, room: Room, since: Option<EventId>) -> Joined {
         // Read before subscribing: anything published in between is after `position`, so
         // recovering from it may add events from just before the join but never skips one.
-        let position = self.gw.hub.head();
+        let position = self.gw.hub.position();
         // Subscribe before reading history, so nothing falls between.
         let recovery = self.gw.hub.subscribe(&room, &self.mailbox, since.as_ref());
         self.rooms.insert(
