@@ -548,8 +548,8 @@ async fn joins_follow_the_ws_rules_and_answer_with_acks_or_error_events() {
     let (ack, _) = c.call("join-order-room", json!({"orderId": "o1"})).await;
     assert_eq!(
         ack,
-        // Nothing published yet, so no recovery position.
-        json!({"ok": true, "room": "order:o1", "recovered": false, "position": null})
+        // Nothing published yet: the recovery position is where the stream started (the floor).
+        json!({"ok": true, "room": "order:o1", "recovered": false, "position": "0000000000000000"})
     );
 
     let (ack, seen) = c.call("join-order-room", json!({"orderId": "o2"})).await;
