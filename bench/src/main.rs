@@ -6,6 +6,12 @@ use std::time::Duration;
 use changecast_bench::suite::{self, SuiteConfig, Target};
 use clap::Parser;
 
+// The load tool and the raw limit share the machine with the server under test; a fast
+// allocator keeps the tool's share small and gives the raw limit the same allocator
+// changecast uses, so the comparison is between servers, not allocators.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Fan-out benchmarks: changecast (/ws and Socket.IO) against the Node reference and the raw limit.
 #[derive(Parser)]
 struct Args {

@@ -4,6 +4,12 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+// The load tool and the raw limit share the machine with the server under test; a fast
+// allocator keeps the tool's share small and gives the raw limit the same allocator
+// changecast uses, so the comparison is between servers, not allocators.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The raw limit: WebSocket fan-out with no database and no routing.
 #[derive(Parser)]
 struct Args {

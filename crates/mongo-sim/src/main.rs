@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use mongo_sim::{MongoSim, SimConfig};
 
+// Every command decodes, clones and re-encodes documents; with glibc's allocator, malloc and
+// free were ~45% of mongo-sim's CPU in the benchmark's workload T, CPU the server under test
+// shares on the same machine. Real mongod ships tcmalloc for the same reason.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Pretty,
