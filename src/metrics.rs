@@ -153,6 +153,9 @@ pub struct Metrics {
     pub history_lost: Counter,
     /// Client messages refused as malformed or over a limit, by reason.
     pub client_errors: Family<ReasonLabels, Counter>,
+    /// `deliveries` of `/ws` and Socket.IO, looked up once: the family's lookup takes a
+    /// lock and hashes the label for every frame otherwise.
+    delivered: [Counter; 2],
 }
 
 impl Default for Metrics {
@@ -162,10 +165,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one frame written to a client over `wire`.
+    pub fn delivered(&self, wire: Wire) {
+        let i = match wire {
+            Wire::Native => 0,
+            Wire::SocketIo => 1,
+        };
+        self.delivered[i].inc();
+    }
+
     /// Registers every family under the `changecast_` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("changecast");
-        let m = Self {
+        let mut m = Self {
             changes_read: Family::default(),
             events_routed: Family::default(),
             events_dropped: Family::default(),
@@ -186,8 +198,11 @@ impl Metrics {
             stream_reconnects: Counter::default(),
             history_lost: Counter::default(),
             client_errors: Family::default(),
+            delivered: Default::default(),
             registry: Registry::default(),
         };
+        m.delivered = [Wire::Native, Wire::SocketIo]
+            .map(|wire| m.deliveries.get_or_create(&WireLabels { wire }).clone());
         let r = &mut registry;
         r.register(
             "changes_read",

@@ -660,15 +660,21 @@ impl Conn {
         let mut rate = RateWindow::new(
             u32::try_from(gw.cfg.max_messages_per_second.get()).unwrap_or(u32::MAX),
         );
-        let leeway = gw.verifier.leeway();
+        // Made once, as on `/ws`: per turn they would cost a timer-wheel insert and
+        // removal and three waiter-list locks per delivery. The principal never changes
+        // on this endpoint (no in-band refresh), so neither does the expiry.
+        let stopping = gw.stop.cancelled();
+        let going = self.gone.cancelled();
+        let kicking = kicked.cancelled();
+        let expiry = tokio::time::sleep(expiry_in(session.principal(), gw.verifier.leeway()));
+        tokio::pin!(stopping, going, kicking, expiry);
         loop {
-            let expiry = expiry_in(session.principal(), leeway);
             tokio::select! {
                 biased;
-                _ = gw.stop.cancelled() => return Exit::Shutdown,
-                _ = self.gone.cancelled() => return Exit::Gone,
-                _ = kicked.cancelled() => return Exit::Kicked,
-                _ = tokio::time::sleep(expiry) => {
+                _ = &mut stopping => return Exit::Shutdown,
+                _ = &mut going => return Exit::Gone,
+                _ = &mut kicking => return Exit::Kicked,
+                _ = &mut expiry => {
                     // Counted apart from refused tokens, as on `/ws`.
                     gw.metrics
                         .auth_failures
@@ -816,12 +822,7 @@ impl Conn {
                 )?;
             }
         }
-        gw.metrics
-            .deliveries
-            .get_or_create(&WireLabels {
-                wire: Wire::SocketIo,
-            })
-            .inc();
+        gw.metrics.delivered(Wire::SocketIo);
         Ok(())
     }
 

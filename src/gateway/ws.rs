@@ -527,11 +527,7 @@ impl Conn {
             self.socket.feed(WsMessage::Text(text)),
         )
         .await?;
-        self.gw
-            .metrics
-            .deliveries
-            .get_or_create(&WireLabels { wire: Wire::Native })
-            .inc();
+        self.gw.metrics.delivered(Wire::Native);
         if let Some(ts) = m.ts_ms() {
             observe_latency(&self.gw, ts);
         }
@@ -583,6 +579,13 @@ async fn timed(
     kicked: &CancellationToken,
     write: impl std::future::Future<Output = Result<(), axum::Error>>,
 ) -> Result<(), WriteError> {
+    tokio::pin!(write);
+    // Almost every write finishes on its first poll (the socket buffer has room); only
+    // one that waits needs the timer and the kick waiter, which cost a clock read and
+    // a waiter registration per frame when made up front.
+    if let std::task::Poll::Ready(r) = futures::poll!(write.as_mut()) {
+        return r.map_err(|_| WriteError::Failed);
+    }
     tokio::select! {
         biased;
         r = tokio::time::timeout(timeout, write) => match r {
