@@ -121,13 +121,17 @@ pub fn layer(gw: Arc<Gateway>) -> SocketIoLayer {
 /// (`SocketRef::req_parts`). Those slices kept that buffer resident per
 /// connection, and with it a second 8 KiB buffer hyper allocated for its next
 /// read because the first was still shared: 16 KiB of heap per idle connection,
-/// 7.6 KiB of RSS at C = 10000. The copies are the size of the head. Nothing else
-/// changes: same method, version, URI, headers (and their sensitivity), extensions.
+/// 7.6 KiB of RSS at C = 10000. The copies are the size of the head. Headers nothing
+/// reads ([`UNREAD_HEADERS`]) are left out; otherwise nothing changes: same method,
+/// version, URI, other headers (and their sensitivity), extensions.
 fn detach(req: axum::extract::Request) -> axum::extract::Request {
     use axum::http::{HeaderMap, HeaderValue, Uri};
     let (mut parts, body) = req.into_parts();
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     for (name, value) in &parts.headers {
+        if unread(name) {
+            continue;
+        }
         let copy = match HeaderValue::from_bytes(value.as_bytes()) {
             Ok(mut v) => {
                 v.set_sensitive(value.is_sensitive());
@@ -145,6 +149,26 @@ fn detach(req: axum::extract::Request) -> axum::extract::Request {
         o.0 = parts.uri.clone();
     }
     axum::extract::Request::from_parts(parts, body)
+}
+
+/// Request headers that neither changecast nor the Socket.IO engine reads (the engine
+/// reads `Content-Type` and `Sec-WebSocket-Key`; changecast `Origin`, `Authorization`
+/// and `Sec-WebSocket-Protocol`), yet the engine would keep for the socket's life: a
+/// browser's cookies, user agent and client hints are 1–3 KB per connection.
+const UNREAD_HEADERS: [axum::http::HeaderName; 8] = [
+    axum::http::header::COOKIE,
+    axum::http::header::USER_AGENT,
+    axum::http::header::ACCEPT,
+    axum::http::header::ACCEPT_LANGUAGE,
+    axum::http::header::ACCEPT_ENCODING,
+    axum::http::header::REFERER,
+    axum::http::header::CACHE_CONTROL,
+    axum::http::header::PRAGMA,
+];
+
+fn unread(name: &axum::http::HeaderName) -> bool {
+    let n = name.as_str();
+    UNREAD_HEADERS.contains(name) || n.starts_with("sec-ch-") || n.starts_with("sec-fetch-")
 }
 
 /// The middleware in front of socketioxide: every `/socket.io/` request is
@@ -875,6 +899,38 @@ mod tests {
             rooms: rooms.to_vec(),
             statuses: statuses.map(|s| s.iter().map(|x| x.to_string()).collect()),
         }
+    }
+
+    #[test]
+    fn detach_keeps_what_is_read_and_drops_what_is_not() {
+        let req = axum::http::Request::builder()
+            .uri("/socket.io/?EIO=4&transport=websocket&token=t")
+            .header("origin", "https://shop.example")
+            .header("authorization", "Bearer abc")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-protocol", "changecast.v1")
+            .header("content-type", "text/plain")
+            .header("cookie", "session=".to_owned() + &"x".repeat(2000))
+            .header("user-agent", "Mozilla/5.0")
+            .header("accept-language", "en")
+            .header("sec-ch-ua", "\"Chromium\"")
+            .header("sec-fetch-mode", "websocket")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let out = detach(req);
+        let names: Vec<&str> = out.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "origin",
+                "authorization",
+                "sec-websocket-key",
+                "sec-websocket-protocol",
+                "content-type"
+            ]
+        );
+        assert_eq!(out.headers()["authorization"], "Bearer abc");
+        assert_eq!(out.uri().query(), Some("EIO=4&transport=websocket&token=t"));
     }
 
     #[test]
