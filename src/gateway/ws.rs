@@ -311,10 +311,10 @@ impl Conn {
     ) -> Option<Exit> {
         let (principal, since) = match principal {
             Some(p) => (p, since),
-            // The futures awaited once per connection are boxed (here, the auto-joins and
-            // their replay, and `handle` in the loop): inline, they sized every session's
-            // task for its whole life, and a task just over 4 KiB takes mimalloc's 5 KiB
-            // size class (measured: 1 KiB more per idle connection).
+            // The futures awaited once per connection are boxed (in-band auth here, then
+            // the auto-joins and their replay, and `handle` in the loop): inline, they sized
+            // every session's task for its whole life, and a task just over 4 KiB takes
+            // mimalloc's 5 KiB size class (measured: 1 KiB more per idle connection).
             None => match Box::pin(self.authenticate()).await {
                 Ok((p, s)) => (p, s.or(since)),
                 Err(exit) => return exit,
