@@ -588,13 +588,21 @@ mod tests {
         false
     }
 
-    #[tokio::test]
-    async fn writer_debounces_saves_by_count_and_flushes() {
+    /// A writer saving to a fresh file store, and that store (the directory lives as long as the guard).
+    fn file_writer(
+        interval: Duration,
+        every_events: usize,
+    ) -> (tempfile::TempDir, Arc<CheckpointStore>, CheckpointWriter) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(CheckpointStore::file(dir.path().join("cp.json")));
         let health = Arc::new(Health::new(["app"]));
-        let mut w =
-            CheckpointWriter::start(store.clone(), health, "app", Duration::from_secs(3600), 3);
+        let w = CheckpointWriter::start(store.clone(), health, "app", interval, every_events);
+        (dir, store, w)
+    }
+
+    #[tokio::test]
+    async fn writer_debounces_saves_by_count_and_flushes() {
+        let (_dir, store, mut w) = file_writer(Duration::from_secs(3600), 3);
         w.advance(doc! {"_data": "8201"}, Some("8201".into()), 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
@@ -617,16 +625,7 @@ mod tests {
 
     #[tokio::test]
     async fn writer_saves_after_the_interval_and_flush_at_waits() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(CheckpointStore::file(dir.path().join("cp.json")));
-        let health = Arc::new(Health::new(["app"]));
-        let mut w = CheckpointWriter::start(
-            store.clone(),
-            health,
-            "app",
-            Duration::from_millis(100),
-            1_000_000,
-        );
+        let (_dir, store, mut w) = file_writer(Duration::from_millis(100), 1_000_000);
         w.flush_at(doc! {"_data": "8200"}, None).await.unwrap();
         assert_eq!(
             store.load("app").await.unwrap().unwrap().token,
@@ -647,11 +646,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_stream_waits_only_while_a_whole_window_is_unsaved() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(CheckpointStore::file(dir.path().join("cp.json")));
-        let health = Arc::new(Health::new(["app"]));
-        let mut w =
-            CheckpointWriter::start(store.clone(), health, "app", Duration::from_secs(3600), 4);
+        let (_dir, store, mut w) = file_writer(Duration::from_secs(3600), 4);
         // A save that cannot finish yet: the store's lock is held.
         let CheckpointStore::File { lock, .. } = &*store else {
             unreachable!()
