@@ -73,6 +73,7 @@ pub struct RawAuthConfig {
     /// Claim holding the role (string or array of strings). Default `role`.
     pub role_claim: Option<String>,
     /// Claim holding the store ids (string, number, ObjectId or array of those). Default `stores`.
+    /// Honoured only for tokens with an admin or store role; other tokens' store ids are ignored.
     pub stores_claim: Option<String>,
     /// Role values that make an admin. Default `["admin"]`.
     pub admin_roles: Option<Vec<String>>,
@@ -979,6 +980,13 @@ impl Verifier {
             }
         }
 
+        // The stores claim grants `store:` rooms (other customers' names and addresses)
+        // only to roles configured as staff or admin: an app that puts `stores` in a
+        // customer's or visitor's token (a favourite shop, a last-visited store) must not
+        // open those stores' rooms to them.
+        if admin.is_none() && staff.is_none() {
+            stores.clear();
+        }
         Ok(Principal {
             subject: Some(subject),
             role,
@@ -1694,7 +1702,9 @@ store_roles = ["seller"]"#,
         let many = hs256(&json!({"exp": NOW + 60, "userId": "u", "storeIds": too_many}));
         assert!(matches!(err(&v, &many), AuthError::BadClaims(_)));
         // A single string store id.
-        let one = hs256(&json!({"exp": NOW + 60, "userId": "u", "storeIds": "s9"}));
+        let one = hs256(
+            &json!({"exp": NOW + 60, "userId": "u", "storeIds": "s9", "app_metadata": {"roles": ["seller"]}}),
+        );
         assert_eq!(v.verify(&one, now()).unwrap().stores, vec!["s9"]);
     }
 
@@ -1726,6 +1736,32 @@ store_roles = ["seller"]"#,
             vec!["store:ok"]
         );
         assert!(rooms(with(json!({"sub": "a b"}))).is_empty());
+        // The stores claim grants store rooms only to staff and admin roles.
+        for role in [
+            json!("customer"),
+            json!("visitor"),
+            json!(null),
+            json!(["viewer"]),
+        ] {
+            let p = v
+                .verify(
+                    &hs256(&with(json!({"role": role, "stores": ["s1"]}))),
+                    now(),
+                )
+                .unwrap();
+            assert!(p.stores.is_empty(), "role {role} kept its stores claim");
+            assert_eq!(
+                p.auto_rooms()
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>(),
+                vec!["customer:alice"]
+            );
+        }
+        assert_eq!(
+            rooms(with(json!({"role": ["viewer", "staff"], "stores": ["s1"]}))),
+            vec!["store:s1"]
+        );
         assert!(Principal::anonymous().auto_rooms().is_empty());
     }
 

@@ -583,3 +583,49 @@ async fn a_fresh_token_before_expiry_keeps_the_connection() {
     assert_eq!(evs.len(), 1, "the refreshed connection stopped delivering");
     assert_eq!(evs[0]["room"], "customer:c1");
 }
+
+/// The stores claim opens `store:` rooms only to staff and admin roles: a customer,
+/// visitor or role-less token that carries `stores: [S]` neither auto-joins nor may
+/// subscribe to `store:S`, and receives none of S's orders; staff with the same claim do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stores_claim_grants_store_rooms_only_to_staff_roles() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "").await;
+    let mut outsiders = Vec::new();
+    for (who, claims) in [
+        (
+            "customer",
+            json!({"sub": "c9", "role": "customer", "stores": ["s1"]}),
+        ),
+        (
+            "visitor",
+            json!({"sub": "v9", "role": "visitor", "stores": ["s1"]}),
+        ),
+        ("no role", json!({"sub": "n9", "stores": ["s1"]})),
+    ] {
+        let (mut c, welcome) = Client::connect(&server, &token(claims)).await;
+        let rooms = welcome["rooms"].to_string();
+        assert!(!rooms.contains("store:s1"), "{who} auto-joined: {welcome}");
+        let r = c.subscribe("store:s1", None).await;
+        assert_eq!(r["code"], "forbidden", "{who}: {r}");
+        outsiders.push((who, c));
+    }
+    let (mut staff, welcome) = Client::connect(&server, &store_token("owner-1", &["s1"])).await;
+    assert!(
+        welcome["rooms"].to_string().contains("store:s1"),
+        "{welcome}"
+    );
+    db.coll("orders")
+        .insert_one(
+            doc! {"customerId": "c1", "storeId": "s1", "status": "new", "orderType": "pickup",
+            "customerName": "Ada", "deliveryAddress": "1 Private Way"},
+        )
+        .await
+        .unwrap();
+    let got = staff.events(1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "staff of s1 must still get its orders");
+    for (who, c) in &mut outsiders {
+        let leaked = c.events(1, Duration::from_millis(700)).await;
+        assert!(leaked.is_empty(), "{who} received {leaked:?}");
+    }
+}
