@@ -100,15 +100,47 @@ fn init_logging(cfg: &LogConfig, flag: Option<LogFormat>) {
     // Logs always go to stderr (`tail` owns stdout for its JSON lines); colours
     // only on a terminal, so files and log collectors get plain text.
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let fmt = if json {
+        fmt.json().flatten_event(true).boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter).with_filter(wire_library_cap()))
+        .try_init();
+}
+
+/// Holds the WebSocket and HTTP libraries at `info` whatever `CHANGECAST_LOG` asks:
+/// at debug/trace they log whole frames and request heads, and an in-band `auth`
+/// frame, a Socket.IO CONNECT or an `Authorization` header carries a token.
+/// changecast's own spans and events are unaffected.
+fn wire_library_cap() -> tracing_subscriber::filter::Targets {
+    use tracing::Level;
+    let held = [
+        "tungstenite",
+        "tokio_tungstenite",
+        "socketioxide",
+        "socketioxide_core",
+        "socketioxide_parser_common",
+        "engineioxide",
+        "engineioxide_core",
+        "hyper",
+        "hyper_util",
+        "h2",
+        "axum",
+        "tower_http",
+        "mongodb",
+    ];
+    held.iter().fold(
+        tracing_subscriber::filter::Targets::new().with_default(Level::TRACE),
+        |t, target| t.with_target(*target, Level::INFO),
+    )
 }
 
 async fn run(args: RunArgs, tail: bool) -> u8 {

@@ -365,7 +365,10 @@ impl SioClient {
                 .await
                 .expect("nothing within 10s");
             match m {
-                Some(Ok(WsMsg::Text(t))) if t.as_str() == "2" => self.send("3".into()).await,
+                Some(Ok(WsMsg::Text(t))) if t.as_str() == "2" => {
+                    // A failed pong shows as the close that follows.
+                    let _ = self.ws.send(WsMsg::Text("3".into())).await;
+                }
                 Some(Ok(WsMsg::Text(t))) => return Some(t.as_str().to_owned()),
                 Some(Ok(WsMsg::Close(_))) | None | Some(Err(_)) => return None,
                 Some(Ok(_)) => {}
@@ -702,6 +705,73 @@ async fn a_client_that_stops_reading_is_cut_off_as_a_slow_consumer() {
         assert!(tokio::time::Instant::now() < deadline, "{text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Floods `name` far past a 20/s limit; returns what the client saw before the server cut it off.
+async fn flood_until_cut_off(srv: &HubServer, name: &str) -> Vec<Seen> {
+    let (mut c, _) = SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+        .await
+        .unwrap();
+    c.event().await; // welcome
+    for i in 0..1500 {
+        let packet = format!("42{i}{}", json!([name, null]));
+        // The server may cut the flood off before it is all sent.
+        if c.ws.send(WsMsg::Text(packet.into())).await.is_err() {
+            break;
+        }
+    }
+    let mut seen = Vec::new();
+    loop {
+        let s = c.next().await;
+        let end = matches!(s, Seen::Closed | Seen::Disconnect);
+        seen.push(s);
+        if end {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_counts_against_the_rate_limit_and_a_flood_disconnects() {
+    let srv = HubServer::start("[server]\nmax_messages_per_second = 20\n").await;
+    // Within the limit, pings and unknown events are answered.
+    let (mut polite, _) = SioClient::connect(srv.addr, json!({"token": customer_token("c2")}), &[])
+        .await
+        .unwrap();
+    polite.event().await;
+    for _ in 0..5 {
+        let (ack, _) = polite.call("ping", json!(null)).await;
+        assert!(ack["ts"].is_i64(), "{ack}");
+        let (ack, _) = polite.call("no-such-event", json!(1)).await;
+        assert_eq!(ack["code"], "unknown_event");
+    }
+    for name in ["ping", "no-such-event", "subscribe"] {
+        let seen = flood_until_cut_off(&srv, name).await;
+        let acks = seen.iter().filter(|s| matches!(s, Seen::Ack(..))).count();
+        // At most one window's worth answered (plus the one rate_limited refusal), and
+        // never the whole flood: the server stops parsing and disconnects.
+        assert!(acks <= 2 * 20 + 1, "{name}: {acks} acks answered: {seen:?}");
+        let limited = seen.iter().any(
+            |s| matches!(s, Seen::Event(n, a) if n == "error" && a[0]["code"] == "rate_limited"),
+        );
+        assert!(
+            limited,
+            "{name}: no rate_limited error before the cut: {seen:?}"
+        );
+        assert!(matches!(seen.last(), Some(Seen::Disconnect | Seen::Closed)));
+    }
+    let text = srv.metrics_text().await;
+    assert!(
+        metric(
+            &text,
+            "changecast_client_errors_total{reason=\"rate_limited\"}"
+        ) >= 3.0,
+        "{text}"
+    );
+    // The polite client is still served.
+    let id = srv.publish("order:updated", &["customer:c2"], json!({"n": 1}));
+    let (name, args) = polite.event().await;
+    assert_eq!((name.as_str(), &args[1]), ("order:updated", &json!(id)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, RunOptions};
-use crate::auth::DEFAULT_SECRET_ENV;
 use crate::cli::DemoArgs;
 use crate::config::Config;
 use traffic::{TrafficConfig, FOCUS_CUSTOMER, FOCUS_STORE, VISITOR};
@@ -52,6 +51,10 @@ const TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 const READY_WAIT: Duration = Duration::from_secs(10);
 /// Database the demo traffic writes to and changecast watches.
 const DEMO_DATABASE: &str = "app";
+
+/// The `auth.secret_env` of the demo's config. Only the demo answers it (with its
+/// random secret); it is deliberately not `CHANGECAST_JWT_SECRET`.
+const DEMO_SECRET_ENV: &str = "CHANGECAST_DEMO_ONLY_SECRET";
 
 /// Subject of the store owner's token.
 const STORE_OWNER: &str = "owner-s1";
@@ -173,10 +176,11 @@ pub fn assets_router(tokens: DemoTokens) -> Router {
 
 /// `changecast demo`: binds `args.listen`, runs [`serve_demo`] until Ctrl-C or SIGTERM.
 ///
-/// The HS256 secret is `CHANGECAST_JWT_SECRET` when set (so a restarted demo
-/// accepts the tokens of a page left open), otherwise 32 random bytes. Either
-/// way it reaches the config as an argument; the process environment is only read.
-/// A restart keeps the tokens but not the data: mongo-sim lives in this process.
+/// The HS256 secret is 32 random bytes made at every start, never the operator's
+/// `CHANGECAST_JWT_SECRET`: the demo hands its tokens (a store owner's among them)
+/// to anyone who loads `/demo/tokens.json`, so they must be valid nowhere else.
+/// A page left open across a restart is refused (45xx), fetches the new tokens
+/// and reconnects. mongo-sim lives in this process, so a restart loses the data too.
 pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
     // Checked here too so a bad flag fails before anything starts, not after the banner.
     if !traffic::RATE_RANGE.contains(&args.rate) {
@@ -187,17 +191,9 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
             traffic::RATE_RANGE.end()
         );
     }
-    let secret = match std::env::var(DEFAULT_SECRET_ENV) {
-        Ok(s) if !s.is_empty() => s,
-        Err(std::env::VarError::NotUnicode(_)) => {
-            anyhow::bail!("{DEFAULT_SECRET_ENV} is not valid UTF-8")
-        }
-        _ => {
-            let mut bytes = [0u8; 32];
-            rand::thread_rng().fill_bytes(&mut bytes);
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
-        }
-    };
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let listener = app::bind_listener(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let stop = CancellationToken::new();
@@ -335,7 +331,8 @@ pub async fn serve_demo(
 /// The demo's configuration: the example defaults plus the sim's URI, a
 /// checkpoint in the sim itself (no file left behind) and a short shutdown grace.
 /// The secret is supplied as the value of `secret_env`, the way users supply it,
-/// without touching the process environment.
+/// but under a name of the demo's own that only this closure answers: the process
+/// environment is never read for it.
 fn demo_config(uri: &str, listen: SocketAddr, secret: &str) -> anyhow::Result<Config> {
     let text = format!(
         r#"
@@ -354,10 +351,10 @@ shutdown_grace = "2s"
 
 [auth]
 algorithms = ["HS256"]
-secret_env = "{DEFAULT_SECRET_ENV}"
+secret_env = "{DEMO_SECRET_ENV}"
 "#
     );
-    let env = |name: &str| (name == DEFAULT_SECRET_ENV).then(|| OsString::from(secret));
+    let env = |name: &str| (name == DEMO_SECRET_ENV).then(|| OsString::from(secret));
     Config::from_toml_str_with_env(&text, "<demo config>", &env).context("demo config")
 }
 

@@ -1,8 +1,9 @@
-//! Connection counting against the total and per-subject caps, released on drop.
+//! Connection counting against the total and per-subject caps (released on drop), and the per-connection message rate window.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Counts open connections.
 #[derive(Default)]
@@ -61,6 +62,50 @@ impl Drop for SubjectPermit {
                 m.remove(&self.1);
             }
         }
+    }
+}
+
+/// Messages-per-second accounting for one connection.
+pub struct RateWindow {
+    limit: u32,
+    start: Instant,
+    count: u32,
+    refused: u32,
+}
+
+impl RateWindow {
+    pub fn new(limit: u32) -> Self {
+        Self {
+            limit: limit.max(1),
+            start: Instant::now(),
+            count: 0,
+            refused: 0,
+        }
+    }
+
+    /// Counts one message; false when over the limit in this one-second window.
+    pub fn allow(&mut self) -> bool {
+        if self.start.elapsed() >= Duration::from_secs(1) {
+            self.start = Instant::now();
+            self.count = 0;
+            self.refused = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        if self.count > self.limit {
+            self.refused = self.refused.saturating_add(1);
+            return false;
+        }
+        true
+    }
+
+    /// The first refusal in this window (reply once, then drop silently).
+    pub fn first_refusal(&self) -> bool {
+        self.refused == 1
+    }
+
+    /// Far over the limit: close rather than keep parsing.
+    pub fn abusive(&self) -> bool {
+        self.count > self.limit.saturating_mul(10)
     }
 }
 

@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::limits::{SubjectPermit, TotalPermit};
+use super::limits::{RateWindow, SubjectPermit, TotalPermit};
 use super::session::{Joined, Session};
-use super::ws::{expiry_in, observe_latency, RateWindow};
+use super::ws::{expiry_in, observe_latency};
 use super::Gateway;
 use crate::auth::{normalize_id, AuthError};
 use crate::config::Alias;
@@ -358,7 +358,8 @@ impl Shared {
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
         let gone = CancellationToken::new();
-        register_events(&s, cmd_tx, &self.gw);
+        let abuse = CancellationToken::new();
+        register_events(&s, cmd_tx, &self.gw, abuse.clone());
         {
             let gone = gone.clone();
             s.on_disconnect(move |_: DisconnectReason| {
@@ -370,6 +371,7 @@ impl Shared {
             shared: self.clone(),
             socket: s.clone(),
             gone,
+            abuse,
         };
         let span = tracing::info_span!("sio", sid = %s.id, transport = ?s.transport_type());
         self.gw.tracker.spawn(conn.run(p, cmd_rx).instrument(span));
@@ -417,12 +419,44 @@ const ROOM_EVENTS: [(&str, RoomKind, &str, bool); 8] = [
 /// Registers the client events on `s`: one fallback handler that dispatches on the
 /// event name. socketioxide keeps a `HashMap` of boxed handlers per socket, so one
 /// registration per name cost about 1 KiB per connection for these eleven names.
-fn register_events(s: &SocketRef, cmd_tx: mpsc::Sender<Box<Cmd>>, gw: &Arc<Gateway>) {
+fn register_events(
+    s: &SocketRef,
+    cmd_tx: mpsc::Sender<Box<Cmd>>,
+    gw: &Arc<Gateway>,
+    abuse: CancellationToken,
+) {
     let gw = gw.clone();
+    // Every inbound event counts, answered here or forwarded: `ping` and unknown
+    // names are cheap to send and cost a reply each, so they must not bypass the limit.
+    let rate = Arc::new(Mutex::new(RateWindow::new(
+        u32::try_from(gw.cfg.max_messages_per_second.get()).unwrap_or(u32::MAX),
+    )));
     s.on_fallback(
         move |s: SocketRef, Event(event): Event, TryData(arg): TryData<Value>, ack: AckSender| {
-            let (tx, gw) = (cmd_tx.clone(), gw.clone());
-            async move { on_event(&s, &tx, &gw, &event, arg.ok(), ack) }
+            let (tx, gw, rate, abuse) = (cmd_tx.clone(), gw.clone(), rate.clone(), abuse.clone());
+            async move {
+                let verdict = {
+                    let mut w = rate.lock().unwrap_or_else(|e| e.into_inner());
+                    if w.allow() {
+                        None
+                    } else {
+                        Some((w.abusive(), w.first_refusal()))
+                    }
+                };
+                match verdict {
+                    None => on_event(&s, &tx, &gw, &event, arg.ok(), ack),
+                    // Far over the limit: the loop disconnects with `rate_limited`, as `/ws` closes with 4002.
+                    Some((true, _)) => abuse.cancel(),
+                    // Over the limit: one `error` per window, then dropped silently (as on `/ws`).
+                    Some((false, first)) => {
+                        count(&gw, "rate_limited");
+                        if first {
+                            let msg = "too many messages per second; message dropped";
+                            reply_error(&s, ack, "rate_limited", msg, None);
+                        }
+                    }
+                }
+            }
         },
     );
 }
@@ -615,6 +649,8 @@ struct Conn {
     shared: Arc<Shared>,
     socket: SocketRef,
     gone: CancellationToken,
+    /// Fired by the event handler when the client floods far past its rate.
+    abuse: CancellationToken,
 }
 
 /// An emit the client's buffer could not take.
@@ -681,23 +717,22 @@ impl Conn {
         if self.greet(session, joined, recover).is_err() {
             return Exit::BufferFull;
         }
-        let mut rate = RateWindow::new(
-            u32::try_from(gw.cfg.max_messages_per_second.get()).unwrap_or(u32::MAX),
-        );
         // Made once, as on `/ws`: per turn they would cost a timer-wheel insert and
         // removal and three waiter-list locks per delivery. The principal never changes
         // on this endpoint (no in-band refresh), so neither does the expiry.
         let stopping = gw.stop.cancelled();
         let going = self.gone.cancelled();
         let kicking = kicked.cancelled();
+        let flooding = self.abuse.cancelled();
         let expiry = tokio::time::sleep(expiry_in(session.principal(), gw.verifier.leeway()));
-        tokio::pin!(stopping, going, kicking, expiry);
+        tokio::pin!(stopping, going, kicking, flooding, expiry);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut stopping => return Exit::Shutdown,
                 _ = &mut going => return Exit::Gone,
                 _ = &mut kicking => return Exit::Kicked,
+                _ = &mut flooding => return Exit::RateLimited,
                 _ = &mut expiry => {
                     // Counted apart from refused tokens, as on `/ws`.
                     gw.metrics
@@ -708,15 +743,6 @@ impl Conn {
                 }
                 cmd = cmd_rx.recv() => {
                     let Some(cmd) = cmd else { return Exit::Gone };
-                    if !rate.allow() {
-                        if rate.abusive() {
-                            return Exit::RateLimited;
-                        }
-                        let ack = match *cmd { Cmd::Join { ack, .. } | Cmd::Leave { ack, .. } => ack };
-                        count(&gw, "rate_limited");
-                        reply_error(&self.socket, ack, "rate_limited", "too many messages per second; message dropped", None);
-                        continue;
-                    }
                     // Boxed: a join (authorization, replay) is the largest future the loop
                     // awaits; inline, it sized every idle session's task (256 B more).
                     if Box::pin(self.handle(session, *cmd)).await.is_err() {

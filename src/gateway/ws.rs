@@ -12,7 +12,7 @@ use futures::SinkExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::limits::{SubjectPermit, TotalPermit};
+use super::limits::{RateWindow, SubjectPermit, TotalPermit};
 use super::protocol::{self, close, ClientMsg};
 use super::session::{Joined, Session};
 use super::Gateway;
@@ -640,49 +640,5 @@ pub(crate) fn expiry_in(p: &Principal, leeway: Duration) -> Duration {
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
         None => Duration::from_secs(365 * 24 * 3600),
-    }
-}
-
-/// Messages-per-second accounting for one connection.
-pub(crate) struct RateWindow {
-    limit: u32,
-    start: Instant,
-    count: u32,
-    refused: u32,
-}
-
-impl RateWindow {
-    pub(crate) fn new(limit: u32) -> Self {
-        Self {
-            limit: limit.max(1),
-            start: Instant::now(),
-            count: 0,
-            refused: 0,
-        }
-    }
-
-    /// Counts one message; false when over the limit in this one-second window.
-    pub(crate) fn allow(&mut self) -> bool {
-        if self.start.elapsed() >= Duration::from_secs(1) {
-            self.start = Instant::now();
-            self.count = 0;
-            self.refused = 0;
-        }
-        self.count += 1;
-        if self.count > self.limit {
-            self.refused += 1;
-            return false;
-        }
-        true
-    }
-
-    /// The first refusal in this window (reply once, then drop silently).
-    pub(crate) fn first_refusal(&self) -> bool {
-        self.refused == 1
-    }
-
-    /// Far over the limit: close rather than keep parsing.
-    pub(crate) fn abusive(&self) -> bool {
-        self.count > self.limit.saturating_mul(10)
     }
 }

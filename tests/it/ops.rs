@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bson::{doc, oid::ObjectId};
+use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMsg;
 
 use crate::support::*;
 
@@ -394,7 +396,11 @@ async fn logs_of_a_whole_run_hold_no_token_or_secret() {
         crate::authn::config_text(&db, &dir.path().join("cp.json"), &auth, ""),
     )
     .unwrap();
-    let child = Child::spawn(&config, &[(SECRET_ENV, SECRET)]);
+    // At trace level: the WebSocket and HTTP libraries log whole frames and heads there.
+    let child = Child::spawn(
+        &config,
+        &[(SECRET_ENV, SECRET), ("CHANGECAST_LOG", "trace")],
+    );
     let addr = child.addr().await;
     let t = Instant::now();
     while http_get(addr, "/readyz").await.0 != 200 {
@@ -417,6 +423,7 @@ async fn logs_of_a_whole_run_hold_no_token_or_secret() {
     )
     .unwrap();
     let garbage = "not.a.jwt-9f86d081884c7d659a2feaa0c55ad015";
+    let sio = customer_token("log-c7");
 
     let mut c1 = Client::try_connect_url(&url, Some(&good), &[])
         .await
@@ -453,12 +460,25 @@ async fn logs_of_a_whole_run_hold_no_token_or_secret() {
         c.send_json(json!({"type": "auth", "token": bad})).await;
         assert_eq!(c.next_json().await["type"], "error");
     }
+    // A Socket.IO CONNECT carries its token in the packet.
+    let sio_url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let (mut c5, _) = tokio_tungstenite::connect_async(sio_url).await.unwrap();
+    let open = c5.next().await.unwrap().unwrap();
+    assert!(open.to_text().unwrap().starts_with('0'), "{open:?}");
+    c5.send(WsMsg::Text(format!("40{}", json!({"token": sio})).into()))
+        .await
+        .unwrap();
+    let connected = c5.next().await.unwrap().unwrap();
+    assert!(
+        connected.to_text().unwrap().starts_with("40{"),
+        "{connected:?}"
+    );
     db.coll("orders")
         .insert_one(doc! {"customerId": "log-c1", "storeId": "s1", "status": "new"})
         .await
         .unwrap();
     assert_eq!(c1.events(1, Duration::from_secs(10)).await.len(), 1);
-    drop((c1, c2, c3, c4));
+    drop((c1, c2, c3, c4, c5));
 
     let (code, logs) = child.stop().await;
     assert_eq!(code, Some(0), "{logs}");
@@ -475,6 +495,7 @@ async fn logs_of_a_whole_run_hold_no_token_or_secret() {
         ("expired token", expired.as_str()),
         ("forged token", forged.as_str()),
         ("garbage token", garbage),
+        ("Socket.IO handshake token", sio.as_str()),
     ];
     for (what, t) in &all {
         secrets.push((what, t));
