@@ -1,6 +1,8 @@
 # changecast: multi-stage build. Build: docker build -t changecast .
 # Run:   docker run -v $PWD/changecast.toml:/etc/changecast/changecast.toml:ro \
 #          -e MONGODB_URI=... -e CHANGECAST_JWT_SECRET=... -p 8080:8080 changecast
+# Port 8080 serves clients; 8081 serves /metrics and /readyz to the operator: reach it
+# from the private network (Prometheus, probes), never publish it to the internet.
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -23,9 +25,11 @@ WORKDIR /var/lib/changecast
 # or set [checkpoint] store = "mongo".
 VOLUME ["/var/lib/changecast"]
 ENV CHANGECAST_CONFIG=/etc/changecast/changecast.toml
-EXPOSE 8080
+EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8080/healthz || exit 1
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/changecast"]
-CMD ["run"]
+# The operations listener defaults to loopback; in a container it must be reachable
+# from the pod/compose network for probes and scrapes.
+CMD ["run", "--ops-listen", "0.0.0.0:8081"]

@@ -75,10 +75,20 @@ impl AppError {
     }
 }
 
+/// The listeners a caller bound for [`start`] (the library never binds a port).
+pub struct Listeners {
+    /// Clients: `/ws`, `/socket.io/`, `/healthz`.
+    pub client: TcpListener,
+    /// Operators: `/metrics`, `/readyz`, `/healthz`; `None` serves them nowhere.
+    pub ops: Option<TcpListener>,
+}
+
 /// A running changecast.
 pub struct AppHandle {
     /// Where the gateway listens.
     pub addr: SocketAddr,
+    /// Where the operations listener listens, if one was given.
+    pub ops_addr: Option<SocketAddr>,
     /// The hub (for tests and the demo).
     pub hub: Arc<Hub>,
     /// Metrics.
@@ -200,14 +210,23 @@ pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener>
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Starts the worker: pipeline into the hub, gateway on `listener` (with `extra` routes merged).
+/// Starts the worker: pipeline into the hub, gateway on `listeners.client` (with
+/// `extra` routes merged), operations routes on `listeners.ops`.
 pub async fn start(
     config: &Config,
     opts: RunOptions,
-    listener: TcpListener,
+    listeners: Listeners,
     extra: Option<Router>,
 ) -> Result<AppHandle, AppError> {
+    let Listeners {
+        client: listener,
+        ops: ops_listener,
+    } = listeners;
     let addr = listener.local_addr().map_err(AppError::Server)?;
+    let ops_addr = match &ops_listener {
+        Some(l) => Some(l.local_addr().map_err(AppError::Server)?),
+        None => None,
+    };
     let client = mongo_client(config).await?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(
@@ -288,6 +307,15 @@ pub async fn start(
                 r
             })
         };
+        // The operations listener is critical as well: without it nobody sees readiness.
+        let ops_server = ops_listener.map(|l| {
+            let (gw, stop) = (gw.clone(), task_stop.clone());
+            tokio::spawn(async move {
+                let r = gateway::ops::serve(l, gw, stop.clone()).await;
+                stop.cancel();
+                r
+            })
+        });
         let pipe_stop = task_stop.clone();
         let mut piped = tokio::spawn(async move { pipe.run(pipe_stop).await });
         let pipe_result = tokio::select! {
@@ -309,10 +337,18 @@ pub async fn start(
             },
         };
         let server_result = flatten_io(server.await);
-        pipe_result.map_err(AppError::from).and(server_result)
+        let ops_result = match ops_server {
+            Some(t) => flatten_io(t.await),
+            None => Ok(()),
+        };
+        pipe_result
+            .map_err(AppError::from)
+            .and(server_result)
+            .and(ops_result)
     });
     Ok(AppHandle {
         addr,
+        ops_addr,
         hub,
         metrics,
         health,

@@ -100,6 +100,9 @@ pub struct RunArgs {
     /// Listen address, overriding `server.listen` (run only).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Operations listener (`/metrics`, `/readyz`), overriding `server.ops_listen` (run only).
+    #[arg(long)]
+    pub ops_listen: Option<SocketAddr>,
 }
 
 impl RunArgs {

@@ -758,8 +758,12 @@ impl Serialize for CheckpointConfig {
 /// `[server]`: the listener and per-connection limits.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
-    /// Address for `/ws`, `/socket.io/`, `/healthz`, `/readyz`, `/metrics`; default `0.0.0.0:8080`.
+    /// Address for clients: `/ws`, `/socket.io/`, `/healthz`; default `0.0.0.0:8080`.
     pub listen: SocketAddr,
+    /// Address for operators: `/metrics`, `/readyz`, `/healthz`; default `127.0.0.1:8081`
+    /// (loopback: metrics name databases and count changes, which clients must not see).
+    /// In a container, bind it to `0.0.0.0:8081` and do not publish the port publicly.
+    pub ops_listen: SocketAddr,
     /// `Origin` values allowed to open sockets (exact match, e.g. `https://shop.example`).
     /// Empty (the default) allows every origin: then any web page a logged-in
     /// user visits can open a socket with their cookies/tokens (cross-site
@@ -1109,6 +1113,7 @@ struct RawCheckpoint {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<SocketAddr>,
+    ops_listen: Option<SocketAddr>,
     allowed_origins: Option<Vec<Spanned<String>>>,
     max_message_bytes: Option<NonZeroUsize>,
     max_subscriptions_per_connection: Option<NonZeroUsize>,
@@ -1554,6 +1559,9 @@ impl Config {
             listen: server
                 .listen
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            ops_listen: server
+                .ops_listen
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8081))),
             allowed_origins,
             max_message_bytes: nz(server.max_message_bytes, 65_536),
             max_subscriptions_per_connection: nz(server.max_subscriptions_per_connection, 100),

@@ -169,20 +169,34 @@ async fn run(args: RunArgs, tail: bool) -> u8 {
         if let Some(listen) = args.listen {
             config.server.listen = listen;
         }
-        let listener = match app::bind_listener(config.server.listen) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("changecast: cannot listen on {}: {e}", config.server.listen);
-                return exit::FAILURE;
+        if let Some(listen) = args.ops_listen {
+            config.server.ops_listen = listen;
+        }
+        let mut bound = Vec::with_capacity(2);
+        for addr in [config.server.listen, config.server.ops_listen] {
+            match app::bind_listener(addr) {
+                Ok(l) => bound.push(l),
+                Err(e) => {
+                    eprintln!("changecast: cannot listen on {addr}: {e}");
+                    return exit::FAILURE;
+                }
             }
+        }
+        let ops = bound.pop();
+        let listeners = app::Listeners {
+            client: bound.remove(0),
+            ops,
         };
-        let handle = match app::start(&config, opts, listener, None).await {
+        let handle = match app::start(&config, opts, listeners, None).await {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("changecast: {}", error_chain(&e));
                 return exit::USAGE;
             }
         };
+        if let Some(ops) = handle.ops_addr {
+            tracing::info!(addr = %ops, "operations listener: /metrics, /readyz, /healthz");
+        }
         tracing::info!(addr = %handle.addr, "listening");
         let app_stop = handle.stop_token();
         let linked = stop.clone();

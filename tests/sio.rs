@@ -132,6 +132,8 @@ impl OrderOwners for Owners {
 /// The gateway on port 0 over a hub the test publishes into directly (no MongoDB); stopped on drop.
 struct HubServer {
     addr: SocketAddr,
+    /// `/metrics` and `/readyz`.
+    ops_addr: SocketAddr,
     hub: Arc<Hub>,
     owners: Arc<Owners>,
     stop: CancellationToken,
@@ -172,9 +174,13 @@ impl HubServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = gateway::router(gw.clone());
+        let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops_addr = ops.local_addr().unwrap();
+        tokio::spawn(gateway::ops::serve(ops, gw.clone(), stop.clone()));
         let served = tokio::spawn(gateway::serve(listener, router, gw, Duration::from_secs(5)));
         HubServer {
             addr,
+            ops_addr,
             hub,
             owners,
             stop,
@@ -233,7 +239,7 @@ impl HubServer {
     }
 
     async fn metrics_text(&self) -> String {
-        http(self.addr, "GET", "/metrics", None).await.1
+        http(self.ops_addr, "GET", "/metrics", None).await.1
     }
 
     async fn shutdown(mut self) {
@@ -913,11 +919,18 @@ impl AppServer {
         let dir = tempfile::tempdir().unwrap();
         let db = format!("sio_{}", SEQ.fetch_add(1, Ordering::Relaxed));
         let cfg = config(&uri, &db, &dir.path().join("checkpoint.json"), "");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app =
-            changecast::app::start(&cfg, changecast::app::RunOptions::default(), listener, None)
-                .await
-                .expect("start changecast");
+        let listeners = changecast::app::Listeners {
+            client: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            ops: None,
+        };
+        let app = changecast::app::start(
+            &cfg,
+            changecast::app::RunOptions::default(),
+            listeners,
+            None,
+        )
+        .await
+        .expect("start changecast");
         // Ready means the change streams are open: writes from now on are seen.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !app.health.is_ready() {

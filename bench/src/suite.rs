@@ -233,6 +233,12 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
 
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // changecast answers `/readyz` on its operations listener; the Node peer on its one port.
+    let ops_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let ready_addr = match target {
+        Target::Native | Target::Socketio => ops_addr,
+        _ => addr,
+    };
     let mut server = match target {
         Target::Native | Target::Socketio => {
             let run_dir = cfg.work_dir.join(&tag);
@@ -240,10 +246,13 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
             std::fs::create_dir_all(&run_dir)?;
             let template = std::fs::read_to_string(&cfg.changecast_config)
                 .with_context(|| format!("reading {}", cfg.changecast_config.display()))?;
-            let config = template.replace("@LISTEN@", &addr.to_string()).replace(
-                "@CHECKPOINT@",
-                &run_dir.join("checkpoint").display().to_string(),
-            );
+            let config = template
+                .replace("@LISTEN@", &addr.to_string())
+                .replace("@OPS_LISTEN@", &ops_addr.to_string())
+                .replace(
+                    "@CHECKPOINT@",
+                    &run_dir.join("checkpoint").display().to_string(),
+                );
             let config_path = run_dir.join("changecast.toml");
             std::fs::write(&config_path, config)?;
             let mut c = Command::new(cfg.bin_dir.join("changecast"));
@@ -268,7 +277,7 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
         }
         Target::Raw => unreachable_raw()?,
     };
-    let ready = wait_ready(addr, &mut server, Duration::from_secs(60)).await;
+    let ready = wait_ready(ready_addr, &mut server, Duration::from_secs(60)).await;
     if let Err(e) = ready {
         stop(&mut server).await;
         stop(&mut mongo).await;

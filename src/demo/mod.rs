@@ -264,10 +264,18 @@ pub async fn serve_demo(
     let config = demo_config(&uri, addr, secret)?;
     let tokens =
         mint_tokens(secret.as_bytes(), TOKEN_TTL).context("cannot sign the demo tokens")?;
+    // The operations routes on a loopback port of their own, as `run` serves them.
+    let ops = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .await
+        .context("cannot bind the operations listener")?;
+    let listeners = app::Listeners {
+        client: listener,
+        ops: Some(ops),
+    };
     let handle = app::start(
         &config,
         RunOptions::default(),
-        listener,
+        listeners,
         Some(assets_router(tokens)),
     )
     .await
@@ -297,7 +305,10 @@ pub async fn serve_demo(
         p.stores.join(", "),
         p.customers.join(", ")
     );
-    println!("  changecast         /ws (native), /socket.io/, /healthz, /readyz, /metrics");
+    println!("  changecast         /ws (native), /socket.io/, /healthz");
+    if let Some(ops) = handle.ops_addr {
+        println!("  operations         http://{ops}/metrics, /readyz");
+    }
     println!(
         "  dashboard          {}  (store {FOCUS_STORE}, customer {FOCUS_CUSTOMER}, storefront visitor)",
         page_url(addr)

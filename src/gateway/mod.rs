@@ -1,6 +1,7 @@
-//! The HTTP listener: `/ws`, `/socket.io/`, `/healthz`, `/readyz`, `/metrics`; owns client sessions, not the hub.
+//! The client listener (`/ws`, `/socket.io/`, `/healthz`) and the operations listener's routes; owns client sessions, not the hub.
 
 pub mod limits;
+pub mod ops;
 pub mod protocol;
 pub mod session;
 pub mod sio;
@@ -10,9 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
@@ -95,9 +94,7 @@ pub fn router_with(gw: Arc<Gateway>, extra: Option<Router>) -> Router {
     let sio = gw.sio.enabled.then(|| sio::layer(gw.clone()));
     let mut router = Router::new()
         .route("/ws", get(ws::upgrade))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/healthz", get(ops::healthz))
         .with_state(gw.clone());
     if let Some(extra) = extra {
         router = router.merge(extra);
@@ -110,33 +107,6 @@ pub fn router_with(gw: Arc<Gateway>, extra: Option<Router>) -> Router {
             .layer(axum::middleware::from_fn_with_state(gw, sio::cors)),
         None => router,
     }
-}
-
-async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
-    let ready = gw.health.is_ready() && !gw.stop.is_cancelled();
-    let body = serde_json::json!({
-        "ready": ready,
-        "streams": gw.health.streams().into_iter().map(|(db, open)| serde_json::json!({"database": db, "open": open})).collect::<Vec<_>>(),
-        "checkpointWritable": gw.health.checkpoint_ok(),
-    });
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, axum::Json(body)).into_response()
-}
-
-async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    gw.health.refresh_gauges(&gw.metrics);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        gw.metrics.encode(),
-    )
-        .into_response()
 }
 
 /// Serves `app` on `listener` until `stop` fires, then waits up to `grace` for sessions to close.

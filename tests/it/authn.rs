@@ -52,17 +52,15 @@ pub(crate) async fn start_with_auth(db: &Db, auth: &str, extra: &str) -> Server 
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(db, &dir.path().join("checkpoint.json"), auth, extra);
     let cfg = changecast::config::Config::from_toml_str(&text, "authn.toml").expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let handle =
-        changecast::app::start(&cfg, changecast::app::RunOptions::default(), listener, None)
-            .await
-            .expect("start changecast");
-    let addr = handle.addr;
-    let s = Server {
-        handle: Some(handle),
-        addr,
-        dir,
-    };
+    let handle = changecast::app::start(
+        &cfg,
+        changecast::app::RunOptions::default(),
+        listeners().await,
+        None,
+    )
+    .await
+    .expect("start changecast");
+    let s = Server::new(handle, dir);
     s.wait_ready().await;
     s
 }

@@ -244,4 +244,20 @@ async fn health_endpoints_and_metrics() {
         metrics.contains("changecast_auth_failures_total{reason=\"malformed\"} 1"),
         "{metrics}"
     );
+    // Metrics and readiness describe the databases and their traffic: they live on the
+    // operations listener only. Whoever can open a socket gets 404 for them.
+    let ops = server.app().ops_addr.unwrap();
+    assert_ne!(ops, server.addr);
+    for path in ["/metrics", "/readyz"] {
+        let (status, body) = http_get(server.addr, path).await;
+        assert_eq!(status, 404, "{path} on the client listener: {body}");
+        assert!(!body.contains("changecast_"), "{body}");
+        assert_eq!(
+            http_get(ops, path).await.0,
+            200,
+            "{path} on the operations listener"
+        );
+    }
+    assert_eq!(http_get(server.addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(ops, "/healthz").await.0, 200);
 }

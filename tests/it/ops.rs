@@ -41,10 +41,10 @@ fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, key: &st
 async fn every_metric_moves_as_expected() {
     let db = Db::start().await;
     let server = Server::start(&db, "[hub]\nmailbox_capacity = 256").await;
-    let addr = server.addr;
+    let ops = server.app().ops_addr.unwrap();
     let orders = db.coll("orders");
 
-    let m0 = scrape(addr).await;
+    let m0 = scrape(ops).await;
     for family in [
         "changecast_stream_lag_seconds",
         "changecast_checkpoint_age_seconds",
@@ -75,7 +75,7 @@ async fn every_metric_moves_as_expected() {
     let got = admin.events(2, Duration::from_secs(10)).await.len()
         + customer.events(2, Duration::from_secs(10)).await.len();
     assert_eq!(got, 4);
-    let m1 = scrape(addr).await;
+    let m1 = scrape(ops).await;
     let native = "changecast_deliveries_total{wire=\"native\"}";
     assert_eq!(delta(&m0, &m1, native), got as f64, "one per event written");
     assert_eq!(
@@ -122,7 +122,7 @@ async fn every_metric_moves_as_expected() {
     assert_eq!(admin.events(2, Duration::from_secs(10)).await.len(), 2);
     let unknown = customer.events(1, Duration::from_secs(10)).await;
     assert_eq!(unknown[0]["data"]["unknown"], true, "{unknown:?}");
-    let m_data = scrape(addr).await;
+    let m_data = scrape(ops).await;
     assert_eq!(
         delta(
             &m1,
@@ -164,7 +164,7 @@ async fn every_metric_moves_as_expected() {
         assert_eq!(c.next_json().await["type"], "welcome");
         c.events(2, Duration::from_secs(5)).await.len()
     };
-    let m2 = scrape(addr).await;
+    let m2 = scrape(ops).await;
     assert_eq!(
         delta(
             &m1,
@@ -222,7 +222,7 @@ async fn every_metric_moves_as_expected() {
     orders.insert_many(docs).await.unwrap();
     let t = Instant::now();
     loop {
-        let m = scrape(addr).await;
+        let m = scrape(ops).await;
         if get(&m, "changecast_slow_consumer_disconnects_total") >= 1.0 {
             break;
         }
@@ -237,7 +237,7 @@ async fn every_metric_moves_as_expected() {
     assert_eq!(n, 1000);
     assert_eq!(
         get(
-            &scrape(addr).await,
+            &scrape(ops).await,
             "changecast_slow_consumer_disconnects_total"
         ),
         1.0
@@ -246,7 +246,7 @@ async fn every_metric_moves_as_expected() {
 
     // Idle: empty-batch tokens keep the lag near zero (cluster time has 1 s resolution).
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let idle = scrape(addr).await;
+    let idle = scrape(ops).await;
     let lag = get(&idle, "changecast_stream_lag_seconds");
     assert!(
         lag < 3.0,
@@ -264,7 +264,7 @@ async fn every_metric_moves_as_expected() {
     drop(customer);
     let t = Instant::now();
     loop {
-        let m = scrape(addr).await;
+        let m = scrape(ops).await;
         let conns = get(&m, "changecast_connections{wire=\"native\"}");
         let rooms = get(&m, "changecast_rooms");
         if conns == 0.0 && rooms == 0.0 {
@@ -290,6 +290,7 @@ impl Child {
         cmd.args(["run", "--config"])
             .arg(config)
             .args(["--log-format", "json", "--listen", "127.0.0.1:0"])
+            .args(["--ops-listen", "127.0.0.1:0"])
             .env("CHANGECAST_LOG", "debug")
             .env_remove("MONGODB_URI")
             .stdout(Stdio::piped())
@@ -317,13 +318,21 @@ impl Child {
         self.lines.lock().unwrap().join("\n")
     }
 
-    /// The address from the "listening" log line.
+    /// The client listener's address, from the "listening" log line.
     async fn addr(&self) -> SocketAddr {
+        self.logged_addr("listening").await
+    }
+
+    /// The address of the first log line whose message starts with `message`.
+    async fn logged_addr(&self, message: &str) -> SocketAddr {
         let t = Instant::now();
         loop {
             for l in self.lines.lock().unwrap().iter() {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
-                    if v["message"] == "listening" {
+                    if v["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with(message))
+                    {
                         return v["addr"].as_str().unwrap().parse().unwrap();
                     }
                 }
@@ -402,8 +411,9 @@ async fn logs_of_a_whole_run_hold_no_token_or_secret() {
         &[(SECRET_ENV, SECRET), ("CHANGECAST_LOG", "trace")],
     );
     let addr = child.addr().await;
+    let ops = child.logged_addr("operations listener").await;
     let t = Instant::now();
-    while http_get(addr, "/readyz").await.0 != 200 {
+    while http_get(ops, "/readyz").await.0 != 200 {
         assert!(t.elapsed() < Duration::from_secs(20), "{}", child.text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -468,7 +478,14 @@ async fn logs_of_a_whole_run_hold_no_token_or_secret() {
     c5.send(WsMsg::Text(format!("40{}", json!({"token": sio})).into()))
         .await
         .unwrap();
-    let connected = c5.next().await.unwrap().unwrap();
+    // Engine.IO may ping ("2") before the CONNECT reply; answer and read on.
+    let connected = loop {
+        let m = c5.next().await.unwrap().unwrap();
+        if m.to_text().unwrap() != "2" {
+            break m;
+        }
+        c5.send(WsMsg::Text("3".into())).await.unwrap();
+    };
     assert!(
         connected.to_text().unwrap().starts_with("40{"),
         "{connected:?}"

@@ -251,15 +251,10 @@ async fn readiness_follows_the_database() {
     sim.stop().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&db, &dir.path().join("checkpoint.json"), "");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let handle = changecast::app::start(&cfg, Default::default(), listener, None)
+    let handle = changecast::app::start(&cfg, Default::default(), listeners().await, None)
         .await
         .unwrap();
-    let server = Server {
-        addr: handle.addr,
-        handle: Some(handle),
-        dir,
-    };
+    let server = Server::new(handle, dir);
     assert_eq!(server.get("/healthz").await.0, 200, "alive while not ready");
     for _ in 0..5 {
         let (status, body) = server.get("/readyz").await;
@@ -317,7 +312,7 @@ async fn sigterm_closes_with_1001_saves_the_checkpoint_and_exits_0() {
     let cfg = write_config(
         &db,
         dir.path(),
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n",
     );
     let mut p = spawn(
         &[
@@ -331,17 +326,24 @@ async fn sigterm_closes_with_1001_saves_the_checkpoint_and_exits_0() {
     );
     p.wait_stderr("\"listening\"", Duration::from_secs(20))
         .await;
-    let addr: std::net::SocketAddr = p
-        .stderr()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["message"] == "listening")
-        .and_then(|l| l["addr"].as_str()?.parse().ok())
-        .expect("listening line with addr");
+    let logged = |message: &str| -> std::net::SocketAddr {
+        p.stderr()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .and_then(|l| l["addr"].as_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {message:?} line with addr"))
+    };
+    let addr = logged("listening");
+    let ops = logged("operations listener");
     p.wait_stderr("change stream open", Duration::from_secs(20))
         .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while http_get(addr, "/readyz").await.0 != 200 {
+    while http_get(ops, "/readyz").await.0 != 200 {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -558,7 +560,7 @@ async fn sigterm_with_the_database_down_still_exits_within_the_grace_period() {
         format!(
             "[mongodb]\nuri = \"{}\"\ndatabases = [\"{}\"]\nconnect_timeout = \"30s\"\n\
              [checkpoint]\nstore = \"mongo\"\ninterval = \"100ms\"\n\
-             [server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\
+             [server]\nlisten = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\
              [auth]\nsecret_env = \"{SECRET_ENV}\"\n",
             db.uri, db.name
         ),

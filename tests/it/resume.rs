@@ -325,7 +325,11 @@ async fn history_lost_fails_clearly_or_resyncs() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(&db, dir.path(), "[server]\nlisten = \"127.0.0.1:0\"\n");
+    let cfg = write_config(
+        &db,
+        dir.path(),
+        "[server]\nlisten = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\n",
+    );
     let mut witness = db.client.database(&db.name).watch().await.unwrap();
     insert_order(&db, "old").await;
     let (old, _) = next_change(&mut witness).await;

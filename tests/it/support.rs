@@ -110,7 +110,24 @@ pub struct Server {
     pub dir: tempfile::TempDir,
 }
 
+/// A client and an operations listener on free loopback ports.
+pub async fn listeners() -> app::Listeners {
+    app::Listeners {
+        client: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        ops: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+    }
+}
+
 impl Server {
+    /// Wraps a started app.
+    pub fn new(handle: AppHandle, dir: tempfile::TempDir) -> Server {
+        Server {
+            addr: handle.addr,
+            handle: Some(handle),
+            dir,
+        }
+    }
+
     pub async fn start(db: &Db, extra: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         Self::start_in(db, extra, dir, RunOptions::default()).await
@@ -123,16 +140,10 @@ impl Server {
         opts: RunOptions,
     ) -> Server {
         let cfg = config(db, &dir.path().join("checkpoint.json"), extra);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let handle = app::start(&cfg, opts, listener, None)
+        let handle = app::start(&cfg, opts, listeners().await, None)
             .await
             .expect("start changecast");
-        let addr = handle.addr;
-        let s = Server {
-            handle: Some(handle),
-            addr,
-            dir,
-        };
+        let s = Server::new(handle, dir);
         s.wait_ready().await;
         s
     }
@@ -143,20 +154,15 @@ impl Server {
     pub async fn start_on(runtime: &tokio::runtime::Handle, db: &Db, extra: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(db, &dir.path().join("checkpoint.json"), extra);
-        let handle = runtime
-            .spawn(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                app::start(&cfg, RunOptions::default(), listener, None).await
-            })
-            .await
-            .unwrap()
-            .expect("start changecast");
-        let addr = handle.addr;
-        let s = Server {
-            handle: Some(handle),
-            addr,
-            dir,
-        };
+        let handle =
+            runtime
+                .spawn(async move {
+                    app::start(&cfg, RunOptions::default(), listeners().await, None).await
+                })
+                .await
+                .unwrap()
+                .expect("start changecast");
+        let s = Server::new(handle, dir);
         s.wait_ready().await;
         s
     }
@@ -187,8 +193,14 @@ impl Server {
         format!("ws://{}/ws", self.addr)
     }
 
+    /// GET `path` from the listener that serves it: `/metrics` and `/readyz` live on the
+    /// operations listener, everything else on the client one.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.addr, path).await
+        let ops = ["/metrics", "/readyz"].iter().any(|p| path.starts_with(p));
+        match self.app().ops_addr {
+            Some(addr) if ops => http_get(addr, path).await,
+            _ => http_get(self.addr, path).await,
+        }
     }
 }
 
