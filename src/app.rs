@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
-use crate::authz::{Authorizer, CachedOrderOwners, MongoOrderOwners};
+use crate::authz::{Authorizer, CachedOrderOwners, MongoOrderOwners, OrderOwners};
 use crate::checkpoint::CheckpointStore;
 use crate::config::{CheckpointStoreConfig, Config};
 use crate::gateway::{self, Gateway};
@@ -252,7 +252,8 @@ pub async fn start(
         f.store.clone(),
         config.auth.order_lookup.timeout,
     );
-    let owners = CachedOrderOwners::new(owners, &config.auth.order_lookup);
+    let owners: Arc<dyn OrderOwners> =
+        Arc::new(CachedOrderOwners::new(owners, &config.auth.order_lookup));
     let c = &config.mongo.collections;
     let book = Arc::new(OwnerBook::new(config.normalize.state_cache_docs));
     let replayer = OplogReplayer {
@@ -273,7 +274,7 @@ pub async fn start(
         health: health.clone(),
         verifier: Arc::new(Verifier::new(&config.auth)),
         authz: Arc::new(Authorizer::new(
-            Arc::new(owners),
+            owners.clone(),
             config.auth.allow_anonymous_storefront,
         )),
         replayer: Some(Arc::new(replayer)),
@@ -286,7 +287,7 @@ pub async fn start(
     });
     let router = gateway::router_with(gw.clone(), extra);
 
-    let pipe = pipeline(
+    let mut pipe = pipeline(
         config,
         &opts,
         &client,
@@ -295,6 +296,10 @@ pub async fn start(
         &health,
         &book,
     );
+    // The live stream keeps the ownership cache current: a change that moves an order
+    // replaces the cached owners at once (replays re-read the past and must not).
+    let live = pipe.mappers.clone();
+    pipe.mappers = Arc::new(move || live().with_owner_observer(owners.clone()));
     let grace = config.server.shutdown_grace;
     let task_stop = stop.clone();
     let task = tokio::spawn(async move {

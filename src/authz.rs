@@ -13,13 +13,16 @@ use crate::auth::{normalize_id, Principal};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::room::{Room, RoomKind};
 
-/// Who owns an order: the ids `order:{id}` is open to.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct OrderOwner {
-    /// The customer's id (ObjectId hex lowercased), if the order has one.
-    pub customer: Option<String>,
-    /// The ids of the stores the order belongs to.
-    pub stores: Vec<String>,
+pub use crate::event::OrderOwner;
+
+/// Whether `p` may see events of an order owned by `o` (the `order:{id}` rule of the
+/// rooms table): an admin, the order's customer, or staff of one of its stores.
+pub fn owns(p: &Principal, o: &OrderOwner) -> bool {
+    p.is_admin
+        || p.subject
+            .as_deref()
+            .is_some_and(|s| o.customer.as_deref() == Some(s))
+        || o.stores.iter().any(|s| p.stores.contains(s))
 }
 
 /// Why an ownership lookup gave no answer (as opposed to "no such order").
@@ -37,6 +40,13 @@ pub enum LookupError {
 pub trait OrderOwners: Send + Sync {
     /// Looks up `order_id` (a room id, already validated by [`Room`]).
     fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>>;
+
+    /// The change stream saw `order_id` owned by `owner` (`None`: deleted). A cache
+    /// replaces what it holds, so a client refused or admitted by a stale answer is
+    /// not for long. The default keeps nothing.
+    fn observe(&self, order_id: &str, owner: Option<OrderOwner>) {
+        let _ = (order_id, owner);
+    }
 }
 
 /// Cache and deadline of ownership lookups (keys `auth.order_cache_ttl`,
@@ -82,6 +92,8 @@ struct OwnerCache {
 struct CacheEntry {
     stored: Instant,
     owner: Option<OrderOwner>,
+    /// Written from the change stream rather than by a lookup.
+    observed: bool,
 }
 
 impl OwnerCache {
@@ -113,7 +125,24 @@ impl OwnerCache {
             .map(|e| e.owner.clone())
     }
 
+    /// Stores what a lookup started at `asked` found, unless the stream has told us
+    /// something since (a lookup racing an ownership change must not undo it).
+    fn put_looked_up(&self, id: &str, owner: Option<OrderOwner>, asked: Instant) {
+        let newer = {
+            let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+            map.get(id).is_some_and(|e| e.observed && e.stored >= asked)
+        };
+        if !newer {
+            self.insert(id, owner, Instant::now(), false);
+        }
+    }
+
+    #[cfg(test)]
     fn put(&self, id: &str, owner: Option<OrderOwner>, now: Instant) {
+        self.insert(id, owner, now, false);
+    }
+
+    fn insert(&self, id: &str, owner: Option<OrderOwner>, now: Instant, observed: bool) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= self.capacity && !map.contains_key(id) {
             map.retain(|_, e| self.fresh(e, now));
@@ -127,7 +156,27 @@ impl OwnerCache {
                 }
             }
         }
-        map.insert(id.to_owned(), CacheEntry { stored: now, owner });
+        map.insert(
+            id.to_owned(),
+            CacheEntry {
+                stored: now,
+                owner,
+                observed,
+            },
+        );
+    }
+
+    /// What the change stream says, replacing any entry. Only orders already cached are
+    /// updated: the stream sees every order, the cache holds only those someone asked for.
+    fn observe(&self, id: &str, owner: Option<OrderOwner>, now: Instant) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = map.get_mut(id) {
+            *e = CacheEntry {
+                stored: now,
+                owner,
+                observed: true,
+            };
+        }
     }
 
     #[cfg(test)]
@@ -160,13 +209,18 @@ impl<O: OrderOwners> OrderOwners for CachedOrderOwners<O> {
     fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>> {
         let id = order_id.to_owned();
         Box::pin(async move {
-            if let Some(hit) = self.cache.get(&id, Instant::now()) {
+            let asked = Instant::now();
+            if let Some(hit) = self.cache.get(&id, asked) {
                 return Ok(hit);
             }
             let found = self.inner.owners(&id).await?;
-            self.cache.put(&id, found.clone(), Instant::now());
+            self.cache.put_looked_up(&id, found.clone(), asked);
             Ok(found)
         })
+    }
+
+    fn observe(&self, order_id: &str, owner: Option<OrderOwner>) {
+        self.cache.observe(order_id, owner, Instant::now());
     }
 }
 
@@ -315,7 +369,13 @@ fn first_ids(doc: &Document, paths: &[String]) -> Vec<String> {
     Vec::new()
 }
 
-fn extract_owner(doc: &Document, customer_paths: &[String], store_paths: &[String]) -> OrderOwner {
+/// The owners an order document names, by the `[fields]` paths: the one rule the
+/// ownership lookup and the change stream both use.
+pub fn extract_owner(
+    doc: &Document,
+    customer_paths: &[String],
+    store_paths: &[String],
+) -> OrderOwner {
     OrderOwner {
         // A customer is one person: an array here is not an owner.
         customer: customer_paths
@@ -382,6 +442,12 @@ impl Authorizer {
         }
     }
 
+    /// The change stream saw order `order_id` owned by `owner` (`None`: deleted):
+    /// cached ownership answers are replaced at once, not only when their ttl ends.
+    pub fn observe_owner(&self, order_id: &str, owner: Option<OrderOwner>) {
+        self.owners.observe(order_id, owner);
+    }
+
     /// Decides whether `p` may join `room`:
     ///
     /// | room | allowed when |
@@ -414,12 +480,7 @@ impl Authorizer {
             RoomKind::Store if p.stores.iter().any(|s| s == id) => Ok(()),
             RoomKind::Store => Err(Denied::forbidden("not one of your stores")),
             RoomKind::Order => match self.owners.owners(id).await {
-                Ok(Some(o))
-                    if o.customer.as_deref() == Some(subject)
-                        || o.stores.iter().any(|s| p.stores.contains(s)) =>
-                {
-                    Ok(())
-                }
+                Ok(Some(o)) if owns(p, &o) => Ok(()),
                 // Same answer for "not yours" and "no such order", so order
                 // ids cannot be probed.
                 Ok(_) => Err(Denied::forbidden("order not found or not yours")),
@@ -641,6 +702,57 @@ mod tests {
         assert_eq!(c.get("a", t0 + Duration::from_secs(3)), None);
         assert!(c.get("b", t0 + Duration::from_secs(3)).is_some());
         assert!(c.get("c", t0 + Duration::from_secs(3)).is_some());
+    }
+
+    #[test]
+    fn the_stream_replaces_cached_owners_and_a_racing_lookup_cannot_undo_it() {
+        let c = OwnerCache::new(&OrderLookupConfig::default());
+        let a = Some(OrderOwner {
+            customer: Some("a".into()),
+            stores: vec!["s1".into()],
+        });
+        let b = Some(OrderOwner {
+            customer: Some("b".into()),
+            stores: vec!["s2".into()],
+        });
+        let t0 = Instant::now();
+        // Orders nobody asked about are not cached from the stream.
+        c.observe("x", b.clone(), t0);
+        assert_eq!(c.len(), 0);
+        c.put("o", a.clone(), t0);
+        c.observe("o", b.clone(), t0);
+        assert_eq!(c.get("o", t0), Some(b.clone()));
+        // A lookup that started before the stream spoke answers with what it read
+        // (A), but the cache keeps the stream's newer word.
+        c.put_looked_up("o", a.clone(), t0 - Duration::from_millis(1));
+        assert_eq!(c.get("o", Instant::now()), Some(b.clone()));
+        // A lookup started after it is taken.
+        c.put_looked_up("o", a.clone(), Instant::now());
+        assert_eq!(c.get("o", Instant::now()), Some(a));
+        // A delete is a negative entry.
+        c.observe("o", None, Instant::now());
+        assert_eq!(c.get("o", Instant::now()), Some(None));
+    }
+
+    #[test]
+    fn owns_follows_the_rooms_table() {
+        let o = OrderOwner {
+            customer: Some("c1".into()),
+            stores: vec!["s1".into(), "s2".into()],
+        };
+        let p = |sub: &str, stores: &[&str], admin: bool| Principal {
+            subject: Some(sub.into()),
+            stores: stores.iter().map(|s| s.to_string()).collect(),
+            role: None,
+            is_admin: admin,
+            is_store_staff: !stores.is_empty(),
+            expires_at: None,
+        };
+        assert!(owns(&p("c1", &[], false), &o));
+        assert!(owns(&p("staff", &["s2"], false), &o));
+        assert!(owns(&p("root", &[], true), &o));
+        assert!(!owns(&p("c2", &["s3"], false), &o));
+        assert!(!owns(&p("", &[], false), &OrderOwner::default()));
     }
 
     #[test]

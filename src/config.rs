@@ -791,9 +791,6 @@ pub struct ServerConfig {
     /// Longest a single socket write may take; default `10s`.
     #[serde(serialize_with = "ser_duration")]
     pub write_timeout: Duration,
-    /// How long an `order:{id}` ownership lookup is cached; default `30s`.
-    #[serde(serialize_with = "ser_duration")]
-    pub order_owner_cache_ttl: Duration,
     /// Time for clients and the checkpoint to finish on shutdown; default `10s`.
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
@@ -1124,7 +1121,8 @@ struct RawServer {
     ping_interval: Option<DurationLit>,
     pong_timeout: Option<DurationLit>,
     write_timeout: Option<DurationLit>,
-    order_owner_cache_ttl: Option<DurationLit>,
+    /// Never read by any version: refused with a pointer to `auth.order_cache_ttl`.
+    order_owner_cache_ttl: Option<Spanned<toml::Value>>,
     shutdown_grace: Option<DurationLit>,
     replay_timeout: Option<DurationLit>,
 }
@@ -1555,6 +1553,14 @@ impl Config {
             }
             allowed_origins.push(s.to_ascii_lowercase());
         }
+        if let Some(v) = &server.order_owner_cache_ttl {
+            return Err(ctx.err(
+                "server.order_owner_cache_ttl",
+                v,
+                "this key was never read; ownership lookups are cached per auth.order_cache_ttl \
+                 (and refreshed by the change stream itself): move the value there",
+            ));
+        }
         let server = ServerConfig {
             listen: server
                 .listen
@@ -1572,7 +1578,6 @@ impl Config {
             ping_interval: dur(server.ping_interval, 25_000),
             pong_timeout: dur(server.pong_timeout, 20_000),
             write_timeout: dur(server.write_timeout, 10_000),
-            order_owner_cache_ttl: dur(server.order_owner_cache_ttl, 30_000),
             shutdown_grace: dur(server.shutdown_grace, 10_000),
             replay_timeout: dur(server.replay_timeout, 5_000),
         };
@@ -2000,6 +2005,14 @@ mod tests {
         for d in ["250ms", "30s", "5m", "1h", "1500ms"] {
             assert_eq!(format_duration(parse_duration(d).unwrap()), d);
         }
+    }
+
+    #[test]
+    fn the_never_read_owner_cache_key_points_to_the_one_that_works() {
+        let (key, pos, msg) = invalid("[server]\norder_owner_cache_ttl = \"1s\"\n");
+        assert_eq!(key, "server.order_owner_cache_ttl");
+        assert_eq!(pos.map(|p| p.0), Some(2));
+        assert!(msg.contains("auth.order_cache_ttl"), "{msg}");
     }
 
     #[test]

@@ -77,6 +77,15 @@ pub struct Delivery {
     pub data: serde_json::Value,
 }
 
+/// Who owns an order: the ids `order:{id}` is open to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OrderOwner {
+    /// The customer's id (ObjectId hex lowercased), if the order has one.
+    pub customer: Option<String>,
+    /// The ids of the stores the order belongs to.
+    pub stores: Vec<String>,
+}
+
 /// An event with its per-room payloads, ready for the hub.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutedEvent {
@@ -84,4 +93,8 @@ pub struct RoutedEvent {
     pub event: Event,
     /// One entry per room; a room appears at most once.
     pub deliveries: Vec<Delivery>,
+    /// For a change of an order document: its owners as of this change, read from
+    /// the same document the payloads were. `order:{id}` deliveries reach only
+    /// sessions whose principal is among them (rights follow the data, not the join).
+    pub owner: Option<Arc<OrderOwner>>,
 }

@@ -15,9 +15,9 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{EventId, RoutedEvent};
+use crate::event::{EventId, OrderOwner, RoutedEvent};
 use crate::metrics::Metrics;
-use crate::room::Room;
+use crate::room::{Room, RoomKind};
 
 /// Hub tunables.
 #[derive(Debug, Clone)]
@@ -70,6 +70,9 @@ pub struct Message {
     pub room: Room,
     /// Payload.
     pub body: Body,
+    /// For `order:{id}` rooms: the order's owners as of this change (see
+    /// [`RoutedEvent::owner`]); sessions that are not among them do not get it.
+    pub owner: Option<Arc<OrderOwner>>,
     /// Encodings per wire format, made by the first recipient that needs them.
     encoded: [OnceLock<Bytes>; 2],
 }
@@ -89,6 +92,7 @@ impl Message {
             id,
             room,
             body,
+            owner: None,
             encoded: [OnceLock::new(), OnceLock::new()],
         }
     }
@@ -375,7 +379,7 @@ pub fn messages_for(ev: &RoutedEvent) -> Vec<Arc<Message>> {
                 }
             };
             let status = d.data.get("status").and_then(|s| s.as_str()).map(Arc::from);
-            Some(Arc::new(Message::new(
+            let mut msg = Message::new(
                 Some(ev.event.id.clone()),
                 d.room.clone(),
                 Body::Event {
@@ -384,7 +388,11 @@ pub fn messages_for(ev: &RoutedEvent) -> Vec<Arc<Message>> {
                     data,
                     status,
                 },
-            )))
+            );
+            if d.room.kind() == RoomKind::Order {
+                msg.owner = ev.owner.clone();
+            }
+            Some(Arc::new(msg))
         })
         .collect()
 }
@@ -405,6 +413,7 @@ mod tests {
 
     fn ev(id: &str, rooms: &[&str]) -> RoutedEvent {
         RoutedEvent {
+            owner: None,
             event: Event {
                 id: EventId::new(id),
                 name: "order:status_changed".into(),

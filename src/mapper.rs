@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use bson::Document;
 
+use crate::authz::{extract_owner, OrderOwner, OrderOwners};
 use crate::config::Config;
 use crate::event::RoutedEvent;
 use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
-use crate::normalize::{Issue, Normalizer, OwnerBookUse};
+use crate::normalize::{CollectionKind, DomainEvent, EventName, Issue, Normalizer, OwnerBookUse};
 use crate::route::Router;
 
 /// Builds a fresh mapper per stream (and per oplog replay).
@@ -30,6 +31,9 @@ pub struct Mapper {
     last_warned: HashMap<&'static str, (Instant, u64)>,
     unknown_logged: HashSet<String>,
     book: Option<OwnerBookUse>,
+    /// Told each order's owners as the stream sees them (live mappers only: a
+    /// replay re-reads the past, which must not overwrite the present).
+    owners: Option<Arc<dyn OrderOwners>>,
 }
 
 impl Mapper {
@@ -45,7 +49,14 @@ impl Mapper {
             last_warned: HashMap::new(),
             unknown_logged: HashSet::new(),
             book: None,
+            owners: None,
         }
+    }
+
+    /// Reports every order's owners, as changes show them, to `owners` (its cache).
+    pub fn with_owner_observer(mut self, owners: Arc<dyn OrderOwners>) -> Self {
+        self.owners = Some(owners);
+        self
     }
 
     /// A mapper whose normalizer records owners in, or consults, a shared owner book.
@@ -64,7 +75,11 @@ impl Mapper {
         }
         let mut out = Vec::with_capacity(normalized.events.len());
         for ev in &normalized.events {
-            let (routed, issues) = self.router.route(ev);
+            let owner = self.order_owner(ev);
+            let (mut routed, issues) = self.router.route(ev);
+            if let Some(r) = &mut routed {
+                r.owner = owner;
+            }
             for i in issues {
                 self.drop_reason(i.reason());
                 self.warn(i.reason(), || format!("{i:?}"));
@@ -75,6 +90,31 @@ impl Mapper {
             }
         }
         out
+    }
+
+    /// An order change's owners, read from its document by the same `[fields]` rule
+    /// as the ownership lookup; `None` for other collections and for deletes whose
+    /// document is unknown (they reach the rooms the owner book remembers).
+    fn order_owner(&self, ev: &DomainEvent) -> Option<Arc<OrderOwner>> {
+        if ev.collection != CollectionKind::Orders {
+            return None;
+        }
+        let deleted = ev.name == EventName::OrderDeleted;
+        let owner = (!ev.document.is_empty()).then(|| {
+            let f = &self.config.fields;
+            Arc::new(extract_owner(&ev.document, &f.customer, &f.store))
+        });
+        if let (Some(observer), Some(id)) = (&self.owners, &ev.keys.order) {
+            let now = if deleted {
+                None
+            } else {
+                owner.as_deref().cloned()
+            };
+            if deleted || now.is_some() {
+                observer.observe(id, now);
+            }
+        }
+        owner
     }
 
     /// Forgets remembered document state (after a gap in the stream).

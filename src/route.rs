@@ -90,6 +90,8 @@ impl Router {
             return (None, issues);
         }
         let routed = RoutedEvent {
+            // The mapper adds it: ownership uses the `[fields]` paths, not the allowlists.
+            owner: None,
             event: Event {
                 id: ev.id.clone(),
                 name: ev.name.as_str().to_owned(),

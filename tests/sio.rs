@@ -202,12 +202,24 @@ impl HubServer {
 
     /// Publishes `name` with `data` to `rooms`; returns the event id.
     fn publish(&self, name: &str, rooms: &[&str], data: Value) -> String {
+        self.publish_owned(name, rooms, data, None)
+    }
+
+    /// As `publish`, for a change of an order now owned by `owner` (as the mapper sets it).
+    fn publish_owned(
+        &self,
+        name: &str,
+        rooms: &[&str],
+        data: Value,
+        owner: Option<OrderOwner>,
+    ) -> String {
         let id = format!("{:016X}", self.next_id.fetch_add(1, Ordering::Relaxed));
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64;
         self.hub.publish(&RoutedEvent {
+            owner: owner.map(Arc::new),
             event: Event {
                 id: EventId::new(id.clone()),
                 name: name.into(),
@@ -711,6 +723,61 @@ async fn a_client_that_stops_reading_is_cut_off_as_a_slow_consumer() {
         assert!(tokio::time::Instant::now() < deadline, "{text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_moved_to_other_owners_leaves_its_room_with_an_unsubscribed_event() {
+    let srv = HubServer::start("").await;
+    srv.add_order("o1", "c1", "s1");
+    let (mut c, _) = SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+        .await
+        .unwrap();
+    c.event().await; // welcome
+    let (ack, _) = c.call("join-order-room", json!({"orderId": "o1"})).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let owned = |customer: &str, store: &str| {
+        Some(OrderOwner {
+            customer: Some(customer.into()),
+            stores: vec![store.into()],
+        })
+    };
+    let first = srv.publish_owned(
+        "order:updated",
+        &["order:o1"],
+        json!({"n": 1}),
+        owned("c1", "s1"),
+    );
+    assert_eq!(
+        c.event().await,
+        ("order:updated".into(), vec![json!({"n": 1}), json!(first)])
+    );
+    // The change that moves the order is not delivered to the old owner: it is told instead.
+    srv.publish_owned(
+        "order:updated",
+        &["order:o1"],
+        json!({"address": "B's"}),
+        owned("c2", "s2"),
+    );
+    srv.publish_owned(
+        "order:updated",
+        &["order:o1"],
+        json!({"n": 3}),
+        owned("c2", "s2"),
+    );
+    let marker = srv.publish("order:updated", &["customer:c1"], json!({"marker": true}));
+    let (name, args) = c.event().await;
+    assert_eq!(name, "unsubscribed", "{args:?}");
+    assert_eq!(
+        args[0],
+        json!({"room": "order:o1", "reason": "ownership_changed"})
+    );
+    assert_eq!(
+        c.event().await,
+        (
+            "order:updated".into(),
+            vec![json!({"marker": true}), json!(marker)]
+        )
+    );
 }
 
 /// Floods `name` far past a 20/s limit; returns what the client saw before the server cut it off.

@@ -198,6 +198,12 @@ pub fn unsubscribed(room: &str) -> String {
     json!({"type": "unsubscribed", "room": room}).to_string()
 }
 
+/// `{"type":"unsubscribed","room":…,"reason":…}`: the server left the room for the client
+/// (`ownership_changed`: the order moved to other owners; nothing of it is delivered after).
+pub fn unsubscribed_because(room: &str, reason: &str) -> String {
+    json!({"type": "unsubscribed", "room": room, "reason": reason}).to_string()
+}
+
 /// `{"type":"resync",…}` for one room (recovery could not reach back).
 pub fn resync(room: &str, reason: &str) -> String {
     json!({"type": "resync", "room": room, "reason": reason}).to_string()

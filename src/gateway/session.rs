@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::auth::Principal;
+use crate::authz::owns;
 use crate::event::EventId;
 use crate::hub::{Mailbox, Message, Recovery};
 use crate::metrics::{ReasonLabels, RecoveryKind, RecoveryLabels};
@@ -53,6 +54,10 @@ pub struct Session {
     mailbox: Mailbox,
     principal: Principal,
     rooms: HashMap<Room, RoomState>,
+    /// Order rooms left because a change moved the order to other owners, not yet
+    /// told to the client (see [`Session::take_lost`]). At most one entry per room
+    /// the session had joined, so bounded by its subscriptions.
+    lost: Vec<Room>,
 }
 
 impl Session {
@@ -63,6 +68,7 @@ impl Session {
             mailbox,
             principal,
             rooms: HashMap::new(),
+            lost: Vec::new(),
         }
     }
 
@@ -233,9 +239,60 @@ impl Session {
         }
     }
 
-    /// Whether `msg` should be sent: its room is joined and it is not older than
-    /// what the client already has (replay/live overlap, or a `since` from a replica ahead of us).
+    /// Whether live `msg` should be sent: its room is joined, the session may still see
+    /// it, and it is not older than what the client already has (replay/live overlap, or
+    /// a `since` from a replica ahead of us).
+    ///
+    /// Rights follow the data: an `order:{id}` message carries the order's owners as of
+    /// its change. A session no longer among them (the order moved to another customer
+    /// or store) leaves the room with that change, gets nothing of it, and the room is
+    /// queued for [`Session::take_lost`] so the client is told.
     pub fn accept(&mut self, msg: &Message) -> bool {
+        if !self.rooms.contains_key(&msg.room) {
+            return false;
+        }
+        if let Some(owner) = &msg.owner {
+            if !owns(&self.principal, owner) {
+                self.rooms.remove(&msg.room);
+                self.gw.hub.unsubscribe(&msg.room, self.mailbox.id());
+                self.gw
+                    .metrics
+                    .subscriptions_refused
+                    .get_or_create(&ReasonLabels {
+                        reason: "ownership_changed",
+                    })
+                    .inc();
+                self.lost.push(msg.room.clone());
+                return false;
+            }
+        }
+        self.dedup(msg)
+    }
+
+    /// Whether a replayed `msg` (history or oplog, sent right after a join) should be sent.
+    /// An order's events from before this session's principal owned it belong to the
+    /// previous owners (their names, their addresses): they are skipped, the room is kept.
+    pub fn accept_replayed(&mut self, msg: &Message) -> bool {
+        if !self.rooms.contains_key(&msg.room) {
+            return false;
+        }
+        if msg
+            .owner
+            .as_deref()
+            .is_some_and(|o| !owns(&self.principal, o))
+        {
+            return false;
+        }
+        self.dedup(msg)
+    }
+
+    /// Rooms left since the last call because their order changed owners; the wire
+    /// layer tells the client (`unsubscribed` with reason `ownership_changed`).
+    pub fn take_lost(&mut self) -> Vec<Room> {
+        std::mem::take(&mut self.lost)
+    }
+
+    fn dedup(&mut self, msg: &Message) -> bool {
         let Some(state) = self.rooms.get_mut(&msg.room) else {
             return false;
         };

@@ -756,7 +756,14 @@ impl Conn {
                     }
                     let mut n = 0;
                     while let Some(m) = next.take() {
-                        if session.accept(&m) && self.emit_message(&m).is_err() {
+                        // A refused message may have cost the room (ownership moved):
+                        // the notice goes out in its place, before anything later.
+                        let sent = if session.accept(&m) {
+                            self.emit_message(&m)
+                        } else {
+                            self.emit_lost(session)
+                        };
+                        if sent.is_err() {
                             return Exit::BufferFull;
                         }
                         n += 1;
@@ -837,9 +844,20 @@ impl Conn {
             )?;
         }
         for m in j.replay {
-            if session.accept(&m) {
+            if session.accept_replayed(&m) {
                 self.emit_message(&m)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Tells the client about order rooms it lost to an ownership change.
+    fn emit_lost(&self, session: &mut Session) -> Result<(), Full> {
+        for room in session.take_lost() {
+            self.emit_raw(
+                "unsubscribed",
+                &json!({"room": room.as_str(), "reason": "ownership_changed"}),
+            )?;
         }
         Ok(())
     }

@@ -512,11 +512,25 @@ impl Conn {
                 .await?;
         }
         for m in j.replay {
-            if session.accept(&m) {
+            if session.accept_replayed(&m) {
                 self.feed_message(&m).await?;
             }
         }
         self.flush().await
+    }
+
+    /// Tells the client about order rooms it lost to an ownership change.
+    async fn feed_lost(&mut self, session: &mut Session) -> Result<(), WriteError> {
+        for room in session.take_lost() {
+            let text = protocol::unsubscribed_because(room.as_str(), "ownership_changed");
+            timed(
+                self.gw.cfg.write_timeout,
+                &self.kicked,
+                self.socket.feed(WsMessage::Text(text.into())),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Writes `first` and whatever else is already queued (up to a batch), then flushes once.
@@ -531,6 +545,10 @@ impl Conn {
         while let Some(m) = next.take() {
             if session.accept(&m) {
                 self.feed_message(&m).await?;
+            } else {
+                // A refused message may have cost the room (ownership moved): the
+                // notice goes out in its place, before anything later.
+                self.feed_lost(session).await?;
             }
             n += 1;
             if n < WRITE_BATCH {
