@@ -75,6 +75,10 @@ pub struct RawAuthConfig {
     /// Claim holding the store ids (string, number, ObjectId or array of those). Default `stores`.
     /// Honoured only for tokens with an admin or store role; other tokens' store ids are ignored.
     pub stores_claim: Option<String>,
+    /// Claim naming the watched database (tenant) the token belongs to. Default `db`.
+    /// Read only when `mongodb.databases` lists more than one database: then every
+    /// non-admin token must carry it, and sees that database's events and orders only.
+    pub database_claim: Option<String>,
     /// Role values that make an admin. Default `["admin"]`.
     pub admin_roles: Option<Vec<String>>,
     /// Role values that make store staff. Default `["store", "store_owner", "seller", "staff"]`.
@@ -121,6 +125,8 @@ pub struct ClaimNames {
     pub role: String,
     /// Store-ids claim, default `stores`.
     pub stores: String,
+    /// Database (tenant) claim, default `db`; read only when several databases are watched.
+    pub database: String,
 }
 
 /// Typed auth settings. Holds the verification keys; its `Debug` never
@@ -148,6 +154,9 @@ pub struct AuthConfig {
     pub allow_anonymous_storefront: bool,
     /// Cache and deadline of `order:{id}` ownership lookups.
     pub order_lookup: OrderLookupConfig,
+    /// The watched databases (`mongodb.databases`), set by the config loader. With
+    /// more than one, tokens are scoped to one of them by [`ClaimNames::database`].
+    pub databases: Vec<String>,
 }
 
 /// Verification keys, chosen by algorithm family at config time.
@@ -346,6 +355,7 @@ impl AuthConfig {
             subject: claim("subject_claim", &raw.subject_claim, "sub")?,
             role: claim("role_claim", &raw.role_claim, "role")?,
             stores: claim("stores_claim", &raw.stores_claim, "stores")?,
+            database: claim("database_claim", &raw.database_claim, "db")?,
         };
 
         let defaults = OrderLookupConfig::default();
@@ -389,6 +399,7 @@ impl AuthConfig {
             allow_query_token: raw.allow_query_token.unwrap_or(false),
             allow_anonymous_storefront: raw.allow_anonymous_storefront.unwrap_or(false),
             order_lookup,
+            databases: Vec::new(),
         })
     }
 }
@@ -689,6 +700,9 @@ pub struct Principal {
     pub is_store_staff: bool,
     /// The token's `exp` (without leeway; see [`Verifier::leeway`]). `None` for anonymous.
     pub expires_at: Option<SystemTime>,
+    /// The watched database the token is scoped to, when several are watched
+    /// (`auth.database_claim`); `None`: one database, or an admin of all of them.
+    pub database: Option<String>,
 }
 
 impl Principal {
@@ -701,6 +715,7 @@ impl Principal {
             is_admin: false,
             is_store_staff: false,
             expires_at: None,
+            database: None,
         }
     }
 
@@ -758,6 +773,8 @@ pub struct Verifier {
     claims: ClaimNames,
     admin_roles: HashSet<String>,
     store_roles: HashSet<String>,
+    /// Watched databases when there are several (tokens are then scoped to one); empty otherwise.
+    tenants: Vec<String>,
 }
 
 impl fmt::Debug for Verifier {
@@ -790,6 +807,11 @@ impl Verifier {
             claims: config.claims.clone(),
             admin_roles: config.admin_roles.iter().cloned().collect(),
             store_roles: config.store_roles.iter().cloned().collect(),
+            tenants: if config.databases.len() > 1 {
+                config.databases.clone()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -987,6 +1009,27 @@ impl Verifier {
         if admin.is_none() && staff.is_none() {
             stores.clear();
         }
+
+        // Several databases are several tenants whose ids may overlap (customer "c1" in
+        // each): a token names its tenant, and sees nothing of the others. Admins
+        // without the claim see every database.
+        let database = if self.tenants.is_empty() {
+            None
+        } else {
+            let name = &self.claims.database;
+            match lookup_claim(claims, name) {
+                None | Some(Value::Null) if admin.is_some() => None,
+                None | Some(Value::Null) => {
+                    return Err(bad_claim(
+                        name,
+                        "is missing (several databases are watched: the token must name its own)",
+                    ))
+                }
+                Some(Value::String(s)) if self.tenants.iter().any(|t| t == s) => Some(s.clone()),
+                Some(Value::String(_)) => return Err(bad_claim(name, "names no watched database")),
+                Some(_) => return Err(bad_claim(name, "must be a string")),
+            }
+        };
         Ok(Principal {
             subject: Some(subject),
             role,
@@ -994,6 +1037,7 @@ impl Verifier {
             is_admin: admin.is_some(),
             is_store_staff: staff.is_some(),
             expires_at: Some(exp),
+            database,
         })
     }
 }

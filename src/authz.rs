@@ -38,14 +38,19 @@ pub enum LookupError {
 
 /// Finds the owners of an order. `Ok(None)`: there is no such order.
 pub trait OrderOwners: Send + Sync {
-    /// Looks up `order_id` (a room id, already validated by [`Room`]).
-    fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>>;
+    /// Looks up `order_id` (a room id, already validated by [`Room`]) in `database`
+    /// (`None`: every watched database, first found; used when only one is watched).
+    fn owners<'a>(
+        &'a self,
+        order_id: &str,
+        database: Option<&str>,
+    ) -> BoxFuture<'a, Result<Option<OrderOwner>, LookupError>>;
 
-    /// The change stream saw `order_id` owned by `owner` (`None`: deleted). A cache
-    /// replaces what it holds, so a client refused or admitted by a stale answer is
-    /// not for long. The default keeps nothing.
-    fn observe(&self, order_id: &str, owner: Option<OrderOwner>) {
-        let _ = (order_id, owner);
+    /// The change stream of `database` saw `order_id` owned by `owner` (`None`: deleted).
+    /// A cache replaces what it holds, so a client refused or admitted by a stale answer
+    /// is not for long. The default keeps nothing.
+    fn observe(&self, order_id: &str, database: Option<&str>, owner: Option<OrderOwner>) {
+        let _ = (order_id, database, owner);
     }
 }
 
@@ -205,22 +210,42 @@ impl<O: OrderOwners> CachedOrderOwners<O> {
     }
 }
 
+/// The cache key of an order in a database: ids may repeat across databases.
+fn cache_key(order_id: &str, database: Option<&str>) -> String {
+    match database {
+        Some(db) => format!("{db}\u{0}{order_id}"),
+        None => order_id.to_owned(),
+    }
+}
+
 impl<O: OrderOwners> OrderOwners for CachedOrderOwners<O> {
-    fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>> {
+    fn owners<'a>(
+        &'a self,
+        order_id: &str,
+        database: Option<&str>,
+    ) -> BoxFuture<'a, Result<Option<OrderOwner>, LookupError>> {
         let id = order_id.to_owned();
+        let db = database.map(str::to_owned);
         Box::pin(async move {
+            let key = cache_key(&id, db.as_deref());
             let asked = Instant::now();
-            if let Some(hit) = self.cache.get(&id, asked) {
+            if let Some(hit) = self.cache.get(&key, asked) {
                 return Ok(hit);
             }
-            let found = self.inner.owners(&id).await?;
-            self.cache.put_looked_up(&id, found.clone(), asked);
+            let found = self.inner.owners(&id, db.as_deref()).await?;
+            self.cache.put_looked_up(&key, found.clone(), asked);
             Ok(found)
         })
     }
 
-    fn observe(&self, order_id: &str, owner: Option<OrderOwner>) {
-        self.cache.observe(order_id, owner, Instant::now());
+    fn observe(&self, order_id: &str, database: Option<&str>, owner: Option<OrderOwner>) {
+        let now = Instant::now();
+        self.cache
+            .observe(&cache_key(order_id, database), owner.clone(), now);
+        // Lookups made without a database (one watched) are keyed by id alone.
+        if database.is_some() {
+            self.cache.observe(order_id, owner, now);
+        }
     }
 }
 
@@ -258,9 +283,19 @@ impl MongoOrderOwners {
         }
     }
 
-    async fn lookup(&self, id: &str) -> Result<Option<OrderOwner>, LookupError> {
+    async fn lookup(
+        &self,
+        id: &str,
+        database: Option<&str>,
+    ) -> Result<Option<OrderOwner>, LookupError> {
         let filter = order_filter(id);
-        for coll in &self.collections {
+        // A tenant's order is looked up in its own database only: the same id in
+        // another tenant's database is another order.
+        let colls = self
+            .collections
+            .iter()
+            .filter(|c| database.is_none_or(|d| c.namespace().db == d));
+        for coll in colls {
             let found = coll
                 .find_one(filter.clone())
                 .projection(self.projection.clone())
@@ -279,10 +314,15 @@ impl MongoOrderOwners {
 }
 
 impl OrderOwners for MongoOrderOwners {
-    fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>> {
+    fn owners<'a>(
+        &'a self,
+        order_id: &str,
+        database: Option<&str>,
+    ) -> BoxFuture<'a, Result<Option<OrderOwner>, LookupError>> {
         let id = order_id.to_owned();
+        let db = database.map(str::to_owned);
         Box::pin(async move {
-            tokio::time::timeout(self.timeout, self.lookup(&id))
+            tokio::time::timeout(self.timeout, self.lookup(&id, db.as_deref()))
                 .await
                 .map_err(|_| LookupError::Timeout)?
         })
@@ -442,12 +482,6 @@ impl Authorizer {
         }
     }
 
-    /// The change stream saw order `order_id` owned by `owner` (`None`: deleted):
-    /// cached ownership answers are replaced at once, not only when their ttl ends.
-    pub fn observe_owner(&self, order_id: &str, owner: Option<OrderOwner>) {
-        self.owners.observe(order_id, owner);
-    }
-
     /// Decides whether `p` may join `room`:
     ///
     /// | room | allowed when |
@@ -479,7 +513,7 @@ impl Authorizer {
             RoomKind::Customer => Err(Denied::forbidden("not your customer room")),
             RoomKind::Store if p.stores.iter().any(|s| s == id) => Ok(()),
             RoomKind::Store => Err(Denied::forbidden("not one of your stores")),
-            RoomKind::Order => match self.owners.owners(id).await {
+            RoomKind::Order => match self.owners.owners(id, p.database.as_deref()).await {
                 Ok(Some(o)) if owns(p, &o) => Ok(()),
                 // Same answer for "not yours" and "no such order", so order
                 // ids cannot be probed.
@@ -507,7 +541,11 @@ mod tests {
     }
 
     impl OrderOwners for Fake {
-        fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>> {
+        fn owners<'a>(
+            &'a self,
+            order_id: &str,
+            _database: Option<&str>,
+        ) -> BoxFuture<'a, Result<Option<OrderOwner>, LookupError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let r = if self.fail.load(Ordering::SeqCst) {
                 Err(LookupError::Timeout)
@@ -519,8 +557,12 @@ mod tests {
     }
 
     impl OrderOwners for Arc<Fake> {
-        fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>> {
-            (**self).owners(order_id)
+        fn owners<'a>(
+            &'a self,
+            order_id: &str,
+            database: Option<&str>,
+        ) -> BoxFuture<'a, Result<Option<OrderOwner>, LookupError>> {
+            (**self).owners(order_id, database)
         }
     }
 
@@ -654,16 +696,16 @@ mod tests {
             ..OrderLookupConfig::default()
         };
         let cached = CachedOrderOwners::new(f.clone(), &cfg);
-        assert!(cached.owners("o1").await.unwrap().is_some());
-        assert!(cached.owners("o1").await.unwrap().is_some());
+        assert!(cached.owners("o1", None).await.unwrap().is_some());
+        assert!(cached.owners("o1", None).await.unwrap().is_some());
         assert_eq!(f.calls.load(Ordering::SeqCst), 1);
 
         f.fail.store(true, Ordering::SeqCst);
-        assert!(cached.owners("o2").await.is_err());
+        assert!(cached.owners("o2", None).await.is_err());
         f.fail.store(false, Ordering::SeqCst);
         assert_eq!(
             cached
-                .owners("o2")
+                .owners("o2", None)
                 .await
                 .unwrap()
                 .unwrap()
@@ -747,6 +789,7 @@ mod tests {
             is_admin: admin,
             is_store_staff: !stores.is_empty(),
             expires_at: None,
+            database: None,
         };
         assert!(owns(&p("c1", &[], false), &o));
         assert!(owns(&p("staff", &["s2"], false), &o));
@@ -841,7 +884,7 @@ mod tests {
                 vec!["storeId".into()],
                 deadline,
             );
-            let err = mongo.owners("o1").await.unwrap_err();
+            let err = mongo.owners("o1", None).await.unwrap_err();
             if selection_ms == 50 {
                 assert!(matches!(err, LookupError::Mongo(_)), "{err:?}");
             } else {

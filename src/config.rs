@@ -1707,7 +1707,7 @@ impl Config {
             settings_sections: sections.into_values().collect(),
         };
 
-        let auth = AuthConfig::from_raw_with_env(&auth, ctx.env).map_err(|e| {
+        let mut auth = AuthConfig::from_raw_with_env(&auth, ctx.env).map_err(|e| {
             let key = if e.key.starts_with("auth") {
                 e.key.clone()
             } else {
@@ -1725,6 +1725,7 @@ impl Config {
                 message: e.message,
             }
         })?;
+        auth.databases = mongo.databases.clone();
 
         Ok(Config {
             mongo,

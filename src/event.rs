@@ -97,4 +97,7 @@ pub struct RoutedEvent {
     /// the same document the payloads were. `order:{id}` deliveries reach only
     /// sessions whose principal is among them (rights follow the data, not the join).
     pub owner: Option<Arc<OrderOwner>>,
+    /// The database the change came from, when several are watched: rooms are then
+    /// per database (a tenant's `customer:c1` is not another tenant's).
+    pub database: Option<Arc<str>>,
 }

@@ -73,6 +73,8 @@ pub struct Message {
     /// For `order:{id}` rooms: the order's owners as of this change (see
     /// [`RoutedEvent::owner`]); sessions that are not among them do not get it.
     pub owner: Option<Arc<OrderOwner>>,
+    /// The database it came from when several are watched ([`RoutedEvent::database`]).
+    pub database: Option<Arc<str>>,
     /// Encodings per wire format, made by the first recipient that needs them.
     encoded: [OnceLock<Bytes>; 2],
 }
@@ -93,6 +95,7 @@ impl Message {
             room,
             body,
             owner: None,
+            database: None,
             encoded: [OnceLock::new(), OnceLock::new()],
         }
     }
@@ -392,6 +395,7 @@ pub fn messages_for(ev: &RoutedEvent) -> Vec<Arc<Message>> {
             if d.room.kind() == RoomKind::Order {
                 msg.owner = ev.owner.clone();
             }
+            msg.database = ev.database.clone();
             Some(Arc::new(msg))
         })
         .collect()
@@ -414,6 +418,7 @@ mod tests {
     fn ev(id: &str, rooms: &[&str]) -> RoutedEvent {
         RoutedEvent {
             owner: None,
+            database: None,
             event: Event {
                 id: EventId::new(id),
                 name: "order:status_changed".into(),

@@ -34,6 +34,8 @@ pub struct Mapper {
     /// Told each order's owners as the stream sees them (live mappers only: a
     /// replay re-reads the past, which must not overwrite the present).
     owners: Option<Arc<dyn OrderOwners>>,
+    /// Whether several databases are watched: events then carry theirs.
+    multi_db: bool,
 }
 
 impl Mapper {
@@ -50,6 +52,7 @@ impl Mapper {
             unknown_logged: HashSet::new(),
             book: None,
             owners: None,
+            multi_db: config.mongo.databases.len() > 1,
         }
     }
 
@@ -69,16 +72,26 @@ impl Mapper {
     /// Maps one change to the events to publish, counting what was read and dropped.
     pub fn map(&mut self, change: &Document) -> Vec<RoutedEvent> {
         self.count_change(change);
+        let database: Option<Arc<str>> = if self.multi_db {
+            change
+                .get_document("ns")
+                .ok()
+                .and_then(|ns| ns.get_str("db").ok())
+                .map(Arc::from)
+        } else {
+            None
+        };
         let normalized = self.normalizer.normalize(change);
         for issue in &normalized.issues {
             self.report(issue);
         }
         let mut out = Vec::with_capacity(normalized.events.len());
         for ev in &normalized.events {
-            let owner = self.order_owner(ev);
+            let owner = self.order_owner(ev, database.as_deref());
             let (mut routed, issues) = self.router.route(ev);
             if let Some(r) = &mut routed {
                 r.owner = owner;
+                r.database = database.clone();
             }
             for i in issues {
                 self.drop_reason(i.reason());
@@ -95,7 +108,7 @@ impl Mapper {
     /// An order change's owners, read from its document by the same `[fields]` rule
     /// as the ownership lookup; `None` for other collections and for deletes whose
     /// document is unknown (they reach the rooms the owner book remembers).
-    fn order_owner(&self, ev: &DomainEvent) -> Option<Arc<OrderOwner>> {
+    fn order_owner(&self, ev: &DomainEvent, database: Option<&str>) -> Option<Arc<OrderOwner>> {
         if ev.collection != CollectionKind::Orders {
             return None;
         }
@@ -111,7 +124,7 @@ impl Mapper {
                 owner.as_deref().cloned()
             };
             if deleted || now.is_some() {
-                observer.observe(id, now);
+                observer.observe(id, database, now);
             }
         }
         owner

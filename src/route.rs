@@ -92,6 +92,7 @@ impl Router {
         let routed = RoutedEvent {
             // The mapper adds it: ownership uses the `[fields]` paths, not the allowlists.
             owner: None,
+            database: None,
             event: Event {
                 id: ev.id.clone(),
                 name: ev.name.as_str().to_owned(),

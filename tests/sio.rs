@@ -123,7 +123,11 @@ fn store_token(sub: &str, stores: &[&str]) -> String {
 struct Owners(Mutex<HashMap<String, OrderOwner>>);
 
 impl OrderOwners for Owners {
-    fn owners(&self, order_id: &str) -> BoxFuture<'_, Result<Option<OrderOwner>, LookupError>> {
+    fn owners<'a>(
+        &'a self,
+        order_id: &str,
+        _database: Option<&str>,
+    ) -> BoxFuture<'a, Result<Option<OrderOwner>, LookupError>> {
         let found = self.0.lock().unwrap().get(order_id).cloned();
         Box::pin(async move { Ok(found) })
     }
@@ -220,6 +224,7 @@ impl HubServer {
             .as_millis() as i64;
         self.hub.publish(&RoutedEvent {
             owner: owner.map(Arc::new),
+            database: None,
             event: Event {
                 id: EventId::new(id.clone()),
                 name: name.into(),

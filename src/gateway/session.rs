@@ -248,7 +248,7 @@ impl Session {
     /// or store) leaves the room with that change, gets nothing of it, and the room is
     /// queued for [`Session::take_lost`] so the client is told.
     pub fn accept(&mut self, msg: &Message) -> bool {
-        if !self.rooms.contains_key(&msg.room) {
+        if !self.rooms.contains_key(&msg.room) || !self.same_database(msg) {
             return false;
         }
         if let Some(owner) = &msg.owner {
@@ -273,7 +273,7 @@ impl Session {
     /// An order's events from before this session's principal owned it belong to the
     /// previous owners (their names, their addresses): they are skipped, the room is kept.
     pub fn accept_replayed(&mut self, msg: &Message) -> bool {
-        if !self.rooms.contains_key(&msg.room) {
+        if !self.rooms.contains_key(&msg.room) || !self.same_database(msg) {
             return false;
         }
         if msg
@@ -284,6 +284,17 @@ impl Session {
             return false;
         }
         self.dedup(msg)
+    }
+
+    /// Whether `msg` is of this session's database. With several watched databases a
+    /// room name is shared by every tenant that has that id; a tenant's token sees its
+    /// own database's events only. Resync notices (no id) concern every tenant.
+    fn same_database(&self, msg: &Message) -> bool {
+        match (&self.principal.database, &msg.database) {
+            (Some(mine), Some(theirs)) => mine.as_str() == &**theirs,
+            (Some(_), None) => msg.id.is_none(),
+            (None, _) => true,
+        }
     }
 
     /// Rooms left since the last call because their order changed owners; the wire

@@ -15,3 +15,4 @@ mod ownership;
 mod pipeline;
 mod recovery;
 mod resume;
+mod tenants;
