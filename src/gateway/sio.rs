@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::limits::{RateWindow, SubjectPermit, TotalPermit};
+use super::limits::{RateWindow, SubjectPermit, TotalPermit, UnauthPermit, UnauthRefused};
 use super::session::{Joined, Session};
 use super::ws::{expiry_in, observe_latency};
 use super::Gateway;
@@ -172,7 +172,8 @@ fn unread(name: &axum::http::HeaderName) -> bool {
 }
 
 /// The middleware in front of socketioxide: every `/socket.io/` request is
-/// [`detach`]ed first. Then CORS for the long-polling transport, which a browser
+/// [`detach`]ed first, and one that opens an Engine.IO session is counted in the
+/// unauthenticated pool ([`admit`]; refused past its caps). Then CORS for the long-polling transport, which a browser
 /// dashboard on another origin reaches with XHR (WebSockets need none). Only `/socket.io/` answers;
 /// the origin must pass `server.allowed_origins` (any origin when it is empty),
 /// and is echoed rather than `*` because socket.io-client may send credentials.
@@ -187,14 +188,21 @@ pub async fn cors(
     let scoped = req.uri().path().starts_with("/socket.io/");
     let req = if scoped { detach(req) } else { req };
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let Some(origin) = origin.filter(|_| scoped && gw.origin_allowed(req.headers())) else {
-        return next.run(req).await;
-    };
+    let origin = origin.filter(|_| scoped && gw.origin_allowed(req.headers()));
     let preflight = req.method() == Method::OPTIONS;
-    let mut resp = if preflight {
+    let mut resp = if origin.is_some() && preflight {
         StatusCode::NO_CONTENT.into_response()
+    } else if scoped {
+        let mut req = req;
+        match admit(&gw, &mut req) {
+            Ok(()) => next.run(req).await,
+            Err(why) => unauth_refusal(why),
+        }
     } else {
         next.run(req).await
+    };
+    let Some(origin) = origin else {
+        return resp;
     };
     let h = resp.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -218,6 +226,72 @@ pub async fn cors(
         );
     }
     resp
+}
+
+/// The unauthenticated-pool slot of one Engine.IO session, carried in its handshake
+/// request's extensions: engineioxide keeps that request head for the session's
+/// life, so the slot is freed when the session closes (by the client, the
+/// heartbeat, or socketioxide's `connect_timeout` = `server.auth_deadline`), or
+/// earlier when its Socket.IO CONNECT succeeds ([`Shared::authenticate`] takes it).
+#[derive(Clone, Default)]
+struct UnauthSlot(Arc<Mutex<Option<UnauthPermit>>>);
+
+impl UnauthSlot {
+    fn release(&self) {
+        // Taken out and dropped outside the lock.
+        let permit = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(permit);
+    }
+}
+
+/// Counts a request that opens an Engine.IO session (a GET without `sid`: the
+/// polling handshake, or a WebSocket opened directly) against the unauthenticated
+/// pool; past a cap the caller answers it ([`unauth_refusal`]) and it never reaches
+/// the engine. Requests of an existing session pass untouched.
+fn admit(gw: &Gateway, req: &mut axum::extract::Request) -> Result<(), UnauthRefused> {
+    let has_sid = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("sid")));
+    if req.method() != axum::http::Method::GET || has_sid {
+        return Ok(());
+    }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let permit = gw
+        .limits
+        .acquire_unauth(
+            peer,
+            gw.cfg.max_unauthenticated.get(),
+            gw.cfg.max_unauthenticated_per_ip,
+        )
+        .inspect_err(|why| {
+            gw.metrics
+                .client_errors
+                .get_or_create(&ReasonLabels { reason: why.code() })
+                .inc();
+        })?;
+    req.extensions_mut()
+        .insert(UnauthSlot(Arc::new(Mutex::new(Some(permit)))));
+    Ok(())
+}
+
+/// 503 `unauthenticated_overloaded` or 429 `unauthenticated_per_ip`, with the
+/// `{"error","message"}` body `/ws` refusals have.
+fn unauth_refusal(why: UnauthRefused) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let status = match why {
+        UnauthRefused::Total => StatusCode::SERVICE_UNAVAILABLE,
+        UnauthRefused::PerIp => StatusCode::TOO_MANY_REQUESTS,
+    };
+    (
+        status,
+        axum::Json(json!({"error": why.code(), "message": why.message()})),
+    )
+        .into_response()
 }
 
 /// What the middleware hands to the connect handler for one socket.
@@ -330,6 +404,10 @@ impl Shared {
             ),
             None => None,
         };
+        // Authenticated and counted in `max_connections`: out of the anonymous pool.
+        if let Some(slot) = parts.extensions.get::<UnauthSlot>() {
+            slot.release();
+        }
         let since = auth.since.filter(|s| valid_event_id(s)).map(EventId::new);
         let (mailbox, rx) = gw.hub.mailbox();
         let mut session = Session::new(gw.clone(), mailbox, principal);

@@ -14,3 +14,4 @@ mod ops;
 mod pipeline;
 mod recovery;
 mod resume;
+mod unauth;
