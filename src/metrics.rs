@@ -151,7 +151,8 @@ pub struct Metrics {
     pub stream_reconnects: Counter,
     /// Times the stored token had fallen out of the oplog.
     pub history_lost: Counter,
-    /// Client messages refused as malformed or over a limit, by reason.
+    /// Client messages refused as malformed or over a limit, and connections refused by
+    /// the unauthenticated caps (`unauthenticated_overloaded`, `unauthenticated_per_ip`), by reason.
     pub client_errors: Family<ReasonLabels, Counter>,
     /// `deliveries` of `/ws` and Socket.IO, looked up once: the family's lookup takes a
     /// lock and hashes the label for every frame otherwise.
@@ -286,7 +287,7 @@ impl Metrics {
         );
         r.register(
             "client_errors",
-            "Client messages refused, by reason",
+            "Client messages and unauthenticated connections refused, by reason",
             m.client_errors.clone(),
         );
         r.register_collector(Box::new(RuntimeTasks));
