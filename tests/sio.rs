@@ -809,9 +809,14 @@ async fn engine_io_sessions_without_connect_are_capped_and_closed_by_the_deadlin
     )
     .await;
     let mut sids = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..4 {
         sids.push(eio_handshake(srv.addr).await.unwrap());
     }
+    // The fifth over a WebSocket opened directly: the transport itself must be closed.
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", srv.addr);
+    let (mut direct, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let open = direct.next().await.unwrap().unwrap();
+    assert!(open.to_text().unwrap().starts_with('0'), "{open:?}");
     let opened = std::time::Instant::now();
     // Beyond the cap: refused before the engine makes a session, by polling...
     let (status, body) = eio_handshake(srv.addr).await.unwrap_err();
@@ -819,8 +824,7 @@ async fn engine_io_sessions_without_connect_are_capped_and_closed_by_the_deadlin
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"], "unauthenticated_overloaded");
     // ...and by a WebSocket opened directly.
-    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", srv.addr);
-    match tokio_tungstenite::connect_async(url).await {
+    match tokio_tungstenite::connect_async(&url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
         other => panic!("expected a 503 refusal, got {:?}", other.map(|_| ())),
     }
@@ -843,6 +847,20 @@ async fn engine_io_sessions_without_connect_are_capped_and_closed_by_the_deadlin
         opened.elapsed()
     );
     drop(sid);
+    // The WebSocket session was closed by the server (its first ping is 25 s away).
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match direct.next().await {
+                Some(Ok(WsMsg::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the Engine.IO WebSocket stayed open past the deadline"
+    );
     for old in &sids {
         // The session is gone: the engine no longer knows its id.
         let poll = format!("/socket.io/?EIO=4&transport=polling&sid={old}");

@@ -2,9 +2,11 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
 
@@ -189,4 +191,39 @@ async fn per_address_cap_refuses_more_anonymous_sockets_but_not_token_holders() 
         .send_json(json!({"type": "auth", "token": customer_token("c10")}))
         .await;
     assert_eq!(fourth.next_json().await["type"], "welcome");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_band_auth_needs_an_authenticated_slot() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "[server]\nmax_connections = 2").await;
+    let (_a, _) = Client::connect(&server, &customer_token("c1")).await;
+    let (b, _) = Client::connect(&server, &customer_token("c2")).await;
+    // max_connections is full, but waiting for `auth` uses the other pool.
+    let mut anon = Client::try_connect(&server, None, &[]).await.unwrap();
+    anon.send_json(json!({"type": "auth", "token": customer_token("c3")}))
+        .await;
+    assert_eq!(anon.closed_with(Duration::from_secs(5)).await, Some(4003));
+    // With a slot free, the same in-band auth is welcomed.
+    drop(b);
+    let t = Instant::now();
+    loop {
+        let mut c = Client::try_connect(&server, None, &[]).await.unwrap();
+        c.send_json(json!({"type": "auth", "token": customer_token("c3")}))
+            .await;
+        // Until the server has seen `b` leave, this one is closed with 4003 too.
+        let reply = tokio::time::timeout(Duration::from_secs(5), c.ws.next())
+            .await
+            .expect("an answer");
+        match reply {
+            Some(Ok(Message::Text(text))) if text.contains("\"welcome\"") => break,
+            other => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "slot never freed: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
