@@ -135,6 +135,9 @@ pub struct Metrics {
     pub connections: Family<WireLabels, Gauge>,
     /// Rooms with at least one subscriber.
     pub rooms: Gauge,
+    /// `/ws` sockets waiting for `auth` and Engine.IO sessions waiting for CONNECT
+    /// (the pool `server.max_unauthenticated` caps), sampled at scrape time.
+    pub unauthenticated: Gauge,
     /// Subscriptions refused, by reason.
     pub subscriptions_refused: Family<ReasonLabels, Counter>,
     /// Authentication failures, by reason.
@@ -190,6 +193,7 @@ impl Metrics {
             ),
             connections: Family::default(),
             rooms: Gauge::default(),
+            unauthenticated: Gauge::default(),
             subscriptions_refused: Family::default(),
             auth_failures: Family::default(),
             slow_consumer_disconnects: Counter::default(),
@@ -284,6 +288,11 @@ impl Metrics {
             "history_lost",
             "Times the stored resume token had fallen out of the oplog",
             m.history_lost.clone(),
+        );
+        r.register(
+            "unauthenticated_connections",
+            "Sockets and Socket.IO sessions not yet authenticated",
+            m.unauthenticated.clone(),
         );
         r.register(
             "client_errors",

@@ -108,6 +108,10 @@ async fn anonymous_sockets_cannot_take_a_token_holders_slot() {
     }
     assert_eq!((anon.len(), refused), (30, 20));
     assert_eq!(
+        metric(&server, "changecast_unauthenticated_connections").await,
+        30.0
+    );
+    assert_eq!(
         metric(
             &server,
             "changecast_client_errors_total{reason=\"unauthenticated_overloaded\"}"
