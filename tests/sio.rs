@@ -902,6 +902,49 @@ async fn engine_io_sessions_without_connect_are_capped_and_closed_by_the_deadlin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_with_a_valid_token_does_not_need_the_anonymous_pool() {
+    let srv = HubServer::start(
+        "[server]\nmax_unauthenticated = 2\nmax_unauthenticated_per_ip = 0\nmax_connections = 3",
+    )
+    .await;
+    eio_handshake(srv.addr).await.unwrap();
+    eio_handshake(srv.addr).await.unwrap();
+    assert_eq!(eio_handshake(srv.addr).await.unwrap_err().0, 503);
+    // The anonymous pool is full; a token on the handshake counts in max_connections instead.
+    let bearer = format!("Bearer {}", customer_token("c1"));
+    let (mut c, _) = SioClient::connect(srv.addr, json!({}), &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(c.event().await.0, "welcome");
+    // A bad token on the handshake is no way around the pool.
+    let (status, _) = http(srv.addr, "GET", "/socket.io/?EIO=4&transport=polling", None).await;
+    assert_eq!(status, 503);
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", srv.addr);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", "Bearer not-a-jwt".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected a 503 refusal, got {:?}", other.map(|_| ())),
+    }
+    // The handshake's slot became the session's: two more token holders fit, a third does not.
+    let (_d, _) = SioClient::connect(srv.addr, json!({}), &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    let mut w = ws_client(srv.addr, &customer_token("w1")).await;
+    assert_eq!(ws_next(&mut w).await["type"], "welcome");
+    let mut req = format!("ws://{}/ws", srv.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected 503 overloaded, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_io_handshakes_have_a_per_address_cap() {
     let srv = HubServer::start("[server]\nmax_unauthenticated_per_ip = 2").await;
     eio_handshake(srv.addr).await.unwrap();

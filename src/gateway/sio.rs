@@ -228,19 +228,50 @@ pub async fn cors(
     resp
 }
 
-/// The unauthenticated-pool slot of one Engine.IO session, carried in its handshake
-/// request's extensions: engineioxide keeps that request head for the session's
-/// life, so the slot is freed when the session closes (by the client, the
-/// heartbeat, or socketioxide's `connect_timeout` = `server.auth_deadline`), or
-/// earlier when its Socket.IO CONNECT succeeds ([`Shared::authenticate`] takes it).
-#[derive(Clone, Default)]
-struct UnauthSlot(Arc<Mutex<Option<UnauthPermit>>>);
+/// What one Engine.IO session counts against until its Socket.IO CONNECT succeeds.
+enum Admission {
+    /// The unauthenticated pool (held for its release on drop).
+    Anonymous { _permit: UnauthPermit },
+    /// `max_connections`: the handshake request carried a valid token (as on `/ws`,
+    /// a token holder never depends on room in the anonymous pool).
+    Authenticated(TotalPermit),
+}
 
-impl UnauthSlot {
+/// The [`Admission`] of one Engine.IO session, carried in its handshake request's
+/// extensions: engineioxide keeps that request head for the session's life, so
+/// the slot is freed when the session closes (by the client, the heartbeat, or
+/// socketioxide's `connect_timeout` = `server.auth_deadline`), or when its CONNECT
+/// succeeds ([`Shared::authenticate`] takes it over).
+#[derive(Clone)]
+struct HandshakeSlot(Arc<Mutex<Option<Admission>>>);
+
+impl HandshakeSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Admission>> {
+        // Only whole values are swapped under the lock; a panic cannot leave one half-made.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `max_connections` slot taken at the handshake, if that is what it holds.
+    fn take_total(&self) -> Option<TotalPermit> {
+        let mut held = self.lock();
+        match held.take() {
+            Some(Admission::Authenticated(t)) => Some(t),
+            other => {
+                *held = other;
+                None
+            }
+        }
+    }
+
+    fn put_back(&self, a: Admission) {
+        *self.lock() = Some(a);
+    }
+
+    /// Frees what it holds (the session has its own slot now).
     fn release(&self) {
         // Taken out and dropped outside the lock.
-        let permit = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(permit);
+        let held = self.lock().take();
+        drop(held);
     }
 }
 
@@ -254,6 +285,22 @@ fn admit(gw: &Gateway, req: &mut axum::extract::Request) -> Result<(), UnauthRef
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("sid")));
     if req.method() != axum::http::Method::GET || has_sid {
+        return Ok(());
+    }
+    // A valid token on the handshake itself (Authorization, or `?token=` when allowed)
+    // takes a `max_connections` slot instead. A bad or missing one is not refused here:
+    // CONNECT's `auth.token` comes first and is checked there.
+    let found =
+        crate::auth::token_from_headers(req.headers(), gw.allow_query_token, req.uri().query());
+    let holder = found
+        .token
+        .filter(|(_, t)| gw.verifier.verify(t.expose(), SystemTime::now()).is_ok())
+        .and_then(|_| gw.limits.acquire_total(gw.cfg.max_connections.get()));
+    if let Some(total) = holder {
+        req.extensions_mut()
+            .insert(HandshakeSlot(Arc::new(Mutex::new(Some(
+                Admission::Authenticated(total),
+            )))));
         return Ok(());
     }
     let peer = req
@@ -274,7 +321,9 @@ fn admit(gw: &Gateway, req: &mut axum::extract::Request) -> Result<(), UnauthRef
                 .inc();
         })?;
     req.extensions_mut()
-        .insert(UnauthSlot(Arc::new(Mutex::new(Some(permit)))));
+        .insert(HandshakeSlot(Arc::new(Mutex::new(Some(
+            Admission::Anonymous { _permit: permit },
+        )))));
     Ok(())
 }
 
@@ -387,25 +436,39 @@ impl Shared {
             e.record(&gw.metrics);
             refused(e.code(), e.to_string())
         })?;
-        let total = gw
-            .limits
-            .acquire_total(gw.cfg.max_connections.get())
-            .ok_or_else(|| refused("overloaded", "too many connections"))?;
+        let slot = parts.extensions.get::<HandshakeSlot>();
+        let from_handshake = slot.and_then(HandshakeSlot::take_total);
+        let reused = from_handshake.is_some();
+        let total = match from_handshake {
+            Some(t) => t,
+            // A refusal leaves the session counted where it was until the deadline closes it.
+            None => gw
+                .limits
+                .acquire_total(gw.cfg.max_connections.get())
+                .ok_or_else(|| refused("overloaded", "too many connections"))?,
+        };
         let subject = match principal.subject.as_deref() {
-            Some(sub) => Some(
-                gw.limits
+            Some(sub) => {
+                match gw
+                    .limits
                     .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
-                    .ok_or_else(|| {
-                        refused(
+                {
+                    Some(p) => Some(p),
+                    None => {
+                        if let (true, Some(slot)) = (reused, slot) {
+                            slot.put_back(Admission::Authenticated(total));
+                        }
+                        return Err(refused(
                             "too_many_connections",
                             "too many connections for this subject",
-                        )
-                    })?,
-            ),
+                        ));
+                    }
+                }
+            }
             None => None,
         };
         // Authenticated and counted in `max_connections`: out of the anonymous pool.
-        if let Some(slot) = parts.extensions.get::<UnauthSlot>() {
+        if let Some(slot) = slot {
             slot.release();
         }
         let since = auth.since.filter(|s| valid_event_id(s)).map(EventId::new);
