@@ -945,6 +945,34 @@ async fn a_handshake_with_a_valid_token_does_not_need_the_anonymous_pool() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_tokens_are_held_to_their_subjects_cap() {
+    let srv = HubServer::start(
+        "[server]\nmax_connections_per_subject = 1\nmax_unauthenticated = 1\nmax_unauthenticated_per_ip = 0",
+    )
+    .await;
+    let bearer = format!("Bearer {}", customer_token("c1"));
+    let (mut c, _) = SioClient::connect(srv.addr, json!({}), &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(c.event().await.0, "welcome");
+    // c1 is at its cap: more handshakes with its token are anonymous, so the pool (1) bounds them.
+    let handshake = |addr: SocketAddr, bearer: String| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\nAuthorization: {bearer}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let first = handshake(srv.addr, bearer.clone()).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let second = handshake(srv.addr, bearer.clone()).await;
+    assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_io_handshakes_have_a_per_address_cap() {
     let srv = HubServer::start("[server]\nmax_unauthenticated_per_ip = 2").await;
     eio_handshake(srv.addr).await.unwrap();

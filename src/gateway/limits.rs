@@ -129,6 +129,13 @@ impl ConnLimits {
     }
 }
 
+impl SubjectPermit {
+    /// The subject this permit counts against.
+    pub fn subject(&self) -> &str {
+        &self.1
+    }
+}
+
 impl Drop for TotalPermit {
     fn drop(&mut self) {
         self.0.total.fetch_sub(1, Ordering::AcqRel);

@@ -232,9 +232,13 @@ pub async fn cors(
 enum Admission {
     /// The unauthenticated pool (held for its release on drop).
     Anonymous { _permit: UnauthPermit },
-    /// `max_connections`: the handshake request carried a valid token (as on `/ws`,
-    /// a token holder never depends on room in the anonymous pool).
-    Authenticated(TotalPermit),
+    /// `max_connections` and the token's subject: the handshake request carried a
+    /// valid token (as on `/ws`, a token holder never depends on room in the
+    /// anonymous pool, and is held to its subject's cap from the start).
+    Authenticated {
+        total: TotalPermit,
+        subject: Option<SubjectPermit>,
+    },
 }
 
 /// The [`Admission`] of one Engine.IO session, carried in its handshake request's
@@ -251,11 +255,11 @@ impl HandshakeSlot {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The `max_connections` slot taken at the handshake, if that is what it holds.
-    fn take_total(&self) -> Option<TotalPermit> {
+    /// The `max_connections` (and subject) slots taken at the handshake, if that is what it holds.
+    fn take_total(&self) -> Option<(TotalPermit, Option<SubjectPermit>)> {
         let mut held = self.lock();
         match held.take() {
-            Some(Admission::Authenticated(t)) => Some(t),
+            Some(Admission::Authenticated { total, subject }) => Some((total, subject)),
             other => {
                 *held = other;
                 None
@@ -292,16 +296,27 @@ fn admit(gw: &Gateway, req: &mut axum::extract::Request) -> Result<(), UnauthRef
     // CONNECT's `auth.token` comes first and is checked there.
     let found =
         crate::auth::token_from_headers(req.headers(), gw.allow_query_token, req.uri().query());
-    let holder = found
+    // Over `max_connections` or its subject's cap, the token holder is anonymous here
+    // and is refused at CONNECT.
+    let principal = found
         .token
-        .filter(|(_, t)| gw.verifier.verify(t.expose(), SystemTime::now()).is_ok())
-        .and_then(|_| gw.limits.acquire_total(gw.cfg.max_connections.get()));
-    if let Some(total) = holder {
-        req.extensions_mut()
-            .insert(HandshakeSlot(Arc::new(Mutex::new(Some(
-                Admission::Authenticated(total),
-            )))));
-        return Ok(());
+        .and_then(|(_, t)| gw.verifier.verify(t.expose(), SystemTime::now()).ok());
+    if let Some(p) = principal {
+        let subject = match p.subject.as_deref() {
+            Some(sub) => gw
+                .limits
+                .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
+                .map(Some),
+            None => Some(None),
+        };
+        let total = gw.limits.acquire_total(gw.cfg.max_connections.get());
+        if let (Some(subject), Some(total)) = (subject, total) {
+            req.extensions_mut()
+                .insert(HandshakeSlot(Arc::new(Mutex::new(Some(
+                    Admission::Authenticated { total, subject },
+                )))));
+            return Ok(());
+        }
     }
     let peer = req
         .extensions()
@@ -439,24 +454,32 @@ impl Shared {
         let slot = parts.extensions.get::<HandshakeSlot>();
         let from_handshake = slot.and_then(HandshakeSlot::take_total);
         let reused = from_handshake.is_some();
-        let total = match from_handshake {
-            Some(t) => t,
+        let (total, held_subject) = match from_handshake {
+            Some(held) => held,
             // A refusal leaves the session counted where it was until the deadline closes it.
-            None => gw
-                .limits
-                .acquire_total(gw.cfg.max_connections.get())
-                .ok_or_else(|| refused("overloaded", "too many connections"))?,
+            None => (
+                gw.limits
+                    .acquire_total(gw.cfg.max_connections.get())
+                    .ok_or_else(|| refused("overloaded", "too many connections"))?,
+                None,
+            ),
         };
+        // CONNECT's `auth.token` may name another subject than the handshake's.
+        let held_subject =
+            held_subject.filter(|p| Some(p.subject()) == principal.subject.as_deref());
         let subject = match principal.subject.as_deref() {
             Some(sub) => {
-                match gw
-                    .limits
-                    .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
-                {
+                match held_subject.or_else(|| {
+                    gw.limits
+                        .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
+                }) {
                     Some(p) => Some(p),
                     None => {
                         if let (true, Some(slot)) = (reused, slot) {
-                            slot.put_back(Admission::Authenticated(total));
+                            slot.put_back(Admission::Authenticated {
+                                total,
+                                subject: None,
+                            });
                         }
                         return Err(refused(
                             "too_many_connections",
