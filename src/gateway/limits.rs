@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 pub struct ConnLimits {
     total: AtomicUsize,
+    /// Connections per token subject. Bounded: an entry exists only while a permit
+    /// for it is alive, and every permit belongs to a connection that holds (or is
+    /// about to hold) a `total` slot. Overflow policy: past a subject's cap the new
+    /// connection is refused.
     per_subject: Mutex<HashMap<String, usize>>,
     /// Sockets and Engine.IO sessions not yet authenticated: a pool apart from
     /// `total`, so anonymous peers can never take a token holder's slot.

@@ -375,6 +375,8 @@ struct Shared {
     /// Sessions authenticated by the middleware, taken by the connect handler.
     /// Both run in one socketioxide connect future, so an entry outlives it only
     /// when the CONNECT packet could not be sent; `PENDING_TTL` sweeps those.
+    /// Bounded by `max_connections`: every entry holds a `TotalPermit` (no entry is
+    /// made without one, so the overflow policy is the CONNECT refusal `overloaded`).
     pending: Mutex<HashMap<Sid, Pending>>,
 }
 
