@@ -85,7 +85,7 @@ pub(crate) async fn upgrade(
             gw.cfg.max_unauthenticated.get(),
             gw.cfg.max_unauthenticated_per_ip,
         ) {
-            Ok(p) => (None, Some(p)),
+            Ok(p) => (None, Some(Box::new(p))),
             Err(why) => {
                 gw.metrics
                     .client_errors
@@ -136,7 +136,7 @@ pub(crate) async fn upgrade(
                     gw,
                     socket,
                     kicked: CancellationToken::new(),
-                    _total: total,
+                    total,
                     unauth,
                     subject_permit,
                 };
@@ -192,9 +192,11 @@ struct Conn {
     /// a write blocked on a stalled peer gives up as soon as the hub cuts the session off.
     kicked: CancellationToken,
     /// The slot in `max_connections`; taken once the socket has authenticated.
-    _total: Option<TotalPermit>,
-    /// The slot in the unauthenticated pool, until the socket authenticates.
-    unauth: Option<UnauthPermit>,
+    total: Option<TotalPermit>,
+    /// The slot in the unauthenticated pool, until the socket authenticates. Boxed:
+    /// inline it would add its ~32 bytes to every session's task for its whole life
+    /// (see `serve` on task size classes); boxed, an authenticated session keeps 8.
+    unauth: Option<Box<UnauthPermit>>,
     subject_permit: Option<SubjectPermit>,
 }
 
@@ -349,13 +351,13 @@ impl Conn {
                 Err(exit) => return exit,
             },
         };
-        if self._total.is_none() {
+        if self.total.is_none() {
             match self
                 .gw
                 .limits
                 .acquire_total(self.gw.cfg.max_connections.get())
             {
-                Some(t) => self._total = Some(t),
+                Some(t) => self.total = Some(t),
                 None => return Some(Exit(close::OVERLOADED, "overloaded")),
             }
         }
