@@ -779,9 +779,30 @@ pub struct ServerConfig {
     pub max_connections_per_subject: NonZeroUsize,
     /// Simultaneous connections in total; default 50000.
     pub max_connections: NonZeroUsize,
-    /// Time an unauthenticated socket may stay open; default `10s`.
+    /// Time an unauthenticated socket may stay open; default `10s`. On `/ws` the
+    /// `auth` message must come within it; on `/socket.io/` the Socket.IO CONNECT
+    /// must succeed within it, or the Engine.IO session is closed.
     #[serde(serialize_with = "ser_duration")]
     pub auth_deadline: Duration,
+    /// Time a client has to send a whole HTTP request head, counted from the
+    /// moment the server waits for one: a new connection, and an idle keep-alive
+    /// connection between requests (which is then closed); default `5s`.
+    #[serde(serialize_with = "ser_duration")]
+    pub header_read_timeout: Duration,
+    /// Unauthenticated connections open at once: `/ws` sockets before a valid token
+    /// and Engine.IO sessions before a successful Socket.IO CONNECT; default 1024.
+    /// A pool apart from `max_connections`: a socket moves to that one when it
+    /// authenticates, so anonymous peers never take a token holder's slot.
+    /// Past it `/ws` answers 503 and the Engine.IO handshake 503, both
+    /// `unauthenticated_overloaded`.
+    pub max_unauthenticated: NonZeroUsize,
+    /// Unauthenticated connections open at once from one peer address (IPv6 is
+    /// counted by its /64); default 16; `0` disables the per-address cap. The address
+    /// is the TCP peer's: behind a reverse proxy or load balancer every client
+    /// shares the proxy's, so set `0` there (or a value near `max_unauthenticated`)
+    /// and cap per client at the proxy. `X-Forwarded-For` is not trusted: any
+    /// client could set it. Past it: 429 `unauthenticated_per_ip`.
+    pub max_unauthenticated_per_ip: usize,
     /// Time between server pings; default `25s`.
     #[serde(serialize_with = "ser_duration")]
     pub ping_interval: Duration,
@@ -1118,6 +1139,9 @@ struct RawServer {
     max_connections_per_subject: Option<NonZeroUsize>,
     max_connections: Option<NonZeroUsize>,
     auth_deadline: Option<DurationLit>,
+    header_read_timeout: Option<DurationLit>,
+    max_unauthenticated: Option<NonZeroUsize>,
+    max_unauthenticated_per_ip: Option<usize>,
     ping_interval: Option<DurationLit>,
     pong_timeout: Option<DurationLit>,
     write_timeout: Option<DurationLit>,
@@ -1575,6 +1599,9 @@ impl Config {
             max_connections_per_subject: nz(server.max_connections_per_subject, 20),
             max_connections: nz(server.max_connections, 50_000),
             auth_deadline: dur(server.auth_deadline, 10_000),
+            header_read_timeout: dur(server.header_read_timeout, 5_000),
+            max_unauthenticated: nz(server.max_unauthenticated, 1024),
+            max_unauthenticated_per_ip: server.max_unauthenticated_per_ip.unwrap_or(16),
             ping_interval: dur(server.ping_interval, 25_000),
             pong_timeout: dur(server.pong_timeout, 20_000),
             write_timeout: dur(server.write_timeout, 10_000),
@@ -1926,6 +1953,19 @@ mod tests {
         assert_eq!(ex.checkpoint.interval, def.checkpoint.interval);
         assert_eq!(ex.server.listen, def.server.listen);
         assert_eq!(ex.server.ping_interval, def.server.ping_interval);
+        assert_eq!(ex.server.auth_deadline, def.server.auth_deadline);
+        assert_eq!(
+            ex.server.header_read_timeout,
+            def.server.header_read_timeout
+        );
+        assert_eq!(
+            ex.server.max_unauthenticated,
+            def.server.max_unauthenticated
+        );
+        assert_eq!(
+            ex.server.max_unauthenticated_per_ip,
+            def.server.max_unauthenticated_per_ip
+        );
         assert_eq!(ex.server.replay_timeout, def.server.replay_timeout);
         assert_eq!(ex.routing.orders, def.routing.orders);
         assert_eq!(ex.routing.payments, def.routing.payments);

@@ -135,6 +135,9 @@ pub struct Metrics {
     pub connections: Family<WireLabels, Gauge>,
     /// Rooms with at least one subscriber.
     pub rooms: Gauge,
+    /// `/ws` sockets waiting for `auth` and Engine.IO sessions waiting for CONNECT
+    /// (the pool `server.max_unauthenticated` caps), sampled at scrape time.
+    pub unauthenticated: Gauge,
     /// Subscriptions refused, by reason.
     pub subscriptions_refused: Family<ReasonLabels, Counter>,
     /// Authentication failures, by reason.
@@ -151,7 +154,8 @@ pub struct Metrics {
     pub stream_reconnects: Counter,
     /// Times the stored token had fallen out of the oplog.
     pub history_lost: Counter,
-    /// Client messages refused as malformed or over a limit, by reason.
+    /// Client messages refused as malformed or over a limit, and connections refused by
+    /// the unauthenticated caps (`unauthenticated_overloaded`, `unauthenticated_per_ip`), by reason.
     pub client_errors: Family<ReasonLabels, Counter>,
     /// `deliveries` of `/ws` and Socket.IO, looked up once: the family's lookup takes a
     /// lock and hashes the label for every frame otherwise.
@@ -189,6 +193,7 @@ impl Metrics {
             ),
             connections: Family::default(),
             rooms: Gauge::default(),
+            unauthenticated: Gauge::default(),
             subscriptions_refused: Family::default(),
             auth_failures: Family::default(),
             slow_consumer_disconnects: Counter::default(),
@@ -285,8 +290,13 @@ impl Metrics {
             m.history_lost.clone(),
         );
         r.register(
+            "unauthenticated_connections",
+            "Sockets and Socket.IO sessions not yet authenticated",
+            m.unauthenticated.clone(),
+        );
+        r.register(
             "client_errors",
-            "Client messages refused, by reason",
+            "Client messages and unauthenticated connections refused, by reason",
             m.client_errors.clone(),
         );
         r.register_collector(Box::new(RuntimeTasks));

@@ -870,6 +870,206 @@ async fn shutdown_closes_the_transport_so_clients_reconnect() {
     }
 }
 
+/// Opens an Engine.IO session by polling handshake; `Ok(sid)` or `Err((status, body))`.
+async fn eio_handshake(addr: SocketAddr) -> Result<String, (u16, String)> {
+    let (status, body) = http(addr, "GET", "/socket.io/?EIO=4&transport=polling", None).await;
+    if status != 200 {
+        return Err((status, body));
+    }
+    let open: Value = serde_json::from_str(body.strip_prefix('0').unwrap()).unwrap();
+    Ok(open["sid"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_io_sessions_without_connect_are_capped_and_closed_by_the_deadline() {
+    let srv = HubServer::start(
+        "[server]\nmax_unauthenticated = 5\nmax_unauthenticated_per_ip = 0\nauth_deadline = \"1s\"",
+    )
+    .await;
+    let mut sids = Vec::new();
+    for _ in 0..4 {
+        sids.push(eio_handshake(srv.addr).await.unwrap());
+    }
+    // The fifth over a WebSocket opened directly: the transport itself must be closed.
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", srv.addr);
+    let (mut direct, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let open = direct.next().await.unwrap().unwrap();
+    assert!(open.to_text().unwrap().starts_with('0'), "{open:?}");
+    let opened = std::time::Instant::now();
+    // Beyond the cap: refused before the engine makes a session, by polling...
+    let (status, body) = eio_handshake(srv.addr).await.unwrap_err();
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "unauthenticated_overloaded");
+    // ...and by a WebSocket opened directly.
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected a 503 refusal, got {:?}", other.map(|_| ())),
+    }
+    // A /ws token holder is not affected by the full anonymous pool.
+    let mut ws = ws_client(srv.addr, &customer_token("w1")).await;
+    assert_eq!(ws_next(&mut ws).await["type"], "welcome");
+    // The deadline closes the sessions that never sent CONNECT, which empties the pool.
+    let sid = loop {
+        match eio_handshake(srv.addr).await {
+            Ok(sid) => break sid,
+            Err((503, _)) => {
+                assert!(opened.elapsed() < Duration::from_secs(4), "never closed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    eprintln!(
+        "Engine.IO sessions without CONNECT freed {:?} after they were opened (deadline 1s)",
+        opened.elapsed()
+    );
+    drop(sid);
+    // The WebSocket session was closed by the server (its first ping is 25 s away).
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match direct.next().await {
+                Some(Ok(WsMsg::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the Engine.IO WebSocket stayed open past the deadline"
+    );
+    for old in &sids {
+        // The session is gone: the engine no longer knows its id.
+        let poll = format!("/socket.io/?EIO=4&transport=polling&sid={old}");
+        let (status, _) =
+            tokio::time::timeout(Duration::from_secs(5), http(srv.addr, "GET", &poll, None))
+                .await
+                .expect("a closed session answers at once");
+        assert_eq!(status, 400, "session {old} still open");
+    }
+    // A valid Socket.IO client connects, and CONNECT moves it out of the anonymous pool.
+    let (mut c, _) = SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+        .await
+        .unwrap();
+    assert_eq!(c.event().await.0, "welcome");
+    let t = std::time::Instant::now();
+    let mut open = 0;
+    while open < 4 {
+        // One slot is the session opened above, until its deadline.
+        match eio_handshake(srv.addr).await {
+            Ok(_) => open += 1,
+            Err(e) => {
+                assert!(t.elapsed() < Duration::from_secs(3), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let text = srv.metrics_text().await;
+    assert!(
+        metric(
+            &text,
+            "changecast_client_errors_total{reason=\"unauthenticated_overloaded\"}"
+        ) >= 2.0,
+        "{text}"
+    );
+    // The connected client still gets events.
+    srv.status_changed("o1", "c1", "s1", "processing");
+    let (name, _) = c.event().await;
+    assert_eq!(name, "order:status_changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_with_a_valid_token_does_not_need_the_anonymous_pool() {
+    let srv = HubServer::start(
+        "[server]\nmax_unauthenticated = 2\nmax_unauthenticated_per_ip = 0\nmax_connections = 3",
+    )
+    .await;
+    eio_handshake(srv.addr).await.unwrap();
+    eio_handshake(srv.addr).await.unwrap();
+    assert_eq!(eio_handshake(srv.addr).await.unwrap_err().0, 503);
+    // The anonymous pool is full; a token on the handshake counts in max_connections instead.
+    let bearer = format!("Bearer {}", customer_token("c1"));
+    let (mut c, _) = SioClient::connect(srv.addr, json!({}), &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(c.event().await.0, "welcome");
+    // A bad token on the handshake is no way around the pool.
+    let (status, _) = http(srv.addr, "GET", "/socket.io/?EIO=4&transport=polling", None).await;
+    assert_eq!(status, 503);
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", srv.addr);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", "Bearer not-a-jwt".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected a 503 refusal, got {:?}", other.map(|_| ())),
+    }
+    // The handshake's slot became the session's: two more token holders fit, a third does not.
+    let (_d, _) = SioClient::connect(srv.addr, json!({}), &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    let mut w = ws_client(srv.addr, &customer_token("w1")).await;
+    assert_eq!(ws_next(&mut w).await["type"], "welcome");
+    let mut req = format!("ws://{}/ws", srv.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected 503 overloaded, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_tokens_are_held_to_their_subjects_cap() {
+    let srv = HubServer::start(
+        "[server]\nmax_connections_per_subject = 1\nmax_unauthenticated = 1\nmax_unauthenticated_per_ip = 0",
+    )
+    .await;
+    let bearer = format!("Bearer {}", customer_token("c1"));
+    let (mut c, _) = SioClient::connect(srv.addr, json!({}), &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(c.event().await.0, "welcome");
+    // c1 is at its cap: more handshakes with its token are anonymous, so the pool (1) bounds them.
+    let handshake = |addr: SocketAddr, bearer: String| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\nAuthorization: {bearer}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let first = handshake(srv.addr, bearer.clone()).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let second = handshake(srv.addr, bearer.clone()).await;
+    assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_io_handshakes_have_a_per_address_cap() {
+    let srv = HubServer::start("[server]\nmax_unauthenticated_per_ip = 2").await;
+    eio_handshake(srv.addr).await.unwrap();
+    eio_handshake(srv.addr).await.unwrap();
+    let (status, body) = eio_handshake(srv.addr).await.unwrap_err();
+    assert_eq!(status, 429, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "unauthenticated_per_ip");
+    let text = srv.metrics_text().await;
+    assert_eq!(
+        metric(
+            &text,
+            "changecast_client_errors_total{reason=\"unauthenticated_per_ip\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
 /// Runs tests/node/sio.test.mjs against `url`, serving its driver requests with `drive`.
 async fn run_node<F>(url: &str, mut drive: F)
 where

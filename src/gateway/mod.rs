@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderMap};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
@@ -109,7 +108,17 @@ pub fn router_with(gw: Arc<Gateway>, extra: Option<Router>) -> Router {
     }
 }
 
-/// Serves `app` on `listener` until `stop` fires, then waits up to `grace` for sessions to close.
+/// Serves `app` on `listener` until `stop` fires, then waits up to `grace` for
+/// in-flight requests and sessions to close.
+///
+/// The accept loop is ours rather than `axum::serve`'s because that one gives no
+/// access to hyper's builder: without a timer hyper enforces no header-read
+/// timeout, so a peer that sent half a request head (or nothing) held its
+/// connection, descriptor and task forever. Here every connection must deliver
+/// each request head within `server.header_read_timeout`, counted from when the
+/// server starts waiting for it, so a silent new connection and an idle
+/// keep-alive connection are closed at that deadline too. HTTP/1 only, as before
+/// (axum was built without its `http2` feature).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -117,22 +126,74 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let stop = gw.stop.clone();
-    // Events are small frames written as they happen: without TCP_NODELAY, Nagle holds a
-    // frame back while the previous one is unacknowledged, and the peer's delayed ACK
-    // turns that into a ~40 ms stall (it set the p99 in the benchmark).
-    let listener = listener.tap_io(|tcp| {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(gw.cfg.header_read_timeout);
+    // HTTP connections (not upgraded sockets, which `gw.tracker` holds) so shutdown
+    // can wait for in-flight requests.
+    let conns = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
+        // Events are small frames written as they happen: without TCP_NODELAY, Nagle holds a
+        // frame back while the previous one is unacknowledged, and the peer's delayed ACK
+        // turns that into a ~40 ms stall (it set the p99 in the benchmark).
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
         }
-    });
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.cancelled().await });
-    server.await?;
+        let app = app.clone();
+        // `ConnectInfo<SocketAddr>` as axum's connect-info service would insert it.
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+                tower::ServiceExt::oneshot(app.clone(), req.map(axum::body::Body::new))
+            });
+        let conn = http
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+            .with_upgrades();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            tokio::pin!(conn);
+            let done = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = stop.cancelled() => None,
+            };
+            let r = match done {
+                Some(r) => r,
+                None => {
+                    // Finish the request in flight, then close; an idle connection closes now.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let deadline = tokio::time::Instant::now() + grace;
+    conns.close();
+    if tokio::time::timeout_at(deadline, conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = conns.len(),
+            "HTTP connections still open after the grace period"
+        );
+    }
     gw.tracker.close();
-    if tokio::time::timeout(grace, gw.tracker.wait())
+    if tokio::time::timeout_at(deadline, gw.tracker.wait())
         .await
         .is_err()
     {
@@ -143,3 +204,21 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// An accept error: one connection's (reset before accept) is skipped; any other
+/// (out of descriptors, EMFILE) pauses accepting briefly, as axum does, rather than
+/// spinning on an error that only closing connections can clear.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::warn!(error = %e, "accept failed; pausing accepts");
+    tokio::time::sleep(ACCEPT_PAUSE).await;
+}
+
+/// How long accepting pauses after a non-connection accept error.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);

@@ -61,6 +61,9 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     gw.health.refresh_gauges(&gw.metrics);
+    gw.metrics
+        .unauthenticated
+        .set(i64::try_from(gw.limits.unauthenticated()).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::limits::{RateWindow, SubjectPermit, TotalPermit};
+use super::limits::{RateWindow, SubjectPermit, TotalPermit, UnauthPermit, UnauthRefused};
 use super::session::{Joined, Session};
 use super::ws::{expiry_in, observe_latency};
 use super::Gateway;
@@ -172,7 +172,8 @@ fn unread(name: &axum::http::HeaderName) -> bool {
 }
 
 /// The middleware in front of socketioxide: every `/socket.io/` request is
-/// [`detach`]ed first. Then CORS for the long-polling transport, which a browser
+/// [`detach`]ed first, and one that opens an Engine.IO session is counted in the
+/// unauthenticated pool ([`admit`]; refused past its caps). Then CORS for the long-polling transport, which a browser
 /// dashboard on another origin reaches with XHR (WebSockets need none). Only `/socket.io/` answers;
 /// the origin must pass `server.allowed_origins` (any origin when it is empty),
 /// and is echoed rather than `*` because socket.io-client may send credentials.
@@ -187,14 +188,21 @@ pub async fn cors(
     let scoped = req.uri().path().starts_with("/socket.io/");
     let req = if scoped { detach(req) } else { req };
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let Some(origin) = origin.filter(|_| scoped && gw.origin_allowed(req.headers())) else {
-        return next.run(req).await;
-    };
+    let origin = origin.filter(|_| scoped && gw.origin_allowed(req.headers()));
     let preflight = req.method() == Method::OPTIONS;
-    let mut resp = if preflight {
+    let mut resp = if origin.is_some() && preflight {
         StatusCode::NO_CONTENT.into_response()
+    } else if scoped {
+        let mut req = req;
+        match admit(&gw, &mut req) {
+            Ok(()) => next.run(req).await,
+            Err(why) => unauth_refusal(why),
+        }
     } else {
         next.run(req).await
+    };
+    let Some(origin) = origin else {
+        return resp;
     };
     let h = resp.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -220,6 +228,136 @@ pub async fn cors(
     resp
 }
 
+/// What one Engine.IO session counts against until its Socket.IO CONNECT succeeds.
+enum Admission {
+    /// The unauthenticated pool (held for its release on drop).
+    Anonymous { _permit: UnauthPermit },
+    /// `max_connections` and the token's subject: the handshake request carried a
+    /// valid token (as on `/ws`, a token holder never depends on room in the
+    /// anonymous pool, and is held to its subject's cap from the start).
+    Authenticated {
+        total: TotalPermit,
+        subject: Option<SubjectPermit>,
+    },
+}
+
+/// The [`Admission`] of one Engine.IO session, carried in its handshake request's
+/// extensions: engineioxide keeps that request head for the session's life, so
+/// the slot is freed when the session closes (by the client, the heartbeat, or
+/// socketioxide's `connect_timeout` = `server.auth_deadline`), or when its CONNECT
+/// succeeds ([`Shared::authenticate`] takes it over).
+#[derive(Clone)]
+struct HandshakeSlot(Arc<Mutex<Option<Admission>>>);
+
+impl HandshakeSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Admission>> {
+        // Only whole values are swapped under the lock; a panic cannot leave one half-made.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `max_connections` (and subject) slots taken at the handshake, if that is what it holds.
+    fn take_total(&self) -> Option<(TotalPermit, Option<SubjectPermit>)> {
+        let mut held = self.lock();
+        match held.take() {
+            Some(Admission::Authenticated { total, subject }) => Some((total, subject)),
+            other => {
+                *held = other;
+                None
+            }
+        }
+    }
+
+    fn put_back(&self, a: Admission) {
+        *self.lock() = Some(a);
+    }
+
+    /// Frees what it holds (the session has its own slot now).
+    fn release(&self) {
+        // Taken out and dropped outside the lock.
+        let held = self.lock().take();
+        drop(held);
+    }
+}
+
+/// Counts a request that opens an Engine.IO session (a GET without `sid`: the
+/// polling handshake, or a WebSocket opened directly) against the unauthenticated
+/// pool; past a cap the caller answers it ([`unauth_refusal`]) and it never reaches
+/// the engine. Requests of an existing session pass untouched.
+fn admit(gw: &Gateway, req: &mut axum::extract::Request) -> Result<(), UnauthRefused> {
+    let has_sid = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("sid")));
+    if req.method() != axum::http::Method::GET || has_sid {
+        return Ok(());
+    }
+    // A valid token on the handshake itself (Authorization, or `?token=` when allowed)
+    // takes a `max_connections` slot instead. A bad or missing one is not refused here:
+    // CONNECT's `auth.token` comes first and is checked there.
+    let found =
+        crate::auth::token_from_headers(req.headers(), gw.allow_query_token, req.uri().query());
+    // Over `max_connections` or its subject's cap, the token holder is anonymous here
+    // and is refused at CONNECT.
+    let principal = found
+        .token
+        .and_then(|(_, t)| gw.verifier.verify(t.expose(), SystemTime::now()).ok());
+    if let Some(p) = principal {
+        let subject = match p.subject.as_deref() {
+            Some(sub) => gw
+                .limits
+                .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
+                .map(Some),
+            None => Some(None),
+        };
+        let total = gw.limits.acquire_total(gw.cfg.max_connections.get());
+        if let (Some(subject), Some(total)) = (subject, total) {
+            req.extensions_mut()
+                .insert(HandshakeSlot(Arc::new(Mutex::new(Some(
+                    Admission::Authenticated { total, subject },
+                )))));
+            return Ok(());
+        }
+    }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let permit = gw
+        .limits
+        .acquire_unauth(
+            peer,
+            gw.cfg.max_unauthenticated.get(),
+            gw.cfg.max_unauthenticated_per_ip,
+        )
+        .inspect_err(|why| {
+            gw.metrics
+                .client_errors
+                .get_or_create(&ReasonLabels { reason: why.code() })
+                .inc();
+        })?;
+    req.extensions_mut()
+        .insert(HandshakeSlot(Arc::new(Mutex::new(Some(
+            Admission::Anonymous { _permit: permit },
+        )))));
+    Ok(())
+}
+
+/// 503 `unauthenticated_overloaded` or 429 `unauthenticated_per_ip`, with the
+/// `{"error","message"}` body `/ws` refusals have.
+fn unauth_refusal(why: UnauthRefused) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let status = match why {
+        UnauthRefused::Total => StatusCode::SERVICE_UNAVAILABLE,
+        UnauthRefused::PerIp => StatusCode::TOO_MANY_REQUESTS,
+    };
+    (
+        status,
+        axum::Json(json!({"error": why.code(), "message": why.message()})),
+    )
+        .into_response()
+}
+
 /// What the middleware hands to the connect handler for one socket.
 struct Pending {
     at: Instant,
@@ -237,6 +375,8 @@ struct Shared {
     /// Sessions authenticated by the middleware, taken by the connect handler.
     /// Both run in one socketioxide connect future, so an entry outlives it only
     /// when the CONNECT packet could not be sent; `PENDING_TTL` sweeps those.
+    /// Bounded by `max_connections`: every entry holds a `TotalPermit` (no entry is
+    /// made without one, so the overflow policy is the CONNECT refusal `overloaded`).
     pending: Mutex<HashMap<Sid, Pending>>,
 }
 
@@ -313,23 +453,49 @@ impl Shared {
             e.record(&gw.metrics);
             refused(e.code(), e.to_string())
         })?;
-        let total = gw
-            .limits
-            .acquire_total(gw.cfg.max_connections.get())
-            .ok_or_else(|| refused("overloaded", "too many connections"))?;
-        let subject = match principal.subject.as_deref() {
-            Some(sub) => Some(
+        let slot = parts.extensions.get::<HandshakeSlot>();
+        let from_handshake = slot.and_then(HandshakeSlot::take_total);
+        let reused = from_handshake.is_some();
+        let (total, held_subject) = match from_handshake {
+            Some(held) => held,
+            // A refusal leaves the session counted where it was until the deadline closes it.
+            None => (
                 gw.limits
-                    .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
-                    .ok_or_else(|| {
-                        refused(
+                    .acquire_total(gw.cfg.max_connections.get())
+                    .ok_or_else(|| refused("overloaded", "too many connections"))?,
+                None,
+            ),
+        };
+        // CONNECT's `auth.token` may name another subject than the handshake's.
+        let held_subject =
+            held_subject.filter(|p| Some(p.subject()) == principal.subject.as_deref());
+        let subject = match principal.subject.as_deref() {
+            Some(sub) => {
+                match held_subject.or_else(|| {
+                    gw.limits
+                        .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
+                }) {
+                    Some(p) => Some(p),
+                    None => {
+                        if let (true, Some(slot)) = (reused, slot) {
+                            slot.put_back(Admission::Authenticated {
+                                total,
+                                subject: None,
+                            });
+                        }
+                        return Err(refused(
                             "too_many_connections",
                             "too many connections for this subject",
-                        )
-                    })?,
-            ),
+                        ));
+                    }
+                }
+            }
             None => None,
         };
+        // Authenticated and counted in `max_connections`: out of the anonymous pool.
+        if let Some(slot) = slot {
+            slot.release();
+        }
         let since = auth.since.filter(|s| valid_event_id(s)).map(EventId::new);
         let (mailbox, rx) = gw.hub.mailbox();
         let mut session = Session::new(gw.clone(), mailbox, principal);

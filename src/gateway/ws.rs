@@ -12,7 +12,7 @@ use futures::SinkExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::limits::{RateWindow, SubjectPermit, TotalPermit};
+use super::limits::{RateWindow, SubjectPermit, TotalPermit, UnauthPermit, UnauthRefused};
 use super::protocol::{self, close, ClientMsg};
 use super::session::{Joined, Session};
 use super::Gateway;
@@ -67,12 +67,37 @@ pub(crate) async fn upgrade(
         },
         None => None,
     };
-    let Some(total) = gw.limits.acquire_total(gw.cfg.max_connections.get()) else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "too many connections",
-        );
+    // A socket with a token counts against `max_connections` at once; one without
+    // waits for `auth` in the unauthenticated pool, so anonymous sockets cannot fill
+    // the slots token holders need. It moves over when it authenticates.
+    let (total, unauth) = if principal.is_some() {
+        let Some(total) = gw.limits.acquire_total(gw.cfg.max_connections.get()) else {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many connections",
+            );
+        };
+        (Some(total), None)
+    } else {
+        match gw.limits.acquire_unauth(
+            Some(peer.ip()),
+            gw.cfg.max_unauthenticated.get(),
+            gw.cfg.max_unauthenticated_per_ip,
+        ) {
+            Ok(p) => (None, Some(Box::new(p))),
+            Err(why) => {
+                gw.metrics
+                    .client_errors
+                    .get_or_create(&ReasonLabels { reason: why.code() })
+                    .inc();
+                let status = match why {
+                    UnauthRefused::Total => StatusCode::SERVICE_UNAVAILABLE,
+                    UnauthRefused::PerIp => StatusCode::TOO_MANY_REQUESTS,
+                };
+                return refuse(status, why.code(), why.message());
+            }
+        }
     };
     let subject_permit = match principal.as_ref().and_then(|p| p.subject.as_deref()) {
         Some(sub) => match gw
@@ -111,7 +136,8 @@ pub(crate) async fn upgrade(
                     gw,
                     socket,
                     kicked: CancellationToken::new(),
-                    _total: total,
+                    total,
+                    unauth,
                     subject_permit,
                 };
                 conn.run(principal, since).await;
@@ -165,7 +191,12 @@ struct Conn {
     /// The hub's kick for this session's mailbox (a never-fired token until authenticated):
     /// a write blocked on a stalled peer gives up as soon as the hub cuts the session off.
     kicked: CancellationToken,
-    _total: TotalPermit,
+    /// The slot in `max_connections`; taken once the socket has authenticated.
+    total: Option<TotalPermit>,
+    /// The slot in the unauthenticated pool, until the socket authenticates. Boxed:
+    /// inline it would add its ~32 bytes to every session's task for its whole life
+    /// (see `serve` on task size classes); boxed, an authenticated session keeps 8.
+    unauth: Option<Box<UnauthPermit>>,
     subject_permit: Option<SubjectPermit>,
 }
 
@@ -320,6 +351,18 @@ impl Conn {
                 Err(exit) => return exit,
             },
         };
+        if self.total.is_none() {
+            match self
+                .gw
+                .limits
+                .acquire_total(self.gw.cfg.max_connections.get())
+            {
+                Some(t) => self.total = Some(t),
+                None => return Some(Exit(close::OVERLOADED, "overloaded")),
+            }
+        }
+        // Authenticated: out of the anonymous pool.
+        self.unauth = None;
         if self.subject_permit.is_none() {
             if let Some(sub) = principal.subject.as_deref() {
                 match self

@@ -383,8 +383,10 @@ async fn per_subject_and_total_connection_caps() {
             }
         }
     };
-    // Total: control + 2×c1 open; two more fill it (unauthenticated sockets count too).
-    let _d = Client::try_connect(&server, None, &[]).await.unwrap();
+    // Total: control + 2×c1 open; two more fill it. A socket still waiting for
+    // `auth` does not count: it is in the unauthenticated pool.
+    let _anon = Client::try_connect(&server, None, &[]).await.unwrap();
+    let (_d, _) = Client::connect(&server, &customer_token("c4")).await;
     let (_e, _) = Client::connect(&server, &customer_token("c2")).await;
     let r = Client::try_connect(&server, Some(&customer_token("c3")), &[])
         .await

@@ -16,3 +16,4 @@ mod pipeline;
 mod recovery;
 mod resume;
 mod tenants;
+mod unauth;
