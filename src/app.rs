@@ -22,6 +22,7 @@ use crate::config::{CheckpointStoreConfig, Config};
 use crate::gateway::{self, Gateway};
 use crate::health::Health;
 use crate::hub::Hub;
+use crate::idcodec::IdCodec;
 use crate::mapper::{Mapper, MapperFactory};
 use crate::metrics::Metrics;
 use crate::normalize::{OwnerBook, OwnerBookUse};
@@ -130,6 +131,23 @@ pub async fn mongo_client(config: &Config) -> Result<Client, AppError> {
     Client::with_options(opts).map_err(AppError::Mongo)
 }
 
+/// The key that seals event ids on the wire (see `idcodec`): shared by every replica
+/// that has the same `CHANGECAST_ID_SECRET` or HMAC JWT secret, else random.
+fn id_codec(config: &Config) -> IdCodec {
+    match config.auth.shared_id_material() {
+        Some((material, source)) => IdCodec::from_secret(&material, source),
+        None => {
+            tracing::warn!(
+                env = crate::idcodec::ID_SECRET_ENV,
+                "no shared key for event ids (asymmetric JWT keys and no id secret): ids are \
+                 random per process, so a client that reconnects to another replica or after a \
+                 restart is told to resync; set the same id secret on every replica"
+            );
+            IdCodec::random()
+        }
+    }
+}
+
 /// The configured checkpoint store, connecting to MongoDB only when it lives there
 /// (`token show` reads a file store without a database).
 pub async fn open_checkpoint_store(config: &Config) -> Result<CheckpointStore, AppError> {
@@ -232,7 +250,6 @@ pub async fn start(
     let health = Arc::new(Health::new(
         config.mongo.databases.iter().map(String::as_str),
     ));
-    let hub = Arc::new(Hub::new(config.hub.clone(), metrics.clone()));
     let stop = CancellationToken::new();
 
     let orders: Vec<_> = config
@@ -256,6 +273,8 @@ pub async fn start(
         Arc::new(CachedOrderOwners::new(owners, &config.auth.order_lookup));
     let c = &config.mongo.collections;
     let book = Arc::new(OwnerBook::new(config.normalize.state_cache_docs));
+    let ids = Arc::new(id_codec(config));
+    let hub = Arc::new(Hub::new(config.hub.clone(), metrics.clone()).with_ids(ids.clone()));
     let replayer = OplogReplayer {
         client: client.clone(),
         databases: config.mongo.databases.clone(),
@@ -267,6 +286,7 @@ pub async fn start(
             OwnerBookUse::Consult(book.clone()),
         ),
         max_changes: MAX_REPLAY_CHANGES,
+        ids,
     };
     let gw = Arc::new(Gateway {
         hub: hub.clone(),

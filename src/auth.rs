@@ -75,6 +75,11 @@ pub struct RawAuthConfig {
     /// Claim holding the store ids (string, number, ObjectId or array of those). Default `stores`.
     /// Honoured only for tokens with an admin or store role; other tokens' store ids are ignored.
     pub stores_claim: Option<String>,
+    /// Environment variable with the key material that seals event ids on the wire
+    /// (at least 16 bytes; every replica must have the same). Default
+    /// `CHANGECAST_ID_SECRET`; when it is unset, the key is derived from the HMAC JWT
+    /// secret, and with asymmetric algorithms it is random per process.
+    pub id_secret_env: Option<String>,
     /// Claim naming the watched database (tenant) the token belongs to. Default `db`.
     /// Read only when `mongodb.databases` lists more than one database: then every
     /// non-admin token must carry it, and sees that database's events and orders only.
@@ -154,6 +159,8 @@ pub struct AuthConfig {
     pub allow_anonymous_storefront: bool,
     /// Cache and deadline of `order:{id}` ownership lookups.
     pub order_lookup: OrderLookupConfig,
+    /// Key material for wire ids read from `auth.id_secret_env` (a one-way derivation).
+    id_material: Option<[u8; 32]>,
     /// The watched databases (`mongodb.databases`), set by the config loader. With
     /// more than one, tokens are scoped to one of them by [`ClaimNames::database`].
     pub databases: Vec<String>,
@@ -162,8 +169,13 @@ pub struct AuthConfig {
 /// Verification keys, chosen by algorithm family at config time.
 #[derive(Clone)]
 enum Keys {
-    /// HS* only. The secret lives inside the `DecodingKey`.
-    Hmac { key: DecodingKey, secret_len: usize },
+    /// HS* only. The secret lives inside the `DecodingKey`; `id_material` is a
+    /// one-way derivation of it for the wire-id key (see `idcodec`), never the secret.
+    Hmac {
+        key: DecodingKey,
+        secret_len: usize,
+        id_material: [u8; 32],
+    },
     /// RS*/PS*/ES*/EdDSA: a PEM key per configured family, and JWKS keys.
     Asymmetric {
         pem: Vec<(AlgorithmFamily, DecodingKey)>,
@@ -178,6 +190,25 @@ struct JwksKey {
     /// The JWK's own `alg`, when it states one: the token must then use exactly it.
     alg: Option<Algorithm>,
     key: DecodingKey,
+}
+
+use crate::idcodec::derive_id_material;
+
+impl AuthConfig {
+    /// Key material for sealing wire ids that every replica derives alike: from
+    /// `auth.id_secret_env` when set, else from the HMAC JWT secret; `None` with
+    /// asymmetric keys and no id secret (public keys cannot key a secret).
+    pub fn shared_id_material(&self) -> Option<([u8; 32], crate::idcodec::KeySource)> {
+        if let Some(m) = self.id_material {
+            return Some((m, crate::idcodec::KeySource::IdSecret));
+        }
+        match &self.keys {
+            Keys::Hmac { id_material, .. } => {
+                Some((*id_material, crate::idcodec::KeySource::JwtSecret))
+            }
+            Keys::Asymmetric { .. } => None,
+        }
+    }
 }
 
 impl fmt::Debug for Keys {
@@ -302,6 +333,7 @@ impl AuthConfig {
             Keys::Hmac {
                 key: DecodingKey::from_secret(&secret),
                 secret_len: secret.len(),
+                id_material: derive_id_material(&secret),
             }
         } else {
             if raw.secret_env.is_some() {
@@ -358,6 +390,33 @@ impl AuthConfig {
             database: claim("database_claim", &raw.database_claim, "db")?,
         };
 
+        let id_var = raw
+            .id_secret_env
+            .as_deref()
+            .unwrap_or(crate::idcodec::ID_SECRET_ENV);
+        if id_var.is_empty() {
+            return Err(cfg_err(
+                "id_secret_env",
+                "must name an environment variable",
+            ));
+        }
+        let id_material = match env(id_var) {
+            Some(v) if !v.is_empty() => {
+                let v = v.into_encoded_bytes();
+                if v.len() < crate::idcodec::MIN_SECRET_LEN {
+                    return Err(cfg_err(
+                        "id_secret_env",
+                        format!(
+                            "{id_var} must hold at least {} bytes",
+                            crate::idcodec::MIN_SECRET_LEN
+                        ),
+                    ));
+                }
+                Some(derive_id_material(&v))
+            }
+            _ => None,
+        };
+
         let defaults = OrderLookupConfig::default();
         let order_lookup = OrderLookupConfig {
             ttl: match &raw.order_cache_ttl {
@@ -399,6 +458,7 @@ impl AuthConfig {
             allow_query_token: raw.allow_query_token.unwrap_or(false),
             allow_anonymous_storefront: raw.allow_anonymous_storefront.unwrap_or(false),
             order_lookup,
+            id_material,
             databases: Vec::new(),
         })
     }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{EventId, OrderOwner, RoutedEvent};
+use crate::idcodec::IdCodec;
 use crate::metrics::Metrics;
 use crate::room::{Room, RoomKind};
 
@@ -66,6 +67,8 @@ pub enum Body {
 pub struct Message {
     /// Event id; `None` for resync notices.
     pub id: Option<EventId>,
+    /// `id` as clients see it: sealed, shared by every message of the event.
+    pub wire_id: Option<Arc<str>>,
     /// The room it was addressed to.
     pub room: Room,
     /// Payload.
@@ -92,6 +95,7 @@ impl Message {
     fn new(id: Option<EventId>, room: Room, body: Body) -> Self {
         Self {
             id,
+            wire_id: None,
             room,
             body,
             owner: None,
@@ -171,6 +175,8 @@ struct State {
 pub struct Hub {
     cfg: HubConfig,
     metrics: Arc<Metrics>,
+    /// Seals event ids for the wire (one key for every replica of a deployment).
+    ids: Arc<IdCodec>,
     next_id: AtomicU64,
     state: Mutex<State>,
 }
@@ -181,9 +187,21 @@ impl Hub {
         Self {
             cfg,
             metrics,
+            ids: Arc::new(IdCodec::random()),
             next_id: AtomicU64::new(1),
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Seals wire ids with `ids` (a key the replicas share) instead of a random key.
+    pub fn with_ids(mut self, ids: Arc<IdCodec>) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    /// The wire-id codec: positions to seal, `since` values to open.
+    pub fn ids(&self) -> &Arc<IdCodec> {
+        &self.ids
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -288,7 +306,7 @@ impl Hub {
 
     /// Records `ev` in history and hands it to every subscriber of its rooms. Never waits.
     pub fn publish(&self, ev: &RoutedEvent) {
-        let messages = messages_for(ev);
+        let messages = messages_for(ev, &self.ids);
         let mut st = self.state();
         let now = Instant::now();
         // Several events can share one change (and one id); history keeps them
@@ -369,8 +387,9 @@ impl Hub {
     }
 }
 
-/// One shared message per delivery of `ev` (payloads serialized once here).
-pub fn messages_for(ev: &RoutedEvent) -> Vec<Arc<Message>> {
+/// One shared message per delivery of `ev` (payloads serialized once here, the id sealed once).
+pub fn messages_for(ev: &RoutedEvent, ids: &IdCodec) -> Vec<Arc<Message>> {
+    let wire_id: Arc<str> = ids.seal(&ev.event.id).into();
     ev.deliveries
         .iter()
         .filter_map(|d| {
@@ -396,6 +415,7 @@ pub fn messages_for(ev: &RoutedEvent) -> Vec<Arc<Message>> {
                 msg.owner = ev.owner.clone();
             }
             msg.database = ev.database.clone();
+            msg.wire_id = Some(wire_id.clone());
             Some(Arc::new(msg))
         })
         .collect()

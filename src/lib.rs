@@ -18,6 +18,7 @@ pub mod event;
 pub mod gateway;
 pub mod health;
 pub mod hub;
+pub mod idcodec;
 pub mod mapper;
 pub mod metrics;
 pub mod normalize;

@@ -27,6 +27,8 @@ pub struct OplogReplayer {
     pub mappers: MapperFactory,
     /// Most changes one replay may scan before giving up (the client then resyncs).
     pub max_changes: usize,
+    /// Seals the replayed events' ids as the hub does.
+    pub ids: Arc<crate::idcodec::IdCodec>,
 }
 
 impl OplogReplayer {
@@ -70,7 +72,11 @@ impl OplogReplayer {
                     return Ok(out);
                 }
                 if ev.deliveries.iter().any(|d| d.room == *room) {
-                    out.extend(messages_for(&ev).into_iter().filter(|m| m.room == *room));
+                    out.extend(
+                        messages_for(&ev, &self.ids)
+                            .into_iter()
+                            .filter(|m| m.room == *room),
+                    );
                 }
             }
         }

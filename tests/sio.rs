@@ -204,7 +204,12 @@ impl HubServer {
         );
     }
 
-    /// Publishes `name` with `data` to `rooms`; returns the event id.
+    /// The wire form of an event id published here (ids are sealed).
+    fn wire(&self, id: &str) -> String {
+        self.hub.ids().seal(&EventId::new(id))
+    }
+
+    /// Publishes `name` with `data` to `rooms`; returns the event id as clients see it.
     fn publish(&self, name: &str, rooms: &[&str], data: Value) -> String {
         self.publish_owned(name, rooms, data, None)
     }
@@ -238,7 +243,7 @@ impl HubServer {
                 })
                 .collect(),
         });
-        id
+        self.wire(&id)
     }
 
     /// What normalization would publish for an order's status change.
@@ -575,7 +580,7 @@ async fn joins_follow_the_ws_rules_and_answer_with_acks_or_error_events() {
     assert_eq!(
         ack,
         // Nothing published yet: the recovery position is where the stream started (the floor).
-        json!({"ok": true, "room": "order:o1", "recovered": false, "position": "0000000000000000"})
+        json!({"ok": true, "room": "order:o1", "recovered": false, "position": srv.wire("0000000000000000")})
     );
 
     let (ack, seen) = c.call("join-order-room", json!({"orderId": "o2"})).await;

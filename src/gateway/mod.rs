@@ -68,6 +68,21 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The event id a client's `since` names. An id we cannot open (altered, from a
+    /// deployment with another key, or random bytes) becomes the empty id, which no
+    /// history or oplog reaches: the client is told to resync, never trusted.
+    pub fn since(&self, wire: &str) -> EventId {
+        self.hub
+            .ids()
+            .open(wire)
+            .unwrap_or_else(|| EventId::new(""))
+    }
+
+    /// A position or event id as clients see it (sealed).
+    pub fn wire_id(&self, id: &EventId) -> String {
+        self.hub.ids().seal(id)
+    }
+
     /// Whether a browser `Origin` may open a socket (an empty allowlist allows all).
     pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
         if self.cfg.allowed_origins.is_empty() {

@@ -155,7 +155,7 @@ pub fn encode_message(m: &Message) -> Bytes {
         Body::Event {
             name, ts_ms, data, ..
         } => {
-            let id = m.id.as_ref().map(|i| i.as_str()).unwrap_or("");
+            let id = m.wire_id.as_deref().unwrap_or("");
             format!(
                 "{{\"type\":\"event\",\"id\":{},\"event\":{},\"room\":{},\"ts\":{},\"data\":{}}}",
                 json_str(id),

@@ -144,7 +144,7 @@ impl Session {
         if let Err(d) = self.gw.authz.may_join(&self.principal, &room).await {
             return Err(refused(d.code, d.message));
         }
-        let since = since.map(EventId::new);
+        let since = since.map(|s| self.gw.since(s));
         let joined = self.join_checked(room, since).await;
         if new {
             if let Some(st) = self.rooms.get_mut(&joined.room) {
@@ -178,6 +178,16 @@ impl Session {
         };
         match (recovery, since) {
             (Recovery::Live, _) | (_, None) => {}
+            // An id we could not open (see `Gateway::since`): nothing can be replayed.
+            (_, Some(since)) if since.as_str().is_empty() => {
+                metrics
+                    .recoveries
+                    .get_or_create(&RecoveryLabels {
+                        source: RecoveryKind::Resync,
+                    })
+                    .inc();
+                joined.resync = true;
+            }
             (Recovery::Recovered(replay), Some(_)) => {
                 metrics
                     .recoveries

@@ -28,7 +28,6 @@ use super::ws::{expiry_in, observe_latency};
 use super::Gateway;
 use crate::auth::{normalize_id, AuthError};
 use crate::config::Alias;
-use crate::event::EventId;
 use crate::hub::{Body, Message};
 use crate::metrics::{ReasonLabels, Wire, WireLabels};
 #[cfg(test)]
@@ -496,7 +495,10 @@ impl Shared {
         if let Some(slot) = slot {
             slot.release();
         }
-        let since = auth.since.filter(|s| valid_event_id(s)).map(EventId::new);
+        let since = auth
+            .since
+            .filter(|s| valid_event_id(s))
+            .map(|s| gw.since(&s));
         let (mailbox, rx) = gw.hub.mailbox();
         let mut session = Session::new(gw.clone(), mailbox, principal);
         let joined = session.join_auto(since.as_ref()).await;
@@ -552,9 +554,10 @@ impl Shared {
     }
 }
 
-/// An event id as a client may send it: hex, bounded (same rule as `/ws?since=`).
+/// A `since` as a client may send it: non-empty and bounded (same rule as `/ws?since=`);
+/// whether it opens is `Gateway::since`'s call.
 fn valid_event_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 512 && s.bytes().all(|b| b.is_ascii_hexdigit())
+    !s.is_empty() && s.len() <= crate::idcodec::MAX_WIRE_LEN
 }
 
 /// A client request, parsed by the event handler and executed by the loop.
@@ -953,7 +956,7 @@ impl Conn {
             "session": session.mailbox().id(),
             "subject": session.principal().subject,
             "rooms": rooms,
-            "position": position.map(|p| p.as_str()),
+            "position": position.map(|p| self.shared.gw.wire_id(p)),
         });
         self.emit_raw("welcome", &welcome)?;
         if recover {
@@ -974,7 +977,7 @@ impl Conn {
                             "ok": true,
                             "room": j.room.as_str(),
                             "recovered": j.recovered,
-                            "position": j.position.as_ref().map(|p| p.as_str()),
+                            "position": j.position.as_ref().map(|p| self.shared.gw.wire_id(p)),
                         }));
                         self.send_joined(session, j)
                     }
@@ -1038,7 +1041,7 @@ impl Conn {
                 data,
                 status,
             } => {
-                let id = m.id.as_ref().map(EventId::as_str).unwrap_or("");
+                let id = m.wire_id.as_deref().unwrap_or("");
                 let args = EventArgs { data, id };
                 for event in self
                     .shared

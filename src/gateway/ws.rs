@@ -115,7 +115,7 @@ pub(crate) async fn upgrade(
         },
         None => None,
     };
-    let since = query.as_deref().and_then(since_param).map(EventId::new);
+    let since = query.as_deref().and_then(since_param).map(|s| gw.since(s));
     // tungstenite's default read buffer is 128 KiB and is zero-filled up to its capacity
     // on every read, so it stayed resident per connection and the memset was the top of
     // the fan-out profile (bench/analysis.md); clients send only small control messages,
@@ -170,7 +170,9 @@ fn since_param(query: &str) -> Option<&str> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == "since")
         .map(|(_, v)| v)
-        .filter(|v| !v.is_empty() && v.len() <= 512 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+        // Sealed ids are hex; anything else is still a `since` (one we cannot open:
+        // the client is told to resync rather than silently served from now).
+        .filter(|v| !v.is_empty() && v.len() <= crate::idcodec::MAX_WIRE_LEN)
 }
 
 fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
@@ -305,7 +307,7 @@ impl Conn {
             match protocol::parse(&text) {
                 Ok(ClientMsg::Auth { token, since }) => {
                     match self.gw.verifier.verify(&token, SystemTime::now()) {
-                        Ok(p) => return Ok((p, since.map(EventId::new))),
+                        Ok(p) => return Ok((p, since.map(|s| self.gw.since(&s)))),
                         Err(e) => {
                             count_auth_failure(&self.gw, &e);
                             let _ = self
@@ -385,11 +387,12 @@ impl Conn {
         let rooms: Vec<String> = session.rooms().map(|r| r.to_string()).collect();
         // Auto rooms are joined in turn, so the first position is at or before every other.
         let position = joined.first().and_then(|j| j.position.clone());
+        let position = position.map(|p| self.gw.wire_id(&p));
         let welcome = protocol::welcome(
             session.mailbox().id(),
             &rooms,
             session.principal().subject.as_deref(),
-            position.as_ref().map(|p| p.as_str()),
+            position.as_deref(),
         );
         if let Err(e) = self.send_text(welcome).await {
             return self.write_failed(e);
@@ -543,10 +546,11 @@ impl Conn {
         ack: bool,
     ) -> Result<(), WriteError> {
         if ack {
+            let position = j.position.as_ref().map(|p| self.gw.wire_id(p));
             self.send_text(protocol::subscribed(
                 j.room.as_str(),
                 j.recovered,
-                j.position.as_ref().map(|p| p.as_str()),
+                position.as_deref(),
             ))
             .await?;
         }

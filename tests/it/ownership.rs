@@ -147,3 +147,81 @@ async fn order_rooms_follow_a_change_of_owner() {
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(live[0]["data"]["status"], "delivered");
 }
+
+fn hex_upper(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02X}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_and_positions_reveal_no_document_key_and_a_forged_since_resyncs() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "").await;
+    let orders = db.coll("orders");
+    let (mut a, _) = Client::connect(&server, &customer_token("pos-a")).await;
+    // Another customer's order: its id must not reach customer A in any form.
+    orders
+        .insert_one(
+            doc! {"_id": "secret-order-b", "customerId": "pos-b", "storeId": "s1", "status": "new"},
+        )
+        .await
+        .unwrap();
+    orders
+        .insert_one(
+            doc! {"_id": "own-order-a", "customerId": "pos-a", "storeId": "s1", "status": "new"},
+        )
+        .await
+        .unwrap();
+    let own = a.events(1, Duration::from_secs(10)).await;
+    assert_eq!(own.len(), 1);
+    orders
+        .insert_one(
+            doc! {"_id": "secret-order-c", "customerId": "pos-b", "storeId": "s1", "status": "new"},
+        )
+        .await
+        .unwrap();
+    // A later welcome's position is the newest event: B's order.
+    let mut newest = None;
+    for _ in 0..100 {
+        let (_, welcome) = Client::connect(&server, &customer_token("pos-a")).await;
+        let p = welcome["position"].as_str().unwrap().to_owned();
+        if token_of(&p).contains(&hex_upper("secret-order-c")) {
+            newest = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let position = newest.expect("the position never reached B's order");
+    // mongo-sim's tokens embed the document key, as mongod's do: the raw token would leak it…
+    let raw = token_of(&position);
+    assert!(raw.contains(&hex_upper("secret-order-c")), "{raw}");
+    // …the wire forms do not, in upper or lower case.
+    let own_id = own[0]["id"].as_str().unwrap();
+    for wire in [position.as_str(), own_id] {
+        for needle in ["secret-order", "own-order", "orders"] {
+            assert!(
+                !wire.to_ascii_uppercase().contains(&hex_upper(needle)),
+                "{wire} reveals {needle}"
+            );
+            assert!(!wire.contains(needle), "{wire}");
+        }
+        assert!(!wire.eq_ignore_ascii_case(&raw));
+    }
+
+    // A `since` that is not one of ours (altered, or a raw token) is never trusted:
+    // the client is told to resync.
+    let mut altered = position.clone().into_bytes();
+    altered[10] = if altered[10] == b'a' { b'b' } else { b'a' };
+    let altered = String::from_utf8(altered).unwrap();
+    for since in [altered.as_str(), raw.as_str(), "not-an-id"] {
+        let ack = a.subscribe("storefront:s1", Some(since)).await;
+        assert_eq!(ack["recovered"], false, "{ack}");
+        let next = a.next_json().await;
+        assert_eq!(next["type"], "resync", "since {since}: {next}");
+        a.send_json(serde_json::json!({"type": "unsubscribe", "room": "storefront:s1"}))
+            .await;
+        assert_eq!(a.next_json().await["type"], "unsubscribed");
+    }
+    // A genuine one recovers.
+    let ack = a.subscribe("storefront:s1", Some(&position)).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+}

@@ -52,8 +52,11 @@ async fn order_lifecycle_is_normalized_in_commit_order() {
         ]
         .map(|(a, b)| (a.to_owned(), b.to_owned()))
     );
-    // Ids are resume tokens and sort in commit order.
-    let ids: Vec<&str> = evs.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    // Ids are sealed resume tokens; the tokens sort in commit order.
+    let ids: Vec<String> = evs
+        .iter()
+        .map(|e| token_of(e["id"].as_str().unwrap()))
+        .collect();
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(ids, sorted);

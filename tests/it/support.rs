@@ -242,6 +242,21 @@ pub fn now() -> u64 {
 }
 
 /// An HS256 token with `claims` plus `exp` one hour ahead unless given.
+/// The resume token behind a wire id of a server keyed by [`SECRET`] (ids are sealed;
+/// tests read them back as the operator could); `None` for anything else.
+pub fn open_id(wire: &str) -> Option<String> {
+    static CODEC: std::sync::OnceLock<changecast::idcodec::IdCodec> = std::sync::OnceLock::new();
+    CODEC
+        .get_or_init(|| changecast::idcodec::IdCodec::for_jwt_secret(SECRET.as_bytes()))
+        .open(wire)
+        .map(|id| id.as_str().to_owned())
+}
+
+/// [`open_id`], panicking on an id that does not open.
+pub fn token_of(wire: &str) -> String {
+    open_id(wire).unwrap_or_else(|| panic!("{wire:?} is not a sealed id of this deployment"))
+}
+
 pub fn token(mut claims: Value) -> String {
     if claims.get("exp").is_none() {
         claims["exp"] = json!(now() + 3600);

@@ -49,8 +49,10 @@ impl Ledger {
 pub struct Seen {
     /// Document key (`order/ID`, `payment/ID`, `settings/STORE`).
     pub key: String,
-    /// Event id.
+    /// Event id: the resume token (what orders changes).
     pub id: String,
+    /// The id as the client received it (sealed on sockets): what it sends back as `since`.
+    pub wire: String,
     /// Room it arrived in.
     pub room: String,
 }
@@ -59,9 +61,14 @@ impl Seen {
     /// From a native-protocol `event` message or a `tail` delivery (`event` name + `data`).
     pub fn from_event(event: &str, room: &str, id: &str, data: &Value) -> Option<Seen> {
         let key = doc_key(event, data)?;
+        // Socket ids are sealed and do not sort: order is checked on the resume token
+        // behind them (`tail` prints the token itself).
+        let wire = id.to_owned();
+        let id = crate::support::open_id(id).unwrap_or_else(|| id.to_owned());
         Some(Seen {
             key,
-            id: id.to_owned(),
+            id,
+            wire,
             room: room.to_owned(),
         })
     }
@@ -200,6 +207,7 @@ mod tests {
         Seen {
             key: key.into(),
             id: id.into(),
+            wire: id.into(),
             room: "admin".into(),
         }
     }

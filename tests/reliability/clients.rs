@@ -102,7 +102,7 @@ async fn reconnecting_client(
             match v["type"].as_str() {
                 Some("event") => {
                     if let Some(s) = Seen::from_message(&v) {
-                        last = Some(s.id.clone());
+                        last = Some(s.wire.clone());
                         life.seen.push(s);
                     }
                 }
@@ -326,7 +326,7 @@ async fn beyond_the_history_window_clients_get_resync_and_no_partial_replay() {
     );
     let mut seen = obs.seen();
     drop(obs);
-    let last = seen.last().unwrap().id.clone();
+    let last = seen.last().unwrap().wire.clone();
 
     // Beyond the hub's history, inside the oplog: recovered exactly from the oplog.
     let oplog_before = metric(
@@ -367,7 +367,7 @@ async fn beyond_the_history_window_clients_get_resync_and_no_partial_replay() {
         "changecast_recoveries_total{source=\"oplog\"}",
     ) - oplog_before;
     drop(obs);
-    let last = seen.last().unwrap().id.clone();
+    let last = seen.last().unwrap().wire.clone();
 
     // Beyond the oplog too: an explicit resync and nothing replayed.
     work.write_n(&db, 120, OPLOG as u64 * 2, None).await;
@@ -670,7 +670,7 @@ async fn a_reconnect_storm_is_served_from_history_without_a_query_per_client() {
     let spread = Duration::from_secs(if full() { 5 } else { 2 });
     let mut tasks = Vec::new();
     for (i, (c, first)) in since.into_iter().enumerate() {
-        let url = url_since(&server, Some(&first.id));
+        let url = url_since(&server, Some(&first.wire));
         let token = customer_token(&c);
         let delay = spread.mul_f64(i as f64 / n as f64);
         let ledger = ledger.clone();

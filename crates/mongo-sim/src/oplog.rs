@@ -55,6 +55,22 @@ pub(crate) fn event_token(ts: Timestamp, index: u16, invalidate: bool) -> String
     )
 }
 
+/// [`event_token`] with the namespace and document key appended, as mongod's KeyString
+/// tokens embed them (after the time, so order is unchanged): a consumer that shows
+/// tokens to clients leaks document keys here exactly as it would against mongod.
+pub(crate) fn event_token_for(ts: Timestamp, ns: &str, doc_key: Option<&Document>) -> String {
+    let mut t = event_token(ts, 0, false);
+    let mut tail = ns.as_bytes().to_vec();
+    if let Some(k) = doc_key {
+        tail.push(0);
+        tail.extend_from_slice(&bson::to_vec(k).unwrap_or_default());
+    }
+    for b in tail {
+        t.push_str(&format!("{b:02X}"));
+    }
+    t
+}
+
 /// High-water-mark token for an idle stream that has seen everything up to `ts`.
 pub(crate) fn hwm_token(ts: Timestamp) -> String {
     format!("82{:08X}{:08X}{HWM_TAG}", ts.time, ts.increment)
@@ -93,7 +109,8 @@ pub(crate) fn parse_token(data: &str) -> Option<TokenInfo> {
             invalidate: false,
             hwm: true,
         }),
-        EVENT_TAG if data.len() == 26 => {
+        // The fixed part, then (for data events) the namespace and key: any even-length hex.
+        EVENT_TAG if data.len() >= 26 && data.len() % 2 == 0 => {
             hex(20..24)?;
             let flag = hex(24..26)?;
             Some(TokenInfo {

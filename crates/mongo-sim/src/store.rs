@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 
 use crate::clock::ClusterClock;
 use crate::error::{CmdError, CmdResult};
-use crate::oplog::{event_token, Entry, Oplog};
+use crate::oplog::{event_token_for, Entry, Oplog};
 
 /// One collection.
 #[derive(Debug, Clone)]
@@ -140,8 +140,12 @@ impl State {
         let uuid = coll
             .and_then(|c| self.dbs.get(db).and_then(|d| d.get(c)))
             .map(|c| c.uuid.clone());
+        let ns = match coll {
+            Some(c) => format!("{db}.{c}"),
+            None => db.to_owned(),
+        };
         self.oplog.push(Entry {
-            token: event_token(ts, 0, false),
+            token: event_token_for(ts, &ns, c.doc_key.as_ref()),
             ts,
             wall: DateTime::now(),
             db: db.to_owned(),
