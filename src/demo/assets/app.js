@@ -158,7 +158,10 @@
       this.ws = ws;
       ws.onopen = () => {
         this.lastHeard = Date.now();
-        const auth = { type: 'auth', token: CFG[this.tokenKey] };
+        // Remembered: a refusal is about the token this socket sent, not about CFG,
+        // which another socket may already have refreshed.
+        this.sentToken = CFG[this.tokenKey];
+        const auth = { type: 'auth', token: this.sentToken };
         if (this.lastAutoId) auth.since = this.lastAutoId;
         ws.send(JSON.stringify(auth));
       };
@@ -248,9 +251,10 @@
       this.setState('disconnected');
       if (ev.code >= 4500 && ev.code <= 4999) {
         // "Do not retry with this token". A demo restarted with a new secret
-        // serves new tokens: fetch them once, and retry only if they changed.
+        // serves new tokens: fetch them once, and retry only if they differ from the
+        // one this socket was refused with (another socket may have fetched them first).
         const fresh = await fetchTokens();
-        if (fresh && fresh[this.tokenKey] && fresh[this.tokenKey] !== CFG[this.tokenKey]) {
+        if (fresh && fresh[this.tokenKey] && fresh[this.tokenKey] !== this.sentToken) {
           Object.assign(CFG, fresh);
           this.lastAutoId = null;
           this.lastIdByRoom.clear();
