@@ -26,7 +26,7 @@ use crate::idcodec::IdCodec;
 use crate::mapper::{Mapper, MapperFactory};
 use crate::metrics::Metrics;
 use crate::normalize::{OwnerBook, OwnerBookUse};
-use crate::pipeline::{HistoryLostPolicy, Output, Pipeline, PipelineConfig, PipelineError};
+use crate::pipeline::{HistoryLostPolicy, Output, Pipeline, PipelineConfig, PipelineError, WarmUp};
 use crate::replay::OplogReplayer;
 use crate::token::StartAt;
 
@@ -207,8 +207,12 @@ fn pipeline(
             start_override: opts.start_override.clone(),
             max_backoff: MAX_BACKOFF,
         },
+        warm: None,
     }
 }
+
+/// Longest a starting process spends warming its history before going live without it.
+const WARM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pending connections the kernel queues before `accept`. Tokio's default (1024)
 /// resets connections during a reconnect storm (thousands of clients returning
@@ -320,6 +324,25 @@ pub async fn start(
     // replaces the cached owners at once (replays re-read the past and must not).
     let live = pipe.mappers.clone();
     pipe.mappers = Arc::new(move || live().with_owner_observer(owners.clone()));
+    // Warm history needs one order for all history: with several databases their
+    // streams' events do not interleave in id order, so it is left off there.
+    if config.mongo.databases.len() == 1 {
+        pipe.warm = Some(WarmUp {
+            mappers: mapper_factory(
+                config,
+                &Arc::new(Metrics::new()),
+                OwnerBookUse::Record(book.clone()),
+            ),
+            age: config.hub.history_age,
+            max_changes: config
+                .hub
+                .history_len
+                .get()
+                .saturating_mul(2)
+                .saturating_add(1_000),
+            timeout: WARM_TIMEOUT,
+        });
+    }
     let grace = config.server.shutdown_grace;
     let task_stop = stop.clone();
     let task = tokio::spawn(async move {

@@ -308,6 +308,34 @@ impl Hub {
     pub fn publish(&self, ev: &RoutedEvent) {
         let messages = messages_for(ev, &self.ids);
         let mut st = self.state();
+        self.record(&mut st, ev, &messages);
+        for msg in &messages {
+            self.deliver(&mut st, msg);
+        }
+    }
+
+    /// Records `ev`, an event a previous process already published, in history only: a
+    /// starting process warms its history from the oplog so that clients who come back
+    /// after a restart recover from memory. Without a floor set before (`set_floor`
+    /// with the warm-up's start), the first preloaded event becomes the floor.
+    pub fn preload(&self, ev: &RoutedEvent) {
+        let messages = messages_for(ev, &self.ids);
+        let mut st = self.state();
+        if st.history.is_empty() && st.floor.is_none() {
+            st.floor = Some(ev.event.id.clone());
+        }
+        self.record(&mut st, ev, &messages);
+    }
+
+    /// Forgets a warm-up that could not reach its end (history must have no hole).
+    pub fn discard_preload(&self) {
+        let mut st = self.state();
+        st.history.clear();
+        st.floor = None;
+        st.head = None;
+    }
+
+    fn record(&self, st: &mut State, ev: &RoutedEvent, messages: &[Arc<Message>]) {
         let now = Instant::now();
         // Several events can share one change (and one id); history keeps them
         // in one entry so replay from that id includes or excludes all of them.
@@ -316,7 +344,7 @@ impl Hub {
             _ => st.history.push_back(Entry {
                 id: ev.event.id.clone(),
                 at: now,
-                messages: messages.clone(),
+                messages: messages.to_vec(),
             }),
         }
         while st.history.len() > self.cfg.history_len.get()
@@ -330,9 +358,6 @@ impl Hub {
             }
         }
         st.head = Some(ev.event.id.clone());
-        for msg in &messages {
-            self.deliver(&mut st, msg);
-        }
     }
 
     /// Tells every room to resync and forgets history: used when the stream had to

@@ -80,6 +80,24 @@ pub struct Pipeline {
     pub mappers: MapperFactory,
     /// Tunables.
     pub cfg: PipelineConfig,
+    /// Warms the hub's history from the oplog at start; `None` disables it.
+    pub warm: Option<WarmUp>,
+}
+
+/// How a starting process fills its history from the oplog, so that clients who come
+/// back after a restart, a deploy or a move from another replica recover from memory
+/// instead of each opening a change stream.
+#[derive(Clone)]
+pub struct WarmUp {
+    /// Mappers for the re-read changes (with metrics of their own: they were counted
+    /// by the process that published them).
+    pub mappers: MapperFactory,
+    /// How far before the checkpoint to start (`hub.history_age`).
+    pub age: Duration,
+    /// Most changes read (`hub.history_len` plus margin): the hub keeps no more anyway.
+    pub max_changes: usize,
+    /// Longest the warm-up may take before the stream goes live without it.
+    pub timeout: Duration,
 }
 
 /// Why the pipeline stopped for good.
@@ -169,6 +187,28 @@ impl Pipeline {
             collections: self.cfg.collections.clone(),
             max_await: self.cfg.max_await,
         };
+        if let (Output::Hub(hub), StartAt::Token(t), Some(warm)) =
+            (&self.output, &start, &self.warm)
+        {
+            let warmed = tokio::select! {
+                _ = stop.cancelled() => None,
+                r = tokio::time::timeout(warm.timeout, warm_history(&self.client, &spec, hub, t, warm)) => Some(r),
+            };
+            match warmed {
+                Some(Ok(Ok(n))) => {
+                    tracing::info!(database = %db, changes = n, "history warmed from the oplog")
+                }
+                Some(Ok(Err(why))) => {
+                    hub.discard_preload();
+                    tracing::info!(database = %db, reason = %why, "history not warmed; recoveries before this start use the oplog");
+                }
+                Some(Err(_)) => {
+                    hub.discard_preload();
+                    tracing::warn!(database = %db, "history warm-up timed out; recoveries before this start use the oplog");
+                }
+                None => hub.discard_preload(),
+            }
+        }
 
         'reconnect: loop {
             if stop.is_cancelled() {
@@ -443,6 +483,63 @@ impl Backoff {
             _ = tokio::time::sleep(d) => true,
         }
     }
+}
+
+/// Re-reads the changes from `warm.age` before the checkpoint token `t` up to and
+/// including `t` into the hub's history, without delivering them (the previous process
+/// did). `Err` when the token's event was not met: the caller discards what was read,
+/// because a history with a hole would recover clients wrongly.
+async fn warm_history(
+    client: &Client,
+    spec: &SourceSpec,
+    hub: &Hub,
+    t: &Document,
+    warm: &WarmUp,
+) -> Result<usize, String> {
+    let target = t
+        .get_str("_data")
+        .map_err(|_| "the checkpoint token has no _data")?;
+    let until = token::cluster_time(target)
+        .ok_or("the checkpoint token's time cannot be read (not a MongoDB KeyString token)")?;
+    let from = bson::Timestamp {
+        time: until
+            .time
+            .saturating_sub(u32::try_from(warm.age.as_secs()).unwrap_or(u32::MAX)),
+        increment: 0,
+    };
+    let mut source = Source::open(client, spec.clone(), &StartAt::Time(from))
+        .await
+        .map_err(|e| e.to_string())?;
+    // Everything from `from` on will be in history: the KeyString prefix of that time
+    // sorts before every token at or after it (and after every earlier one), so it is
+    // the floor; a position handed out by the previous process after `from` is covered.
+    hub.set_floor(EventId::new(token::time_prefix(from)));
+    let mut mapper = (warm.mappers)();
+    for n in 0..warm.max_changes {
+        let change = match source.next().await.map_err(|e| e.to_string())? {
+            Some(c) => c,
+            None => return Err("reached the present without meeting the checkpoint's event".into()),
+        };
+        let id = change
+            .get_document("_id")
+            .ok()
+            .and_then(|d| d.get_str("_data").ok());
+        let at = change.get_timestamp("clusterTime").ok();
+        if at.is_some_and(|at| (at.time, at.increment) > (until.time, until.increment)) {
+            // Past the checkpoint: the live stream publishes it.
+            return Err("passed the checkpoint's time without meeting its event".into());
+        }
+        for ev in mapper.map(&change) {
+            hub.preload(&ev);
+        }
+        if id == Some(target) {
+            return Ok(n + 1);
+        }
+    }
+    Err(format!(
+        "more than {} changes before the checkpoint",
+        warm.max_changes
+    ))
 }
 
 /// The id of the newest event the hub holds, for the SIGTERM test and `token show`.

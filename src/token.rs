@@ -75,6 +75,12 @@ pub fn event_id(token: &Document) -> Option<EventId> {
     token.get_str("_data").ok().map(EventId::new)
 }
 
+/// The KeyString prefix of a cluster time: sorts before every mongod token of that
+/// time and after every earlier one. An internal bound, never resumed from.
+pub fn time_prefix(ts: Timestamp) -> String {
+    format!("82{:08X}{:08X}", ts.time, ts.increment)
+}
+
 /// The cluster time a token encodes, when it is in the KeyString v1 form that
 /// mongod (and mongo-sim) use: `82` then the timestamp as 8 big-endian bytes.
 pub fn cluster_time(data_hex: &str) -> Option<Timestamp> {

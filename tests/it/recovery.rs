@@ -160,7 +160,7 @@ async fn beyond_history_replays_from_the_oplog() {
     assert_eq!(ids(&c.events(100, Duration::from_secs(10)).await), want);
     order(&db, "c1", 101).await;
     let live = c.events(1, Duration::from_secs(10)).await;
-    assert!(live[0]["id"].as_str().unwrap() > want[99].as_str());
+    assert!(token_of(live[0]["id"].as_str().unwrap()) > token_of(want[99].as_str()));
 }
 
 /// `since` older than the oplog: an explicit `resync`, and the room then continues live.
@@ -629,4 +629,84 @@ async fn readiness_follows_the_checkpoint_store() {
     std::fs::remove_dir_all(&path).unwrap();
     wait_ready_is(&server, true, Duration::from_secs(10)).await;
     assert!(path.is_file());
+}
+
+/// A clean restart with clients away and writes during the downtime: the new process warms
+/// its history from the oplog, so every client that comes back with its `since` (its last
+/// event id, or its `welcome` position when it had received nothing) recovers from memory
+/// — no change stream per client, no resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_process_recovers_returning_clients_from_warmed_history() {
+    const CLIENTS: usize = 40;
+    const OWED: usize = 10;
+    let db = Db::start().await;
+    let mut a = Server::start(&db, "").await;
+    let mut since = Vec::new();
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let (c, welcome) = Client::connect(&a, &customer_token(&format!("w{i}"))).await;
+        since.push(welcome["position"].as_str().unwrap().to_owned());
+        clients.push(c);
+    }
+    // The first OWED customers receive one event each before the restart.
+    for (i, c) in clients.iter_mut().enumerate().take(OWED) {
+        order(&db, &format!("w{i}"), 0).await;
+        let got = c.events(1, Duration::from_secs(10)).await;
+        since[i] = got[0]["id"].as_str().unwrap().to_owned();
+    }
+    drop(clients);
+    // Clean stop; the checkpoint survives in `dir`.
+    let dir = std::mem::replace(&mut a.dir, tempfile::tempdir().unwrap());
+    a.stop().await.unwrap();
+    // While it is down: 2 events for each owed customer and 100 for others.
+    for i in 0..OWED {
+        order(&db, &format!("w{i}"), 1).await;
+        order(&db, &format!("w{i}"), 2).await;
+    }
+    for n in 0..100 {
+        order(&db, "someone-else", n).await;
+    }
+    let b = Server::start_in(&db, "", dir, Default::default()).await;
+    for (i, s) in since.iter().enumerate() {
+        let url = format!("{}?since={s}", b.ws_url());
+        let mut c = Client::try_connect_url(&url, Some(&customer_token(&format!("w{i}"))), &[])
+            .await
+            .unwrap();
+        assert_eq!(c.next_json().await["type"], "welcome");
+        let want = if i < OWED { 2 } else { 0 };
+        let mut got = Vec::new();
+        while let Some(m) = c
+            .next_json_within(Duration::from_millis(if want > got.len() {
+                10_000
+            } else {
+                150
+            }))
+            .await
+        {
+            assert_ne!(m["type"], "resync", "client {i} was told to resync: {m}");
+            if m["type"] == "event" {
+                got.push(m);
+            }
+        }
+        assert_eq!(got.len(), want, "client {i}: {got:?}");
+        for (k, e) in got.iter().enumerate() {
+            assert_eq!(e["data"]["status"], "pending");
+            let _ = k;
+        }
+    }
+    let (_, metrics) = b.get("/metrics").await;
+    let count = |source: &str| {
+        let key = format!("changecast_recoveries_total{{source=\"{source}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(count("history"), CLIENTS as f64, "{metrics}");
+    assert_eq!(
+        count("oplog"),
+        0.0,
+        "a recovery opened a change stream: {metrics}"
+    );
+    assert_eq!(count("resync"), 0.0, "{metrics}");
 }
