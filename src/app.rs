@@ -27,7 +27,7 @@ use crate::mapper::{Mapper, MapperFactory};
 use crate::metrics::Metrics;
 use crate::normalize::{OwnerBook, OwnerBookUse};
 use crate::pipeline::{HistoryLostPolicy, Output, Pipeline, PipelineConfig, PipelineError, WarmUp};
-use crate::replay::OplogReplayer;
+use crate::replay::{OplogReplayer, ReplayConfig};
 use crate::token::StartAt;
 
 /// How long one change-stream `getMore` waits; also the idle token's refresh period.
@@ -279,7 +279,7 @@ pub async fn start(
     let book = Arc::new(OwnerBook::new(config.normalize.state_cache_docs));
     let ids = Arc::new(id_codec(config));
     let hub = Arc::new(Hub::new(config.hub.clone(), metrics.clone()).with_ids(ids.clone()));
-    let replayer = OplogReplayer {
+    let replayer = OplogReplayer::start(ReplayConfig {
         client: client.clone(),
         databases: config.mongo.databases.clone(),
         collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
@@ -291,7 +291,8 @@ pub async fn start(
         ),
         max_changes: MAX_REPLAY_CHANGES,
         ids,
-    };
+        metrics: metrics.clone(),
+    });
     let gw = Arc::new(Gateway {
         hub: hub.clone(),
         metrics: metrics.clone(),

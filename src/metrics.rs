@@ -152,6 +152,9 @@ pub struct Metrics {
     pub checkpoint_age_seconds: Gauge<f64, AtomicU64>,
     /// Change-stream reconnects.
     pub stream_reconnects: Counter,
+    /// Change streams opened to replay history for recovering clients (one per database
+    /// per shared scan, however many clients it serves).
+    pub replay_streams_opened: Counter,
     /// Times the stored token had fallen out of the oplog.
     pub history_lost: Counter,
     /// Client messages refused as malformed or over a limit, and connections refused by
@@ -201,6 +204,7 @@ impl Metrics {
             stream_lag_seconds: Gauge::default(),
             checkpoint_age_seconds: Gauge::default(),
             stream_reconnects: Counter::default(),
+            replay_streams_opened: Counter::default(),
             history_lost: Counter::default(),
             client_errors: Family::default(),
             delivered: Default::default(),
@@ -283,6 +287,11 @@ impl Metrics {
             "stream_reconnects",
             "Change-stream reconnects",
             m.stream_reconnects.clone(),
+        );
+        r.register(
+            "replay_streams_opened",
+            "Change streams opened to replay the oplog for recovering clients",
+            m.replay_streams_opened.clone(),
         );
         r.register(
             "history_lost",

@@ -1,86 +1,78 @@
-//! Recovery beyond the in-memory history: a short-lived change stream from the client's last id, filtered to one room.
+//! Recovery beyond the in-memory history: shared oplog scans, one change stream per database at a time however many clients wait.
+//!
+//! A restart, a deploy or a replica move brings thousands of clients back at once.
+//! One change stream per client would put that storm on the app's primary (MongoDB
+//! warns that more change streams than pool connections delay notifications). So
+//! requests queue to one scheduler: it takes every request waiting, opens one stream
+//! per database from the oldest `since` among them, and hands each request the events
+//! of its room after its own `since` (up to its `until`). Requests that arrive during
+//! a scan wait for the next one.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bson::doc;
 use futures::future::BoxFuture;
 use mongodb::Client;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::event::EventId;
 use crate::gateway::Replayer;
 use crate::hub::{messages_for, Message};
+use crate::idcodec::IdCodec;
 use crate::mapper::MapperFactory;
+use crate::metrics::Metrics;
 use crate::room::Room;
 use crate::source::{Source, SourceSpec};
 use crate::token::StartAt;
 
-/// Replays from the oplog with the same mapper the pipeline uses.
-pub struct OplogReplayer {
+/// Requests that may wait for a scan. Overflow policy: the request is refused at once
+/// (the client is told to resync); nothing is queued beyond it.
+pub const MAX_WAITING: usize = 20_000;
+
+/// How long the scheduler gathers requests after the first one before it scans: a
+/// storm's clients arrive over a few hundred milliseconds, and one scan should serve
+/// them all. A lone recovery pays this once.
+const GATHER: Duration = Duration::from_millis(150);
+
+/// What a replay scans and with what.
+pub struct ReplayConfig {
     /// Driver client.
     pub client: Client,
     /// Watched databases.
     pub databases: Vec<String>,
     /// Watched collections.
     pub collections: Vec<String>,
-    /// Fresh mapper per replay.
+    /// A fresh mapper per scan.
     pub mappers: MapperFactory,
-    /// Most changes one replay may scan before giving up (the client then resyncs).
+    /// Most changes one scan may read before the requests it serves give up (resync).
     pub max_changes: usize,
     /// Seals the replayed events' ids as the hub does.
-    pub ids: Arc<crate::idcodec::IdCodec>,
+    pub ids: Arc<IdCodec>,
+    /// Counts the change streams opened.
+    pub metrics: Arc<Metrics>,
+}
+
+/// One client's recovery: the events of `room` after `since`, up to `until`.
+struct Request {
+    room: Room,
+    since: EventId,
+    until: Option<EventId>,
+    reply: oneshot::Sender<Result<Vec<Arc<Message>>, String>>,
+}
+
+/// The [`Replayer`] the gateway uses: a handle to the shared scheduler.
+pub struct OplogReplayer {
+    tx: mpsc::Sender<Request>,
 }
 
 impl OplogReplayer {
-    async fn replay_db(
-        &self,
-        database: &str,
-        room: &Room,
-        since: &EventId,
-        until: Option<&EventId>,
-    ) -> Result<Vec<Arc<Message>>, String> {
-        let spec = SourceSpec {
-            database: database.to_owned(),
-            collections: self.collections.clone(),
-            // Short waits: an empty batch means the replay has caught up with the present.
-            max_await: Duration::from_millis(50),
-        };
-        let start = StartAt::Token(doc! {"_data": since.as_str()});
-        let mut source = Source::open(&self.client, spec, &start)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut mapper = (self.mappers)();
-        let mut out = Vec::new();
-        for _ in 0..self.max_changes {
-            let Some(change) = source.next().await.map_err(|e| e.to_string())? else {
-                // An empty batch: caught up with the present, unless the hub is still ahead.
-                let reached = match (
-                    until,
-                    source.token().as_ref().and_then(crate::token::event_id),
-                ) {
-                    (None, _) => true,
-                    (Some(u), Some(t)) => t >= *u,
-                    (Some(_), None) => false,
-                };
-                if reached {
-                    return Ok(out);
-                }
-                continue;
-            };
-            for ev in mapper.map(&change) {
-                if until.is_some_and(|u| ev.event.id > *u) {
-                    return Ok(out);
-                }
-                if ev.deliveries.iter().any(|d| d.room == *room) {
-                    out.extend(
-                        messages_for(&ev, &self.ids)
-                            .into_iter()
-                            .filter(|m| m.room == *room),
-                    );
-                }
-            }
-        }
-        Err(format!("more than {} changes to replay", self.max_changes))
+    /// Starts the scheduler task (it ends when every handle is dropped).
+    pub fn start(cfg: ReplayConfig) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_WAITING);
+        tokio::spawn(schedule(cfg, rx));
+        Self { tx }
     }
 }
 
@@ -92,13 +84,141 @@ impl Replayer for OplogReplayer {
         until: Option<EventId>,
     ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, String>> {
         Box::pin(async move {
-            let mut all = Vec::new();
-            for db in &self.databases {
-                all.extend(self.replay_db(db, room, since, until.as_ref()).await?);
-            }
-            // Streams of several databases interleave in commit order by id.
-            all.sort_by(|a, b| a.id.cmp(&b.id));
-            Ok(all)
+            let (reply, answer) = oneshot::channel();
+            let req = Request {
+                room: room.clone(),
+                since: since.clone(),
+                until,
+                reply,
+            };
+            self.tx
+                .try_send(req)
+                .map_err(|_| format!("more than {MAX_WAITING} recoveries waiting for the oplog"))?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the replay scheduler stopped".into()))
         })
     }
+}
+
+async fn schedule(cfg: ReplayConfig, mut rx: mpsc::Receiver<Request>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let gathered = tokio::time::sleep(GATHER);
+        tokio::pin!(gathered);
+        loop {
+            tokio::select! {
+                _ = &mut gathered => break,
+                r = rx.recv() => match r {
+                    Some(r) => batch.push(r),
+                    None => break,
+                },
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            batch.push(r);
+        }
+        // Clients that gave up (their join timed out) need no scan.
+        batch.retain(|r| !r.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let outcome = scan(&cfg, &batch).await;
+        for (r, result) in batch.into_iter().zip(outcome) {
+            let _ = r.reply.send(result);
+        }
+    }
+}
+
+/// Serves `batch` with one stream per database; one result per request, in order.
+async fn scan(cfg: &ReplayConfig, batch: &[Request]) -> Vec<Result<Vec<Arc<Message>>, String>> {
+    let mut out: Vec<Result<Vec<Arc<Message>>, String>> =
+        batch.iter().map(|_| Ok(Vec::new())).collect();
+    for db in &cfg.databases {
+        if let Err(e) = scan_db(cfg, db, batch, &mut out).await {
+            for o in out.iter_mut().filter(|o| o.is_ok()) {
+                *o = Err(e.clone());
+            }
+        }
+    }
+    for o in out.iter_mut().flatten() {
+        // Streams of several databases interleave in commit order by id.
+        o.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    out
+}
+
+async fn scan_db(
+    cfg: &ReplayConfig,
+    database: &str,
+    batch: &[Request],
+    out: &mut [Result<Vec<Arc<Message>>, String>],
+) -> Result<(), String> {
+    let Some(oldest) = batch.iter().map(|r| &r.since).min() else {
+        return Ok(());
+    };
+    // The scan ends at the newest `until` (or the present when one has none).
+    let until: Option<&EventId> = if batch.iter().any(|r| r.until.is_none()) {
+        None
+    } else {
+        batch.iter().filter_map(|r| r.until.as_ref()).max()
+    };
+    let mut by_room: HashMap<&Room, Vec<usize>> = HashMap::new();
+    for (i, r) in batch.iter().enumerate() {
+        by_room.entry(&r.room).or_default().push(i);
+    }
+    let spec = SourceSpec {
+        database: database.to_owned(),
+        collections: cfg.collections.clone(),
+        // Short waits: an empty batch means the scan has caught up with the present.
+        max_await: Duration::from_millis(50),
+    };
+    let start = StartAt::Token(doc! {"_data": oldest.as_str()});
+    cfg.metrics.replay_streams_opened.inc();
+    let mut source = Source::open(&cfg.client, spec, &start)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut mapper = (cfg.mappers)();
+    for _ in 0..cfg.max_changes {
+        let Some(change) = source.next().await.map_err(|e| e.to_string())? else {
+            // An empty batch: caught up with the present, unless the hub is still ahead.
+            let reached = match (
+                until,
+                source.token().as_ref().and_then(crate::token::event_id),
+            ) {
+                (None, _) => true,
+                (Some(u), Some(t)) => t >= *u,
+                (Some(_), None) => false,
+            };
+            if reached {
+                return Ok(());
+            }
+            continue;
+        };
+        for ev in mapper.map(&change) {
+            let id = &ev.event.id;
+            if until.is_some_and(|u| id > u) {
+                return Ok(());
+            }
+            let mut messages: Option<Vec<Arc<Message>>> = None;
+            for d in &ev.deliveries {
+                let Some(waiting) = by_room.get(&d.room) else {
+                    continue;
+                };
+                let msgs = messages.get_or_insert_with(|| messages_for(&ev, &cfg.ids));
+                let Some(m) = msgs.iter().find(|m| m.room == d.room) else {
+                    continue;
+                };
+                for &i in waiting {
+                    let r = &batch[i];
+                    if *id > r.since && r.until.as_ref().is_none_or(|u| id <= u) {
+                        if let Ok(v) = &mut out[i] {
+                            v.push(m.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Err(format!("more than {} changes to replay", cfg.max_changes))
 }

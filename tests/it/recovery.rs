@@ -710,3 +710,91 @@ async fn a_restarted_process_recovers_returning_clients_from_warmed_history() {
     );
     assert_eq!(count("resync"), 0.0, "{metrics}");
 }
+
+/// A storm of clients whose `since` lies beyond the in-memory history: one shared oplog
+/// scan serves them all (no change stream per client), and each gets exactly its room's
+/// missed events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_beyond_history_is_served_by_one_shared_scan() {
+    const CLIENTS: usize = 60;
+    let db = Db::start().await;
+    let server = Server::start(&db, "[hub]\nhistory_len = 10\n").await;
+    let mut since = Vec::new();
+    for i in 0..CLIENTS {
+        let (mut c, _) = Client::connect(&server, &customer_token(&format!("st{i}"))).await;
+        numbered(&db, &format!("st{i}"), 0).await;
+        since.push(
+            c.events(1, Duration::from_secs(10)).await[0]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Three missed events each: far more than the history holds.
+    for n in 1..=3 {
+        for i in 0..CLIENTS {
+            numbered(&db, &format!("st{i}"), n).await;
+        }
+    }
+    let (mut admin, _) = Client::connect(&server, &admin_token()).await;
+    order(&db, "marker", 0).await;
+    admin_events(&mut admin, 1).await;
+    let before = metric_value(
+        &server.get("/metrics").await.1,
+        "changecast_replay_streams_opened_total",
+    );
+    // Everyone comes back at once.
+    let mut tasks = Vec::new();
+    for (i, s) in since.into_iter().enumerate() {
+        let url = format!("{}?since={s}", server.ws_url());
+        tasks.push(tokio::spawn(async move {
+            let mut c =
+                Client::try_connect_url(&url, Some(&customer_token(&format!("st{i}"))), &[])
+                    .await
+                    .unwrap();
+            assert_eq!(c.next_json().await["type"], "welcome");
+            let got = c.events(3, Duration::from_secs(15)).await;
+            let ns: Vec<i64> = got
+                .iter()
+                .map(|e| e["data"]["orderNumber"].as_i64().unwrap_or(-1))
+                .collect();
+            (i, ns, c.next_json_within(Duration::from_millis(200)).await)
+        }));
+    }
+    for t in tasks {
+        let (i, ns, extra) = t.await.unwrap();
+        assert_eq!(
+            ns,
+            vec![1, 2, 3],
+            "client {i}: exactly its missed events, in order"
+        );
+        assert!(
+            extra.is_none() || extra.as_ref().unwrap()["type"] != "resync",
+            "client {i}: {extra:?}"
+        );
+    }
+    let (_, metrics) = server.get("/metrics").await;
+    let opened = metric_value(&metrics, "changecast_replay_streams_opened_total") - before;
+    assert!(
+        (1.0..=2.0).contains(&opened),
+        "{opened} replay streams for {CLIENTS} clients: {metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "changecast_recoveries_total{source=\"oplog\"}"),
+        CLIENTS as f64
+    );
+}
+
+/// An order of customer `c` whose `orderNumber` (in every audience's allowlist) is `n`.
+async fn numbered(db: &Db, c: &str, n: i64) {
+    db.coll("orders")
+        .insert_one(doc! {"customerId": c, "storeId": "s1", "status": "new", "orderNumber": n})
+        .await
+        .unwrap();
+}
+
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
