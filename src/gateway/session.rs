@@ -58,6 +58,33 @@ pub struct Session {
     /// told to the client (see [`Session::take_lost`]). At most one entry per room
     /// the session had joined, so bounded by its subscriptions.
     lost: Vec<Room>,
+    /// Refused `order:` joins in the current window (each cost a MongoDB lookup).
+    probes: ProbeWindow,
+}
+
+/// Refused `order:{id}` joins a connection may make per [`PROBE_WINDOW`] before further
+/// order joins are refused without a lookup: guessing order ids costs MongoDB one query
+/// each (unknown ids are cached for a second only, so that a just-created order can be
+/// joined), and a client that is refused this often is probing, not using the app.
+pub const MAX_REFUSED_ORDER_JOINS: u32 = 30;
+
+/// The window [`MAX_REFUSED_ORDER_JOINS`] counts in.
+pub const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Default)]
+struct ProbeWindow {
+    start: Option<std::time::Instant>,
+    refused: u32,
+}
+
+impl ProbeWindow {
+    fn exhausted(&mut self) -> bool {
+        if self.start.is_none_or(|s| s.elapsed() >= PROBE_WINDOW) {
+            self.start = Some(std::time::Instant::now());
+            self.refused = 0;
+        }
+        self.refused >= MAX_REFUSED_ORDER_JOINS
+    }
 }
 
 impl Session {
@@ -69,6 +96,7 @@ impl Session {
             principal,
             rooms: HashMap::new(),
             lost: Vec::new(),
+            probes: ProbeWindow::default(),
         }
     }
 
@@ -141,7 +169,20 @@ impl Session {
                 ),
             ));
         }
+        let order = room.kind() == crate::room::RoomKind::Order && !self.principal.is_admin;
+        if order && new && self.probes.exhausted() {
+            return Err(refused(
+                "rate_limited",
+                format!(
+                    "more than {MAX_REFUSED_ORDER_JOINS} refused order subscriptions in {}s; wait",
+                    PROBE_WINDOW.as_secs()
+                ),
+            ));
+        }
         if let Err(d) = self.gw.authz.may_join(&self.principal, &room).await {
+            if order && d.code == "forbidden" {
+                self.probes.refused += 1;
+            }
             return Err(refused(d.code, d.message));
         }
         let since = since.map(|s| self.gw.since(s));

@@ -225,3 +225,35 @@ async fn ids_and_positions_reveal_no_document_key_and_a_forged_since_resyncs() {
     let ack = a.subscribe("storefront:s1", Some(&position)).await;
     assert_eq!(ack["recovered"], true, "{ack}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_order_ids_is_cut_off_before_it_costs_a_lookup_each() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "[server]\nmax_messages_per_second = 1000\n").await;
+    db.coll("orders")
+        .insert_one(
+            doc! {"_id": "mine-1", "customerId": "probe-a", "storeId": "s1", "status": "new"},
+        )
+        .await
+        .unwrap();
+    let (mut prober, _) = Client::connect(&server, &customer_token("probe-a")).await;
+    let mut codes = Vec::new();
+    for n in 0..40 {
+        let ack = prober.subscribe(&format!("order:guess-{n}"), None).await;
+        codes.push(ack["code"].as_str().unwrap_or("").to_owned());
+    }
+    let forbidden = codes.iter().filter(|c| *c == "forbidden").count();
+    let limited = codes.iter().filter(|c| *c == "rate_limited").count();
+    assert_eq!((forbidden, limited), (30, 10), "{codes:?}");
+    // Another connection of the same customer is not affected, and its own order opens.
+    let (mut other, _) = Client::connect(&server, &customer_token("probe-a")).await;
+    assert_eq!(
+        other.subscribe("order:mine-1", None).await["type"],
+        "subscribed"
+    );
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("changecast_subscriptions_refused_total{reason=\"rate_limited\"} 10"),
+        "{metrics}"
+    );
+}
