@@ -405,3 +405,211 @@ async fn model_no_delivery_outside_a_connections_rooms_or_rights() {
     assert_eq!(t.outside_rights, 0, "{:?}", t.examples);
     assert_eq!(t.refused_by_server_allowed_by_model, 0, "{:?}", t.examples);
 }
+
+/// Owners of each order per epoch: a move sets `orderNumber` (in the order room's allowlist)
+/// to a new epoch, so every delivery names the epoch whose owners it was routed for.
+type Epochs = Arc<Mutex<std::collections::HashMap<String, Vec<(String, String)>>>>;
+
+/// One actor of the ownership model: subscribes to order rooms (its own and others'), leaves
+/// and reconnects with `since`, and checks every order-room delivery against the owners of the
+/// epoch it carries. Returns (deliveries, outside the right at the change, ownership notices).
+async fn owner_actor(
+    url: String,
+    id: Ident,
+    orders: Vec<String>,
+    epochs: Epochs,
+    seed: u64,
+    until: Instant,
+) -> (u64, u64, u64, Vec<String>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut deliveries, mut outside, mut notices) = (0, 0, 0);
+    let mut examples = Vec::new();
+    let mut last: Option<String> = None;
+    while Instant::now() < until {
+        let mut u = url.clone();
+        if let Some(s) = &last {
+            u = format!("{url}?since={s}");
+        }
+        let Ok(mut c) = Client::try_connect_url(&u, Some(&id.token(now() + 3600)), &[]).await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let life = Instant::now() + Duration::from_millis(rng.gen_range(300..1500));
+        while Instant::now() < life.min(until) {
+            if rng.gen_bool(0.3) {
+                let o = &orders[rng.gen_range(0..orders.len())];
+                let mut msg = json!({"type": "subscribe", "room": format!("order:{o}")});
+                if let Some(s) = &last {
+                    if rng.gen_bool(0.5) {
+                        msg["since"] = json!(s);
+                    }
+                }
+                c.send_json(msg).await;
+            }
+            let Some(v) = c
+                .next_json_within(Duration::from_millis(rng.gen_range(10..100)))
+                .await
+            else {
+                continue;
+            };
+            match v["type"].as_str() {
+                Some("event") => {
+                    last = v["id"].as_str().map(str::to_owned);
+                    let room = v["room"].as_str().unwrap_or_default();
+                    let Some(order) = room.strip_prefix("order:") else {
+                        continue;
+                    };
+                    deliveries += 1;
+                    let epoch = v["data"]["orderNumber"].as_i64().unwrap_or(-1);
+                    let owners =
+                        epochs.lock().unwrap().get(order).and_then(|e| {
+                            usize::try_from(epoch).ok().and_then(|k| e.get(k).cloned())
+                        });
+                    let allowed = owners
+                        .as_ref()
+                        .is_some_and(|(cust, store)| *cust == id.sub || id.stores.contains(store));
+                    if !allowed {
+                        outside += 1;
+                        if examples.len() < 5 {
+                            examples.push(format!(
+                                "{} got {room} epoch {epoch} owned by {owners:?}",
+                                id.sub
+                            ));
+                        }
+                    }
+                }
+                Some("unsubscribed") if v["reason"] == "ownership_changed" => notices += 1,
+                _ => {}
+            }
+        }
+    }
+    (deliveries, outside, notices, examples)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_order_rooms_follow_ownership_moves() {
+    let secs = size("MODEL_MOVE_SECS", 8, 60);
+    let db = Arc::new(Db::start().await);
+    let server = Server::start(&db, "[server]\nmax_messages_per_second = 1000\n").await;
+    let customers: Vec<String> = (0..6).map(|i| format!("mc{i}")).collect();
+    let stores: Vec<String> = (0..3).map(|i| format!("ms{i}")).collect();
+    let orders: Vec<String> = (0..12).map(|i| format!("mo{i}")).collect();
+    let epochs: Epochs = Arc::default();
+    for (i, o) in orders.iter().enumerate() {
+        let (c, s) = (&customers[i % 6], &stores[i % 3]);
+        epochs
+            .lock()
+            .unwrap()
+            .insert(o.clone(), vec![(c.clone(), s.clone())]);
+        db.coll("orders")
+            .insert_one(bson::doc! {"_id": o, "customerId": c, "storeId": s, "status": "new", "orderNumber": 0i64})
+            .await
+            .unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(secs);
+    // The writer: status changes, and moves to other owners (the model learns the new
+    // epoch's owners before the write, so a delivery can never be ahead of the model).
+    let writer = {
+        let (db, epochs, orders, customers, stores) = (
+            db.clone(),
+            epochs.clone(),
+            orders.clone(),
+            customers.clone(),
+            stores.clone(),
+        );
+        tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(7);
+            let (mut moves, mut updates) = (0u64, 0u64);
+            while Instant::now() < until {
+                let o = &orders[rng.gen_range(0..orders.len())];
+                if rng.gen_bool(0.3) {
+                    let (c, s) = (
+                        customers[rng.gen_range(0..customers.len())].clone(),
+                        stores[rng.gen_range(0..stores.len())].clone(),
+                    );
+                    let k = {
+                        let mut e = epochs.lock().unwrap();
+                        let v = e.get_mut(o).unwrap();
+                        v.push((c.clone(), s.clone()));
+                        (v.len() - 1) as i64
+                    };
+                    db.coll("orders")
+                        .update_one(
+                            bson::doc! {"_id": o},
+                            bson::doc! {"$set": {"customerId": c, "storeId": s, "orderNumber": k}},
+                        )
+                        .await
+                        .unwrap();
+                    moves += 1;
+                } else {
+                    let st =
+                        ["accepted", "packing", "ready", "out_for_delivery"][rng.gen_range(0..4)];
+                    db.coll("orders")
+                        .update_one(bson::doc! {"_id": o}, bson::doc! {"$set": {"status": st}})
+                        .await
+                        .unwrap();
+                    updates += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            (moves, updates)
+        })
+    };
+    let mut tasks = Vec::new();
+    for (i, c) in customers.iter().enumerate() {
+        let id = Ident {
+            sub: c.clone(),
+            admin: false,
+            customer: true,
+            stores: vec![],
+        };
+        tasks.push(tokio::spawn(owner_actor(
+            server.ws_url(),
+            id,
+            orders.clone(),
+            epochs.clone(),
+            i as u64,
+            until,
+        )));
+    }
+    for (i, s) in stores.iter().enumerate() {
+        let id = Ident {
+            sub: format!("staff-{s}"),
+            admin: false,
+            customer: false,
+            stores: vec![s.clone()],
+        };
+        tasks.push(tokio::spawn(owner_actor(
+            server.ws_url(),
+            id,
+            orders.clone(),
+            epochs.clone(),
+            100 + i as u64,
+            until,
+        )));
+    }
+    let (mut deliveries, mut outside, mut notices, mut examples) = (0, 0, 0, Vec::new());
+    for t in tasks {
+        let (d, o, n, e) = t.await.unwrap();
+        deliveries += d;
+        outside += o;
+        notices += n;
+        examples.extend(e);
+    }
+    let (moves, updates) = writer.await.unwrap();
+    figure(
+        "hostile.model_ownership_moves",
+        format!(
+            "{} actors over {secs}s, {} orders, {moves} moves and {updates} status changes: {deliveries} order-room deliveries (live and replayed), outside the right at the time of the change {outside}, ownership_changed notices {notices}",
+            customers.len() + stores.len(),
+            orders.len()
+        ),
+    );
+    assert!(
+        moves > 10 && deliveries > 50,
+        "too little happened: {moves} moves, {deliveries} deliveries"
+    );
+    assert!(notices > 0, "no session ever lost an order room");
+    assert_eq!(outside, 0, "{examples:?}");
+}
