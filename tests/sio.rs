@@ -688,6 +688,51 @@ async fn reconnecting_with_since_recovers_exactly_the_missed_events() {
     assert_eq!(replay[0].1[1], json!(third));
 }
 
+/// An idle client gets a `position` event on the tick (issue 13), with the id of the newest
+/// event published elsewhere; not again while the position has not moved, nor after an event
+/// of its own that is the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_is_told_the_position() {
+    let srv = HubServer::start("[server]\nping_interval = \"200ms\"\n").await;
+    let (mut c, _) = SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+        .await
+        .unwrap();
+    let (name, welcome) = c.event().await;
+    assert_eq!(name, "welcome");
+    let start = welcome[0]["position"].clone();
+    let elsewhere = srv.publish("order:created", &["customer:c2"], json!({"n": 1}));
+    let told = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let (name, args) = c.event().await;
+            assert_eq!(name, "position", "{args:?}");
+            if args[0]["position"] != start {
+                return args[0]["position"].clone();
+            }
+        }
+    })
+    .await
+    .expect("a position event within 2 s");
+    assert_eq!(told, json!(elsewhere));
+    // Its own event is the newest: the event's id is its position, nothing more is sent.
+    let mine = srv.publish("order:created", &["customer:c1"], json!({"n": 2}));
+    let (name, args) = c.event().await;
+    assert_eq!((name.as_str(), &args[1]), ("order:created", &json!(mine)));
+    let quiet = tokio::time::timeout(Duration::from_millis(700), c.event()).await;
+    assert!(
+        quiet.is_err(),
+        "nothing while the position stays: {quiet:?}"
+    );
+    // Moved elsewhere again: told again.
+    let again = srv.publish("order:created", &["customer:c2"], json!({"n": 3}));
+    let (name, args) = tokio::time::timeout(Duration::from_secs(2), c.event())
+        .await
+        .expect("a second position event");
+    assert_eq!(
+        (name.as_str(), &args[0]["position"]),
+        ("position", &json!(again))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_as_a_slow_consumer() {
     let srv = HubServer::start("[hub]\nmailbox_capacity = 100000\n").await;

@@ -193,6 +193,13 @@ pub fn subscribed(room: &str, recovered: bool, position: Option<&str>) -> String
         .to_string()
 }
 
+/// `{"type":"position","position":…}`: the current position, sent to an idle client once
+/// every event up to it has been delivered; the client uses the most recent of this and
+/// its last event's id as `since`.
+pub fn position(wire: &str) -> String {
+    json!({"type": "position", "position": wire}).to_string()
+}
+
 /// `{"type":"unsubscribed",…}`.
 pub fn unsubscribed(room: &str) -> String {
     json!({"type": "unsubscribed", "room": room}).to_string()
@@ -268,6 +275,12 @@ mod tests {
         for (text, code) in cases {
             assert_eq!(parse(text).unwrap_err().code(), code, "{text}");
         }
+    }
+
+    #[test]
+    fn position_is_a_json_message_with_the_sealed_id() {
+        let v: serde_json::Value = serde_json::from_str(&position("a\"b")).unwrap();
+        assert_eq!(v, json!({"type": "position", "position": "a\"b"}));
     }
 
     proptest::proptest! {

@@ -28,6 +28,7 @@ use super::ws::{expiry_in, observe_latency};
 use super::Gateway;
 use crate::auth::{normalize_id, AuthError};
 use crate::config::Alias;
+use crate::event::EventId;
 use crate::hub::{Body, Message};
 use crate::metrics::{ReasonLabels, Wire, WireLabels};
 #[cfg(test)]
@@ -883,18 +884,28 @@ impl Conn {
     ) -> Exit {
         let gw = self.shared.gw.clone();
         let kicked = session.mailbox().kicked().clone();
+        // The last position this client was told (or event id it was sent): see `tell_position`.
+        let mut told = joined.first().and_then(|j| j.position.clone());
         if self.greet(session, joined, recover).is_err() {
             return Exit::BufferFull;
         }
         // Made once, as on `/ws`: per turn they would cost a timer-wheel insert and
         // removal and three waiter-list locks per delivery. The principal never changes
-        // on this endpoint (no in-band refresh), so neither does the expiry.
+        // on this endpoint (no in-band refresh), so neither does the expiry. One timer
+        // serves the expiry and the position tick (Engine.IO pings on its own).
         let stopping = gw.stop.cancelled();
         let going = self.gone.cancelled();
         let kicking = kicked.cancelled();
         let flooding = self.abuse.cancelled();
-        let expiry = tokio::time::sleep(expiry_in(session.principal(), gw.verifier.leeway()));
-        tokio::pin!(stopping, going, kicking, flooding, expiry);
+        let tick_every = gw.cfg.ping_interval;
+        let now = tokio::time::Instant::now();
+        let expires = now + expiry_in(session.principal(), gw.verifier.leeway());
+        let mut next_tick = now + tick_every;
+        // Whether an event was emitted since the last tick: only an idle client is told
+        // the position.
+        let mut delivered = false;
+        let timer = tokio::time::sleep_until(next_tick.min(expires));
+        tokio::pin!(stopping, going, kicking, flooding, timer);
         loop {
             tokio::select! {
                 biased;
@@ -902,13 +913,23 @@ impl Conn {
                 _ = &mut going => return Exit::Gone,
                 _ = &mut kicking => return Exit::Kicked,
                 _ = &mut flooding => return Exit::RateLimited,
-                _ = &mut expiry => {
-                    // Counted apart from refused tokens, as on `/ws`.
-                    gw.metrics
-                        .auth_failures
-                        .get_or_create(&ReasonLabels { reason: "expired_in_session" })
-                        .inc();
-                    return Exit::TokenExpired;
+                _ = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= expires {
+                        // Counted apart from refused tokens, as on `/ws`.
+                        gw.metrics
+                            .auth_failures
+                            .get_or_create(&ReasonLabels { reason: "expired_in_session" })
+                            .inc();
+                        return Exit::TokenExpired;
+                    }
+                    if now >= next_tick {
+                        next_tick = now + tick_every;
+                        if !std::mem::take(&mut delivered) && self.tell_position(rx, &mut told).is_err() {
+                            return Exit::BufferFull;
+                        }
+                    }
+                    timer.as_mut().reset(next_tick.min(expires));
                 }
                 cmd = cmd_rx.recv() => {
                     let Some(cmd) = cmd else { return Exit::Gone };
@@ -924,10 +945,13 @@ impl Conn {
                         return Exit::Gone;
                     }
                     let mut n = 0;
+                    // The last event emitted (kept whole: its id is cloned once per batch).
+                    let mut last: Option<Arc<Message>> = None;
                     while let Some(m) = next.take() {
                         // A refused message may have cost the room (ownership moved):
                         // the notice goes out in its place, before anything later.
-                        let sent = if session.accept(&m) {
+                        let accepted = session.accept(&m);
+                        let sent = if accepted {
                             self.emit_message(&m)
                         } else {
                             self.emit_lost(session)
@@ -935,14 +959,41 @@ impl Conn {
                         if sent.is_err() {
                             return Exit::BufferFull;
                         }
+                        if accepted && m.id.is_some() {
+                            last = Some(m);
+                        }
                         n += 1;
                         if n < EMIT_BATCH {
                             next = rx.try_recv().ok();
                         }
                     }
+                    if let Some(m) = last {
+                        told = m.id.clone();
+                        delivered = true;
+                    }
                 }
             }
         }
+    }
+
+    /// Emits `position` `{position}` to an idle client, as `/ws` sends its `position`
+    /// message (see `ws.rs`): the position is read first and emitted only when the
+    /// mailbox is empty after that, so every event of this session's rooms up to it has
+    /// already been emitted; nothing when the client was last told the same.
+    fn tell_position(
+        &self,
+        rx: &mpsc::Receiver<Arc<Message>>,
+        told: &mut Option<EventId>,
+    ) -> Result<(), Full> {
+        let Some(p) = self.shared.gw.hub.position() else {
+            return Ok(());
+        };
+        if !rx.is_empty() || told.as_ref() == Some(&p) {
+            return Ok(());
+        }
+        self.emit_raw("position", &json!({"position": self.shared.gw.wire_id(&p)}))?;
+        *told = Some(p);
+        Ok(())
     }
 
     /// `welcome`, then the auto-joins' replays when the client asked to recover. Not

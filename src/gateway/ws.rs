@@ -386,14 +386,16 @@ impl Conn {
         let joined = Box::pin(session.join_auto(since.as_ref())).await;
         let rooms: Vec<String> = session.rooms().map(|r| r.to_string()).collect();
         // Auto rooms are joined in turn, so the first position is at or before every other.
-        let position = joined.first().and_then(|j| j.position.clone());
-        let position = position.map(|p| self.gw.wire_id(&p));
+        // Kept as the last position this client was told (see the position tick below).
+        let mut told = joined.first().and_then(|j| j.position.clone());
+        let position = told.as_ref().map(|p| self.gw.wire_id(p));
         let welcome = protocol::welcome(
             session.mailbox().id(),
             &rooms,
             session.principal().subject.as_deref(),
             position.as_deref(),
         );
+        drop(position);
         if let Err(e) = self.send_text(welcome).await {
             return self.write_failed(e);
         }
@@ -405,6 +407,9 @@ impl Conn {
             }
         }
 
+        // Whether an event was written since the last ping tick: an idle session is told
+        // the current position on the tick instead (see `tell_position`).
+        let mut delivered = false;
         let mut awaiting_pong: Option<Instant> = None;
         let mut rate = RateWindow::new(
             u32::try_from(self.gw.cfg.max_messages_per_second.get()).unwrap_or(u32::MAX),
@@ -445,13 +450,21 @@ impl Conn {
                             awaiting_pong = Some(Instant::now());
                         }
                         if let Err(e) = self.send(WsMessage::Ping(bytes::Bytes::new())).await { return self.write_failed(e); }
+                        if !std::mem::take(&mut delivered) {
+                            if let Err(e) = self.tell_position(&rx, &mut told).await { return self.write_failed(e); }
+                        }
                     }
                     timer.as_mut().reset(next_ping.min(expires));
                 }
                 msg = rx.recv() => {
                     let msg = msg?;
-                    if let Err(e) = self.write_batch(&mut session, msg, &mut rx).await {
-                        return self.write_failed(e);
+                    match self.write_batch(&mut session, msg, &mut rx).await {
+                        Ok(Some(id)) => {
+                            told = Some(id);
+                            delivered = true;
+                        }
+                        Ok(None) => {}
+                        Err(e) => return self.write_failed(e),
                     }
                 }
                 inbound = self.socket.recv() => {
@@ -580,18 +593,46 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes `first` and whatever else is already queued (up to a batch), then flushes once.
+    /// Tells an idle client the current position, `{"type":"position",…}`, so that
+    /// its `since` stays within every replica's history however long it waits for an
+    /// event. The position is read first and sent only when the mailbox is empty after
+    /// that: the hub delivers into mailboxes under the lock `position()` takes, so every
+    /// event of this session's rooms up to it is then already written (nothing it
+    /// covers is skipped). Nothing is sent when it is what the client was last told.
+    async fn tell_position(
+        &mut self,
+        rx: &tokio::sync::mpsc::Receiver<Arc<Message>>,
+        told: &mut Option<EventId>,
+    ) -> Result<(), WriteError> {
+        let Some(p) = self.gw.hub.position() else {
+            return Ok(());
+        };
+        if !rx.is_empty() || told.as_ref() == Some(&p) {
+            return Ok(());
+        }
+        let text = protocol::position(&self.gw.wire_id(&p));
+        self.send_text(text).await?;
+        *told = Some(p);
+        Ok(())
+    }
+
+    /// Writes `first` and whatever else is already queued (up to a batch), then flushes
+    /// once; returns the id of the last event written, if any.
     async fn write_batch(
         &mut self,
         session: &mut Session,
         first: Arc<Message>,
         rx: &mut tokio::sync::mpsc::Receiver<Arc<Message>>,
-    ) -> Result<(), WriteError> {
+    ) -> Result<Option<EventId>, WriteError> {
         let mut next = Some(first);
+        let mut last: Option<Arc<Message>> = None;
         let mut n = 0;
         while let Some(m) = next.take() {
             if session.accept(&m) {
                 self.feed_message(&m).await?;
+                if m.id.is_some() {
+                    last = Some(m);
+                }
             } else {
                 // A refused message may have cost the room (ownership moved): the
                 // notice goes out in its place, before anything later.
@@ -602,7 +643,8 @@ impl Conn {
                 next = rx.try_recv().ok();
             }
         }
-        self.flush().await
+        self.flush().await?;
+        Ok(last.and_then(|m| m.id.clone()))
     }
 
     async fn feed_message(&mut self, m: &Message) -> Result<(), WriteError> {

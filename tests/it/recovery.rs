@@ -798,3 +798,63 @@ fn metric_value(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// An idle client is told the current position on the ping tick (issue 13): its `since` then
+/// stays within history however long it waits for an event of its own. Reconnecting with that
+/// position recovers from history what was published for it meanwhile, exactly once, no resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_is_told_the_position_and_recovers_from_it() {
+    let db = Db::start().await;
+    let s = Server::start(&db, "[server]\nping_interval = \"200ms\"").await;
+    let (mut watch, _) = Client::connect(&s, &admin_token()).await;
+    let (mut c, welcome) = Client::connect(&s, &customer_token("c1")).await;
+    let start = welcome["position"].clone();
+
+    // Another customer's order moves the global position; c1 gets no event of it.
+    order(&db, "c2", 0).await;
+    let other = admin_events(&mut watch, 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let position = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let m = c
+            .next_json_within(left)
+            .await
+            .expect("a position message within 2 s");
+        assert_eq!(m["type"], "position", "{m}");
+        if m["position"] != start {
+            break m["position"].as_str().unwrap().to_owned();
+        }
+    };
+    assert_eq!(
+        token_of(&position),
+        token_of(other[0]["id"].as_str().unwrap()),
+        "the position is the newest event published"
+    );
+    // Told once: nothing more while the position does not move.
+    assert_eq!(c.next_json_within(Duration::from_millis(700)).await, None);
+    drop(c);
+
+    order(&db, "c1", 1).await;
+    let missed = admin_events(&mut watch, 1).await;
+    let mut c = Client::try_connect_url(
+        &format!("{}?since={position}", s.ws_url()),
+        Some(&customer_token("c1")),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.next_json().await["type"], "welcome");
+    let mut got = Vec::new();
+    while let Some(m) = c.next_json_within(Duration::from_millis(800)).await {
+        assert_ne!(m["type"], "resync", "{m}");
+        if m["type"] == "event" {
+            got.push(m);
+        }
+    }
+    assert_eq!(ids(&got), ids(&missed), "the missed event, exactly once");
+    let (_, metrics) = s.get("/metrics").await;
+    assert!(
+        metrics.contains("changecast_recoveries_total{source=\"history\"} 1"),
+        "{metrics}"
+    );
+}

@@ -213,6 +213,13 @@
         case 'subscribed':
           if (this.h.onSubscribed) this.h.onSubscribed(msg);
           break;
+        case 'position':
+          // An idle session is told where the stream is: everything of its rooms up to
+          // it has arrived, so it is the `since` now (the newest of this and the last
+          // event id, by arrival), and stays within the server's history however long
+          // no event comes.
+          if (msg.position) this.lastAutoId = msg.position;
+          break;
         case 'error':
           console.warn(this.name, 'server error', msg);
           if (this.h.onError) this.h.onError(msg);
@@ -651,6 +658,7 @@
     socket.on('disconnect', (reason) => setSio('disconnected', reason));
     socket.on('connect_error', (err) => setSio('disconnected', err && err.message));
     socket.onAny((name, ...args) => {
+      if (name === 'position') return; // a recovery position, not an event (this panel does not recover)
       const d = args[0] && typeof args[0] === 'object' ? (args[0].data || args[0]) : {};
       const what = [
         d.orderNumber !== undefined ? `#${idStr(d.orderNumber)}` : '',
