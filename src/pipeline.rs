@@ -131,6 +131,15 @@ pub enum PipelineError {
     /// A stream task panicked or was aborted.
     #[error("stream task failed: {0}")]
     Task(String),
+    /// The server's resume tokens do not sort in commit order, which ids, history and
+    /// recovery rely on: refused loudly rather than dropping events silently.
+    #[error(
+        "{0}: changecast orders events, history and recovery by resume token, so it cannot run \
+         on this server (MongoDB's KeyString tokens sort; SecantusDB's and some compatible \
+         services' do not). No event was dropped: the stream stopped before publishing it. \
+         See README's supported servers"
+    )]
+    UnorderedTokens(String),
 }
 
 impl Pipeline {
@@ -182,6 +191,8 @@ impl Pipeline {
         // Set when history was lost under `resync`: rooms are told once the new stream is
         // open, so a client that refetches on the notice cannot miss a change made after it.
         let mut resync_pending = false;
+        // The newest event id this stream published: each next one must sort after it.
+        let mut newest: Option<EventId> = None;
         let spec = SourceSpec {
             database: db.clone(),
             collections: self.cfg.collections.clone(),
@@ -255,6 +266,12 @@ impl Pipeline {
                     Output::Stdout => {}
                 }
                 resync_pending = false;
+                if let Some(t) = source.token() {
+                    if let Err(e) = check_format(&db, &t) {
+                        self.health.set_stream_open(&db, false);
+                        return Err(e);
+                    }
+                }
                 // Save where this stream starts before handing out any event, so a
                 // crash before the first debounced save resumes here, not at "now".
                 if let Some(t) = source.token() {
@@ -325,6 +342,11 @@ impl Pipeline {
                 if let Some(change) = change {
                     let events = mapper.map(&change);
                     for ev in &events {
+                        if let Err(e) = check_order(&db, newest.as_ref(), &ev.event.id) {
+                            self.health.set_stream_open(&db, false);
+                            return Err(e);
+                        }
+                        newest = Some(ev.event.id.clone());
                         self.emit(ev)?;
                         last_id = Some(ev.event.id.as_str().to_owned());
                         count += 1;
@@ -483,6 +505,33 @@ impl Backoff {
             _ = tokio::time::sleep(d) => true,
         }
     }
+}
+
+/// Refuses a token that is not a MongoDB KeyString token (`82` and a timestamp): only
+/// those are known to sort in commit order.
+fn check_format(db: &str, t: &Document) -> Result<(), PipelineError> {
+    let data = t.get_str("_data").unwrap_or("");
+    if token::cluster_time(data).is_none() {
+        tracing::error!(database = %db, token = %data, "resume tokens of this server are not MongoDB KeyString tokens");
+        return Err(PipelineError::UnorderedTokens(format!(
+            "database {db}: the server's resume tokens are not MongoDB KeyString tokens \
+             (the stream started at {data:?}), so their order cannot be trusted"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an event id that does not sort after the previous one of the same stream.
+/// Several events of one change share an id, so equal is fine.
+fn check_order(db: &str, newest: Option<&EventId>, id: &EventId) -> Result<(), PipelineError> {
+    if newest.is_some_and(|n| id < n) || token::cluster_time(id.as_str()).is_none() {
+        tracing::error!(database = %db, id = %id, previous = ?newest, "resume tokens out of commit order");
+        return Err(PipelineError::UnorderedTokens(format!(
+            "database {db}: the server's resume token {id} does not sort after the previous one {}",
+            newest.map_or("(none)", |n| n.as_str())
+        )));
+    }
+    Ok(())
 }
 
 /// Re-reads the changes from `warm.age` before the checkpoint token `t` up to and

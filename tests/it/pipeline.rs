@@ -130,3 +130,32 @@ async fn payments_and_settings_reach_their_rooms() {
     }
     assert_eq!(seen[1]["data"]["storeBanner"], "c.png");
 }
+
+/// A server whose resume tokens do not sort (mongo-sim's `unordered_tokens`, as SecantusDB's
+/// little-endian BSON tokens): changecast refuses at start and says why, rather than ordering
+/// events, history and recovery by tokens that lie (which dropped events silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_tokens_do_not_sort_is_refused_loudly() {
+    if external() {
+        eprintln!("SKIP a_server_whose_tokens_do_not_sort_is_refused_loudly: needs mongo-sim's unordered_tokens option");
+        return;
+    }
+    let db = Db::start_with(mongo_sim::SimConfig {
+        unordered_tokens: true,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&db, &dir.path().join("cp.json"), "");
+    let handle = changecast::app::start(&cfg, Default::default(), listeners().await, None)
+        .await
+        .unwrap();
+    let health = handle.health.clone();
+    let r = tokio::time::timeout(Duration::from_secs(20), handle.wait())
+        .await
+        .expect("changecast stops on its own");
+    let err = r.expect_err("refused").to_string();
+    assert!(err.contains("not MongoDB KeyString tokens"), "{err}");
+    assert!(err.contains("No event was dropped"), "{err}");
+    assert!(!health.is_ready());
+}

@@ -47,6 +47,26 @@ pub(crate) struct ChangeStream {
     stages: Vec<Stage>,
     /// Set once an invalidate has been returned.
     pub(crate) closed: bool,
+    /// Tokens go out in the unordered wire form (`SimConfig::unordered_tokens`).
+    unordered: bool,
+}
+
+/// The wire form of an internal token: itself, or (unordered mode) a `3C` tag and the
+/// hex reversed, so that later events no longer sort after earlier ones as strings.
+fn wire_token(t: &str, unordered: bool) -> String {
+    if unordered {
+        format!("3C{}", t.chars().rev().collect::<String>())
+    } else {
+        t.to_owned()
+    }
+}
+
+/// The internal token behind a wire form [`wire_token`] made.
+fn unwire_token(t: &str, unordered: bool) -> String {
+    match t.strip_prefix("3C").or_else(|| t.strip_prefix("3c")) {
+        Some(rest) if unordered => rest.chars().rev().collect(),
+        _ => t.to_owned(),
+    }
 }
 
 fn internal_db(db: &str) -> bool {
@@ -75,7 +95,7 @@ fn enum_value<T: Copy>(field: &str, v: &Bson, options: &[(&str, T)]) -> CmdResul
         })
 }
 
-fn token_of(field: &str, v: &Bson) -> CmdResult<String> {
+fn token_of(field: &str, v: &Bson, unordered: bool) -> CmdResult<String> {
     let data = match v {
         Bson::Document(d) => d.get_str("_data").ok(),
         _ => None,
@@ -86,6 +106,7 @@ fn token_of(field: &str, v: &Bson) -> CmdResult<String> {
             format!("Bad resume token: '{field}' must be a document with a string '_data' field"),
         )
     })?;
+    let data = &unwire_token(data, unordered);
     parse_token(data).ok_or_else(|| CmdError::new(260, format!("Bad resume token: '_data' of {field} is not a resume token this server issued: {data}")))?;
     Ok(data.to_ascii_uppercase())
 }
@@ -113,8 +134,8 @@ impl ChangeStream {
                     full = enum_value(k, v, &[("default", FullDoc::Default), ("updateLookup", FullDoc::UpdateLookup), ("whenAvailable", FullDoc::WhenAvailable), ("required", FullDoc::Required)])?
                 }
                 "fullDocumentBeforeChange" => before = enum_value(k, v, &[("off", Before::Off), ("whenAvailable", Before::WhenAvailable), ("required", Before::Required)])?,
-                "resumeAfter" => resume = Some(token_of(k, v)?),
-                "startAfter" => start_after = Some(token_of(k, v)?),
+                "resumeAfter" => resume = Some(token_of(k, v, state.unordered_tokens)?),
+                "startAfter" => start_after = Some(token_of(k, v, state.unordered_tokens)?),
                 "startAtOperationTime" => match v {
                     Bson::Timestamp(t) => start_at = Some(*t),
                     _ => return Err(CmdError::type_mismatch("BSON field '$changeStream.startAtOperationTime' is the wrong type, expected type 'timestamp'")),
@@ -201,6 +222,7 @@ impl ChangeStream {
             pos,
             stages,
             closed: false,
+            unordered: state.unordered_tokens,
         };
         cs.check_history(state)?;
         Ok(cs)
@@ -219,7 +241,7 @@ impl ChangeStream {
 
     /// The `postBatchResumeToken` to report now.
     pub(crate) fn resume_token(&self) -> Document {
-        doc! {"_data": self.pos.clone()}
+        doc! {"_data": wire_token(&self.pos, self.unordered)}
     }
 
     /// Whether an entry concerns this stream: `None` if not, `Some(invalidates)` if so.
@@ -255,7 +277,7 @@ impl ChangeStream {
 
     fn build(&self, e: &Entry, state: &State) -> CmdResult<Document> {
         let mut ev = doc! {
-            "_id": {"_data": e.token.clone()},
+            "_id": {"_data": wire_token(&e.token, self.unordered)},
             "operationType": e.op.clone(),
             "clusterTime": e.ts,
             "wallTime": e.wall,
@@ -411,7 +433,7 @@ impl ChangeStream {
             if invalidates {
                 let token = event_token(e.ts, 0, true);
                 out.push(doc! {
-                    "_id": {"_data": token.clone()},
+                    "_id": {"_data": wire_token(&token, self.unordered)},
                     "operationType": "invalidate",
                     "clusterTime": e.ts,
                     "wallTime": e.wall,

@@ -52,6 +52,11 @@ pub struct SimConfig {
     pub data_file: Option<PathBuf>,
     /// Largest accepted message in bytes (default 48 MB, mongod's `maxMessageSizeBytes`).
     pub max_message_bytes: usize,
+    /// Issue resume tokens that do NOT sort in commit order as strings (as SecantusDB's
+    /// little-endian BSON tokens do, and as MongoDB-compatible services may), while
+    /// still resuming from them exactly: for testing consumers that must not assume order.
+    /// Off by default (mongod's KeyString tokens sort).
+    pub unordered_tokens: bool,
 }
 
 impl Default for SimConfig {
@@ -63,6 +68,7 @@ impl Default for SimConfig {
             oplog_size: 100_000,
             data_file: None,
             max_message_bytes: 48_000_000,
+            unordered_tokens: false,
         }
     }
 }
@@ -92,6 +98,8 @@ impl MongoSim {
             None => None,
         }
         .unwrap_or_else(|| store::State::new(cfg.oplog_size));
+        let mut state = state;
+        state.unordered_tokens = cfg.unordered_tokens;
         let listener = TcpListener::bind(SocketAddr::new(cfg.host, cfg.port)).await?;
         let addr = listener.local_addr()?;
         let shared = Shared::new(cfg, state);

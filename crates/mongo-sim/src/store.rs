@@ -60,6 +60,8 @@ pub(crate) struct State {
     pub(crate) oplog: Oplog,
     /// Count of committed changes, to wake waiters and the flusher.
     pub(crate) seq: u64,
+    /// Tokens leave the server in an order-scrambling wire form (`SimConfig::unordered_tokens`).
+    pub(crate) unordered_tokens: bool,
 }
 
 /// Canonical key for an `_id`: numbers that compare equal map to the same key (1 == 1.0).
@@ -119,6 +121,7 @@ impl State {
             dbs: BTreeMap::new(),
             oplog: Oplog::new(oplog_size),
             seq: 0,
+            unordered_tokens: false,
         }
     }
 
