@@ -648,15 +648,30 @@
       setSio('disconnected', 'socket.io client not loaded');
       return;
     }
+    let sent = null; // the token of the last handshake: a refusal is about it
     const socket = window.io(location.origin, {
-      auth: (cb) => cb({ token: CFG.storeToken }), // a function, so refreshed tokens are used on reconnect
+      // A function, so refreshed tokens are used on reconnect.
+      auth: (cb) => { sent = CFG.storeToken; cb({ token: sent }); },
       reconnectionDelay: BACKOFF_MIN_MS,
       reconnectionDelayMax: BACKOFF_MAX_MS,
     });
     socket.on('connect', () => setSio('connected', socket.io.engine?.transport?.name));
     socket.io.engine?.on?.('upgrade', (t) => setSio('connected', t.name));
     socket.on('disconnect', (reason) => setSio('disconnected', reason));
-    socket.on('connect_error', (err) => setSio('disconnected', err && err.message));
+    socket.on('connect_error', async (err) => {
+      setSio('disconnected', err && err.message);
+      // A refusal by the server (not an unreachable server) stops socket.io-client's own
+      // retries. A restarted demo refuses the old token: fetch the new ones and retry once
+      // they differ from the token that was refused.
+      if (socket.active) return;
+      const fresh = await fetchTokens();
+      if (fresh && fresh.storeToken && fresh.storeToken !== sent) {
+        Object.assign(CFG, fresh);
+      } else if (CFG.storeToken === sent) {
+        return; // the same token refused again: reloading the page is the way out
+      }
+      setTimeout(() => socket.connect(), BACKOFF_MIN_MS);
+    });
     socket.onAny((name, ...args) => {
       if (name === 'position') return; // a recovery position, not an event (this panel does not recover)
       const d = args[0] && typeof args[0] === 'object' ? (args[0].data || args[0]) : {};
