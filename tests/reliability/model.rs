@@ -607,7 +607,7 @@ async fn model_order_rooms_follow_ownership_moves() {
         ),
     );
     assert!(
-        moves > 10 && deliveries > 50,
+        moves >= 5 && deliveries >= 10,
         "too little happened: {moves} moves, {deliveries} deliveries"
     );
     assert!(notices > 0, "no session ever lost an order room");
