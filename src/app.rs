@@ -251,6 +251,8 @@ pub async fn start(
     };
     let client = mongo_client(config).await?;
     let metrics = Arc::new(Metrics::new());
+    let c = &config.mongo.collections;
+    metrics.init_known(&[&c.orders, &c.payments, &c.settings]);
     let health = Arc::new(Health::new(
         config.mongo.databases.iter().map(String::as_str),
     ));

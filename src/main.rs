@@ -144,7 +144,13 @@ fn wire_library_cap() -> tracing_subscriber::filter::Targets {
 }
 
 async fn run(args: RunArgs, tail: bool) -> u8 {
-    let mut config = match load(&args.config) {
+    // `tail` serves no sockets and verifies no token: it must not need the JWT secret.
+    let loaded = if tail {
+        load_without_jwt_secret(&args.config)
+    } else {
+        load(&args.config)
+    };
+    let mut config = match loaded {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -260,8 +266,9 @@ fn check_config(args: &ConfigArgs) -> u8 {
     }
 }
 
-/// Loads the config for tools that never verify a token (`token show`): an operator
-/// inspecting a checkpoint should not need the JWT secret in their shell.
+/// Loads the config for tools that never verify a token (`token show`, `tail`): an
+/// operator inspecting a checkpoint or the event stream should not need the JWT secret
+/// in their shell.
 fn load_without_jwt_secret(args: &ConfigArgs) -> Result<Config, u8> {
     let usage = |e: &dyn std::error::Error| {
         eprintln!("changecast: invalid configuration: {}", error_chain(e));

@@ -172,6 +172,99 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Creates every known label value at 0, so a fresh process exports each family
+    /// (HELP, TYPE and samples) before anything happens: a dashboard then reads 0, and an
+    /// alert can tell "zero" from "missing" (Prometheus's own advice). `collections` are
+    /// the watched collection names.
+    pub fn init_known(&self, collections: &[&str]) {
+        for coll in collections.iter().copied().chain(["other"]) {
+            for op in ["insert", "update", "replace", "delete", "other"] {
+                let _ = self.changes_read.get_or_create(&ChangeLabels {
+                    collection: coll.to_owned(),
+                    op: op.to_owned(),
+                });
+            }
+        }
+        for event in crate::config::EVENT_NAMES {
+            let _ = self.events_routed.get_or_create(&EventLabels {
+                event: event.to_owned(),
+            });
+        }
+        let families: [(&Family<ReasonLabels, Counter>, &[&'static str]); 4] = [
+            (
+                &self.events_dropped,
+                &[
+                    "missing_event_id",
+                    "unknown_operation",
+                    "unhandled_operation",
+                    "unknown_collection",
+                    "missing_field",
+                    "wrong_type",
+                    "no_owner_for_delete",
+                    "invalid_room_id",
+                    "no_rooms",
+                ],
+            ),
+            (
+                &self.auth_failures,
+                &[
+                    "missing",
+                    "malformed",
+                    "bad_signature",
+                    "alg_not_allowed",
+                    "expired",
+                    "not_yet_valid",
+                    "bad_issuer",
+                    "bad_audience",
+                    "unknown_kid",
+                    "bad_claims",
+                    "expired_in_session",
+                ],
+            ),
+            (
+                &self.subscriptions_refused,
+                &[
+                    "bad_room",
+                    "forbidden",
+                    "unavailable",
+                    "unauthenticated",
+                    "too_many_subscriptions",
+                    "rate_limited",
+                    "ownership_changed",
+                ],
+            ),
+            (
+                &self.client_errors,
+                &[
+                    "bad_json",
+                    "bad_request",
+                    "unknown_type",
+                    "unknown_event",
+                    "binary_not_supported",
+                    "rate_limited",
+                    "origin_not_allowed",
+                    "unauthenticated_overloaded",
+                    "unauthenticated_per_ip",
+                ],
+            ),
+        ];
+        for (family, reasons) in families {
+            for reason in reasons {
+                let _ = family.get_or_create(&ReasonLabels { reason });
+            }
+        }
+        for wire in [Wire::Native, Wire::SocketIo] {
+            let _ = self.connections.get_or_create(&WireLabels { wire });
+        }
+        for source in [
+            RecoveryKind::History,
+            RecoveryKind::Oplog,
+            RecoveryKind::Resync,
+        ] {
+            let _ = self.recoveries.get_or_create(&RecoveryLabels { source });
+        }
+    }
+
     /// Counts one frame written to a client over `wire`.
     pub fn delivered(&self, wire: Wire) {
         let i = match wire {

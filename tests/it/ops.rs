@@ -556,3 +556,34 @@ async fn logs_of_a_whole_run_hold_no_token_or_secret() {
         ],
     );
 }
+
+/// A freshly started process exports every family with its known label values at 0, so
+/// dashboards read 0 rather than "no data" and alerts can tell zero from missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_process_exports_every_family_at_zero() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "").await;
+    let m = scrape(server.app().ops_addr.unwrap()).await;
+    for series in [
+        "changecast_changes_read_total{collection=\"orders\",op=\"insert\"}",
+        "changecast_changes_read_total{collection=\"settings\",op=\"delete\"}",
+        "changecast_events_routed_total{event=\"order:status_changed\"}",
+        "changecast_events_dropped_total{reason=\"no_owner_for_delete\"}",
+        "changecast_connections{wire=\"native\"}",
+        "changecast_connections{wire=\"socketio\"}",
+        "changecast_recoveries_total{source=\"oplog\"}",
+        "changecast_recoveries_total{source=\"resync\"}",
+        "changecast_auth_failures_total{reason=\"expired\"}",
+        "changecast_subscriptions_refused_total{reason=\"forbidden\"}",
+        "changecast_client_errors_total{reason=\"rate_limited\"}",
+        "changecast_replay_streams_opened_total",
+        "changecast_history_lost_total",
+        "changecast_slow_consumer_disconnects_total",
+    ] {
+        assert_eq!(
+            m.get(series),
+            Some(&0.0),
+            "{series} missing or not 0 in {m:?}"
+        );
+    }
+}

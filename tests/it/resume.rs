@@ -40,10 +40,21 @@ pub(crate) fn write_config(db: &Db, dir: &Path, extra: &str) -> PathBuf {
 
 /// Starts `changecast <args>` with stdout in `out`; stderr is collected in the background.
 pub(crate) fn spawn(args: &[&str], out: PathBuf) -> Proc {
+    spawn_with(args, out, true)
+}
+
+/// [`spawn`], with the JWT secret in the environment or not.
+pub(crate) fn spawn_with(args: &[&str], out: PathBuf, secret: bool) -> Proc {
     let file = std::fs::File::create(&out).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_changecast"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_changecast"));
+    if secret {
+        cmd.env(SECRET_ENV, SECRET);
+    } else {
+        cmd.env_remove(SECRET_ENV)
+            .env_remove("CHANGECAST_JWT_SECRET");
+    }
+    let mut child = cmd
         .args(args)
-        .env(SECRET_ENV, SECRET)
         .env("CHANGECAST_LOG", "info")
         .env("NO_COLOR", "1")
         .env_remove("MONGODB_URI")
@@ -1089,4 +1100,23 @@ async fn pre_images_route_deletes_of_documents_this_process_never_saw() {
         rooms(&lines[0]),
         ["admin", "customer:c1", "order:old", "store:s1"]
     );
+}
+
+/// `tail` serves no sockets, so it verifies no token: it starts without the JWT secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_starts_without_the_jwt_secret() {
+    let db = Db::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&db, dir.path(), "");
+    let mut p = spawn_with(
+        &["tail", "--config", cfg.to_str().unwrap()],
+        dir.path().join("tail.jsonl"),
+        false,
+    );
+    p.wait_stderr("change stream open", Duration::from_secs(20))
+        .await;
+    insert_order(&db, "no-secret").await;
+    let lines = p.lines_until(Duration::from_secs(15), |_| true).await;
+    assert_eq!(lines.len(), 1, "{}", p.stderr());
+    assert!(p.term(Duration::from_secs(10)).await.success());
 }
