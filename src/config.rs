@@ -846,6 +846,52 @@ pub struct Alias {
     pub statuses: Option<Vec<String>>,
 }
 
+/// The legacy event names the Node apps emit, on by default (config.example.toml lists
+/// the same, and a test keeps the two equal).
+pub fn default_aliases() -> Vec<Alias> {
+    use RoomKind::{Customer, Order, Store, Storefront};
+    let a = |event: &str, name: &str, rooms: &[RoomKind], statuses: Option<&[&str]>| Alias {
+        event: event.to_owned(),
+        name: name.to_owned(),
+        rooms: rooms.to_vec(),
+        statuses: statuses.map(|s| s.iter().map(|x| (*x).to_owned()).collect()),
+    };
+    vec![
+        a("order:created", "newOrder", &[Store], None),
+        a(
+            "order:status_changed",
+            "orderStatusUpdated",
+            &[Store, Customer],
+            None,
+        ),
+        a(
+            "order:status_changed",
+            "customer_order_update",
+            &[Customer],
+            None,
+        ),
+        a(
+            "order:status_changed",
+            "delivery_update",
+            &[Customer, Order],
+            Some(&["driver_assigned", "picked_up", "in_transit", "delivered"]),
+        ),
+        a("payment:created", "payment:added", &[Store], None),
+        a(
+            "payment:status_changed",
+            "payment:updated",
+            &[Store, Customer],
+            None,
+        ),
+        a(
+            "settings:updated",
+            "settings:updated",
+            &[Store, Storefront],
+            None,
+        ),
+    ]
+}
+
 fn ser_room_kinds<S: Serializer>(kinds: &[RoomKind], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(kinds.iter().map(|k| k.as_str()))
 }
@@ -1610,6 +1656,9 @@ impl Config {
         };
 
         // [socketio]
+        // Unset: the Node apps' legacy names, so a minimal config keeps the drop-in
+        // promise; `aliases = []` turns them off; a list given replaces them.
+        let defaulted = socketio.aliases.is_none();
         let mut aliases = Vec::new();
         for a in socketio.aliases.unwrap_or_default() {
             let key = "socketio.aliases";
@@ -1672,6 +1721,9 @@ impl Config {
                 rooms,
                 statuses,
             });
+        }
+        if defaulted {
+            aliases = default_aliases();
         }
         let socketio = SocketIoConfig {
             enabled: socketio.enabled.unwrap_or(true),
@@ -1971,6 +2023,8 @@ mod tests {
         assert_eq!(ex.routing.payments, def.routing.payments);
         assert_eq!(ex.routing.settings_sections, def.routing.settings_sections);
         assert_eq!(ex.log.level, def.log.level);
+        // The example lists the built-in aliases exactly (deleting them changes nothing).
+        assert_eq!(ex.socketio.aliases, def.socketio.aliases);
         // The example ships the Node apps' aliases.
         let names: Vec<&str> = ex
             .socketio
@@ -2019,7 +2073,10 @@ mod tests {
         assert_eq!(c.fields.customer, ["customerId"]);
         assert_eq!(c.fields.store, ["storeId", "sellerId"]);
         assert_eq!(c.mongo.checkpoint_collection, "changecast_checkpoints");
-        assert!(c.socketio.enabled && c.socketio.aliases.is_empty());
+        // The legacy names are on unless turned off.
+        assert!(c.socketio.enabled && c.socketio.aliases == default_aliases());
+        let off = parse("[socketio]\naliases = []\n").unwrap();
+        assert!(off.socketio.aliases.is_empty());
         assert_eq!(c.log.format, LogFormat::Pretty);
         assert_eq!(c.normalize.state_cache_docs, 100_000);
     }
