@@ -31,29 +31,6 @@ use changecast::room::Room;
 
 const SECRET: &str = "changecast-sio-test-secret-0123456789abcdef";
 
-/// The legacy aliases as config.example.toml ships them (the part these tests rely on).
-const ALIASES: &str = r#"
-[[socketio.aliases]]
-event = "order:created"
-name = "newOrder"
-rooms = ["store"]
-
-[[socketio.aliases]]
-event = "order:status_changed"
-name = "orderStatusUpdated"
-rooms = ["store", "customer"]
-
-[[socketio.aliases]]
-event = "order:status_changed"
-name = "customer_order_update"
-rooms = ["customer"]
-
-[[socketio.aliases]]
-event = "order:status_changed"
-name = "delivery_update"
-rooms = ["customer", "order"]
-statuses = ["driver_assigned", "picked_up", "in_transit", "delivered"]
-"#;
 
 static SEQ: AtomicU64 = AtomicU64::new(1);
 
@@ -83,7 +60,8 @@ algorithms = ["HS256"]
 secret_env = "{env}"
 leeway = "0s"
 
-{ALIASES}
+# No [[socketio.aliases]]: the Node apps' legacy names are the built-in default,
+# so every suite here (the real socket.io-client one included) runs on them.
 {extra}
 "#,
         cp = checkpoint.display(),
