@@ -536,8 +536,11 @@ fn check_order(db: &str, newest: Option<&EventId>, id: &EventId) -> Result<(), P
 
 /// Re-reads the changes from `warm.age` before the checkpoint token `t` up to and
 /// including `t` into the hub's history, without delivering them (the previous process
-/// did). `Err` when the token's event was not met: the caller discards what was read,
-/// because a history with a hole would recover clients wrongly.
+/// did). `t` is an event's token or an idle high-water mark; either way everything at
+/// or before it was published, and everything after it the live stream publishes, so
+/// the warm-up ends at the first change after `t` (not preloaded) or when it has caught
+/// up with the present. `Err` when it cannot read that far: the caller discards what was
+/// read, because a history with a hole would recover clients wrongly.
 async fn warm_history(
     client: &Client,
     spec: &SourceSpec,
@@ -564,25 +567,39 @@ async fn warm_history(
     // the floor; a position handed out by the previous process after `from` is covered.
     hub.set_floor(EventId::new(token::time_prefix(from)));
     let mut mapper = (warm.mappers)();
-    for n in 0..warm.max_changes {
-        let change = match source.next().await.map_err(|e| e.to_string())? {
-            Some(c) => c,
-            None => return Err("reached the present without meeting the checkpoint's event".into()),
+    let target_id = EventId::new(target);
+    let mut n = 0;
+    while n < warm.max_changes {
+        let Some(change) = source.next().await.map_err(|e| e.to_string())? else {
+            // An empty batch ends the warm-up only once the stream's own position has
+            // passed the checkpoint (a first batch may be empty with a backlog behind
+            // it): then nothing after the checkpoint exists yet. The caller's timeout
+            // bounds the wait.
+            let passed = source
+                .token()
+                .as_ref()
+                .and_then(token::event_id)
+                .is_some_and(|p| p >= target_id);
+            if passed {
+                return Ok(n);
+            }
+            continue;
         };
+        n += 1;
         let id = change
             .get_document("_id")
             .ok()
-            .and_then(|d| d.get_str("_data").ok());
+            .and_then(|d| d.get_str("_data").ok())
+            .map(EventId::new);
         let at = change.get_timestamp("clusterTime").ok();
-        if at.is_some_and(|at| (at.time, at.increment) > (until.time, until.increment)) {
+        let after = id.as_ref().is_some_and(|id| *id > target_id)
+            || at.is_some_and(|at| (at.time, at.increment) > (until.time, until.increment));
+        if after {
             // Past the checkpoint: the live stream publishes it.
-            return Err("passed the checkpoint's time without meeting its event".into());
+            return Ok(n - 1);
         }
         for ev in mapper.map(&change) {
             hub.preload(&ev);
-        }
-        if id == Some(target) {
-            return Ok(n + 1);
         }
     }
     Err(format!(

@@ -31,7 +31,6 @@ use changecast::room::Room;
 
 const SECRET: &str = "changecast-sio-test-secret-0123456789abcdef";
 
-
 static SEQ: AtomicU64 = AtomicU64::new(1);
 
 /// A secret env var per server, so parallel tests never race on one variable.
