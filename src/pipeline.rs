@@ -487,8 +487,13 @@ impl Backoff {
 
 /// Re-reads the changes from `warm.age` before the checkpoint token `t` up to and
 /// including `t` into the hub's history, without delivering them (the previous process
-/// did). `Err` when the token's event was not met: the caller discards what was read,
-/// because a history with a hole would recover clients wrongly.
+/// did). `Err` when the read could not be shown to reach the checkpoint's position: the
+/// caller discards what was read, because a history with a hole would recover clients wrongly.
+///
+/// The checkpoint is not always an event's token: a stream that passed changes it does not
+/// deliver (other collections, MongoDB's idle high-water marks) saves the post-batch token.
+/// Resume tokens order as their `_data` (KeyString: cluster time first), so the warm-up is
+/// complete at the first change past `t`, or when a batch's post-batch token reaches `t`.
 async fn warm_history(
     client: &Client,
     spec: &SourceSpec,
@@ -515,25 +520,39 @@ async fn warm_history(
     // the floor; a position handed out by the previous process after `from` is covered.
     hub.set_floor(EventId::new(token::time_prefix(from)));
     let mut mapper = (warm.mappers)();
-    for n in 0..warm.max_changes {
-        let change = match source.next().await.map_err(|e| e.to_string())? {
-            Some(c) => c,
-            None => return Err("reached the present without meeting the checkpoint's event".into()),
+    let reached = |source: &Source| {
+        source
+            .token()
+            .as_ref()
+            .and_then(|d| d.get_str("_data").ok().map(|d| d >= target))
+            .unwrap_or(false)
+    };
+    let mut n = 0;
+    while n < warm.max_changes {
+        let Some(change) = source.next().await.map_err(|e| e.to_string())? else {
+            // An empty batch: complete if its post-batch token is at or past the checkpoint.
+            if reached(&source) {
+                return Ok(n);
+            }
+            continue;
         };
         let id = change
             .get_document("_id")
             .ok()
             .and_then(|d| d.get_str("_data").ok());
-        let at = change.get_timestamp("clusterTime").ok();
-        if at.is_some_and(|at| (at.time, at.increment) > (until.time, until.increment)) {
+        let Some(id) = id else {
+            return Err("a change without a resume token".into());
+        };
+        if id > target {
             // Past the checkpoint: the live stream publishes it.
-            return Err("passed the checkpoint's time without meeting its event".into());
+            return Ok(n);
         }
+        n += 1;
         for ev in mapper.map(&change) {
             hub.preload(&ev);
         }
-        if id == Some(target) {
-            return Ok(n + 1);
+        if id == target {
+            return Ok(n);
         }
     }
     Err(format!(

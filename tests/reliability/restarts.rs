@@ -455,6 +455,15 @@ async fn storm(kind: Move) {
     let owed = members.iter().filter(|m| m.owed).count();
     let sio = members.iter().filter(|m| m.wire == Wire::Sio).count();
 
+    if kind == Move::Clean {
+        // The last thing the stream passed is no event of ours: a change in a collection
+        // changecast does not watch (as against MongoDB an idle stream's token moves on).
+        db.coll("audit")
+            .insert_one(doc! {"what": "unrelated"})
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     // A goes away.
     let stopping = Instant::now();
     match kind {
@@ -626,7 +635,10 @@ async fn storm(kind: Move) {
     }
     assert_eq!(resyncs, 0, "clients told to resync");
     assert_eq!(resync_metric, 0.0);
-    assert_eq!(history + oplog, n as f64, "every client recovered");
+    // Warmed history (restart) or live history (replica) covers every `since`: no client
+    // costs a query (a checkpoint that is no event's token once sent all 300 to the oplog).
+    assert_eq!(history, n as f64, "recoveries from history");
+    assert_eq!(oplog, 0.0, "a recovery went to MongoDB");
     assert!(opened <= 2.0, "{opened} replay streams for one database");
     drop(server);
 }
