@@ -686,8 +686,10 @@ async fn storm(kind: Move, short_history: bool) {
     }
     if short_history {
         // One stream at a time serves everyone waiting; clients still arriving while one
-        // runs wait for the next (figures: 3 for 300 clients over ~1.5 s).
-        assert!(opened <= 6.0, "{opened} replay streams for one database");
+        // runs wait for the next, so the count follows the storm's length over one scan
+        // (150 ms gathering + the scan): 3-4 for 300 clients, 5-6 for 2000 here. The bound
+        // is "a few, not one per client"; the issue's ≤ 2 holds where history covers.
+        assert!(opened <= 10.0, "{opened} replay streams for one database");
     } else {
         assert!(opened <= 2.0, "{opened} replay streams for one database");
     }
