@@ -361,7 +361,14 @@ async fn storm(kind: Move, short_history: bool) {
     let others = size("RESTART_OTHER_WRITES", 1_000, 10_000);
     let sio_share = size("RESTART_SIO_PERCENT", 10, 10) as usize;
     let db = Db::start().await;
-    let extra = format!("[server]\nmax_connections = {}\n", n + 100);
+    // History long enough for everything written while the clients are away (the default
+    // 10,000 events is less than a full-size run writes; past it every client goes to the
+    // oplog, which the `short_history` variant measures on purpose).
+    let history_len = (others as usize + 3 * n / 10 + 2 * WINDOW as usize + 1_000).max(10_000);
+    let extra = format!(
+        "[server]\nmax_connections = {}\n[hub]\nhistory_len = {history_len}\n",
+        n + 100
+    );
     let mut ledger = Ledger::default();
 
     // The first process (A), and for a move the replica B that stays.
@@ -501,7 +508,7 @@ async fn storm(kind: Move, short_history: bool) {
     let (server, t0, start_to_ready) = match kind {
         Move::Clean | Move::Kill => {
             let extra = if short_history {
-                format!("{extra}[hub]\nhistory_len = 10\n")
+                extra.replace(&format!("history_len = {history_len}"), "history_len = 10")
             } else {
                 extra.clone()
             };
