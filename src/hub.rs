@@ -165,6 +165,10 @@ struct Entry {
 struct State {
     rooms: HashMap<Room, HashMap<u64, Mailbox>>,
     history: VecDeque<Entry>,
+    /// `history` per room: the first message of each entry for that room, in id order.
+    /// A recovery reads its room's messages only; scanning every entry for every
+    /// returning client made a restart storm O(clients × history) under this lock.
+    by_room: HashMap<Room, VecDeque<Arc<Message>>>,
     /// Every event with an id ≤ floor may be missing from `history`;
     /// `None` means the hub does not yet know where its stream started.
     floor: Option<EventId>,
@@ -263,12 +267,15 @@ impl Hub {
             Some(since) => {
                 let covered = st.floor.as_ref().is_some_and(|floor| since >= floor);
                 if covered {
-                    let start = st.history.partition_point(|e| e.id <= *since);
                     let replay = st
-                        .history
-                        .range(start..)
-                        .filter_map(|e| e.messages.iter().find(|m| m.room == *room).cloned())
-                        .collect();
+                        .by_room
+                        .get(room)
+                        .map(|msgs| {
+                            let start = msgs
+                                .partition_point(|m| m.id.as_ref().is_some_and(|id| id <= since));
+                            msgs.range(start..).cloned().collect()
+                        })
+                        .unwrap_or_default();
                     Recovery::Recovered(replay)
                 } else {
                     Recovery::NotCovered {
@@ -331,6 +338,7 @@ impl Hub {
     pub fn discard_preload(&self) {
         let mut st = self.state();
         st.history.clear();
+        st.by_room.clear();
         st.floor = None;
         st.head = None;
     }
@@ -347,6 +355,13 @@ impl Hub {
                 messages: messages.to_vec(),
             }),
         }
+        for m in messages {
+            let msgs = st.by_room.entry(m.room.clone()).or_default();
+            // One message per entry and room (the first), as a scan of the entry would find.
+            if msgs.back().is_none_or(|b| b.id != m.id) {
+                msgs.push_back(m.clone());
+            }
+        }
         while st.history.len() > self.cfg.history_len.get()
             || st
                 .history
@@ -354,6 +369,16 @@ impl Hub {
                 .is_some_and(|e| now.duration_since(e.at) > self.cfg.history_age)
         {
             if let Some(old) = st.history.pop_front() {
+                for m in &old.messages {
+                    if let Some(msgs) = st.by_room.get_mut(&m.room) {
+                        while msgs.front().is_some_and(|f| f.id.as_ref() == Some(&old.id)) {
+                            msgs.pop_front();
+                        }
+                        if msgs.is_empty() {
+                            st.by_room.remove(&m.room);
+                        }
+                    }
+                }
                 st.floor = Some(old.id);
             }
         }
@@ -365,6 +390,7 @@ impl Hub {
     pub fn resync_all(&self, reason: &str, new_floor: Option<EventId>) {
         let mut st = self.state();
         st.history.clear();
+        st.by_room.clear();
         st.floor = new_floor;
         let rooms: Vec<Room> = st.rooms.keys().cloned().collect();
         let reason: Arc<str> = reason.into();
@@ -528,6 +554,37 @@ mod tests {
         h.publish(&ev("8206", &["customer:c1"]));
         assert_eq!(rx.try_recv().unwrap().id.as_ref().unwrap().as_str(), "8206");
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn per_room_history_follows_eviction_and_shared_ids() {
+        let h = hub(3, 100);
+        h.set_floor(EventId::new("8200"));
+        let c1: Room = "customer:c1".parse().unwrap();
+        let c2: Room = "customer:c2".parse().unwrap();
+        h.publish(&ev("8201", &["customer:c1"]));
+        h.publish(&ev("8202", &["customer:c2"]));
+        // Two events of one change (one id) in one room: replayed once, as before.
+        h.publish(&ev("8203", &["customer:c1"]));
+        h.publish(&ev("8203", &["customer:c1", "customer:c2"]));
+        h.publish(&ev("8204", &["customer:c2"]));
+        // 8201 is evicted (history 3: 8202, 8203, 8204); the floor moved to it.
+        let (mb, _rx) = h.mailbox();
+        let replay =
+            |room: &Room, since: &str| match h.subscribe(room, &mb, Some(&EventId::new(since))) {
+                Recovery::Recovered(r) => ids(&r).iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                Recovery::NotCovered { .. } => vec!["not covered".to_owned()],
+                Recovery::Live => unreachable!(),
+            };
+        assert_eq!(replay(&c1, "8201"), ["8203"]);
+        assert_eq!(replay(&c2, "8201"), ["8202", "8203", "8204"]);
+        assert_eq!(replay(&c2, "8203"), ["8204"]);
+        assert_eq!(replay(&c1, "8200"), ["not covered"]);
+        h.publish(&ev("8205", &["customer:c2"]));
+        h.publish(&ev("8206", &["customer:c2"]));
+        // 8203 is gone, and with it c1's only message.
+        assert_eq!(replay(&c1, "8203"), Vec::<String>::new());
+        assert_eq!(h.state().by_room.get(&c1).map(VecDeque::len), None);
     }
 
     #[test]

@@ -15,3 +15,4 @@ mod hostile;
 mod idle;
 mod kills;
 mod model;
+mod restarts;
