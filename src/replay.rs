@@ -31,6 +31,10 @@ use crate::token::StartAt;
 /// (the client is told to resync); nothing is queued beyond it.
 pub const MAX_WAITING: usize = 20_000;
 
+/// Longest a recovery waits for its shared scan to begin (a storm's later arrivals wait
+/// for the scan ahead of them); past it the client is told to resync.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(60);
+
 /// How long the scheduler gathers requests after the first one before it scans: a
 /// storm's clients arrive over a few hundred milliseconds, and one scan should serve
 /// them all. A lone recovery pays this once.
@@ -59,6 +63,9 @@ struct Request {
     room: Room,
     since: EventId,
     until: Option<EventId>,
+    /// Told when the scan serving this request begins: `server.replay_timeout` counts
+    /// from there, not from the wait behind other clients' scans.
+    started: Option<oneshot::Sender<()>>,
     reply: oneshot::Sender<Result<Vec<Arc<Message>>, String>>,
 }
 
@@ -82,21 +89,30 @@ impl Replayer for OplogReplayer {
         room: &'a Room,
         since: &'a EventId,
         until: Option<EventId>,
+        timeout: Duration,
     ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, String>> {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
+            let (started, begun) = oneshot::channel();
             let req = Request {
                 room: room.clone(),
                 since: since.clone(),
                 until,
+                started: Some(started),
                 reply,
             };
             self.tx
                 .try_send(req)
                 .map_err(|_| format!("more than {MAX_WAITING} recoveries waiting for the oplog"))?;
-            answer
-                .await
-                .unwrap_or_else(|_| Err("the replay scheduler stopped".into()))
+            match tokio::time::timeout(MAX_QUEUE_WAIT, begun).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err("the replay scheduler stopped".into()),
+                Err(_) => return Err("waited too long for a replay scan".into()),
+            }
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(r) => r.unwrap_or_else(|_| Err("the replay scheduler stopped".into())),
+                Err(_) => Err("timed out".into()),
+            }
         })
     }
 }
@@ -122,6 +138,11 @@ async fn schedule(cfg: ReplayConfig, mut rx: mpsc::Receiver<Request>) {
         batch.retain(|r| !r.reply.is_closed());
         if batch.is_empty() {
             continue;
+        }
+        for r in &mut batch {
+            if let Some(s) = r.started.take() {
+                let _ = s.send(());
+            }
         }
         let outcome = scan(&cfg, &batch).await;
         for (r, result) in batch.into_iter().zip(outcome) {

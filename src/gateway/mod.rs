@@ -30,12 +30,15 @@ use crate::room::Room;
 
 /// Replays a room's events from the oplog when the in-memory history does not reach back.
 pub trait Replayer: Send + Sync {
-    /// Messages for `room` after `since` up to and including `until`, in order; `Err` means resync.
+    /// Messages for `room` after `since` up to and including `until`, in order; `Err` means
+    /// resync. `timeout` bounds the replay itself, from when it starts reading; waiting for
+    /// a shared scan to begin is bounded by the replayer.
     fn replay<'a>(
         &'a self,
         room: &'a Room,
         since: &'a EventId,
         until: Option<EventId>,
+        timeout: std::time::Duration,
     ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, String>>;
 }
 

@@ -241,13 +241,10 @@ impl Session {
             }
             (Recovery::NotCovered { head }, Some(since)) => {
                 let replayed = match &self.gw.replayer {
-                    Some(r) => tokio::time::timeout(
-                        self.gw.cfg.replay_timeout,
-                        r.replay(&room, &since, head),
-                    )
-                    .await
-                    .map_err(|_| "timed out".to_owned())
-                    .and_then(|r| r),
+                    Some(r) => {
+                        r.replay(&room, &since, head, self.gw.cfg.replay_timeout)
+                            .await
+                    }
                     None => Err("no oplog replayer".to_owned()),
                 };
                 match replayed {
