@@ -239,13 +239,10 @@ impl<O: OrderOwners> OrderOwners for CachedOrderOwners<O> {
     }
 
     fn observe(&self, order_id: &str, database: Option<&str>, owner: Option<OrderOwner>) {
-        let now = Instant::now();
+        // Keyed as lookups are: by id alone with one database (the mapper then passes
+        // none), by database and id with several.
         self.cache
-            .observe(&cache_key(order_id, database), owner.clone(), now);
-        // Lookups made without a database (one watched) are keyed by id alone.
-        if database.is_some() {
-            self.cache.observe(order_id, owner, now);
-        }
+            .observe(&cache_key(order_id, database), owner, Instant::now());
     }
 }
 

@@ -7,19 +7,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// Every JSON message `c` receives within `d`.
-async fn drain(c: &mut Client, d: Duration) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + d;
-    let mut out = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match c.next_json_within(left).await {
-            Some(v) => out.push(v),
-            None => return out,
-        }
-    }
-}
-
 fn mentions(msgs: &[Value], needle: &str) -> bool {
     msgs.iter().any(|m| m.to_string().contains(needle))
 }
@@ -62,7 +49,7 @@ async fn order_rooms_follow_a_change_of_owner() {
         .unwrap();
     published(&mut admin, 1).await;
     for c in [&mut a, &mut s1] {
-        let got = drain(c, Duration::from_millis(300)).await;
+        let got = c.drain(Duration::from_millis(300)).await;
         assert!(
             got.iter()
                 .any(|m| m["room"] == room.as_str() && m["data"]["status"] == "processing"),
@@ -91,7 +78,7 @@ async fn order_rooms_follow_a_change_of_owner() {
         .unwrap();
     published(&mut admin, 3).await;
     for (who, c) in [("customer A", &mut a), ("store S1", &mut s1)] {
-        let got = drain(c, Duration::from_millis(500)).await;
+        let got = c.drain(Duration::from_millis(500)).await;
         for secret in ["2 B Road", "ring B", "own-b", "own-s2"] {
             assert!(
                 !mentions(&got, secret),
@@ -121,7 +108,7 @@ async fn order_rooms_follow_a_change_of_owner() {
     let ack = b.subscribe(&room, before.as_deref()).await;
     assert_eq!(ack["type"], "subscribed", "{ack}");
     assert_eq!(ack["recovered"], true, "{ack}");
-    let got = drain(&mut b, Duration::from_millis(500)).await;
+    let got = b.drain(Duration::from_millis(500)).await;
     for secret in ["1 A Street", "ring A", "own-a"] {
         assert!(
             !mentions(&got, secret),

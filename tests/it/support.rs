@@ -377,6 +377,19 @@ impl Client {
         }
     }
 
+    /// Every JSON message received within `d` (the whole window, however many arrive).
+    pub async fn drain(&mut self, d: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + d;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_json_within(left).await {
+                Some(v) => out.push(v),
+                None => return out,
+            }
+        }
+    }
+
     /// Waits for the close frame and returns its code.
     pub async fn closed_with(&mut self, d: Duration) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + d;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bson::doc;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::support::*;
 
@@ -41,14 +41,6 @@ async fn published(a: &mut Client, b: &mut Client) {
     assert_eq!((got_a.len(), got_b.len()), (1, 1), "{got_a:?} {got_b:?}");
 }
 
-async fn drain(c: &mut Client, d: Duration) -> Vec<Value> {
-    let mut out = Vec::new();
-    while let Some(v) = c.next_json_within(d).await {
-        out.push(v);
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_ids_in_two_databases_never_cross_tenants() {
     let (db, b, server) = two_tenants().await;
@@ -84,7 +76,7 @@ async fn overlapping_ids_in_two_databases_never_cross_tenants() {
         .unwrap();
     published(&mut admin_a, &mut admin_b).await;
     for (c, mine, theirs) in [(&mut c1_a, "A-1", "B-1"), (&mut c1_b, "B-1", "A-1")] {
-        let got = drain(c, Duration::from_millis(400)).await;
+        let got = c.drain(Duration::from_millis(400)).await;
         let text = serde_json::to_string(&got).unwrap();
         assert!(text.contains(mine), "{got:?}");
         assert!(
@@ -123,7 +115,7 @@ async fn overlapping_ids_in_two_databases_never_cross_tenants() {
         .await
         .unwrap();
     published(&mut admin_a, &mut admin_b).await;
-    let got = drain(&mut c2_a, Duration::from_millis(400)).await;
+    let got = c2_a.drain(Duration::from_millis(400)).await;
     let text = serde_json::to_string(&got).unwrap();
     assert!(
         !text.contains("B-2"),
