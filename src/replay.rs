@@ -5,8 +5,9 @@
 //! warns that more change streams than pool connections delay notifications). So
 //! requests queue to one scheduler: it takes every request waiting, opens one stream
 //! per database from the oldest `since` among them, and hands each request the events
-//! of its room after its own `since` (up to its `until`). Requests that arrive during
-//! a scan wait for the next one.
+//! of its room after its own `since` (up to its `until`). A batch gathers while
+//! requests keep arriving (up to a second); requests that arrive during a scan wait
+//! for the next one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,10 +36,14 @@ pub const MAX_WAITING: usize = 20_000;
 /// for the scan ahead of them); past it the client is told to resync.
 pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(60);
 
-/// How long the scheduler gathers requests after the first one before it scans: a
-/// storm's clients arrive over a few hundred milliseconds, and one scan should serve
-/// them all. A lone recovery pays this once.
+/// How long the scheduler waits for one more request before it scans: a storm's
+/// clients arrive over a while, and one scan should serve as many as it can. A lone
+/// recovery pays this once.
 const GATHER: Duration = Duration::from_millis(150);
+
+/// Longest a batch keeps gathering while requests keep arriving, so a long storm
+/// still gets scans started.
+const GATHER_MAX: Duration = Duration::from_secs(1);
 
 /// What a replay scans and with what.
 pub struct ReplayConfig {
@@ -120,15 +125,14 @@ impl Replayer for OplogReplayer {
 async fn schedule(cfg: ReplayConfig, mut rx: mpsc::Receiver<Request>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        let gathered = tokio::time::sleep(GATHER);
-        tokio::pin!(gathered);
+        // Gather while requests keep coming (each one extends the wait by GATHER),
+        // up to GATHER_MAX.
+        let last_call = tokio::time::Instant::now() + GATHER_MAX;
         loop {
-            tokio::select! {
-                _ = &mut gathered => break,
-                r = rx.recv() => match r {
-                    Some(r) => batch.push(r),
-                    None => break,
-                },
+            let wait = GATHER.min(last_call.saturating_duration_since(tokio::time::Instant::now()));
+            match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) | Err(_) => break,
             }
         }
         while let Ok(r) = rx.try_recv() {
