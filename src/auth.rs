@@ -716,6 +716,20 @@ impl AuthError {
         }
     }
 
+    /// Every value [`AuthError::reason`] gives (metrics export them from the start).
+    pub const REASONS: [&'static str; 10] = [
+        "missing",
+        "malformed",
+        "bad_signature",
+        "alg_not_allowed",
+        "expired",
+        "not_yet_valid",
+        "bad_issuer",
+        "bad_audience",
+        "unknown_kid",
+        "bad_claims",
+    ];
+
     /// Short fixed label for `changecast_auth_failures{reason}`.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -1367,6 +1381,24 @@ mod tests {
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
     const NOW: u64 = 1_700_000_000;
+
+    #[test]
+    fn reasons_list_every_failure_label() {
+        let all = [
+            AuthError::Missing,
+            AuthError::Malformed("x"),
+            AuthError::BadSignature,
+            AuthError::AlgNotAllowed,
+            AuthError::Expired,
+            AuthError::NotYetValid,
+            AuthError::BadIssuer,
+            AuthError::BadAudience,
+            AuthError::UnknownKid,
+            AuthError::BadClaims(String::new()),
+        ];
+        let reasons: Vec<&str> = all.iter().map(AuthError::reason).collect();
+        assert_eq!(reasons, AuthError::REASONS);
+    }
 
     fn now() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(NOW)

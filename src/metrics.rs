@@ -205,22 +205,8 @@ impl Metrics {
                     "no_rooms",
                 ],
             ),
-            (
-                &self.auth_failures,
-                &[
-                    "missing",
-                    "malformed",
-                    "bad_signature",
-                    "alg_not_allowed",
-                    "expired",
-                    "not_yet_valid",
-                    "bad_issuer",
-                    "bad_audience",
-                    "unknown_kid",
-                    "bad_claims",
-                    "expired_in_session",
-                ],
-            ),
+            // Token failures (`AuthError::REASONS`) and expiry while connected.
+            (&self.auth_failures, &["expired_in_session"]),
             (
                 &self.subscriptions_refused,
                 &[
@@ -248,6 +234,9 @@ impl Metrics {
                 ],
             ),
         ];
+        for reason in crate::auth::AuthError::REASONS {
+            let _ = self.auth_failures.get_or_create(&ReasonLabels { reason });
+        }
         for (family, reasons) in families {
             for reason in reasons {
                 let _ = family.get_or_create(&ReasonLabels { reason });

@@ -221,21 +221,11 @@ impl Session {
             (Recovery::Live, _) | (_, None) => {}
             // An id we could not open (see `Gateway::since`): nothing can be replayed.
             (_, Some(since)) if since.as_str().is_empty() => {
-                metrics
-                    .recoveries
-                    .get_or_create(&RecoveryLabels {
-                        source: RecoveryKind::Resync,
-                    })
-                    .inc();
+                count_recovery(metrics, RecoveryKind::Resync);
                 joined.resync = true;
             }
             (Recovery::Recovered(replay), Some(_)) => {
-                metrics
-                    .recoveries
-                    .get_or_create(&RecoveryLabels {
-                        source: RecoveryKind::History,
-                    })
-                    .inc();
+                count_recovery(metrics, RecoveryKind::History);
                 joined.recovered = true;
                 joined.replay = replay;
             }
@@ -249,23 +239,13 @@ impl Session {
                 };
                 match replayed {
                     Ok(replay) => {
-                        metrics
-                            .recoveries
-                            .get_or_create(&RecoveryLabels {
-                                source: RecoveryKind::Oplog,
-                            })
-                            .inc();
+                        count_recovery(metrics, RecoveryKind::Oplog);
                         joined.recovered = true;
                         joined.replay = replay;
                     }
                     Err(reason) => {
                         tracing::info!(room = %room, reason = %reason, "recovery not possible; client told to resync");
-                        metrics
-                            .recoveries
-                            .get_or_create(&RecoveryLabels {
-                                source: RecoveryKind::Resync,
-                            })
-                            .inc();
+                        count_recovery(metrics, RecoveryKind::Resync);
                         joined.resync = true;
                     }
                 }
@@ -382,4 +362,12 @@ impl Drop for Session {
             .hub
             .unsubscribe_all(self.rooms.keys(), self.mailbox.id());
     }
+}
+
+/// Counts one recovery in `recoveries{source}`.
+fn count_recovery(metrics: &crate::metrics::Metrics, source: RecoveryKind) {
+    metrics
+        .recoveries
+        .get_or_create(&RecoveryLabels { source })
+        .inc();
 }
