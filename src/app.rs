@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::normalize::{OwnerBook, OwnerBookUse};
 use crate::pipeline::{HistoryLostPolicy, Output, Pipeline, PipelineConfig, PipelineError, WarmUp};
 use crate::replay::{OplogReplayer, ReplayConfig};
+use crate::source::ServerTraits;
 use crate::token::StartAt;
 
 /// How long one change-stream `getMore` waits; also the idle token's refresh period.
@@ -208,6 +209,7 @@ fn pipeline(
             max_backoff: MAX_BACKOFF,
         },
         warm: None,
+        server: Arc::default(),
     }
 }
 
@@ -281,8 +283,10 @@ pub async fn start(
     let book = Arc::new(OwnerBook::new(config.normalize.state_cache_docs));
     let ids = Arc::new(id_codec(config));
     let hub = Arc::new(Hub::new(config.hub.clone(), metrics.clone()).with_ids(ids.clone()));
+    let server = Arc::new(ServerTraits::default());
     let replayer = OplogReplayer::start(ReplayConfig {
         client: client.clone(),
+        server: server.clone(),
         databases: config.mongo.databases.clone(),
         collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
         // Replays get metrics of their own: the changes they re-read were counted live.
@@ -325,6 +329,7 @@ pub async fn start(
     );
     // The live stream keeps the ownership cache current: a change that moves an order
     // replaces the cached owners at once (replays re-read the past and must not).
+    pipe.server = server;
     let live = pipe.mappers.clone();
     pipe.mappers = Arc::new(move || live().with_owner_observer(owners.clone()));
     // Warm history needs one order for all history: with several databases their

@@ -23,6 +23,10 @@ pub struct Checkpoint {
     pub token: Document,
     /// Id of the newest event handed to the hub at save time, for operators and tests.
     pub last_event_id: Option<String>,
+    /// The stream's position at `token` (see `sequence`): the id of the last change read,
+    /// or where the stream started. A restart numbers the next changes from it and
+    /// warms its history up to it. Absent in checkpoints of earlier versions.
+    pub position: Option<String>,
     /// When it was saved (RFC 3339).
     pub saved_at: String,
 }
@@ -66,6 +70,8 @@ struct FileFormat {
 struct FileEntry {
     token: serde_json::Value,
     last_event_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    position: Option<String>,
     saved_at: String,
 }
 
@@ -114,6 +120,7 @@ impl CheckpointStore {
                 Ok(Some(Checkpoint {
                     token,
                     last_event_id: d.get_str("lastEventId").ok().map(str::to_owned),
+                    position: d.get_str("position").ok().map(str::to_owned),
                     saved_at: d.get_str("savedAt").unwrap_or_default().to_owned(),
                 }))
             }
@@ -142,6 +149,7 @@ impl CheckpointStore {
                     FileEntry {
                         token,
                         last_event_id: cp.last_event_id.clone(),
+                        position: cp.position.clone(),
                         saved_at: cp.saved_at.clone(),
                     },
                 );
@@ -162,6 +170,9 @@ impl CheckpointStore {
                     doc! {"_id": stream, "token": cp.token.clone(), "savedAt": &cp.saved_at};
                 if let Some(id) = &cp.last_event_id {
                     d.insert("lastEventId", id);
+                }
+                if let Some(p) = &cp.position {
+                    d.insert("position", p);
                 }
                 coll.replace_one(doc! {"_id": stream}, d)
                     .upsert(true)
@@ -226,6 +237,7 @@ fn entry_to_checkpoint(path: &Path, e: &FileEntry) -> Result<Checkpoint, Checkpo
     Ok(Checkpoint {
         token,
         last_event_id: e.last_event_id.clone(),
+        position: e.position.clone(),
         saved_at: e.saved_at.clone(),
     })
 }
@@ -278,6 +290,8 @@ pub struct CheckpointWriter {
 struct Pending {
     token: Option<Document>,
     last_event_id: Option<String>,
+    /// The stream's position at `token`.
+    position: Option<String>,
     /// Events handed off in total, for the `every_events` trigger.
     events: u64,
     seq: u64,
@@ -331,9 +345,16 @@ impl CheckpointWriter {
     }
 
     /// Records that everything up to `token` has reached the output; `events` is how many
-    /// events that covered and `last_event_id` the newest of them. Never waits.
-    pub fn advance(&mut self, token: Document, last_event_id: Option<String>, events: usize) {
-        self.hand_over(token, last_event_id, events, false);
+    /// events that covered, `last_event_id` the newest of them and `position` the stream's
+    /// position at `token` (see `Checkpoint::position`). Never waits.
+    pub fn advance(
+        &mut self,
+        token: Document,
+        last_event_id: Option<String>,
+        position: Option<String>,
+        events: usize,
+    ) {
+        self.hand_over(token, last_event_id, position, events, false);
     }
 
     /// Waits while `every_events` handed-over events are unsaved, so that a crash never
@@ -360,8 +381,9 @@ impl CheckpointWriter {
         &mut self,
         token: Document,
         last_event_id: Option<String>,
+        position: Option<String>,
     ) -> Result<(), Arc<CheckpointError>> {
-        let seq = self.hand_over(token, last_event_id, 0, true);
+        let seq = self.hand_over(token, last_event_id, position, 0, true);
         self.wait_for(seq).await
     }
 
@@ -387,6 +409,7 @@ impl CheckpointWriter {
         &mut self,
         token: Document,
         last_event_id: Option<String>,
+        position: Option<String>,
         events: usize,
         urgent: bool,
     ) -> u64 {
@@ -397,6 +420,9 @@ impl CheckpointWriter {
             // An event-less token keeps the newest event id already handed over.
             if last_event_id.is_some() {
                 p.last_event_id = last_event_id;
+            }
+            if position.is_some() {
+                p.position = position;
             }
             p.token = Some(token);
             p.events = total;
@@ -496,6 +522,7 @@ async fn write_loop(mut w: WriteLoop) {
             let cp = Checkpoint {
                 token: token.clone(),
                 last_event_id: cur.last_event_id.clone(),
+                position: cur.position.clone(),
                 saved_at: now_rfc3339(),
             };
             w.store.save(&w.stream, &cp).await
@@ -547,6 +574,7 @@ mod tests {
         let cp = Checkpoint {
             token: doc! {"_data": "8200000001"},
             last_event_id: Some("8200000001".into()),
+            position: None,
             saved_at: now_rfc3339(),
         };
         store.save("app", &cp).await.unwrap();
@@ -603,7 +631,7 @@ mod tests {
     #[tokio::test]
     async fn writer_debounces_saves_by_count_and_flushes() {
         let (_dir, store, mut w) = file_writer(Duration::from_secs(3600), 3);
-        w.advance(doc! {"_data": "8201"}, Some("8201".into()), 1);
+        w.advance(doc! {"_data": "8201"}, Some("8201".into()), None, 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
             store.load("app").await.unwrap(),
@@ -611,11 +639,11 @@ mod tests {
             "saved before the window"
         );
         // The third event crosses half of every_events: saved without waiting for the interval.
-        w.advance(doc! {"_data": "8202"}, None, 2);
+        w.advance(doc! {"_data": "8202"}, None, None, 2);
         assert!(saved_token(&store, &doc! {"_data": "8202"}).await);
         let saved = store.load("app").await.unwrap().unwrap();
         assert_eq!(saved.last_event_id.as_deref(), Some("8201"));
-        w.advance(doc! {"_data": "8203"}, None, 0);
+        w.advance(doc! {"_data": "8203"}, None, None, 0);
         w.finish().await.unwrap();
         assert_eq!(
             store.load("app").await.unwrap().unwrap().token,
@@ -626,12 +654,14 @@ mod tests {
     #[tokio::test]
     async fn writer_saves_after_the_interval_and_flush_at_waits() {
         let (_dir, store, mut w) = file_writer(Duration::from_millis(100), 1_000_000);
-        w.flush_at(doc! {"_data": "8200"}, None).await.unwrap();
+        w.flush_at(doc! {"_data": "8200"}, None, None)
+            .await
+            .unwrap();
         assert_eq!(
             store.load("app").await.unwrap().unwrap().token,
             doc! {"_data": "8200"}
         );
-        w.advance(doc! {"_data": "8205"}, Some("8205".into()), 1);
+        w.advance(doc! {"_data": "8205"}, Some("8205".into()), None, 1);
         assert!(saved_token(&store, &doc! {"_data": "8205"}).await);
         w.finish().await.unwrap();
     }
@@ -653,16 +683,16 @@ mod tests {
         };
         let held = lock.lock().await;
         // Half a window makes a save due; the stream goes on while it is in flight.
-        w.advance(doc! {"_data": "8201"}, Some("8201".into()), 2);
+        w.advance(doc! {"_data": "8201"}, Some("8201".into()), None, 2);
         room(&mut w, Duration::from_millis(300))
             .await
             .expect("waited with half a window unsaved");
-        w.advance(doc! {"_data": "8202"}, Some("8202".into()), 1);
+        w.advance(doc! {"_data": "8202"}, Some("8202".into()), None, 1);
         room(&mut w, Duration::from_millis(300))
             .await
             .expect("waited with 3 of 4 unsaved");
         // A whole window unsaved: a crash now would repeat 4 events, so no more until a save lands.
-        w.advance(doc! {"_data": "8203"}, Some("8203".into()), 1);
+        w.advance(doc! {"_data": "8203"}, Some("8203".into()), None, 1);
         room(&mut w, Duration::from_millis(300))
             .await
             .expect_err("went on with a whole window unsaved");
@@ -687,7 +717,7 @@ mod tests {
         let mut w =
             CheckpointWriter::start(store, health.clone(), "app", Duration::from_secs(3600), 2);
         for i in 0..5u8 {
-            w.advance(doc! {"_data": format!("820{i}")}, None, 1);
+            w.advance(doc! {"_data": format!("820{i}")}, None, None, 1);
             tokio::time::timeout(Duration::from_secs(10), w.wait_for_room())
                 .await
                 .expect("held by a failing store");
@@ -711,7 +741,10 @@ mod tests {
             Duration::from_millis(10),
             1,
         );
-        let err = w.flush_at(doc! {"_data": "8201"}, None).await.unwrap_err();
+        let err = w
+            .flush_at(doc! {"_data": "8201"}, None, None)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("cp.json"), "{err}");
         assert!(!health.checkpoint_ok());
         // Once the store works again the retry saves the pending token.

@@ -8,22 +8,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::room::Room;
 
-/// An event id: the hex `_data` of the change event's resume token.
+/// An event id: the change's cluster time, its index at that time and its resume
+/// token (see `sequence`).
 ///
-/// Tokens from one cluster sort in commit order as strings and are identical
-/// in every process watching that cluster, which is what makes recovery work
-/// across reconnects and across replicas.
+/// Ids sort in commit order as strings, whatever the server's tokens look like, and
+/// are identical in every process watching the same stream, which is what makes
+/// recovery work across reconnects and across replicas.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct EventId(Arc<str>);
 
 impl EventId {
-    /// Wraps a resume token's hex `_data`.
+    /// Wraps an id's text.
     pub fn new(hex: impl Into<Arc<str>>) -> Self {
         Self(hex.into())
     }
 
-    /// The hex string.
+    /// The id's text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -31,8 +32,7 @@ impl EventId {
 
 impl Ord for EventId {
     fn cmp(&self, other: &Self) -> Ordering {
-        // Hex digits of mongod's KeyString tokens compare case-insensitively in
-        // commit order; mongod emits upper case, be lenient with clients.
+        // Hex digits compare case-insensitively: servers' tokens may be either case.
         let a = self.0.bytes().map(|b| b.to_ascii_uppercase());
         let b = other.0.bytes().map(|b| b.to_ascii_uppercase());
         a.cmp(b)

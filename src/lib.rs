@@ -26,5 +26,6 @@ pub mod pipeline;
 pub mod replay;
 pub mod room;
 pub mod route;
+pub mod sequence;
 pub mod source;
 pub mod token;

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use changecast::app::{self, RunOptions};
 use changecast::cli::{exit, Cli, Command, ConfigArgs, LogFormat, RunArgs, TokenCommand};
 use changecast::config::{self, Config, LogConfig};
+use changecast::event::EventId;
 use changecast::token;
 
 // The event path allocates per change and per audience (decoded documents, projections,
@@ -313,8 +314,15 @@ async fn token_show(args: &ConfigArgs) -> u8 {
     for db in &config.mongo.databases {
         match store.load(db).await {
             Ok(Some(cp)) => {
+                // The stream's position carries the time on every server; a MongoDB
+                // (KeyString) token carries it too, for checkpoints of earlier versions.
                 let data = cp.token.get_str("_data").unwrap_or("?");
-                let when = token::cluster_time(data)
+                let when = cp
+                    .position
+                    .as_deref()
+                    .and_then(|p| changecast::sequence::position(&EventId::new(p)))
+                    .map(|p| p.timestamp())
+                    .or_else(|| token::cluster_time(data))
                     .map(token::describe_time)
                     .unwrap_or_else(|| "unknown (token format not recognised)".into());
                 println!("database:      {db}");
@@ -327,6 +335,7 @@ async fn token_show(args: &ConfigArgs) -> u8 {
                     "last event id: {}",
                     cp.last_event_id.as_deref().unwrap_or("-")
                 );
+                println!("position:      {}", cp.position.as_deref().unwrap_or("-"));
                 println!("saved at:      {}", cp.saved_at);
             }
             Ok(None) => println!(

@@ -12,6 +12,7 @@ use crate::event::RoutedEvent;
 use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
 use crate::normalize::{CollectionKind, DomainEvent, EventName, Issue, Normalizer, OwnerBookUse};
 use crate::route::Router;
+use crate::sequence::{OrderError, Sequencer};
 
 /// Builds a fresh mapper per stream (and per oplog replay).
 pub type MapperFactory = Arc<dyn Fn() -> Mapper + Send + Sync>;
@@ -36,6 +37,8 @@ pub struct Mapper {
     owners: Option<Arc<dyn OrderOwners>>,
     /// Whether several databases are watched: events then carry theirs.
     multi_db: bool,
+    /// Numbers the stream's changes into ids that sort on any server.
+    sequence: Sequencer,
 }
 
 impl Mapper {
@@ -53,7 +56,29 @@ impl Mapper {
             book: None,
             owners: None,
             multi_db: config.mongo.databases.len() > 1,
+            sequence: Sequencer::fresh(),
         }
+    }
+
+    /// Numbers the changes of a stream that resumes after `id` (a change id or a
+    /// time-only position), so their ids match those of a stream that saw it.
+    pub fn resume_after(&mut self, id: &crate::event::EventId) {
+        self.sequence = Sequencer::after(id);
+    }
+
+    /// Numbers the changes of a stream whose start is unknown from 0 at their time.
+    pub fn restart_numbering(&mut self) {
+        self.sequence = Sequencer::fresh();
+    }
+
+    /// The id `change` would get if mapped next, without mapping it.
+    pub fn peek_id(&self, change: &Document) -> Result<crate::event::EventId, OrderError> {
+        self.sequence.clone().next(change)
+    }
+
+    /// The id of the newest change this mapper read (its stream's position).
+    pub fn position(&self) -> Option<&crate::event::EventId> {
+        self.sequence.newest()
     }
 
     /// Reports every order's owners, as changes show them, to `owners` (its cache).
@@ -70,8 +95,20 @@ impl Mapper {
     }
 
     /// Maps one change to the events to publish, counting what was read and dropped.
-    pub fn map(&mut self, change: &Document) -> Vec<RoutedEvent> {
+    ///
+    /// `Err` when the change cannot be ordered (no `clusterTime`, or one older than the
+    /// previous change's): the stream must stop rather than publish out of order.
+    pub fn map(&mut self, change: &Document) -> Result<Vec<RoutedEvent>, OrderError> {
         self.count_change(change);
+        let id = match self.sequence.next(change) {
+            Ok(id) => id,
+            Err(OrderError::NoToken) => {
+                // The driver refuses such a change before we see it; counted, not fatal.
+                self.report(&Issue::MissingEventId);
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
         let database: Option<Arc<str>> = if self.multi_db {
             change
                 .get_document("ns")
@@ -81,7 +118,10 @@ impl Mapper {
         } else {
             None
         };
-        let normalized = self.normalizer.normalize(change);
+        let mut normalized = self.normalizer.normalize(change);
+        for ev in &mut normalized.events {
+            ev.id = id.clone();
+        }
         for issue in &normalized.issues {
             self.report(issue);
         }
@@ -102,7 +142,7 @@ impl Mapper {
                 _ => self.drop_reason("no_rooms"),
             }
         }
-        out
+        Ok(out)
     }
 
     /// An order change's owners, read from its document by the same `[fields]` rule

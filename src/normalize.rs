@@ -138,7 +138,8 @@ pub struct SectionChange {
 /// A named event derived from one change, before routing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DomainEvent {
-    /// The change's resume token.
+    /// The change's id: its resume token here; the mapper replaces it with the
+    /// stream-ordered id (`sequence`).
     pub id: EventId,
     /// Canonical name.
     pub name: EventName,

@@ -7,22 +7,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::Document;
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{CheckpointError, CheckpointStore, CheckpointWriter};
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, CheckpointWriter};
 use crate::event::{EventId, RoutedEvent};
 use crate::health::Health;
 use crate::hub::Hub;
 use crate::mapper::MapperFactory;
 use crate::metrics::Metrics;
-use crate::source::{Source, SourceError, SourceSpec};
+use crate::sequence;
+use crate::source::{ServerTraits, Source, SourceError, SourceSpec};
 use crate::token::{self, StartAt};
 
 /// How much longer than its `max_await` a getMore may take before the stream counts as
 /// stalled (not ready): room for a slow server without flapping readiness under load.
 const STALL_GRACE: Duration = Duration::from_secs(3);
+
+/// Longest the start waits for the server's answer on starts before its history; without
+/// one, time-only positions are not trusted (see `ServerTraits`).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to do when the stored token has fallen out of the oplog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,6 +86,8 @@ pub struct Pipeline {
     pub cfg: PipelineConfig,
     /// Warms the hub's history from the oplog at start; `None` disables it.
     pub warm: Option<WarmUp>,
+    /// What is known about the server (asked by the first stream; replays read it).
+    pub server: Arc<ServerTraits>,
 }
 
 /// How a starting process fills its history from the oplog, so that clients who come
@@ -131,15 +137,14 @@ pub enum PipelineError {
     /// A stream task panicked or was aborted.
     #[error("stream task failed: {0}")]
     Task(String),
-    /// The server's resume tokens do not sort in commit order, which ids, history and
-    /// recovery rely on: refused loudly rather than dropping events silently.
+    /// The server's change events cannot be put in commit order (no `clusterTime`, or
+    /// one going back): refused loudly rather than publishing out of order.
     #[error(
-        "{0}: changecast orders events, history and recovery by resume token, so it cannot run \
-         on this server (MongoDB's KeyString tokens sort; SecantusDB's and some compatible \
-         services' do not). No event was dropped: the stream stopped before publishing it. \
-         See README's supported servers"
+        "{0}. changecast orders events, history and recovery by each change's clusterTime \
+         (resume tokens are not assumed to sort), so it cannot run on this server. No event \
+         was dropped: the stream stopped before publishing it. See README's supported servers"
     )]
-    UnorderedTokens(String),
+    Unordered(String),
 }
 
 impl Pipeline {
@@ -172,10 +177,13 @@ impl Pipeline {
             Some(_) => None,
             None => self.load_checkpoint(&db, &stop).await?,
         };
-        let mut start = match (&self.cfg.start_override, stored) {
-            (Some(o), _) => o.clone(),
-            (None, Some(token)) => StartAt::Token(token),
-            (None, None) => StartAt::Now,
+        let mut mapper = (self.mappers)();
+        // Where the stream starts, and the position (see `sequence`) it starts after when
+        // known: the hub's floor and the numbering of the first changes follow from it.
+        let (mut start, mut at) = match (&self.cfg.start_override, stored) {
+            (Some(o), _) => (o.clone(), None),
+            (None, Some(cp)) => (StartAt::Token(cp.token), cp.position.map(EventId::new)),
+            (None, None) => (StartAt::Now, None),
         };
         // Saves run beside the stream, so a slow fsync never holds up the next change.
         let mut cp = CheckpointWriter::start(
@@ -185,25 +193,34 @@ impl Pipeline {
             self.cfg.checkpoint_interval,
             self.cfg.checkpoint_every,
         );
-        let mut mapper = (self.mappers)();
         let mut backoff = Backoff::new(self.cfg.max_backoff);
         let mut first_open = true;
         // Set when history was lost under `resync`: rooms are told once the new stream is
         // open, so a client that refetches on the notice cannot miss a change made after it.
         let mut resync_pending = false;
-        // The newest event id this stream published: each next one must sort after it.
-        let mut newest: Option<EventId> = None;
         let spec = SourceSpec {
             database: db.clone(),
             collections: self.cfg.collections.clone(),
             max_await: self.cfg.max_await,
         };
-        if let (Output::Hub(hub), StartAt::Token(t), Some(warm)) =
-            (&self.output, &start, &self.warm)
+        if matches!(self.output, Output::Hub(_)) && !self.server.known() {
+            // Asked once per process, before the history and the replays rely on it.
+            let asked = tokio::select! {
+                _ = stop.cancelled() => None,
+                r = tokio::time::timeout(PROBE_TIMEOUT, Source::refuses_lost_history(&self.client, &spec)) => r.ok().flatten(),
+            };
+            if let Some(answer) = asked {
+                tracing::info!(database = %db, refuses_lost_history = answer, "asked the server whether it refuses a start before its history");
+                self.server.learn(answer);
+            }
+        }
+        if let (Output::Hub(hub), StartAt::Token(_), Some(target), Some(warm)) =
+            (&self.output, &start, &at, &self.warm)
         {
+            let strict = self.server.refuses_lost_history();
             let warmed = tokio::select! {
                 _ = stop.cancelled() => None,
-                r = tokio::time::timeout(warm.timeout, warm_history(&self.client, &spec, hub, t, warm)) => Some(r),
+                r = tokio::time::timeout(warm.timeout, warm_history(&self.client, &spec, hub, target, warm, strict)) => Some(r),
             };
             match warmed {
                 Some(Ok(Ok(n))) => {
@@ -225,6 +242,36 @@ impl Pipeline {
             if stop.is_cancelled() {
                 break;
             }
+            if first_open {
+                // "Now" becomes the server's present operation time, so the stream's start
+                // is a position clients can be given and recover from (the token of an
+                // empty stream is opaque on servers whose tokens do not sort).
+                if start == StartAt::Now {
+                    let now = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        t = Source::server_time(&self.client, &spec) => t,
+                    };
+                    if let Some(t0) = now {
+                        // Every change at `t0` committed before that read: "now" is after them.
+                        let ts = match t0.increment.checked_add(1) {
+                            Some(increment) => bson::Timestamp {
+                                time: t0.time,
+                                increment,
+                            },
+                            None => bson::Timestamp {
+                                time: t0.time.saturating_add(1),
+                                increment: 0,
+                            },
+                        };
+                        start = StartAt::Time(ts);
+                        at = Some(sequence::time_id(ts));
+                    }
+                }
+                match &at {
+                    Some(p) => mapper.resume_after(p),
+                    None => mapper.restart_numbering(),
+                }
+            }
             let opened = tokio::select! {
                 _ = stop.cancelled() => break,
                 r = Source::open(&self.client, spec.clone(), &start) => r,
@@ -235,6 +282,7 @@ impl Pipeline {
                     if let Some(next) = self.on_error(&db, e, &mut mapper)? {
                         // A new start after a gap: a new floor and a new saved start point.
                         start = next;
+                        at = None;
                         first_open = true;
                         resync_pending = true;
                         continue 'reconnect;
@@ -248,15 +296,16 @@ impl Pipeline {
             self.health.set_stream_open(&db, true);
             if first_open {
                 first_open = false;
-                let floor = match &start {
-                    StartAt::Token(t) => token::event_id(t),
-                    _ => source.token().as_ref().and_then(token::event_id),
-                };
+                // Events after `at` are all read here; without it (an operator's token or
+                // time, or a server that does not report its time) the first change read
+                // becomes the floor.
                 match &self.output {
-                    Output::Hub(hub) if resync_pending => hub.resync_all("history_lost", floor),
+                    Output::Hub(hub) if resync_pending => {
+                        hub.resync_all("history_lost", at.clone())
+                    }
                     Output::Hub(hub) => {
-                        if let Some(floor) = floor {
-                            hub.set_floor(floor);
+                        if let Some(floor) = &at {
+                            hub.set_floor(floor.clone());
                         }
                     }
                     Output::Stdout if resync_pending => print_line(&serde_json::json!({
@@ -266,17 +315,12 @@ impl Pipeline {
                     Output::Stdout => {}
                 }
                 resync_pending = false;
-                if let Some(t) = source.token() {
-                    if let Err(e) = check_format(&db, &t) {
-                        self.health.set_stream_open(&db, false);
-                        return Err(e);
-                    }
-                }
                 // Save where this stream starts before handing out any event, so a
                 // crash before the first debounced save resumes here, not at "now".
                 if let Some(t) = source.token() {
                     // The writer reports the outcome to health and retries a failure itself.
-                    if let Err(e) = cp.flush_at(t, None).await {
+                    let position = at.as_ref().map(|p| p.as_str().to_owned());
+                    if let Err(e) = cp.flush_at(t, None, position).await {
                         tracing::warn!(database = %db, error = %e, "cannot save the starting checkpoint; will retry");
                     }
                 }
@@ -322,6 +366,7 @@ impl Pipeline {
                         }
                         if let Some(next) = self.on_error(&db, e, &mut mapper)? {
                             start = next;
+                            at = None;
                             first_open = true;
                             resync_pending = true;
                             continue 'reconnect;
@@ -340,13 +385,22 @@ impl Pipeline {
                     self.health.observe_caught_up();
                 }
                 if let Some(change) = change {
-                    let events = mapper.map(&change);
-                    for ev in &events {
-                        if let Err(e) = check_order(&db, newest.as_ref(), &ev.event.id) {
+                    let events = match mapper.map(&change) {
+                        Ok(events) => events,
+                        Err(e) => {
                             self.health.set_stream_open(&db, false);
-                            return Err(e);
+                            tracing::error!(database = %db, error = %e, "change events out of commit order");
+                            return Err(PipelineError::Unordered(format!("database {db}: {e}")));
                         }
-                        newest = Some(ev.event.id.clone());
+                    };
+                    if at.is_none() {
+                        // The first change of a stream whose start is not known.
+                        if let (Output::Hub(hub), Some(p)) = (&self.output, mapper.position()) {
+                            hub.set_floor(p.clone());
+                        }
+                        at = mapper.position().cloned();
+                    }
+                    for ev in &events {
                         self.emit(ev)?;
                         last_id = Some(ev.event.id.as_str().to_owned());
                         count += 1;
@@ -355,11 +409,9 @@ impl Pipeline {
                         self.health.observe_cluster_time(ts.time);
                     }
                 }
-                if let Some(ts) = tok.get_str("_data").ok().and_then(token::cluster_time) {
-                    self.health.observe_cluster_time(ts.time);
-                }
                 start = StartAt::Token(tok.clone());
-                cp.advance(tok, last_id, count);
+                let position = mapper.position().map(|p| p.as_str().to_owned());
+                cp.advance(tok, last_id, position, count);
                 // A crash repeats at most one checkpoint window: when a whole window is
                 // handed out but unsaved (the disk slower than the stream), wait for the save.
                 tokio::select! {
@@ -381,13 +433,13 @@ impl Pipeline {
         &self,
         db: &str,
         stop: &CancellationToken,
-    ) -> Result<Option<Document>, PipelineError> {
+    ) -> Result<Option<Checkpoint>, PipelineError> {
         let mut backoff = Backoff::new(self.cfg.max_backoff);
         loop {
             match self.store.load(db).await {
                 Ok(cp) => {
                     self.health.set_checkpoint_ok(true);
-                    return Ok(cp.map(|c| c.token));
+                    return Ok(cp);
                 }
                 // Retrying cannot repair a file; the operator must choose.
                 Err(e @ CheckpointError::Corrupt { .. }) => {
@@ -463,6 +515,7 @@ fn start_label(s: &StartAt) -> String {
 pub fn tail_json(ev: &RoutedEvent) -> serde_json::Value {
     serde_json::json!({
         "id": ev.event.id,
+        "token": sequence::token_of(&ev.event.id),
         "event": ev.event.name,
         "ts": ev.event.ts_ms,
         "deliveries": ev.deliveries.iter().map(|d| serde_json::json!({"room": d.room, "data": d.data})).collect::<Vec<_>>(),
@@ -507,98 +560,85 @@ impl Backoff {
     }
 }
 
-/// Refuses a token that is not a MongoDB KeyString token (`82` and a timestamp): only
-/// those are known to sort in commit order.
-fn check_format(db: &str, t: &Document) -> Result<(), PipelineError> {
-    let data = t.get_str("_data").unwrap_or("");
-    if token::cluster_time(data).is_none() {
-        tracing::error!(database = %db, token = %data, "resume tokens of this server are not MongoDB KeyString tokens");
-        return Err(PipelineError::UnorderedTokens(format!(
-            "database {db}: the server's resume tokens are not MongoDB KeyString tokens \
-             (the stream started at {data:?}), so their order cannot be trusted"
-        )));
-    }
-    Ok(())
-}
-
-/// Refuses an event id that does not sort after the previous one of the same stream.
-/// Several events of one change share an id, so equal is fine.
-fn check_order(db: &str, newest: Option<&EventId>, id: &EventId) -> Result<(), PipelineError> {
-    if newest.is_some_and(|n| id < n) || token::cluster_time(id.as_str()).is_none() {
-        tracing::error!(database = %db, id = %id, previous = ?newest, "resume tokens out of commit order");
-        return Err(PipelineError::UnorderedTokens(format!(
-            "database {db}: the server's resume token {id} does not sort after the previous one {}",
-            newest.map_or("(none)", |n| n.as_str())
-        )));
-    }
-    Ok(())
-}
-
-/// Re-reads the changes from `warm.age` before the checkpoint token `t` up to and
-/// including `t` into the hub's history, without delivering them (the previous process
-/// did). `t` is an event's token or an idle high-water mark; either way everything at
-/// or before it was published, and everything after it the live stream publishes, so
-/// the warm-up ends at the first change after `t` (not preloaded) or when it has caught
-/// up with the present. `Err` when it cannot read that far: the caller discards what was
-/// read, because a history with a hole would recover clients wrongly.
+/// Re-reads the changes from `warm.age` before the checkpoint's position `target` up to
+/// and including it into the hub's history, without delivering them (the previous
+/// process did). Everything at or before `target` was published, and everything after
+/// it the live stream publishes, so the warm-up ends at the first change after it (not
+/// preloaded) or when it has caught up with the present. `Err` when it cannot read that
+/// far: the caller discards what was read, because a history with a hole would recover
+/// clients wrongly.
 async fn warm_history(
     client: &Client,
     spec: &SourceSpec,
     hub: &Hub,
-    t: &Document,
+    target: &EventId,
     warm: &WarmUp,
+    strict: bool,
 ) -> Result<usize, String> {
-    let target = t
-        .get_str("_data")
-        .map_err(|_| "the checkpoint token has no _data")?;
-    let until = token::cluster_time(target)
-        .ok_or("the checkpoint token's time cannot be read (not a MongoDB KeyString token)")?;
+    let target_at = sequence::position(target)
+        .ok_or("the checkpoint holds no stream position (saved by an earlier version)")?;
+    let until = target_at.timestamp();
+    let mut from = until
+        .time
+        .saturating_sub(u32::try_from(warm.age.as_secs()).unwrap_or(u32::MAX));
+    // A server that keeps less history than `history_age` refuses the start (MongoDB does
+    // when it is before the oplog's first entry): try later starts, halving the gap.
+    let mut source = loop {
+        let at = StartAt::Time(bson::Timestamp {
+            time: from,
+            increment: 0,
+        });
+        match Source::open(client, spec.clone(), &at).await {
+            Ok(s) => break s,
+            Err(SourceError::HistoryLost { .. }) if from < until.time => {
+                from += (until.time - from).div_ceil(2);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
     let from = bson::Timestamp {
-        time: until
-            .time
-            .saturating_sub(u32::try_from(warm.age.as_secs()).unwrap_or(u32::MAX)),
+        time: from,
         increment: 0,
     };
-    let mut source = Source::open(client, spec.clone(), &StartAt::Time(from))
-        .await
-        .map_err(|e| e.to_string())?;
-    // Everything from `from` on will be in history: the KeyString prefix of that time
-    // sorts before every token at or after it (and after every earlier one), so it is
-    // the floor; a position handed out by the previous process after `from` is covered.
-    hub.set_floor(EventId::new(token::time_prefix(from)));
     let mut mapper = (warm.mappers)();
-    let target_id = EventId::new(target);
+    mapper.resume_after(&sequence::time_id(from));
+    if strict {
+        // The server would have refused a start before its history: everything from
+        // `from` on is read, so a position handed out after `from` is covered.
+        hub.set_floor(sequence::time_id(from));
+    }
     let mut n = 0;
+    let mut empty_batches = 0;
     while n < warm.max_changes {
         let Some(change) = source.next().await.map_err(|e| e.to_string())? else {
-            // An empty batch ends the warm-up only once the stream's own position has
-            // passed the checkpoint (a first batch may be empty with a backlog behind
-            // it): then nothing after the checkpoint exists yet. The caller's timeout
-            // bounds the wait.
-            let passed = source
-                .token()
-                .as_ref()
-                .and_then(token::event_id)
-                .is_some_and(|p| p >= target_id);
-            if passed {
+            // An empty batch ends the warm-up once the stream has read the checkpoint's
+            // change (a first batch may be empty with a backlog behind it): then nothing
+            // after it exists yet. A checkpoint that is a position without a change (no
+            // change was read before it) is passed once a `getMore`, not the first
+            // batch, finds nothing newer. The caller's timeout bounds the wait.
+            empty_batches += 1;
+            let reached = mapper.position().is_some_and(|p| p >= target)
+                || (target_at.index.is_none() && empty_batches >= 2);
+            if reached {
                 return Ok(n);
             }
             continue;
         };
-        n += 1;
-        let id = change
-            .get_document("_id")
-            .ok()
-            .and_then(|d| d.get_str("_data").ok())
-            .map(EventId::new);
-        let at = change.get_timestamp("clusterTime").ok();
-        let after = id.as_ref().is_some_and(|id| *id > target_id)
-            || at.is_some_and(|at| (at.time, at.increment) > (until.time, until.increment));
-        if after {
+        if mapper.peek_id(&change).is_ok_and(|id| id > *target) {
             // Past the checkpoint: the live stream publishes it.
-            return Ok(n - 1);
+            return Ok(n);
         }
-        for ev in mapper.map(&change) {
+        let events = mapper.map(&change).map_err(|e| e.to_string())?;
+        if n == 0 && !strict {
+            // History covers what follows the oldest change read, not `from`: a server
+            // that silently starts later than asked (SecantusDB does when `from` is older
+            // than its history) must not make the hub claim changes it never saw.
+            if let Some(p) = mapper.position() {
+                hub.set_floor(p.clone());
+            }
+        }
+        n += 1;
+        for ev in events {
             hub.preload(&ev);
         }
     }

@@ -25,6 +25,7 @@ use crate::idcodec::IdCodec;
 use crate::mapper::MapperFactory;
 use crate::metrics::Metrics;
 use crate::room::Room;
+use crate::sequence;
 use crate::source::{Source, SourceSpec};
 use crate::token::StartAt;
 
@@ -61,6 +62,8 @@ pub struct ReplayConfig {
     pub ids: Arc<IdCodec>,
     /// Counts the change streams opened.
     pub metrics: Arc<Metrics>,
+    /// Whether a start at a time is safe (the server refuses one before its history).
+    pub server: Arc<crate::source::ServerTraits>,
 }
 
 /// One client's recovery: the events of `room` after `since`, up to `until`.
@@ -159,8 +162,20 @@ async fn schedule(cfg: ReplayConfig, mut rx: mpsc::Receiver<Request>) {
 async fn scan(cfg: &ReplayConfig, batch: &[Request]) -> Vec<Result<Vec<Arc<Message>>, String>> {
     let mut out: Vec<Result<Vec<Arc<Message>>, String>> =
         batch.iter().map(|_| Ok(Vec::new())).collect();
+    // A position that is no change can only be resumed at its time, which a server that
+    // silently starts later than asked would answer with a hole: those clients resync.
+    if !cfg.server.refuses_lost_history() {
+        for (r, o) in batch.iter().zip(out.iter_mut()) {
+            if sequence::position(&r.since).is_some_and(|p| p.index.is_none()) {
+                *o = Err(
+                    "a position without a change cannot be resumed safely on this server".into(),
+                );
+            }
+        }
+    }
+    let open: Vec<bool> = out.iter().map(Result::is_ok).collect();
     for db in &cfg.databases {
-        if let Err(e) = scan_db(cfg, db, batch, &mut out).await {
+        if let Err(e) = scan_db(cfg, db, batch, &open, &mut out).await {
             for o in out.iter_mut().filter(|o| o.is_ok()) {
                 *o = Err(e.clone());
             }
@@ -177,19 +192,21 @@ async fn scan_db(
     cfg: &ReplayConfig,
     database: &str,
     batch: &[Request],
+    open: &[bool],
     out: &mut [Result<Vec<Arc<Message>>, String>],
 ) -> Result<(), String> {
-    let Some(oldest) = batch.iter().map(|r| &r.since).min() else {
+    let served = || batch.iter().zip(open).filter(|(_, o)| **o).map(|(r, _)| r);
+    let Some(oldest) = served().map(|r| &r.since).min() else {
         return Ok(());
     };
     // The scan ends at the newest `until` (or the present when one has none).
-    let until: Option<&EventId> = if batch.iter().any(|r| r.until.is_none()) {
+    let until: Option<&EventId> = if served().any(|r| r.until.is_none()) {
         None
     } else {
-        batch.iter().filter_map(|r| r.until.as_ref()).max()
+        served().filter_map(|r| r.until.as_ref()).max()
     };
     let mut by_room: HashMap<&Room, Vec<usize>> = HashMap::new();
-    for (i, r) in batch.iter().enumerate() {
+    for (i, r) in batch.iter().enumerate().filter(|(i, _)| open[*i]) {
         by_room.entry(&r.room).or_default().push(i);
     }
     let spec = SourceSpec {
@@ -198,29 +215,36 @@ async fn scan_db(
         // Short waits: an empty batch means the scan has caught up with the present.
         max_await: Duration::from_millis(50),
     };
-    let start = StartAt::Token(doc! {"_data": oldest.as_str()});
+    let mut mapper = (cfg.mappers)();
+    // After the oldest `since`'s change (its token), at its time when it is a position
+    // that is no change, or after a bare token of the earlier id form.
+    let start = match (sequence::position(oldest), sequence::token_of(oldest)) {
+        (Some(p), None) => StartAt::Time(p.timestamp()),
+        (_, Some(token)) => StartAt::Token(doc! {"_data": token}),
+        (None, None) => return Err(format!("unusable position {oldest}")),
+    };
+    match sequence::position(oldest) {
+        Some(_) => mapper.resume_after(oldest),
+        None => mapper.restart_numbering(),
+    }
     cfg.metrics.replay_streams_opened.inc();
     let mut source = Source::open(&cfg.client, spec, &start)
         .await
         .map_err(|e| e.to_string())?;
-    let mut mapper = (cfg.mappers)();
     for _ in 0..cfg.max_changes {
         let Some(change) = source.next().await.map_err(|e| e.to_string())? else {
-            // An empty batch: caught up with the present, unless the hub is still ahead.
-            let reached = match (
-                until,
-                source.token().as_ref().and_then(crate::token::event_id),
-            ) {
-                (None, _) => true,
-                (Some(u), Some(t)) => t >= *u,
-                (Some(_), None) => false,
+            // An empty batch: caught up with the present, unless the hub is still ahead
+            // (its newest event, which this stream will read, is not read yet).
+            let reached = match until {
+                None => true,
+                Some(u) => mapper.position().is_some_and(|p| p >= u),
             };
             if reached {
                 return Ok(());
             }
             continue;
         };
-        for ev in mapper.map(&change) {
+        for ev in mapper.map(&change).map_err(|e| e.to_string())? {
             let id = &ev.event.id;
             if until.is_some_and(|u| id > u) {
                 return Ok(());

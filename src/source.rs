@@ -55,6 +55,30 @@ pub enum SourceError {
     },
 }
 
+/// What the pipeline has found out about the server, shared with the replays.
+#[derive(Debug, Default)]
+pub struct ServerTraits {
+    refuses_lost_history: std::sync::OnceLock<bool>,
+}
+
+impl ServerTraits {
+    /// Whether a start at a time older than the server's history is known to fail loudly
+    /// (see [`Source::refuses_lost_history`]); false until known.
+    pub fn refuses_lost_history(&self) -> bool {
+        self.refuses_lost_history.get().copied().unwrap_or(false)
+    }
+
+    /// Whether it has been asked yet.
+    pub fn known(&self) -> bool {
+        self.refuses_lost_history.get().is_some()
+    }
+
+    /// Records the answer (the first one counts).
+    pub fn learn(&self, refuses_lost_history: bool) {
+        let _ = self.refuses_lost_history.set(refuses_lost_history);
+    }
+}
+
 /// What the stream watches and how.
 #[derive(Debug, Clone)]
 pub struct SourceSpec {
@@ -109,6 +133,46 @@ impl Source {
             spec,
             stream: stream.with_type::<Document>(),
         })
+    }
+
+    /// The server's current operation time, read from a one-document `find` in a session:
+    /// a stream opened at it (inclusive) starts exactly "now" at a known position, which
+    /// `StartAt::Now` does not tell. `None` when the server does not report it.
+    pub async fn server_time(client: &Client, spec: &SourceSpec) -> Option<bson::Timestamp> {
+        let coll = spec.collections.first()?;
+        let mut session = client.start_session().await.ok()?;
+        client
+            .database(&spec.database)
+            .collection::<Document>(coll)
+            .find_one(doc! {})
+            .session(&mut session)
+            .await
+            .ok()?;
+        session.operation_time()
+    }
+
+    /// Whether the server refuses a stream that starts at a time older than its history
+    /// (MongoDB: `ChangeStreamHistoryLost`) rather than silently starting later
+    /// (SecantusDB does). Only where it refuses is a time-only position a safe start
+    /// point. Asked once with a start in 1970; `None` when the answer is unclear.
+    pub async fn refuses_lost_history(client: &Client, spec: &SourceSpec) -> Option<bool> {
+        let probe = SourceSpec {
+            max_await: Duration::from_millis(100),
+            ..spec.clone()
+        };
+        let epoch = StartAt::Time(bson::Timestamp {
+            time: 1,
+            increment: 0,
+        });
+        match Self::open(client, probe, &epoch).await {
+            Err(SourceError::HistoryLost { .. }) => Some(true),
+            Err(_) => None,
+            Ok(mut s) => match s.next().await {
+                Err(SourceError::HistoryLost { .. }) => Some(true),
+                Err(_) => None,
+                Ok(_) => Some(false),
+            },
+        }
     }
 
     /// One `getMore`'s worth: the next change, or `None` when the batch was empty

@@ -3,8 +3,6 @@
 use bson::{Bson, Document, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 
-use crate::event::EventId;
-
 /// Why a token or start time given by an operator is unusable.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TokenError {
@@ -70,19 +68,9 @@ pub fn parse_start_at(input: &str) -> Result<Timestamp, TokenError> {
     })
 }
 
-/// The `_data` hex of a token document, which is also the event id.
-pub fn event_id(token: &Document) -> Option<EventId> {
-    token.get_str("_data").ok().map(EventId::new)
-}
-
-/// The KeyString prefix of a cluster time: sorts before every mongod token of that
-/// time and after every earlier one. An internal bound, never resumed from.
-pub fn time_prefix(ts: Timestamp) -> String {
-    format!("82{:08X}{:08X}", ts.time, ts.increment)
-}
-
 /// The cluster time a token encodes, when it is in the KeyString v1 form that
-/// mongod (and mongo-sim) use: `82` then the timestamp as 8 big-endian bytes.
+/// mongod (and mongo-sim) use: `82` then the timestamp as 8 big-endian bytes. For
+/// operators only (`token show` of an older checkpoint): ids and order never rely on it.
 pub fn cluster_time(data_hex: &str) -> Option<Timestamp> {
     if !data_hex.get(..2)?.eq_ignore_ascii_case("82") {
         return None;

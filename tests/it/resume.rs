@@ -271,8 +271,12 @@ async fn resume_flags_start_where_they_say() {
         ["b", "c", "m1"],
         "--resume-token JSON starts after a, despite the stored checkpoint"
     );
-    assert_eq!(lines[0]["id"], id_b.as_str(), "event ids are resume tokens");
-    assert_eq!(lines[1]["id"], id_c.as_str());
+    assert_eq!(
+        lines[0]["token"],
+        id_b.as_str(),
+        "lines carry their resume tokens"
+    );
+    assert_eq!(lines[1]["token"], id_c.as_str());
 
     let (seen, _) = run(vec!["--resume-token".into(), id_b.to_ascii_lowercase()]).await;
     assert_eq!(seen, ["c", "m1", "m2"], "--resume-token hex starts after b");
@@ -851,10 +855,12 @@ async fn hostile_documents_never_misroute_and_the_checkpoint_advances() {
 
     // The checkpoint keeps advancing while the documents go through.
     let cp_path = dir.path().join("cp.json");
+    // The stream position saved with the token: ordered like event ids on any server
+    // (tokens themselves need not sort).
     let stored_token = || -> Option<String> {
         let text = std::fs::read_to_string(&cp_path).ok()?;
         let v: Value = serde_json::from_str(&text).ok()?;
-        v["streams"][&db.name]["token"]["_data"]
+        v["streams"][&db.name]["position"]
             .as_str()
             .map(str::to_owned)
     };

@@ -460,15 +460,28 @@ pub fn start_tail(config: &std::path::Path, out: std::path::PathBuf) -> Tail {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
-        let mut told = false;
+        // Until the stream opens: the lines, so that a failed start says why.
+        let mut before = Some(String::new());
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !told && line.contains("change stream open") {
-                told = tx.send(()).is_ok();
+            if let Some(b) = &mut before {
+                if line.contains("change stream open") {
+                    let _ = tx.send(Ok(()));
+                    before = None;
+                } else {
+                    b.push_str(&line);
+                    b.push('\n');
+                }
             }
         }
+        if let Some(b) = before {
+            let _ = tx.send(Err(b));
+        }
     });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("tail never opened its stream");
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(())) => {}
+        Ok(Err(stderr)) => panic!("tail exited before opening its stream:\n{stderr}"),
+        Err(e) => panic!("tail never opened its stream: {e}"),
+    }
     Tail { child, out }
 }
 

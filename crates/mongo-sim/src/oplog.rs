@@ -103,6 +103,15 @@ pub(crate) fn parse_token(data: &str) -> Option<TokenInfo> {
         time: hex(2..10)?,
         increment: hex(10..18)?,
     };
+    if data.len() == 18 {
+        // A stream opened at a time reports its start as its resume token until it
+        // reads past it; like mongod's initial high-water mark, it can be resumed from.
+        return Some(TokenInfo {
+            ts,
+            invalidate: false,
+            hwm: true,
+        });
+    }
     match data.get(18..20)? {
         HWM_TAG if data.len() == 20 => Some(TokenInfo {
             ts,
@@ -129,6 +138,9 @@ pub(crate) struct Oplog {
     entries: VecDeque<Entry>,
     cap: usize,
     truncated: bool,
+    /// When the oplog began (mongod's "initiating set" entry): a start before it needs
+    /// history this server never had, which mongod refuses as it does dropped history.
+    origin: Timestamp,
 }
 
 impl Oplog {
@@ -138,6 +150,10 @@ impl Oplog {
             entries: VecDeque::new(),
             cap: cap.max(1),
             truncated: false,
+            origin: Timestamp {
+                time: crate::clock::wall_secs(),
+                increment: 0,
+            },
         }
     }
 
@@ -145,6 +161,10 @@ impl Oplog {
     pub(crate) fn restore(cap: usize, entries: Vec<Entry>, truncated: bool) -> Self {
         let mut log = Self::new(cap);
         log.truncated = truncated;
+        if let Some(first) = entries.first() {
+            // The original start is not persisted; the oldest entry kept is the best known.
+            log.origin = first.ts;
+        }
         for e in entries {
             log.push(e);
         }
@@ -170,14 +190,16 @@ impl Oplog {
         &self.entries
     }
 
-    /// Whether resuming from a position at `ts` would need entries that were dropped: the
-    /// position must be at or after the oldest retained entry, as mongod requires.
+    /// Whether resuming from a position at `ts` would need entries that were dropped or
+    /// that predate the oplog: the position must be at or after the oldest entry, as
+    /// mongod requires (it fails a scan whose start has "fallen off the oplog", including
+    /// a start before the replica set's first entry).
     pub(crate) fn history_lost(&self, ts: Timestamp) -> bool {
-        self.truncated
-            && self
-                .entries
-                .front()
-                .is_some_and(|oldest| ts_key(ts) < ts_key(oldest.ts))
+        let oldest = match (self.truncated, self.entries.front()) {
+            (true, Some(front)) => front.ts,
+            _ => self.origin,
+        };
+        ts_key(ts) < ts_key(oldest)
     }
 
     /// Index of the first entry whose token sorts after `pos`.
@@ -215,6 +237,7 @@ mod tests {
         assert!(hwm_token(ts(9, u32::MAX)) < start);
         assert!(parse_token(&inv).unwrap().invalidate);
         assert!(parse_token(&hwm).unwrap().hwm);
+        assert!(parse_token(&start).unwrap().hwm, "a start position resumes");
         assert!(parse_token("82ZZ").is_none());
     }
 
@@ -242,5 +265,13 @@ mod tests {
         assert!(!log.history_lost(ts(10, 2)));
         assert!(!log.history_lost(ts(10, 3)));
         assert_eq!(log.first_after(&event_token(ts(10, 2), 0, false)), 1);
+    }
+
+    #[test]
+    fn a_start_before_the_oplog_began_is_history_lost_even_untruncated() {
+        let log = Oplog::new(10);
+        assert!(log.history_lost(ts(1, 0)), "1970 is before this oplog");
+        let now = crate::clock::wall_secs();
+        assert!(!log.history_lost(ts(now + 1, 0)));
     }
 }
