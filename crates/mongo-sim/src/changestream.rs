@@ -325,7 +325,17 @@ impl ChangeStream {
             "update" => {
                 ev.insert("ns", ns);
                 ev.insert("documentKey", key.clone());
-                ev.insert("updateDescription", e.desc.clone().unwrap_or_default());
+                let mut desc = e.desc.clone().unwrap_or_default();
+                // mongod (6.1+) adds `disambiguatedPaths` (empty when nothing is
+                // ambiguous) only for `showExpandedEvents` streams.
+                if self.expanded {
+                    if !desc.contains_key("disambiguatedPaths") {
+                        desc.insert("disambiguatedPaths", Document::new());
+                    }
+                } else {
+                    desc.remove("disambiguatedPaths");
+                }
+                ev.insert("updateDescription", desc);
                 let post = match self.full {
                     FullDoc::Default => None,
                     FullDoc::UpdateLookup => Some(lookup(state, e, &key)),
@@ -381,6 +391,9 @@ impl ChangeStream {
                 if let Some(x) = &e.extra {
                     if let Ok(d) = x.get_document("operationDescription") {
                         ev.insert("operationDescription", d.clone());
+                    }
+                    if let Ok(d) = x.get_document("stateBeforeChange") {
+                        ev.insert("stateBeforeChange", d.clone());
                     }
                 }
             }

@@ -361,6 +361,11 @@ impl State {
             .get_mut(db)
             .and_then(|d| d.get_mut(coll))
             .ok_or_else(|| CmdError::new(26, format!("ns does not exist: {db}.{coll}")))?;
+        // mongod's `modify` events carry the options as they were before the collMod.
+        let mut before = doc! {"uuid": c.uuid.clone()};
+        for (k, v) in &c.options {
+            before.insert(k.clone(), v.clone());
+        }
         for (k, v) in &changes {
             c.options.insert(k.clone(), v.clone());
         }
@@ -370,7 +375,10 @@ impl State {
             Some(coll),
             "modify",
             Change {
-                extra: Some(doc! {"operationDescription": changes}),
+                extra: Some(doc! {
+                    "operationDescription": changes,
+                    "stateBeforeChange": {"collectionOptions": before},
+                }),
                 ..Change::default()
             },
         );

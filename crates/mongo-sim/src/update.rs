@@ -679,7 +679,58 @@ pub(crate) fn describe(old: &Document, new: &Document, touched: &[String]) -> Do
             (None, None) => {}
         }
     }
-    doc! {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated}
+    // Kept in the oplog entry and shown only to `showExpandedEvents` streams, as mongod 6.1+.
+    let mut disambiguated = Document::new();
+    for (path, within) in updated
+        .keys()
+        .map(|k| (k.as_str(), new))
+        .chain(removed.iter().filter_map(|b| b.as_str()).map(|k| (k, old)))
+    {
+        if let Some(parts) = disambiguate(path, within) {
+            disambiguated.insert(path.to_owned(), parts);
+        }
+    }
+    doc! {
+        "updatedFields": updated,
+        "removedFields": removed,
+        "truncatedArrays": truncated,
+        "disambiguatedPaths": disambiguated,
+    }
+}
+
+/// A path's components, array indices as ints, when the dotted form is ambiguous:
+/// mongod lists a path whose components include a numeric field name (not an array
+/// index), since `a.1` alone cannot say which it is.
+fn disambiguate(path: &str, doc: &Document) -> Option<Bson> {
+    let mut parts = Vec::new();
+    let mut ambiguous = false;
+    let mut cur: Option<&Bson> = None;
+    for (i, comp) in path.split('.').enumerate() {
+        let here = if i == 0 { doc.get(comp) } else { None };
+        match (i, cur) {
+            (0, _) => {
+                ambiguous |= comp.bytes().all(|b| b.is_ascii_digit());
+                parts.push(Bson::String(comp.to_owned()));
+                cur = here;
+            }
+            (_, Some(Bson::Array(items))) if comp.parse::<usize>().is_ok() => {
+                let idx = comp.parse::<usize>().unwrap_or(0);
+                parts.push(Bson::Int32(i32::try_from(idx).unwrap_or(i32::MAX)));
+                cur = items.get(idx);
+            }
+            (_, Some(Bson::Document(d))) => {
+                ambiguous |= comp.bytes().all(|b| b.is_ascii_digit());
+                parts.push(Bson::String(comp.to_owned()));
+                cur = d.get(comp);
+            }
+            _ => {
+                ambiguous |= comp.bytes().all(|b| b.is_ascii_digit());
+                parts.push(Bson::String(comp.to_owned()));
+                cur = None;
+            }
+        }
+    }
+    ambiguous.then_some(Bson::Array(parts))
 }
 
 #[cfg(test)]
@@ -770,7 +821,18 @@ mod tests {
         );
         assert_eq!(
             d,
-            doc! {"updatedFields": {"a": 2, "t.1": 2, "s": 3}, "removedFields": ["r"], "truncatedArrays": []}
+            doc! {"updatedFields": {"a": 2, "t.1": 2, "s": 3}, "removedFields": ["r"], "truncatedArrays": [], "disambiguatedPaths": {}}
+        );
+    }
+
+    #[test]
+    fn numeric_field_names_are_disambiguated_array_indices_are_not() {
+        let old = doc! {"_id": 1, "a": {"1": 1}, "b": [{"1": 1}], "t": [1]};
+        let new = doc! {"_id": 1, "a": {"1": 2}, "b": [{"1": 2}], "t": [1, 2]};
+        let d = describe(&old, &new, &["a.1".into(), "b.0.1".into(), "t".into()]);
+        assert_eq!(
+            d.get_document("disambiguatedPaths").unwrap(),
+            &doc! {"a.1": ["a", "1"], "b.0.1": ["b", 0, "1"]}
         );
     }
 }
