@@ -136,8 +136,10 @@ async fn payments_and_settings_reach_their_rooms() {
 /// events, history and recovery by tokens that lie (which dropped events silently).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_tokens_do_not_sort_is_refused_loudly() {
-    if external() {
-        eprintln!("SKIP a_server_whose_tokens_do_not_sort_is_refused_loudly: needs mongo-sim's unordered_tokens option");
+    if skip_unless_sim(
+        "a_server_whose_tokens_do_not_sort_is_refused_loudly",
+        "mongo-sim's unordered_tokens option",
+    ) {
         return;
     }
     let db = Db::start_with(mongo_sim::SimConfig {
