@@ -15,10 +15,13 @@ pub const HISTORY_LOST: i32 = 286;
 
 /// Server errors that retrying cannot fix, so the stream stops for the operator instead of
 /// reconnecting forever: `Unauthorized` (13, the user lacks `changeStream`/`find`),
-/// `InvalidResumeToken` (260, a token from another cluster or mistyped),
-/// `ChangeStreamFatalError` (280), 40573 (change streams need a replica set), and 40415
-/// (an option the server does not know: `fullDocumentBeforeChange` needs MongoDB 6.0+).
-pub const FATAL_CODES: [i32; 5] = [13, 260, 280, 40415, 40573];
+/// `InvalidResumeToken` (260, a token from another cluster or mistyped), the three ways
+/// mongod refuses a token it cannot decode (`FailedToParse` 9 for one that is not hex,
+/// 40649 for an empty one, 50811 for bytes that are no KeyString; SecantusDB answers 9 to
+/// any token not its own), `ChangeStreamFatalError` (280), 40573 (change streams need a
+/// replica set), and 40415 (an option the server does not know: `fullDocumentBeforeChange`
+/// needs MongoDB 6.0+).
+pub const FATAL_CODES: [i32; 8] = [9, 13, 260, 280, 40415, 40573, 40649, 50811];
 
 /// Why a stream stopped.
 #[derive(Debug, thiserror::Error)]

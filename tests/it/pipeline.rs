@@ -138,8 +138,10 @@ async fn payments_and_settings_reach_their_rooms() {
 /// events silently here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_tokens_do_not_sort_loses_and_repeats_nothing() {
-    if external() {
-        eprintln!("SKIP a_server_whose_tokens_do_not_sort_loses_and_repeats_nothing: needs mongo-sim's unordered_tokens option");
+    if skip_unless_sim(
+        "a_server_whose_tokens_do_not_sort_loses_and_repeats_nothing",
+        "mongo-sim's unordered_tokens option",
+    ) {
         return;
     }
     let db = Db::start_with(mongo_sim::SimConfig {

@@ -166,8 +166,10 @@ async fn beyond_history_replays_from_the_oplog() {
 /// `since` older than the oplog: an explicit `resync`, and the room then continues live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_the_oplog_answers_resync() {
-    if external() {
-        eprintln!("SKIP beyond_the_oplog_answers_resync: needs mongo-sim's small oplog");
+    if skip_unless_sim(
+        "beyond_the_oplog_answers_resync",
+        "mongo-sim's tiny oplog (oplog_size = 30)",
+    ) {
         return;
     }
     let db = Db::start_with(mongo_sim::SimConfig {
@@ -241,8 +243,10 @@ fn lag(metrics: &str) -> f64 {
 /// again after it returns; nothing written after the return is missed and lag goes back to ~0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_database() {
-    if external() {
-        eprintln!("SKIP readiness_follows_the_database: needs to stop mongo-sim");
+    if skip_unless_sim(
+        "readiness_follows_the_database",
+        "to stop and restart the server (mongo-sim's handle)",
+    ) {
         return;
     }
     let db = Db::start().await;
@@ -426,8 +430,10 @@ async fn sigterm_closes_with_1001_saves_the_checkpoint_and_exits_0() {
 /// every room gets `resync`, service continues, and recovery after the gap works from history again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_lost_while_running_resyncs_every_room_and_continues() {
-    if external() {
-        eprintln!("SKIP history_lost_while_running_resyncs_every_room_and_continues: needs mongo-sim's small oplog");
+    if skip_unless_sim(
+        "history_lost_while_running_resyncs_every_room_and_continues",
+        "mongo-sim's tiny oplog (oplog_size = 20)",
+    ) {
         return;
     }
     let db = Db::start_with(mongo_sim::SimConfig {
@@ -550,8 +556,10 @@ async fn oplog_replay_routes_changes_to_documents_deleted_since() {
 /// still comes within the grace period, non-zero because the final checkpoint could not be saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_the_database_down_still_exits_within_the_grace_period() {
-    if external() {
-        eprintln!("SKIP sigterm_with_the_database_down_still_exits_within_the_grace_period: needs to stop mongo-sim");
+    if skip_unless_sim(
+        "sigterm_with_the_database_down_still_exits_within_the_grace_period",
+        "to stop the server (mongo-sim's handle)",
+    ) {
         return;
     }
     let db = Db::start().await;

@@ -37,6 +37,83 @@ pub fn external() -> bool {
     std::env::var("TEST_MONGODB_URI").is_ok_and(|u| !u.is_empty())
 }
 
+/// The server the tests talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// mongo-sim: a private one per test, or one at `TEST_MONGODB_URI`.
+    MongoSim,
+    /// SecantusDB at `TEST_MONGODB_URI`.
+    Secantus,
+    /// Anything else at `TEST_MONGODB_URI`: taken for MongoDB.
+    MongoDb,
+}
+
+impl Backend {
+    /// Tells the server at `client` apart by its `buildInfo`: SecantusDB adds `secantusVersion`,
+    /// mongo-sim's `gitVersion` is `mongo-sim`.
+    pub async fn of(client: &mongodb::Client) -> Backend {
+        let info = client
+            .database("admin")
+            .run_command(bson::doc! {"buildInfo": 1})
+            .await
+            .expect("buildInfo");
+        if info.contains_key("secantusVersion") {
+            Backend::Secantus
+        } else if info.get_str("gitVersion") == Ok("mongo-sim") {
+            Backend::MongoSim
+        } else {
+            Backend::MongoDb
+        }
+    }
+}
+
+/// The server the tests talk to: mongo-sim without `TEST_MONGODB_URI`, else asked once.
+pub async fn backend() -> Backend {
+    static BACKEND: tokio::sync::OnceCell<Backend> = tokio::sync::OnceCell::const_new();
+    if !external() {
+        return Backend::MongoSim;
+    }
+    *BACKEND
+        .get_or_init(|| async {
+            let uri = std::env::var("TEST_MONGODB_URI").unwrap();
+            // A client of its own: a client is bound to the runtime that made it, and every
+            // test has its own runtime.
+            let client = mongodb::Client::with_uri_str(&uri).await.expect("client");
+            Backend::of(&client).await
+        })
+        .await
+}
+
+/// Prints `SKIP <test>: <reason>` (on stderr, and appended to the file `IT_SKIP_LOG` names,
+/// which scripts/it-secantus lists at the end: nextest shows no output of passing tests).
+/// Call it, then return: a skipped test is one that did not run, said out loud.
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("SKIP {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("IT_SKIP_LOG") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("IT_SKIP_LOG");
+        writeln!(f, "{line}").expect("IT_SKIP_LOG");
+    }
+}
+
+/// For a test that needs a mongo-sim feature (a fail point, a tiny oplog, stopping the
+/// server): skips it with `needs` as the reason when the tests run elsewhere. True if skipped.
+pub fn skip_unless_sim(test: &str, needs: &str) -> bool {
+    if external() {
+        skip(
+            test,
+            &format!("needs {needs} (TEST_MONGODB_URI is set, so no private mongo-sim)"),
+        );
+        return true;
+    }
+    false
+}
+
 impl Db {
     pub async fn start() -> Db {
         Self::start_with(mongo_sim::SimConfig {
