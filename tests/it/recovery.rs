@@ -689,6 +689,14 @@ async fn a_restarted_process_recovers_returning_clients_from_warmed_history() {
         order(&db, "someone-else", n).await;
     }
     let b = Server::start_in(&db, "", dir, Default::default()).await;
+    // A server that silently starts later than asked when asked for a time before its
+    // history (SecantusDB) cannot prove that a start position is still covered: clients
+    // whose only `since` is one (the idle ones) are told to resync there, never skipped.
+    let clamps = backend().await == Backend::Secantus;
+    if clamps {
+        eprintln!("NOTE a_restarted_process_recovers_returning_clients_from_warmed_history: SecantusDB starts silently at its oldest entry when asked for an earlier time, so the idle clients (start positions, no event) may be told to resync");
+    }
+    let mut resynced = 0.0;
     for (i, s) in since.iter().enumerate() {
         let url = format!("{}?since={s}", b.ws_url());
         let mut c = Client::try_connect_url(&url, Some(&customer_token(&format!("w{i}"))), &[])
@@ -705,15 +713,18 @@ async fn a_restarted_process_recovers_returning_clients_from_warmed_history() {
             }))
             .await
         {
-            assert_ne!(m["type"], "resync", "client {i} was told to resync: {m}");
+            if m["type"] == "resync" {
+                assert!(clamps && i >= OWED, "client {i} was told to resync: {m}");
+                resynced += 1.0;
+                continue;
+            }
             if m["type"] == "event" {
                 got.push(m);
             }
         }
         assert_eq!(got.len(), want, "client {i}: {got:?}");
-        for (k, e) in got.iter().enumerate() {
+        for e in &got {
             assert_eq!(e["data"]["status"], "pending");
-            let _ = k;
         }
     }
     let (_, metrics) = b.get("/metrics").await;
@@ -724,13 +735,13 @@ async fn a_restarted_process_recovers_returning_clients_from_warmed_history() {
             .find_map(|l| l.strip_prefix(&key)?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    assert_eq!(count("history"), CLIENTS as f64, "{metrics}");
+    assert_eq!(count("history"), CLIENTS as f64 - resynced, "{metrics}");
     assert_eq!(
         count("oplog"),
         0.0,
         "a recovery opened a change stream: {metrics}"
     );
-    assert_eq!(count("resync"), 0.0, "{metrics}");
+    assert_eq!(count("resync"), resynced, "{metrics}");
 }
 
 /// A storm of clients whose `since` lies beyond the in-memory history: one shared oplog

@@ -661,9 +661,17 @@ async fn token_show_prints_the_stored_token_and_its_time() {
         text.contains(&format!("last event id: {last_id}")),
         "{text}"
     );
-    // The cluster time in both forms, decoded from the token itself.
-    let secs = u32::from_str_radix(&token[2..10], 16).unwrap();
-    let inc = u32::from_str_radix(&token[10..18], 16).unwrap();
+    // The cluster time in both forms, of the stream position saved with the token (on
+    // every server; MongoDB's tokens also carry it, SecantusDB's do not say).
+    let position = entry["position"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("position:      {position}")),
+        "{text}"
+    );
+    let at = changecast::sequence::position(&changecast::event::EventId::new(position))
+        .unwrap()
+        .timestamp();
+    let (secs, inc) = (at.time, at.increment);
     let rfc = time::OffsetDateTime::from_unix_timestamp(i64::from(secs))
         .unwrap()
         .format(&time::format_description::well_known::Rfc3339)
