@@ -116,6 +116,19 @@ impl Collector for RuntimeTasks {
     }
 }
 
+/// Every `reason` of `changecast_events_dropped`, as the mapper reports them.
+pub const DROP_REASONS: &[&str] = &[
+    "missing_event_id",
+    "unknown_operation",
+    "unhandled_operation",
+    "unknown_collection",
+    "missing_field",
+    "wrong_type",
+    "no_owner_for_delete",
+    "invalid_room_id",
+    "no_rooms",
+];
+
 /// Every metric changecast exports.
 pub struct Metrics {
     registry: Registry,
@@ -191,20 +204,7 @@ impl Metrics {
             });
         }
         let families: [(&Family<ReasonLabels, Counter>, &[&'static str]); 4] = [
-            (
-                &self.events_dropped,
-                &[
-                    "missing_event_id",
-                    "unknown_operation",
-                    "unhandled_operation",
-                    "unknown_collection",
-                    "missing_field",
-                    "wrong_type",
-                    "no_owner_for_delete",
-                    "invalid_room_id",
-                    "no_rooms",
-                ],
-            ),
+            (&self.events_dropped, DROP_REASONS),
             // Token failures (`AuthError::REASONS`) and expiry while connected.
             (&self.auth_failures, &["expired_in_session"]),
             (

@@ -101,19 +101,11 @@ fn dropped(metrics: &Metrics, reason: &'static str) -> u64 {
         .get()
 }
 
-const REASONS: [&str; 8] = [
-    "missing_event_id",
-    "unknown_operation",
-    "unhandled_operation",
-    "unknown_collection",
-    "missing_field",
-    "wrong_type",
-    "no_owner_for_delete",
-    "no_rooms",
-];
-
 fn dropped_total(metrics: &Metrics) -> u64 {
-    REASONS.iter().map(|r| dropped(metrics, r)).sum()
+    changecast::metrics::DROP_REASONS
+        .iter()
+        .map(|r| dropped(metrics, r))
+        .sum()
 }
 
 #[test]
@@ -377,7 +369,10 @@ fn adapted_fixtures_route_to_their_owners_rooms() {
         let out = mapper.map(&f.event).unwrap();
         if let Some((_, why)) = KNOWN_CHANGECAST_BUGS.iter().find(|(n, _)| *n == f.name) {
             let reason = why.split(':').next().unwrap();
-            let reason: &'static str = REASONS.iter().find(|r| **r == reason).unwrap();
+            let reason: &'static str = changecast::metrics::DROP_REASONS
+                .iter()
+                .find(|r| **r == reason)
+                .unwrap();
             assert!(
                 out.is_empty() && dropped(&metrics, reason) == 1,
                 "{}: the known bug no longer reproduces; remove it from KNOWN_CHANGECAST_BUGS: {out:?}",
@@ -388,7 +383,10 @@ fn adapted_fixtures_route_to_their_owners_rooms() {
         }
         if let Some(reason) = expect.get("dropped").and_then(|r| r.as_str()) {
             assert!(out.is_empty(), "{}: {out:?}", f.name);
-            let reason: &'static str = REASONS.iter().find(|r| **r == reason).unwrap();
+            let reason: &'static str = changecast::metrics::DROP_REASONS
+                .iter()
+                .find(|r| **r == reason)
+                .unwrap();
             assert_eq!(dropped(&metrics, reason), 1, "{}", f.name);
             n += 1;
             continue;
