@@ -891,3 +891,226 @@ async fn an_idle_client_is_told_the_position_and_recovers_from_it() {
         "{metrics}"
     );
 }
+
+/// A replay's answer for one `(room, since)`: the ids of the events that followed the
+/// `subscribed` reply in that room, read until the room is quiet (no expected count is
+/// given, so a replay that delivers too much shows).
+async fn replayed(server: &Server, room: &str, since: &str) -> Vec<String> {
+    let (mut c, _) = Client::connect(server, &admin_token()).await;
+    let ack = c.subscribe(room, Some(since)).await;
+    assert_eq!(ack["recovered"], true, "{room} since {since}: {ack}");
+    c.drain(Duration::from_millis(700))
+        .await
+        .into_iter()
+        .inspect(|m| assert_ne!(m["type"], "resync", "{room}: {m}"))
+        .filter(|m| m["type"] == "event" && m["room"] == room)
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Issue 13's equivalence: one shared oplog scan serving many recoveries at once gives
+/// each exactly what a scan of its own gives, and both equal the live stream's events of
+/// that room after `since`. Random rooms (customer and store rooms of changes routed to
+/// both) and random `since`s over orders that were inserted and moved through statuses;
+/// the history keeps 3 events, so every recovery goes to the oplog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_replay_delivers_exactly_what_separate_replays_would() {
+    const REQUESTS: usize = 10;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: usize| {
+        // xorshift: enough to vary rooms and positions between runs; the seed is printed.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let db = Db::start().await;
+    let server = Server::start(&db, "[hub]\nhistory_len = 3\n").await;
+    let (mut admin, _) = Client::connect(&server, &admin_token()).await;
+    let orders = db.coll("orders");
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let r = orders
+            .insert_one(doc! {"customerId": format!("p{}", next(4)), "storeId": format!("t{}", next(3)), "status": "new", "orderNumber": i})
+            .await
+            .unwrap();
+        ids.push(r.inserted_id);
+    }
+    for status in ["accepted", "packing", "ready", "completed"] {
+        for id in &ids {
+            if next(3) > 0 {
+                orders
+                    .update_one(doc! {"_id": id}, doc! {"$set": {"status": status}})
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    // What the live stream published, as the admin room saw it: every change of the run.
+    let live: Vec<Value> = admin.drain(Duration::from_secs(2)).await;
+    let live: Vec<&Value> = live.iter().filter(|m| m["type"] == "event").collect();
+    assert!(live.len() >= 12, "only {} live events", live.len());
+    let truth = |room: &str, since: &str| -> Vec<String> {
+        let (kind, key) = room.split_once(':').unwrap();
+        let field = if kind == "customer" {
+            "customerId"
+        } else {
+            "storeId"
+        };
+        let pos = live.iter().position(|e| e["id"] == since).unwrap();
+        live[pos + 1..]
+            .iter()
+            .filter(|e| e["data"][field] == key)
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let requests: Vec<(String, String)> = (0..REQUESTS)
+        .map(|_| {
+            let room = if next(2) == 0 {
+                format!("customer:p{}", next(4))
+            } else {
+                format!("store:t{}", next(3))
+            };
+            // Anywhere but the last few (which the history still holds).
+            let since = live[next(live.len() - 4)]["id"].as_str().unwrap().to_owned();
+            (room, since)
+        })
+        .collect();
+    let opened = |m: &str| metric_value(m, "changecast_replay_streams_opened_total");
+
+    // Shared: every request at once.
+    let before = opened(&server.get("/metrics").await.1);
+    let server = std::sync::Arc::new(server);
+    let mut tasks = Vec::new();
+    for (room, since) in requests.clone() {
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move {
+            replayed(&s, &room, &since).await
+        }));
+    }
+    let mut shared = Vec::new();
+    for t in tasks {
+        shared.push(t.await.unwrap());
+    }
+    let after_shared = opened(&server.get("/metrics").await.1);
+
+    // Separate: one at a time, each a scan of its own.
+    let mut separate = Vec::new();
+    for (room, since) in &requests {
+        separate.push(replayed(&server, room, since).await);
+    }
+    let after_separate = opened(&server.get("/metrics").await.1);
+
+    for (i, (room, since)) in requests.iter().enumerate() {
+        let want = truth(room, since);
+        assert_eq!(separate[i], want, "separate replay {i} ({room}, seed {seed})");
+        assert_eq!(shared[i], separate[i], "shared replay {i} ({room}, seed {seed})");
+    }
+    assert!(
+        after_shared - before <= 2.0,
+        "{} streams for {REQUESTS} requests at once",
+        after_shared - before
+    );
+    assert_eq!(
+        after_separate - after_shared,
+        REQUESTS as f64,
+        "each separate request its own scan"
+    );
+}
+
+/// Issue 13: a client idle for longer than `hub.history_age` (nothing in its rooms, the
+/// history of other rooms expiring meanwhile) reconnects, even to a restarted process,
+/// with the position it was last told: `recovered: true` from history, no oplog scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_beyond_history_age_recovers_without_an_oplog_scan() {
+    let extra = "[server]\nping_interval = \"200ms\"\n[hub]\nhistory_age = \"1s\"\n";
+    let db = Db::start().await;
+    let mut a = Server::start(&db, extra).await;
+    let (mut c, welcome) = Client::connect(&a, &customer_token("quiet")).await;
+    let mut position = welcome["position"].as_str().unwrap().to_owned();
+    // 3 s of other customers' orders: the history's oldest entries expire (1 s), so a
+    // position from the start would lie below the floor; the pings keep this one fresh.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut n = 0;
+    while tokio::time::Instant::now() < until {
+        order(&db, "busy", n).await;
+        n += 1;
+        while let Some(m) = c.next_json_within(Duration::from_millis(100)).await {
+            assert_ne!(m["type"], "event", "{m}");
+            if m["type"] == "position" {
+                position = m["position"].as_str().unwrap().to_owned();
+            }
+        }
+    }
+    // Let the last writes be told as well.
+    for m in c.drain(Duration::from_millis(600)).await {
+        if m["type"] == "position" {
+            position = m["position"].as_str().unwrap().to_owned();
+        }
+    }
+    drop(c);
+    // The same process first.
+    let (mut c, _) = Client::connect(&a, &admin_token()).await;
+    let ack = c.subscribe("customer:quiet", Some(&position)).await;
+    assert_eq!(ack["recovered"], true, "same process: {ack}");
+    drop(c);
+
+    // Then a restart (its history warmed from the oplog) after more than history_age.
+    let dir = std::mem::replace(&mut a.dir, tempfile::tempdir().unwrap());
+    a.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let b = Server::start_in(&db, extra, dir, Default::default()).await;
+    let (mut c, _) = Client::connect(&b, &admin_token()).await;
+    let ack = c.subscribe("customer:quiet", Some(&position)).await;
+    for m in c.drain(Duration::from_millis(500)).await {
+        assert_ne!(m["type"], "event", "{m}");
+        assert_ne!(m["type"], "resync", "{m}");
+    }
+    assert_eq!(ack["recovered"], true, "restarted process: {ack}");
+    let (_, metrics) = b.get("/metrics").await;
+    assert_eq!(
+        metric_value(&metrics, "changecast_replay_streams_opened_total"),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "changecast_recoveries_total{source=\"oplog\"}"),
+        0.0
+    );
+}
+
+/// As above with nothing published at all: the client holds the stream's start position
+/// (no event id), and the process restarts twice, each time more than `hub.history_age`
+/// later. The saved stream position is that start (no change moved it), and each restart's
+/// history begins `history_age` before it, so the position stays covered without a scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_position_stays_covered_across_restarts_with_nothing_published() {
+    let extra = "[hub]\nhistory_age = \"1s\"\n";
+    let db = Db::start().await;
+    let mut s = Server::start(&db, extra).await;
+    let (_, welcome) = Client::connect(&s, &customer_token("nobody")).await;
+    let position = welcome["position"].as_str().unwrap().to_owned();
+    for round in 0..2 {
+        let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+        s.stop().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        s = Server::start_in(&db, extra, dir, Default::default()).await;
+        let (mut c, _) = Client::connect(&s, &admin_token()).await;
+        let ack = c.subscribe("customer:nobody", Some(&position)).await;
+        assert_eq!(ack["recovered"], true, "restart {round}: {ack}");
+        for m in c.drain(Duration::from_millis(300)).await {
+            assert_ne!(m["type"], "resync", "restart {round}: {m}");
+        }
+        let (_, metrics) = s.get("/metrics").await;
+        assert_eq!(
+            metric_value(&metrics, "changecast_replay_streams_opened_total"),
+            0.0,
+            "restart {round}"
+        );
+    }
+}

@@ -38,13 +38,28 @@ pub fn size(name: &str, fast: u64, long: u64) -> u64 {
     }
 }
 
+/// How this test binary was built: timing figures mean little without it.
+pub fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+/// Cores this machine offers the test.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Prints one figure and appends it to `$RELIABILITY_FIGURES` (scripts/reliability collects them).
 pub fn figure(name: &str, value: impl std::fmt::Display) {
     // libtest names the test's thread after the test, which gives the command to rerun it.
     let test = std::thread::current().name().unwrap_or("?").to_owned();
     let line = format!(
-        "FIGURE | {name} | {value} | {} | {test}",
-        if full() { "full" } else { "fast" }
+        "FIGURE | {name} | {value} | {} {} | {test}",
+        if full() { "full" } else { "fast" },
+        build_profile()
     );
     eprintln!("{line}");
     if let Ok(path) = std::env::var("RELIABILITY_FIGURES") {
