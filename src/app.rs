@@ -75,6 +75,11 @@ impl AppError {
     pub fn is_history_lost(&self) -> bool {
         matches!(self, AppError::Pipeline(PipelineError::HistoryLost(_)))
     }
+
+    /// Whether this is an oversized change under `mongodb.oversize = "fail"` (its own exit code).
+    pub fn is_oversize(&self) -> bool {
+        matches!(self, AppError::Pipeline(PipelineError::Oversize(_)))
+    }
 }
 
 /// The listeners a caller bound for [`start`] (the library never binds a port).
@@ -205,6 +210,8 @@ fn pipeline(
             checkpoint_interval: config.checkpoint.interval,
             checkpoint_every: config.checkpoint.every_events.get(),
             on_history_lost: opts.on_history_lost,
+            on_oversize: config.mongo.oversize,
+            routing_paths: routing_paths(config),
             start_override: opts.start_override.clone(),
             max_backoff: MAX_BACKOFF,
         },
@@ -452,4 +459,22 @@ pub async fn tail(
     .run(stop)
     .await
     .map_err(AppError::from)
+}
+
+/// Every document path routing reads (`[fields]`): what an oversized change keeps of its
+/// documents when it is looked at to tell its rooms.
+fn routing_paths(config: &Config) -> Vec<String> {
+    let f = &config.fields;
+    let mut paths: Vec<String> = f
+        .customer
+        .iter()
+        .chain(&f.store)
+        .chain(&f.order_id)
+        .chain(&f.settings_store)
+        .chain([&f.status, &f.order_type, &f.payment_status])
+        .cloned()
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
 }

@@ -16,6 +16,8 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// The stored resume token fell out of the oplog under `--on-history-lost=fail`.
     pub const HISTORY_LOST: u8 = 3;
+    /// A change event over 16 MiB under `mongodb.oversize = "fail"`.
+    pub const OVERSIZE: u8 = 4;
     /// Bad command line or configuration (sysexits EX_USAGE).
     pub const USAGE: u8 = 64;
 }

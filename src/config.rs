@@ -572,6 +572,8 @@ pub struct MongoConfig {
     /// How long to wait for the server when connecting; default `10s`.
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
+    /// A change event over 16 MiB that the server cannot split: `skip` (default) or `fail`.
+    pub oversize: crate::pipeline::OversizePolicy,
 }
 
 /// The watched collection names.
@@ -1111,6 +1113,14 @@ struct RawMongo {
     collections: RawCollections,
     checkpoint_collection: Option<Spanned<String>>,
     connect_timeout: Option<DurationLit>,
+    oversize: Option<RawOversize>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawOversize {
+    Skip,
+    Fail,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1502,6 +1512,10 @@ impl Config {
             collections,
             checkpoint_collection: checkpoint_collection.clone(),
             connect_timeout: dur(mongodb.connect_timeout, 10_000),
+            oversize: match mongodb.oversize {
+                None | Some(RawOversize::Skip) => crate::pipeline::OversizePolicy::Skip,
+                Some(RawOversize::Fail) => crate::pipeline::OversizePolicy::Fail,
+            },
         };
 
         // [fields]

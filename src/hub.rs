@@ -321,6 +321,35 @@ impl Hub {
         }
     }
 
+    /// Publishes, in place of `ev`, a `resync` notice to each of its rooms: the change
+    /// could not be read whole (`reason` says why), so its rooms must refetch. The notices
+    /// carry the change's id and go into history like events, so a client that comes
+    /// back with an older `since` is told too, in order, and never silently misses it.
+    pub fn publish_gap(&self, ev: &RoutedEvent, reason: &str) {
+        let reason: Arc<str> = reason.into();
+        let messages: Vec<Arc<Message>> = messages_for(ev, &self.ids)
+            .into_iter()
+            .map(|m| {
+                let mut gap = Message::new(
+                    m.id.clone(),
+                    m.room.clone(),
+                    Body::Resync {
+                        reason: reason.clone(),
+                    },
+                );
+                gap.owner = m.owner.clone();
+                gap.database = m.database.clone();
+                gap.wire_id = m.wire_id.clone();
+                Arc::new(gap)
+            })
+            .collect();
+        let mut st = self.state();
+        self.record(&mut st, ev, &messages);
+        for msg in &messages {
+            self.deliver(&mut st, msg);
+        }
+    }
+
     /// Records `ev`, an event a previous process already published, in history only: a
     /// starting process warms its history from the oplog so that clients who come back
     /// after a restart recover from memory. Without a floor set before (`set_floor`

@@ -228,6 +228,11 @@ async fn run(args: RunArgs, tail: bool) -> u8 {
             eprintln!("changecast: {}", error_chain(&e));
             exit::HISTORY_LOST
         }
+        Err(e) if e.is_oversize() => {
+            tracing::error!(error = %error_chain(&e), "stopping");
+            eprintln!("changecast: {}", error_chain(&e));
+            exit::OVERSIZE
+        }
         Err(e) => {
             tracing::error!(error = %error_chain(&e), "stopping");
             eprintln!("changecast: {}", error_chain(&e));

@@ -170,6 +170,29 @@ impl Mapper {
         owner
     }
 
+    /// Takes a change the server could not return whole (over 16 MiB, see
+    /// `Source::peek_next`) out of the stream: it is numbered like any other change, so
+    /// the ids after it are the same in every process, counted as dropped (`oversize`),
+    /// and routed from what `reduced` holds (its document key and the routing fields of
+    /// its documents) so that its rooms can be told to resync. The routing uses a
+    /// normalizer of its own: the reduced documents must not become remembered statuses.
+    pub fn skip(&mut self, reduced: &Document) -> Result<Vec<RoutedEvent>, OrderError> {
+        let throwaway = self.fresh_normalizer();
+        let kept = std::mem::replace(&mut self.normalizer, throwaway);
+        let routed = self.map(reduced);
+        self.normalizer = kept;
+        self.drop_reason("oversize");
+        routed
+    }
+
+    fn fresh_normalizer(&self) -> Normalizer {
+        let mut n = Normalizer::new(&self.config);
+        if let Some(book) = &self.book {
+            n = n.with_owner_book(book.clone());
+        }
+        n
+    }
+
     /// Forgets remembered document state (after a gap in the stream).
     pub fn forget(&mut self) {
         // The owner book stays: owners outlive a gap in the stream far better than statuses.

@@ -127,6 +127,7 @@ pub const DROP_REASONS: &[&str] = &[
     "no_owner_for_delete",
     "invalid_room_id",
     "no_rooms",
+    "oversize",
 ];
 
 /// Every metric changecast exports.

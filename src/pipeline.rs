@@ -37,6 +37,19 @@ pub enum HistoryLostPolicy {
     Resync,
 }
 
+/// What to do with a change event over the server's 16 MiB limit that the server
+/// cannot split (no `$changeStreamSplitLargeEvent`, or one field alone is too large).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OversizePolicy {
+    /// Skip that one change: count it (`events_dropped{reason="oversize"}`), log its id,
+    /// tell its rooms to resync, go on.
+    #[default]
+    Skip,
+    /// Stop with exit code 4 (`cli::exit::OVERSIZE`) and say which change it was.
+    Fail,
+}
+
 /// Where routed events go.
 #[derive(Clone)]
 pub enum Output {
@@ -61,6 +74,11 @@ pub struct PipelineConfig {
     pub checkpoint_every: usize,
     /// History-lost policy.
     pub on_history_lost: HistoryLostPolicy,
+    /// Oversized-event policy (`mongodb.oversize`).
+    pub on_oversize: OversizePolicy,
+    /// Paths into the documents that routing reads, kept when an oversized change is
+    /// looked at without its documents (see `Source::peek_next`).
+    pub routing_paths: Vec<String>,
     /// Where to start instead of the stored checkpoint (CLI `--resume-token`, `--start-at`, `--from-now`).
     pub start_override: Option<StartAt>,
     /// Longest wait between reconnect attempts.
@@ -137,6 +155,14 @@ pub enum PipelineError {
     /// A stream task panicked or was aborted.
     #[error("stream task failed: {0}")]
     Task(String),
+    /// A change event over 16 MiB under `mongodb.oversize = "fail"`.
+    #[error(
+        "{0}. It was not published and the checkpoint stays before it. Choose one: set \
+         mongodb.oversize = \"skip\" (skip it and tell its rooms to resync), use MongoDB 7.0 or \
+         6.0.9+ (changecast then asks for split events), shrink the document, or restart \
+         with --resume-token after it"
+    )]
+    Oversize(String),
     /// The server's change events cannot be put in commit order (no `clusterTime`, or
     /// one going back): refused loudly rather than publishing out of order.
     #[error(
@@ -198,11 +224,10 @@ impl Pipeline {
         // Set when history was lost under `resync`: rooms are told once the new stream is
         // open, so a client that refetches on the notice cannot miss a change made after it.
         let mut resync_pending = false;
-        let spec = SourceSpec {
-            database: db.clone(),
-            collections: self.cfg.collections.clone(),
-            max_await: self.cfg.max_await,
-        };
+        let mut spec = SourceSpec::new(&db, self.cfg.collections.clone(), self.cfg.max_await);
+        // Set while looking for a change over 16 MiB: one change per batch, so the failing
+        // `getMore` holds that change alone (see `skip_oversized`).
+        let mut careful = false;
         if matches!(self.output, Output::Hub(_)) && !self.server.known() {
             // Asked once per process, before the history and the replays rely on it.
             let asked = tokio::select! {
@@ -214,6 +239,17 @@ impl Pipeline {
                 self.server.learn(answer);
             }
         }
+        if !self.server.split_known() {
+            let asked = tokio::select! {
+                _ = stop.cancelled() => None,
+                r = tokio::time::timeout(PROBE_TIMEOUT, Source::splits_large_events(&self.client, &spec)) => r.ok().flatten(),
+            };
+            if let Some(answer) = asked {
+                tracing::info!(database = %db, splits_large_events = answer, "asked the server whether it splits change events over 16 MiB");
+                self.server.learn_split(answer);
+            }
+        }
+        spec.split_large_events = self.server.splits_large_events();
         if let (Output::Hub(hub), StartAt::Token(_), Some(target), Some(warm)) =
             (&self.output, &start, &at, &self.warm)
         {
@@ -272,12 +308,36 @@ impl Pipeline {
                     None => mapper.restart_numbering(),
                 }
             }
+            let open_spec = SourceSpec {
+                batch_size: careful.then_some(1),
+                ..spec.clone()
+            };
             let opened = tokio::select! {
                 _ = stop.cancelled() => break,
-                r = Source::open(&self.client, spec.clone(), &start) => r,
+                r = Source::open(&self.client, open_spec, &start) => r,
             };
             let mut source = match opened {
                 Ok(s) => s,
+                Err(SourceError::TooLarge { detail, .. }) => {
+                    if careful {
+                        if let Some(next) = self
+                            .skip_oversized(&db, &spec, &start, &mut mapper, &mut cp)
+                            .await?
+                        {
+                            start = next;
+                            careful = false;
+                            continue 'reconnect;
+                        }
+                    } else {
+                        tracing::warn!(database = %db, error = %detail, "a change event is over 16 MiB; reading one change at a time to find it");
+                        careful = true;
+                        continue 'reconnect;
+                    }
+                    if !backoff.wait(&stop).await {
+                        break;
+                    }
+                    continue 'reconnect;
+                }
                 Err(e) => {
                     if let Some(next) = self.on_error(&db, e, &mut mapper)? {
                         // A new start after a gap: a new floor and a new saved start point.
@@ -358,6 +418,33 @@ impl Pipeline {
                 };
                 let change = match next {
                     Ok(c) => c,
+                    Err(SourceError::TooLarge { detail, .. }) => {
+                        // Not a reconnect of the stream's own making: the server cannot
+                        // return the next change, and resuming would meet it again.
+                        if let Some(t) = source.token() {
+                            start = StartAt::Token(t);
+                        }
+                        if careful {
+                            match self
+                                .skip_oversized(&db, &spec, &start, &mut mapper, &mut cp)
+                                .await?
+                            {
+                                Some(next) => {
+                                    start = next;
+                                    careful = false;
+                                }
+                                None => {
+                                    if !backoff.wait(&stop).await {
+                                        break 'reconnect;
+                                    }
+                                }
+                            }
+                        } else {
+                            tracing::warn!(database = %db, error = %detail, "a change event is over 16 MiB; reading one change at a time to find it");
+                            careful = true;
+                        }
+                        continue 'reconnect;
+                    }
                     Err(e) => {
                         self.health.set_stream_open(&db, false);
                         self.metrics.stream_reconnects.inc();
@@ -379,6 +466,7 @@ impl Pipeline {
                 };
                 backoff.reset();
                 let Some(tok) = source.token() else { continue };
+                let caught_up = change.is_none();
                 let (mut last_id, mut count) = (None, 0);
                 if change.is_none() {
                     // An empty batch: the server had nothing newer, so the stream is current now.
@@ -412,6 +500,12 @@ impl Pipeline {
                 start = StartAt::Token(tok.clone());
                 let position = mapper.position().map(|p| p.as_str().to_owned());
                 cp.advance(tok, last_id, position, count);
+                if careful && caught_up {
+                    // The oversized change is gone (changed or deleted before it was
+                    // read again, so the lookup returns less): back to full batches.
+                    careful = false;
+                    continue 'reconnect;
+                }
                 // A crash repeats at most one checkpoint window: when a whole window is
                 // handed out but unsaved (the disk slower than the stream), wait for the save.
                 tokio::select! {
@@ -454,6 +548,67 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// After a one-change `getMore` from `start` failed with `BSONObjectTooLarge`: looks at
+    /// the next change without its documents, then stops (`fail`) or publishes `resync`
+    /// to its rooms in its place and returns the start after it (`skip`). `Ok(None)` when
+    /// it could not be looked at (retry later).
+    async fn skip_oversized(
+        &self,
+        db: &str,
+        spec: &SourceSpec,
+        start: &StartAt,
+        mapper: &mut crate::mapper::Mapper,
+        cp: &mut CheckpointWriter,
+    ) -> Result<Option<StartAt>, PipelineError> {
+        let reduced = match Source::peek_next(&self.client, spec, start, &self.cfg.routing_paths)
+            .await
+        {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                tracing::warn!(database = %db, "the change over 16 MiB was not found again; retrying");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(database = %db, error = %e, "cannot look at the change over 16 MiB; retrying");
+                return Ok(None);
+            }
+        };
+        let Ok(token) = reduced.get_document("_id").cloned() else {
+            tracing::warn!(database = %db, "the change over 16 MiB has no resume token; retrying");
+            return Ok(None);
+        };
+        let what = describe(&reduced);
+        if self.cfg.on_oversize == OversizePolicy::Fail {
+            return Err(PipelineError::Oversize(format!(
+                "database {db}: {what} is over the 16 MiB change event limit"
+            )));
+        }
+        let events = mapper
+            .skip(&reduced)
+            .map_err(|e| PipelineError::Unordered(format!("database {db}: {e}")))?;
+        let id = mapper.position().map(|p| p.as_str().to_owned());
+        let rooms: Vec<String> = events
+            .iter()
+            .flat_map(|ev| ev.deliveries.iter().map(|d| d.room.as_str().to_owned()))
+            .collect();
+        tracing::warn!(database = %db, change = %what, id = id.as_deref().unwrap_or("-"), rooms = ?rooms, "skipped a change event over 16 MiB (mongodb.oversize = \"skip\"); its rooms are told to resync");
+        match &self.output {
+            Output::Hub(hub) => {
+                for ev in &events {
+                    hub.publish_gap(ev, "oversize");
+                }
+            }
+            Output::Stdout => print_line(&serde_json::json!({
+                "event": "system:resync", "reason": "oversize", "database": db,
+                "id": id, "rooms": rooms,
+            }))
+            .map_err(PipelineError::Output)?,
+        }
+        let last = (!events.is_empty()).then(|| id.clone()).flatten();
+        cp.advance(token.clone(), last, id, events.len());
+        Ok(Some(StartAt::Token(token)))
     }
 
     /// Decides what a stream error means: `Ok(Some(start))` history was lost under
@@ -501,6 +656,26 @@ impl Pipeline {
             Output::Stdout => print_line(&tail_json(ev)).map_err(PipelineError::Output),
         }
     }
+}
+
+/// A change by what identifies it without its documents, for logs and errors.
+fn describe(change: &bson::Document) -> String {
+    let ns = change.get_document("ns").ok();
+    let part = |k: &str| ns.and_then(|n| n.get_str(k).ok()).unwrap_or("?");
+    let key = change
+        .get_document("documentKey")
+        .map(|k| k.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let time = change
+        .get_timestamp("clusterTime")
+        .map(|t| format!("{}:{}", t.time, t.increment))
+        .unwrap_or_else(|_| "?".into());
+    format!(
+        "the {} of {}.{} {key} at cluster time {time}",
+        change.get_str("operationType").unwrap_or("change"),
+        part("db"),
+        part("coll"),
+    )
 }
 
 fn start_label(s: &StartAt) -> String {

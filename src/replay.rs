@@ -209,12 +209,11 @@ async fn scan_db(
     for (i, r) in batch.iter().enumerate().filter(|(i, _)| open[*i]) {
         by_room.entry(&r.room).or_default().push(i);
     }
-    let spec = SourceSpec {
-        database: database.to_owned(),
-        collections: cfg.collections.clone(),
-        // Short waits: an empty batch means the scan has caught up with the present.
-        max_await: Duration::from_millis(50),
-    };
+    // Short waits: an empty batch means the scan has caught up with the present.
+    let mut spec = SourceSpec::new(database, cfg.collections.clone(), Duration::from_millis(50));
+    // A change over 16 MiB fails the scan unless the server splits it: those clients are
+    // told to resync (the live stream skipped it the same way, or reassembled it too).
+    spec.split_large_events = cfg.server.splits_large_events();
     let mut mapper = (cfg.mappers)();
     // After the oldest `since`'s change (its token), at its time when it is a position
     // that is no change, or after a bare token of the earlier id form.

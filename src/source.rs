@@ -13,6 +13,11 @@ use crate::token::{self, StartAt};
 /// MongoDB's `ChangeStreamHistoryLost`: the resume point has fallen out of the oplog.
 pub const HISTORY_LOST: i32 = 286;
 
+/// MongoDB's `BSONObjectTooLarge`: a change event (after `updateLookup` and the pipeline)
+/// is over the 16 MiB document limit. The `getMore` that would return it fails, and so
+/// does every resume before it: see `Pipeline`'s oversize handling.
+pub const TOO_LARGE: i32 = 10334;
+
 /// Server errors that retrying cannot fix, so the stream stops for the operator instead of
 /// reconnecting forever: `Unauthorized` (13, the user lacks `changeStream`/`find`),
 /// `InvalidResumeToken` (260, a token from another cluster or mistyped), the three ways
@@ -50,6 +55,15 @@ pub enum SourceError {
         /// The server's reason.
         detail: String,
     },
+    /// A change event is over the server's document limit (code 10334) and cannot be
+    /// returned whole (the server cannot split it, or one field alone is too large).
+    #[error("change stream on {database}: a change event is over the 16 MiB limit: {detail}")]
+    TooLarge {
+        /// The database.
+        database: String,
+        /// The server's reason.
+        detail: String,
+    },
     /// The server ended the stream (invalidate, e.g. the database was dropped).
     #[error("change stream on {database} was invalidated by the server")]
     Invalidated {
@@ -62,6 +76,7 @@ pub enum SourceError {
 #[derive(Debug, Default)]
 pub struct ServerTraits {
     refuses_lost_history: std::sync::OnceLock<bool>,
+    splits_large_events: std::sync::OnceLock<bool>,
 }
 
 impl ServerTraits {
@@ -80,6 +95,22 @@ impl ServerTraits {
     pub fn learn(&self, refuses_lost_history: bool) {
         let _ = self.refuses_lost_history.set(refuses_lost_history);
     }
+
+    /// Whether the server accepts `$changeStreamSplitLargeEvent` (MongoDB 7.0, 6.0.9);
+    /// false until known.
+    pub fn splits_large_events(&self) -> bool {
+        self.splits_large_events.get().copied().unwrap_or(false)
+    }
+
+    /// Whether that has been asked yet.
+    pub fn split_known(&self) -> bool {
+        self.splits_large_events.get().is_some()
+    }
+
+    /// Records whether the server splits large events (the first answer counts).
+    pub fn learn_split(&self, splits: bool) {
+        let _ = self.splits_large_events.set(splits);
+    }
 }
 
 /// What the stream watches and how.
@@ -91,12 +122,47 @@ pub struct SourceSpec {
     pub collections: Vec<String>,
     /// How long one `getMore` waits for changes; also how often an idle token advances.
     pub max_await: Duration,
+    /// Ask the server to split events over 16 MiB into fragments (`Source::next`
+    /// reassembles them); only where `ServerTraits::splits_large_events` says it can.
+    pub split_large_events: bool,
+    /// Changes per batch; `Some(1)` while the pipeline looks for an oversized event (the
+    /// failing `getMore` then holds that event alone).
+    pub batch_size: Option<u32>,
+}
+
+impl SourceSpec {
+    /// A spec with the defaults for the optional parts (no splitting, server batches).
+    pub fn new(database: &str, collections: Vec<String>, max_await: Duration) -> Self {
+        Self {
+            database: database.to_owned(),
+            collections,
+            max_await,
+            split_large_events: false,
+            batch_size: None,
+        }
+    }
+}
+
+/// The stage that makes the server split an event over 16 MiB (it must come last).
+const SPLIT_STAGE: &str = "$changeStreamSplitLargeEvent";
+
+/// An event whose fragments are being read.
+struct Partial {
+    /// The fields so far (without `_id` and `splitEvent`).
+    doc: Document,
+    /// The fragment expected next (1-based) and how many there are.
+    next: i32,
+    of: i32,
+    /// The resume token before the event's first fragment: checkpoints and reconnects
+    /// never stop between fragments, so a crash repeats the whole event.
+    before: Option<Document>,
 }
 
 /// An open change stream and the newest token it has handed out.
 pub struct Source {
     spec: SourceSpec,
     stream: ChangeStream<Document>,
+    partial: Option<Partial>,
 }
 
 impl Source {
@@ -106,10 +172,23 @@ impl Source {
         spec: SourceSpec,
         start: &StartAt,
     ) -> Result<Self, SourceError> {
-        let db = client.database(&spec.database);
         // Only the configured collections: the checkpoint collection and the
         // app's other collections never reach normalization.
-        let pipeline = [doc! {"$match": {"ns.coll": {"$in": &spec.collections}}}];
+        let mut pipeline = vec![doc! {"$match": {"ns.coll": {"$in": &spec.collections}}}];
+        if spec.split_large_events {
+            pipeline.push(doc! {SPLIT_STAGE: {}});
+        }
+        Self::open_with(client, spec, start, pipeline).await
+    }
+
+    /// Opens the stream at `start` with `pipeline` (the collection `$match` first).
+    async fn open_with(
+        client: &Client,
+        spec: SourceSpec,
+        start: &StartAt,
+        pipeline: Vec<Document>,
+    ) -> Result<Self, SourceError> {
+        let db = client.database(&spec.database);
         let mut watch = db
             .watch()
             .pipeline(pipeline)
@@ -119,6 +198,9 @@ impl Source {
             // by lookup time, then come from MongoDB rather than this process's memory.
             .full_document_before_change(FullDocumentBeforeChangeType::WhenAvailable)
             .max_await_time(spec.max_await);
+        if let Some(n) = spec.batch_size {
+            watch = watch.batch_size(n);
+        }
         match start {
             StartAt::Token(t) => {
                 // startAfter (not resumeAfter) also accepts an invalidate's token.
@@ -135,7 +217,67 @@ impl Source {
         Ok(Self {
             spec,
             stream: stream.with_type::<Document>(),
+            partial: None,
         })
+    }
+
+    /// Whether the server accepts `$changeStreamSplitLargeEvent`: a stream with it is
+    /// opened at "now" and closed. `None` when the answer is unclear (server unreachable).
+    pub async fn splits_large_events(client: &Client, spec: &SourceSpec) -> Option<bool> {
+        let opened = client
+            .database(&spec.database)
+            .watch()
+            .pipeline([
+                doc! {"$match": {"ns.coll": {"$in": &spec.collections}}},
+                doc! {SPLIT_STAGE: {}},
+            ])
+            .max_await_time(Duration::from_millis(100))
+            .await;
+        match opened {
+            Ok(_) => Some(true),
+            // A refusal with a server code (40324, an unknown stage, on MongoDB before
+            // 6.0.9; other servers answer their own): the server cannot split.
+            Err(e) if error_code(&e).is_some() => Some(false),
+            Err(_) => None,
+        }
+    }
+
+    /// The first change after `start` that the stream would return, with its big parts
+    /// left on the server: the event's id, time, namespace, document key and, of its
+    /// documents, only `keep` (the paths routing reads). Used after a `getMore` of one
+    /// change failed with `BSONObjectTooLarge`, to learn which change that was and skip it.
+    pub async fn peek_next(
+        client: &Client,
+        spec: &SourceSpec,
+        start: &StartAt,
+        keep: &[String],
+    ) -> Result<Option<Document>, SourceError> {
+        let mut projection = doc! {
+            "operationType": 1, "clusterTime": 1, "wallTime": 1, "ns": 1, "documentKey": 1,
+            "txnNumber": 1, "lsid": 1,
+        };
+        for path in keep {
+            projection.insert(format!("fullDocument.{path}"), 1);
+            projection.insert(format!("fullDocumentBeforeChange.{path}"), 1);
+        }
+        let spec = SourceSpec {
+            batch_size: Some(1),
+            split_large_events: false,
+            ..spec.clone()
+        };
+        let pipeline = vec![
+            doc! {"$match": {"ns.coll": {"$in": &spec.collections}}},
+            doc! {"$project": projection},
+        ];
+        let mut source = Self::open_with(client, spec, start, pipeline).await?;
+        // The change exists (the failed getMore met it), so a short wait suffices; an
+        // empty batch first is possible while the server scans.
+        for _ in 0..5 {
+            if let Some(change) = source.next().await? {
+                return Ok(Some(change));
+            }
+        }
+        Ok(None)
     }
 
     /// The server's current operation time, read from a one-document `find` in a session:
@@ -180,20 +322,107 @@ impl Source {
 
     /// One `getMore`'s worth: the next change, or `None` when the batch was empty
     /// (the token still advances then, so an idle stream's checkpoint stays fresh).
+    ///
+    /// A split event (`splitEvent: {fragment, of}`) comes back whole: its fragments, which
+    /// the server sends one after another, are read and merged first, and the event
+    /// carries the last fragment's token, after which a resume continues.
     pub async fn next(&mut self) -> Result<Option<Document>, SourceError> {
-        if !self.stream.is_alive() {
-            return Err(SourceError::Invalidated {
-                database: self.spec.database.clone(),
-            });
+        loop {
+            if !self.stream.is_alive() {
+                return Err(SourceError::Invalidated {
+                    database: self.spec.database.clone(),
+                });
+            }
+            let before = self.partial.is_none().then(|| self.token());
+            let got = self
+                .stream
+                .next_if_any()
+                .await
+                .map_err(|e| classify(&self.spec.database, e))?;
+            let Some(change) = got else {
+                if self.partial.is_some() {
+                    // The rest of a split event is on its way: keep reading.
+                    continue;
+                }
+                return Ok(None);
+            };
+            match fragment(&change) {
+                None if self.partial.is_some() => {
+                    return Err(self.broken_split("a whole event arrived between fragments"))
+                }
+                None => return Ok(Some(change)),
+                Some(Err(why)) => return Err(self.broken_split(why)),
+                Some(Ok((n, of))) => {
+                    if let Some(whole) = self.assemble(change, n, of, before.flatten())? {
+                        return Ok(Some(whole));
+                    }
+                }
+            }
         }
-        self.stream
-            .next_if_any()
-            .await
-            .map_err(|e| classify(&self.spec.database, e))
     }
 
-    /// The token to resume after everything returned so far.
+    /// Adds fragment `n` of `of`; the whole event once the last one is in.
+    fn assemble(
+        &mut self,
+        change: Document,
+        n: i32,
+        of: i32,
+        before: Option<Document>,
+    ) -> Result<Option<Document>, SourceError> {
+        if n == 1 {
+            self.partial = Some(Partial {
+                doc: Document::new(),
+                next: 1,
+                of,
+                before,
+            });
+        }
+        let Some(p) = self.partial.as_mut() else {
+            return Err(self.broken_split("a fragment arrived without the first one"));
+        };
+        if n != p.next || of != p.of {
+            let why = format!(
+                "fragment {n} of {of} arrived, {} of {} expected",
+                p.next, p.of
+            );
+            return Err(self.broken_split(&why));
+        }
+        let id = change.get("_id").cloned();
+        for (k, v) in change {
+            if k != "_id" && k != "splitEvent" {
+                p.doc.insert(k, v);
+            }
+        }
+        p.next += 1;
+        if n < of {
+            return Ok(None);
+        }
+        let mut whole = Document::new();
+        if let Some(id) = id {
+            // The last fragment's token: resuming after it continues after the event.
+            whole.insert("_id", id);
+        }
+        let p = self.partial.take().expect("checked above");
+        whole.extend(p.doc);
+        Ok(Some(whole))
+    }
+
+    /// A split event that cannot be put back together: the stream reconnects from the
+    /// token before its first fragment and reads it again.
+    fn broken_split(&mut self, why: &str) -> SourceError {
+        tracing::warn!(database = %self.spec.database, reason = why, "split change event out of order; reading it again");
+        SourceError::Mongo {
+            database: self.spec.database.clone(),
+            detail: format!("split change event out of order: {why}"),
+        }
+    }
+
+    /// The token to resume after everything returned so far: while a split event is
+    /// half read, the token before it, so no save and no reconnect lands between fragments.
     pub fn token(&self) -> Option<Document> {
+        if let Some(p) = &self.partial {
+            return p.before.clone();
+        }
         self.stream
             .resume_token()
             .as_ref()
@@ -214,12 +443,32 @@ pub fn error_code(e: &MongoError) -> Option<i32> {
     }
 }
 
+/// `Some((fragment, of))` for a fragment of a split event, `None` for a whole one.
+fn fragment(change: &Document) -> Option<Result<(i32, i32), &'static str>> {
+    let split = change.get("splitEvent")?;
+    let parsed = split.as_document().and_then(|d| {
+        let n = d.get("fragment").and_then(number)?;
+        let of = d.get("of").and_then(number)?;
+        (1..=of).contains(&n).then_some((n, of))
+    });
+    Some(parsed.ok_or("splitEvent is not {fragment, of} with 1 <= fragment <= of"))
+}
+
+fn number(v: &bson::Bson) -> Option<i32> {
+    match v {
+        bson::Bson::Int32(n) => Some(*n),
+        bson::Bson::Int64(n) => i32::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
 fn classify(database: &str, e: MongoError) -> SourceError {
     let database = database.to_owned();
     // The error kind alone: the driver's full `Display` appends the raw server reply as bytes.
     let detail = e.kind.to_string();
     match error_code(&e) {
         Some(HISTORY_LOST) => SourceError::HistoryLost { database },
+        Some(TOO_LARGE) => SourceError::TooLarge { database, detail },
         Some(code) if FATAL_CODES.contains(&code) => SourceError::Fatal { database, detail },
         _ => SourceError::Mongo { database, detail },
     }

@@ -977,7 +977,10 @@ async fn a_shared_replay_delivers_exactly_what_separate_replays_would() {
                 format!("store:t{}", next(3))
             };
             // Anywhere but the last few (which the history still holds).
-            let since = live[next(live.len() - 4)]["id"].as_str().unwrap().to_owned();
+            let since = live[next(live.len() - 4)]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
             (room, since)
         })
         .collect();
@@ -989,9 +992,9 @@ async fn a_shared_replay_delivers_exactly_what_separate_replays_would() {
     let mut tasks = Vec::new();
     for (room, since) in requests.clone() {
         let s = server.clone();
-        tasks.push(tokio::spawn(async move {
-            replayed(&s, &room, &since).await
-        }));
+        tasks.push(tokio::spawn(
+            async move { replayed(&s, &room, &since).await },
+        ));
     }
     let mut shared = Vec::new();
     for t in tasks {
@@ -1008,8 +1011,14 @@ async fn a_shared_replay_delivers_exactly_what_separate_replays_would() {
 
     for (i, (room, since)) in requests.iter().enumerate() {
         let want = truth(room, since);
-        assert_eq!(separate[i], want, "separate replay {i} ({room}, seed {seed})");
-        assert_eq!(shared[i], separate[i], "shared replay {i} ({room}, seed {seed})");
+        assert_eq!(
+            separate[i], want,
+            "separate replay {i} ({room}, seed {seed})"
+        );
+        assert_eq!(
+            shared[i], separate[i],
+            "shared replay {i} ({room}, seed {seed})"
+        );
     }
     assert!(
         after_shared - before <= 2.0,
