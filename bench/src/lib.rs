@@ -5,10 +5,11 @@
 //! Socket.IO connections), `sink` (the writers: MongoDB or the raw control
 //! channel), `procstat` (RSS and CPU of the server under test), `load` (one
 //! run against one server), `suite` (every server and size in turn) and
-//! `report` (BENCHMARKS.md).
+//! `report` (BENCHMARKS.md) with `plot` (its SVG figures).
 
 pub mod client;
 pub mod load;
+pub mod plot;
 pub mod procstat;
 pub mod raw;
 pub mod report;

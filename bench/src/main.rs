@@ -1,10 +1,11 @@
-//! `changecast-bench`: runs the benchmark suite and writes BENCHMARKS.md; exits 1 when any run lost events or failed.
+//! `changecast-bench`: runs the benchmark suite and writes BENCHMARKS.md and its plots; exits 1 when any run lost events or failed. `plot` and `check-plots` redraw and check the plots of a written report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use changecast_bench::plot;
 use changecast_bench::suite::{self, SuiteConfig, Target};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 // The load tool and the raw limit share the machine with the server under test; a fast
 // allocator keeps the tool's share small and gives the raw limit the same allocator
@@ -14,10 +15,38 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Fan-out benchmarks: changecast (/ws and Socket.IO) against the Node reference and the raw limit.
 #[derive(Parser)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Redraws a report's plots from its tables (the figures as printed) beside it,
+    /// embeds them in it, then checks them.
+    Plot {
+        /// The report.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        report: PathBuf,
+    },
+    /// Checks a report's plots: embedded with relative links, well-formed SVG, one bar
+    /// per table row under its server's series, holding the table's value.
+    CheckPlots {
+        /// The report.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        report: PathBuf,
+    },
+}
+
+/// The benchmark run (no subcommand).
+#[derive(clap::Args)]
 struct Args {
     /// Directory with the `changecast`, `mongo-sim` and `changecast-bench-raw` binaries.
-    #[arg(long)]
-    bin_dir: PathBuf,
+    #[arg(long, required = true)]
+    bin_dir: Option<PathBuf>,
     /// The Node peer's directory (dependencies installed).
     #[arg(long, default_value = "bench/peers/node-socketio")]
     node_dir: PathBuf,
@@ -63,9 +92,53 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Some(Command::Plot { report }) => redraw(&report),
+        Some(Command::CheckPlots { report }) => check(&report),
+        None => return run(cli.run).await,
+    };
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn redraw(report: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let md =
+        std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
+    let points = plot::points_from_markdown(&md)?;
+    anyhow::ensure!(!points.is_empty(), "{} has no table rows", report.display());
+    for path in plot::write_all(report, &points)? {
+        eprintln!("bench: wrote {}", path.display());
+    }
+    let embedded = plot::embed(&md, &plot::section(report))?;
+    if embedded != md {
+        std::fs::write(report, embedded)
+            .with_context(|| format!("writing {}", report.display()))?;
+        eprintln!("bench: embedded the plots in {}", report.display());
+    }
+    check(report)
+}
+
+fn check(report: &Path) -> anyhow::Result<()> {
+    for line in plot::check(report)? {
+        eprintln!("bench: plots ok: {line}");
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> std::process::ExitCode {
+    let Some(bin_dir) = args.bin_dir else {
+        eprintln!("bench: --bin-dir is required");
+        return std::process::ExitCode::from(64);
+    };
     let cfg = SuiteConfig {
-        bin_dir: args.bin_dir,
+        bin_dir,
         node_dir: args.node_dir,
         changecast_config: args.changecast_config,
         sizes: args.sizes,

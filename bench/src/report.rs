@@ -1,4 +1,4 @@
-//! BENCHMARKS.md: tables, ratios, the scaling curve and the target check, from the runs' results.
+//! BENCHMARKS.md: tables, ratios, the scaling curve and the target check, from the runs' results; the plots it embeds are `plot`'s.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -147,7 +147,8 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn num(v: f64) -> String {
+/// A figure as the tables print it: three significant digits, at most two decimals.
+pub(crate) fn num(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {
@@ -230,8 +231,10 @@ pub fn render(
         crate::suite::DRAIN_TIMEOUT.as_secs()
     );
 
+    let _ = write!(w, "{}", crate::plot::section(&cfg.out));
+
     let sizes = &cfg.sizes;
-    for name in ["T fixed", "T saturation", "B saturation"] {
+    for name in crate::plot::PHASES {
         let _ = writeln!(w, "## {name}\n");
         let _ = writeln!(
             w,

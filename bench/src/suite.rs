@@ -81,7 +81,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// JWT secret every server under test verifies with.
 const SECRET: &str = "changecast-bench-secret-0123456789abcdef";
 
-/// Runs everything; returns the results (also written as JSON and BENCHMARKS.md).
+/// Runs everything; returns the results (also written as JSON, BENCHMARKS.md and its plots).
 pub async fn run(cfg: &SuiteConfig) -> anyhow::Result<Vec<RunResult>> {
     std::fs::create_dir_all(&cfg.work_dir)?;
     // Servers run in their own directories: every path they get must be absolute.
@@ -131,6 +131,7 @@ pub async fn run(cfg: &SuiteConfig) -> anyhow::Result<Vec<RunResult>> {
         }
     }
     std::fs::write(&cfg.out, markdown).with_context(|| format!("writing {}", cfg.out.display()))?;
+    crate::plot::write_all(&cfg.out, &crate::plot::points_from_results(&results))?;
     Ok(results)
 }
 

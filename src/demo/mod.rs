@@ -4,7 +4,8 @@
 //! The only thing generated at run time is a small `window.CHANGECAST_DEMO`
 //! script carrying the demo's tokens, injected into the HTML. The page talks
 //! to changecast through the public interfaces only: `/ws` (native protocol)
-//! and `/socket.io/`.
+//! and `/socket.io/`; its operations panel reads the metrics at `/demo/metrics`
+//! (see [`DemoMetrics`] for why there and not `/metrics`).
 //!
 //! [`run_demo`] is the `changecast demo` command: an embedded mongo-sim, the
 //! ordinary app (`crate::app::start`) with a generated config, the traffic
@@ -15,12 +16,13 @@ pub mod traffic;
 use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
@@ -33,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, RunOptions};
 use crate::cli::DemoArgs;
 use crate::config::Config;
+use crate::health::Health;
+use crate::metrics::Metrics;
 use traffic::{TrafficConfig, FOCUS_CUSTOMER, FOCUS_STORE, VISITOR};
 
 /// Version of the vendored `socket.io-client` build (`assets/socket.io.min.js`, MIT, from npm).
@@ -137,15 +141,67 @@ pub fn mint_tokens(
     })
 }
 
+/// The registry the operations panel charts, served on the demo's client listener at
+/// `/demo/metrics`.
+///
+/// `/metrics` itself stays on the operations listener only, in the demo as in `run`: the
+/// page cannot reach that listener (another port, no CORS, and the port is random), and
+/// answering CORS there in demo mode would make the ops listener's behaviour depend on
+/// the mode. Instead this route exists only in [`assets_router`], which only `demo`
+/// mounts, so `run`'s client listener keeps answering 404 for every metrics path. What
+/// it exposes is the demo's own embedded database, as public as the demo's tokens.
+///
+/// The router is built before `app::start` creates the registry, hence the `OnceLock`:
+/// filled once by [`serve_demo`], `503` until then.
+#[derive(Clone, Default)]
+pub struct DemoMetrics(Arc<OnceLock<(Arc<Metrics>, Arc<Health>)>>);
+
+impl DemoMetrics {
+    /// Points the route at the running app's registry; later calls are ignored.
+    pub fn set(&self, metrics: Arc<Metrics>, health: Arc<Health>) {
+        let _ = self.0.set((metrics, health));
+    }
+
+    /// The same text `/metrics` answers, with the time-derived gauges (lag, checkpoint
+    /// age) refreshed as a scrape of `/metrics` refreshes them. The one gauge it does not
+    /// refresh is `unauthenticated_connections` (the gateway's limits are private to it),
+    /// which the panel does not chart.
+    fn scrape(&self) -> Response {
+        let Some((metrics, health)) = self.0.get() else {
+            return (StatusCode::SERVICE_UNAVAILABLE, "changecast is starting\n").into_response();
+        };
+        health.refresh_gauges(metrics);
+        (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+                (header::CACHE_CONTROL, "no-store"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            metrics.encode(),
+        )
+            .into_response()
+    }
+}
+
 /// The dashboard's routes, to merge into the gateway's router:
 /// `/` (HTML with the injected `window.CHANGECAST_DEMO`), `/demo/app.js`,
-/// `/demo/style.css`, `/demo/socket.io.min.js` and `/demo/tokens.json` (the
+/// `/demo/style.css`, `/demo/socket.io.min.js`, `/demo/tokens.json` (the
 /// same tokens, for a page that outlived a demo restart and whose old tokens
-/// were refused).
-pub fn assets_router(tokens: DemoTokens) -> Router {
+/// were refused) and `/demo/metrics` (see [`DemoMetrics`]).
+pub fn assets_router(tokens: DemoTokens, metrics: DemoMetrics) -> Router {
     let html = Bytes::from(render_index(&tokens));
     let tokens_json = Bytes::from(serde_json::to_string(&tokens).unwrap_or_default());
     Router::new()
+        .route(
+            "/demo/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.scrape() }
+            }),
+        )
         .route(
             "/",
             get(move || {
@@ -272,14 +328,16 @@ pub async fn serve_demo(
         client: listener,
         ops: Some(ops),
     };
+    let demo_metrics = DemoMetrics::default();
     let handle = app::start(
         &config,
         RunOptions::default(),
         listeners,
-        Some(assets_router(tokens)),
+        Some(assets_router(tokens, demo_metrics.clone())),
     )
     .await
     .context("cannot start changecast")?;
+    demo_metrics.set(handle.metrics.clone(), handle.health.clone());
 
     // Traffic written before the change stream opens would never reach the page.
     let deadline = tokio::time::Instant::now() + READY_WAIT;
@@ -305,7 +363,7 @@ pub async fn serve_demo(
         p.stores.join(", "),
         p.customers.join(", ")
     );
-    println!("  changecast         /ws (native), /socket.io/, /healthz");
+    println!("  changecast         /ws (native), /socket.io/, /healthz, /demo/metrics (the page's charts)");
     if let Some(ops) = handle.ops_addr {
         println!("  operations         http://{ops}/metrics, /readyz");
     }
@@ -511,7 +569,7 @@ mod tests {
     #[tokio::test]
     async fn serves_page_with_injected_tokens_and_assets() {
         let tokens = mint_tokens(SECRET, Duration::from_secs(60)).unwrap();
-        let router = assets_router(tokens.clone());
+        let router = assets_router(tokens.clone(), DemoMetrics::default());
 
         let (status, ct, html) = get(&router, "/").await;
         assert_eq!(status, StatusCode::OK);
@@ -550,6 +608,47 @@ mod tests {
 
         let (status, _, _) = get(&router, "/demo/nope.js").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    /// `/demo/metrics` answers the registry's text once the app is set, 503 before;
+    /// the router adds nothing at `/metrics`, which stays on the operations listener.
+    #[tokio::test]
+    async fn serves_the_registry_for_the_operations_panel() {
+        let tokens = mint_tokens(SECRET, Duration::from_secs(60)).unwrap();
+        let source = DemoMetrics::default();
+        let router = assets_router(tokens, source.clone());
+        let (status, _, _) = get(&router, "/demo/metrics").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+        let metrics = Arc::new(Metrics::new());
+        metrics.init_known(&["orders"]);
+        metrics.delivered(crate::metrics::Wire::Native);
+        let health = Arc::new(Health::new(["app"]));
+        // A change seen ten seconds ago: the scrape must refresh the lag gauge from it.
+        let ten_ago = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - 10;
+        health.observe_cluster_time(u32::try_from(ten_ago).unwrap());
+        source.set(metrics, health);
+        let (status, ct, text) = get(&router, "/demo/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+        assert!(
+            text.contains("changecast_deliveries_total{wire=\"native\"} 1"),
+            "{text}"
+        );
+        let lag: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("changecast_stream_lag_seconds "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no lag sample in {text}"));
+        assert!((9.0..60.0).contains(&lag), "lag {lag}");
+        for path in ["/metrics", "/demo/metrics/", "/readyz"] {
+            let (status, _, _) = get(&router, path).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        }
     }
 
     async fn http_get(addr: SocketAddr, path: &str) -> String {
@@ -687,6 +786,23 @@ mod tests {
                 "{k} leaked to the storefront: {settings}"
             );
         }
+
+        // The panel's source on the client listener counts what this test received;
+        // `/metrics` stays off it, as in `run`.
+        let scrape = http_get(addr, "/demo/metrics").await;
+        assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+        let native: f64 = scrape
+            .lines()
+            .find_map(|l| l.strip_prefix("changecast_deliveries_total{wire=\"native\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no native deliveries in {scrape}"));
+        assert!(native >= 2.0, "{native}");
+        assert!(
+            scrape.contains("changecast_stream_lag_seconds "),
+            "{scrape}"
+        );
+        let metrics = http_get(addr, "/metrics").await;
+        assert!(metrics.starts_with("HTTP/1.1 404"), "{metrics}");
 
         stop.cancel();
         let r = tokio::time::timeout(Duration::from_secs(20), demo)

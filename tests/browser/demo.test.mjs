@@ -293,9 +293,16 @@ async function main() {
     pass('socket.io panel connected and received events', { first: ev, state: transport });
   }
 
+  const opsBefore = await checkOpsPanel(page);
   if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join(' | ')}`);
   checkHttp();
   await shot(page, 'demo.png');
+  // The panel alone, without the toasts that float over its corner.
+  await page.getByTestId('ops').screenshot({
+    path: path.join(out, 'demo-operations.png'),
+    style: '[data-testid="toasts"] { visibility: hidden; }',
+  });
+  results.screenshots.push(path.relative(repo, path.join(out, 'demo-operations.png')));
 
   // ---------- outage: changecast stops, the page says so, then recovers ----------
   const canRestart = opt.bin || (opt['stop-cmd'] && opt['start-cmd']);
@@ -322,6 +329,8 @@ async function main() {
     await page.waitForFunction(() => document.querySelector('[data-testid="sio-state"]').dataset.state === 'disconnected');
     pass('socket.io panel shows disconnected', { state: await page.getByTestId('sio-state').textContent() });
   }
+  await page.waitForFunction(() => document.querySelector('[data-testid="ops-state"]').dataset.state === 'disconnected');
+  pass('operations panel shows its scrapes failing', { state: await page.getByTestId('ops-state').textContent() });
   await shot(page, 'demo-disconnected.png');
 
   const before = await snapshot(page);
@@ -350,8 +359,74 @@ async function main() {
     pass('socket.io panel reconnected and receives events');
   }
   await checkPrivacy(page, wire);
+  // The restarted server's counters start at zero: the panel must treat that as a
+  // reset (not a negative rate) and chart the new server's deliveries.
+  const opsAfter = await pollUntil(async () => {
+    const o = await readOps(page);
+    const d = o.deliveries;
+    return o.state === 'connected' && d.scrapes > opsBefore.deliveries.scrapes && d.last > 0 && d.min >= 0 ? o : null;
+  }, 'deliveries/s above zero on the operations panel after the restart');
+  pass('operations panel charts the restarted demo', {
+    deliveriesPerSec: opsAfter.deliveries.last, minRate: opsAfter.deliveries.min,
+  });
   if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join(' | ')}`);
   await shot(page, 'demo-reconnected.png');
+}
+
+// The operations panel as the page shows it: per chart the points drawn, the scrapes
+// made, the last and smallest values, the line's path and its drawn size.
+async function readOps(page) {
+  return page.evaluate(() => {
+    const charts = {};
+    for (const f of document.querySelectorAll('[data-testid="ops-chart"]')) {
+      const line = f.querySelector('[data-testid="ops-line"]');
+      const box = line.getBBox();
+      charts[f.dataset.metric] = {
+        points: Number(f.dataset.points),
+        scrapes: Number(f.dataset.scrapes),
+        last: f.dataset.last === '' ? NaN : Number(f.dataset.last),
+        min: f.dataset.min === '' ? NaN : Number(f.dataset.min),
+        d: line.getAttribute('d') || '',
+        length: line.getTotalLength(),
+        box: { w: box.width, h: box.height },
+        shown: f.querySelector('[data-testid="ops-value"]').textContent,
+      };
+    }
+    charts.state = document.querySelector('[data-testid="ops-state"]').dataset.state;
+    return charts;
+  });
+}
+
+// The charts draw and move: every chart gains points and its line changes between two
+// reads, deliveries/s is above zero while the traffic runs, the page's own sockets are
+// among the connections and the lag is small.
+async function checkOpsPanel(page) {
+  const metrics = ['deliveries', 'lag', 'connections', 'recoveries'];
+  const first = await pollUntil(async () => {
+    const o = await readOps(page);
+    const ready = metrics.every((m) => o[m] && o[m].points >= 3 && o[m].length > 0);
+    return ready && o.deliveries.last > 0 ? o : null;
+  }, 'the operations charts to draw three points each, with deliveries/s above zero');
+  for (const m of metrics) {
+    if (!/^M[\d.]+,[\d.]+(L[\d.]+,[\d.]+){2,}/.test(first[m].d)) {
+      throw new Error(`${m} chart's line is not a drawn path: ${first[m].d.slice(0, 80)}`);
+    }
+  }
+  // Connections and recoveries can be flat; a flat line still has width.
+  if (!(first.deliveries.box.w > 0 && first.connections.box.w > 0)) {
+    throw new Error(`charts drew nothing visible: ${JSON.stringify(first)}`);
+  }
+  const later = await pollUntil(async () => {
+    const o = await readOps(page);
+    return metrics.every((m) => o[m].points > first[m].points && o[m].d !== first[m].d) ? o : null;
+  }, 'every operations chart to gain points and move');
+  // The page holds three /ws sockets and one Socket.IO session.
+  if (!(later.connections.last >= 4)) throw new Error(`connections chart shows ${later.connections.last}, want >= 4`);
+  if (!(later.lag.last >= 0 && later.lag.last < 30)) throw new Error(`lag chart shows ${later.lag.last}`);
+  if (!(later.deliveries.min >= 0)) throw new Error(`a negative deliveries/s was charted: ${later.deliveries.min}`);
+  pass('operations panel draws and moves', Object.fromEntries(metrics.map((m) => [m,
+    `${first[m].points}→${later[m].points} points, last ${later[m].shown}`])));
+  return later;
 }
 
 // Store-only settings fields (src/demo/assets/app.js PRIVATE_SETTINGS; the

@@ -1,6 +1,7 @@
 // changecast demo dashboard: three native-protocol connections (store owner,
 // customer, storefront visitor) and one Socket.IO connection, all through
-// changecast's public endpoints. No framework, no build step.
+// changecast's public endpoints, and an operations panel charting its metrics.
+// No framework, no build step.
 (() => {
   'use strict';
 
@@ -690,6 +691,222 @@
     });
   }
 
+  // ---------- operations panel ----------
+
+  // Charts of what an operator watches, from the Prometheus text at /demo/metrics
+  // (the registry `/metrics` serves on the operations listener). Rates are computed
+  // here from successive scrapes, as Prometheus's rate() would: a counter that went
+  // down means the server restarted, so the new value counts from zero.
+  const OPS_SCRAPE_MS = 1000;
+  const OPS_WINDOW_MS = 120000; // what the charts show; older points are dropped
+  const OPS_MIN_SPAN_MS = 10000; // the x axis of a fresh page, so two points are not a full-width line
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const CHART_W = 300;
+  const CHART_H = 90;
+
+  // Prometheus / OpenMetrics text → Map(name → [{ labels, value }]). Comments,
+  // HELP/TYPE and lines it cannot read are skipped, never thrown on.
+  function parseMetrics(text) {
+    const out = new Map();
+    for (const raw of String(text).split('\n')) {
+      const line = raw.trim();
+      if (!line || line.startsWith('#')) continue;
+      const m = /^([A-Za-z_:][A-Za-z0-9_:]*)/.exec(line);
+      if (!m) continue;
+      let i = m[1].length;
+      const labels = {};
+      let ok = true;
+      if (line[i] === '{') {
+        i += 1;
+        while (ok && i < line.length && line[i] !== '}') {
+          const eq = line.indexOf('=', i);
+          if (eq < 0 || line[eq + 1] !== '"') { ok = false; break; }
+          const key = line.slice(i, eq).trim();
+          let v = '';
+          i = eq + 2;
+          while (i < line.length && line[i] !== '"') {
+            if (line[i] === '\\' && i + 1 < line.length) {
+              i += 1;
+              v += line[i] === 'n' ? '\n' : line[i];
+            } else {
+              v += line[i];
+            }
+            i += 1;
+          }
+          if (i >= line.length) { ok = false; break; }
+          labels[key] = v;
+          i += 1; // closing quote
+          if (line[i] === ',') i += 1;
+        }
+        if (line[i] !== '}') ok = false;
+        i += 1;
+      }
+      if (!ok) continue;
+      const field = line.slice(i).trim().split(/\s+/)[0];
+      const value = field === '+Inf' ? Infinity : field === '-Inf' ? -Infinity : Number(field);
+      if (field === undefined || field === '' || (Number.isNaN(value) && field !== 'NaN')) continue;
+      if (!out.has(m[1])) out.set(m[1], []);
+      out.get(m[1]).push({ labels, value });
+    }
+    return out;
+  }
+
+  const sumOf = (samples, name, by) => {
+    const parts = {};
+    let total = 0;
+    let seen = false;
+    for (const s of samples.get(name) || []) {
+      if (!Number.isFinite(s.value)) continue;
+      seen = true;
+      total += s.value;
+      if (by) parts[s.labels[by]] = (parts[s.labels[by]] || 0) + s.value;
+    }
+    return seen ? { total, parts } : null;
+  };
+
+  const fmt = (v) => {
+    if (!Number.isFinite(v)) return '–';
+    if (Number.isInteger(v)) return String(v);
+    if (Math.abs(v) >= 100) return v.toFixed(0);
+    if (Math.abs(v) >= 10) return v.toFixed(1);
+    return v.toFixed(2).replace(/\.?0+$/, '') || '0';
+  };
+
+  const CHARTS = [
+    { metric: 'deliveries', title: 'Deliveries/s', unit: '/s', hint: 'rate of changecast_deliveries_total' },
+    { metric: 'lag', title: 'Change-stream lag', unit: ' s', hint: 'changecast_stream_lag_seconds' },
+    { metric: 'connections', title: 'Connections', unit: '', hint: 'changecast_connections' },
+    { metric: 'recoveries', title: 'Recoveries', unit: '', hint: 'changecast_recoveries_total' },
+  ];
+  const charts = new Map();
+
+  function svgEl(tag, attrs) {
+    const e = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    return e;
+  }
+
+  function buildCharts() {
+    const box = tid('ops-charts');
+    for (const c of CHARTS) {
+      const svg = svgEl('svg', {
+        viewBox: `0 0 ${CHART_W} ${CHART_H}`, preserveAspectRatio: 'none',
+        role: 'img', 'aria-label': c.title, 'data-testid': 'ops-svg',
+      });
+      const grid = svgEl('path', { class: 'grid', d: '' });
+      const area = svgEl('path', { class: 'area', d: '' });
+      const line = svgEl('path', { class: 'line', d: '', 'data-testid': 'ops-line' });
+      svg.append(grid, area, line);
+      const value = el('span', { class: 'chart-value', 'data-testid': 'ops-value', text: '–' });
+      const max = el('span', { class: 'chart-max', text: '' });
+      const note = el('div', { class: 'chart-note muted', text: c.hint });
+      const fig = el('figure', {
+        class: 'chart', 'data-testid': 'ops-chart', 'data-metric': c.metric,
+        'data-points': '0', 'data-scrapes': '0', 'data-last': '', 'data-min': '',
+      }, el('figcaption', {}, el('span', { class: 'chart-title', text: c.title }), value), max, svg, note);
+      box.append(fig);
+      charts.set(c.metric, { def: c, fig, line, area, grid, value, max, note, points: [] });
+    }
+  }
+
+  // A point per scrape; `null` marks a failed scrape, drawn as a gap.
+  function push(metric, t, v, note) {
+    const c = charts.get(metric);
+    c.points.push({ t, v });
+    while (c.points.length && c.points[0].t < t - OPS_WINDOW_MS) c.points.shift();
+    // A failed scrape blanks the value: a figure from before an outage is not "now".
+    c.fig.dataset.last = v === null ? '' : String(v);
+    c.value.textContent = v === null ? '–' : `${fmt(v)}${c.def.unit}`;
+    if (note !== undefined) c.note.textContent = note;
+    c.fig.dataset.scrapes = String(Number(c.fig.dataset.scrapes) + 1);
+  }
+
+  function draw(now) {
+    for (const c of charts.values()) {
+      const real = c.points.filter((p) => p.v !== null);
+      const max = real.length ? Math.max(...real.map((p) => p.v)) : 0;
+      const top = Math.max(1, max) * 1.15;
+      // The x axis spans what has been scraped, up to the window: a fresh page's
+      // first seconds fill the chart instead of a sliver at its right edge.
+      const span = Math.min(OPS_WINDOW_MS, Math.max(OPS_MIN_SPAN_MS, now - (c.points[0]?.t ?? now)));
+      const x = (t) => ((t - (now - span)) / span) * CHART_W;
+      const y = (v) => CHART_H - (v / top) * CHART_H;
+      let d = '';
+      let a = '';
+      let run = [];
+      const flush = () => {
+        if (!run.length) return;
+        d += run.map((p, i) => `${i ? 'L' : 'M'}${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join('');
+        a += `M${x(run[0].t).toFixed(1)},${CHART_H}`
+          + run.map((p) => `L${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join('')
+          + `L${x(run[run.length - 1].t).toFixed(1)},${CHART_H}Z`;
+        run = [];
+      };
+      for (const p of c.points) {
+        if (p.v === null) flush();
+        else run.push(p);
+      }
+      flush();
+      c.line.setAttribute('d', d);
+      c.area.setAttribute('d', a);
+      c.grid.setAttribute('d', [0.25, 0.5, 0.75].map((f) => `M0,${(CHART_H * f).toFixed(1)}H${CHART_W}`).join(''));
+      c.max.textContent = `max ${fmt(max)}${c.def.unit} · last ${Math.round(span / 1000)} s`;
+      c.fig.dataset.points = String(real.length);
+      c.fig.dataset.min = real.length ? String(Math.min(...real.map((p) => p.v))) : '';
+    }
+  }
+
+  const opsState = tid('ops-state');
+  let prevScrape = null; // { t, deliveries }
+
+  async function scrapeOnce() {
+    const t = Date.now();
+    let samples = null;
+    try {
+      const r = await fetch('/demo/metrics', { cache: 'no-store' });
+      if (r.ok) samples = parseMetrics(await r.text());
+    } catch {
+      samples = null; // server down: a gap, and the next scrape tries again
+    }
+    const delivered = samples && sumOf(samples, 'changecast_deliveries_total', 'wire');
+    if (!delivered) {
+      opsState.dataset.state = 'disconnected';
+      opsState.textContent = 'no metrics';
+      for (const metric of charts.keys()) push(metric, t, null);
+      prevScrape = null;
+      draw(t);
+      return;
+    }
+    opsState.dataset.state = 'connected';
+    opsState.textContent = 'live';
+    if (prevScrape && t > prevScrape.t) {
+      const grew = delivered.total - prevScrape.deliveries;
+      const since = grew >= 0 ? grew : delivered.total; // a reset: the server restarted
+      const wires = Object.entries(delivered.parts).map(([w, n]) => `${w} ${fmt(n)}`).join(' · ');
+      push('deliveries', t, (since * 1000) / (t - prevScrape.t), `total ${wires}`);
+    }
+    prevScrape = { t, deliveries: delivered.total };
+    const lag = sumOf(samples, 'changecast_stream_lag_seconds');
+    push('lag', t, lag ? lag.total : null);
+    const conns = sumOf(samples, 'changecast_connections', 'wire');
+    push('connections', t, conns ? conns.total : null,
+      conns ? Object.entries(conns.parts).map(([w, n]) => `${w} ${fmt(n)}`).join(' · ') : undefined);
+    const rec = sumOf(samples, 'changecast_recoveries_total', 'source');
+    push('recoveries', t, rec ? rec.total : null,
+      rec ? `since start: ${Object.entries(rec.parts).map(([s, n]) => `${s} ${fmt(n)}`).join(' · ')}` : undefined);
+    draw(t);
+  }
+
+  function startOps() {
+    buildCharts();
+    // Sequential, not setInterval: a slow scrape never overlaps the next one.
+    const loop = async () => {
+      await scrapeOnce();
+      setTimeout(loop, OPS_SCRAPE_MS);
+    };
+    loop();
+  }
+
   // ---------- start ----------
 
   tid('board-store').textContent = CFG.storeId || '?';
@@ -701,6 +918,7 @@
   if (CFG.expiresAt) tid('token-expiry').textContent = new Date(CFG.expiresAt * 1000).toLocaleString();
   renderStorefront();
   refreshCounts();
+  startOps(); // needs no token: it reads metrics, not rooms
 
   if (!CFG.storeToken || !CFG.customerToken || !CFG.visitorToken) {
     connLabel.textContent = 'disconnected';
