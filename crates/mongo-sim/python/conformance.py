@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Change-stream conformance with pymongo, an independent driver: event shapes, resumption
 (resumeAfter, startAfter, startAtOperationTime), automatic resume after resumable errors and
-closed connections, history loss (286), drop + invalidate, pre-images.
+closed connections, history loss (286), drop + invalidate, pre-images, change events over
+the 16 MiB limit (BSONObjectTooLarge) and $changeStreamSplitLargeEvent.
 
 Usage: conformance.py [URI] [--backend sim|secantus|mongod] [--sim-oplog-size N]
 The URI defaults to $TEST_MONGODB_URI. Scenarios a backend cannot do are skipped with a
@@ -16,6 +17,7 @@ import traceback
 import uuid
 
 import pymongo
+import bson
 from bson import Timestamp
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -236,6 +238,150 @@ def scenario_pre_images(ctx):
         expect(upd["fullDocument"] == {"_id": 1, "v": "new"}, "post-image %r" % upd.get("fullDocument"))
 
 
+MIB = 1024 * 1024
+SPLIT = {"$changeStreamSplitLargeEvent": {}}
+
+
+def insert_large(coll):
+    coll.insert_one({"_id": 1, "customer": "ana", "lines": "a" * (10 * MIB)})
+
+
+def update_large(coll):
+    """Replaces the 10 MiB order's lines with 9 MiB (an 18 MiB event with updateLookup),
+    then writes a small marker order."""
+    coll.update_one({"_id": 1}, {"$set": {"lines": "b" * (9 * MIB)}})
+    coll.insert_one({"_id": 2, "customer": "bo"})
+
+
+def seed_large(coll):
+    """All the writes; returns a resume token from before them."""
+    with coll.watch() as cs:
+        start = cs.resume_token
+    insert_large(coll)
+    update_large(coll)
+    return start
+
+
+def scenario_oversize_event_limit(ctx):
+    db = ctx.db("oversize")
+    db.create_collection("orders")
+    coll = db.orders
+    # The insert is read before the update is written: a failed batch returns none of the
+    # events before the oversized one.
+    with coll.watch(full_document="updateLookup") as cs:
+        insert_large(coll)
+        ins = next_event(cs)
+        expect(ins["operationType"] == "insert", "first %r" % ins["operationType"])
+        update_large(coll)
+        try:
+            ev = next_event(cs)
+        except OperationFailure as e:
+            expect(e.code == 10334, "code %r: %s" % (e.code, e))
+            expect("BSONObj size: " in str(e) and "16793600" in str(e), "message %s" % e)
+            expect(not e.has_error_label("ResumableChangeStreamError"), "must not be resumable")
+        else:
+            size = len(bson.encode(ev))
+            if ctx.backend == "secantus":
+                raise Skip("SecantusDB delivered a %d-byte change event: it does not enforce the 16 MiB limit" % size)
+            raise AssertionError("an %d-byte %s event was delivered" % (size, ev["operationType"]))
+    # Resuming from the last event received meets it again, now in the aggregate.
+    try:
+        with coll.watch(full_document="updateLookup", resume_after=ins["_id"]) as r:
+            next_event(r)
+    except OperationFailure as e:
+        expect(e.code == 10334, "resumed: code %r" % e.code)
+    else:
+        raise AssertionError("resuming before the oversized event must fail again")
+    # The limit applies after the stream's stages: without fullDocument the update fits.
+    with coll.watch([{"$project": {"fullDocument": 0}}], full_document="updateLookup", resume_after=ins["_id"]) as r:
+        upd = next_event(r)
+        expect(upd["operationType"] == "update", "projected %r" % upd["operationType"])
+        expect(len(upd["updateDescription"]["updatedFields"]["lines"]) == 9 * MIB, "updatedFields")
+        expect(next_event(r)["documentKey"] == {"_id": 2}, "then the marker")
+
+
+def split_stream(ctx, coll, token, **kw):
+    """A split-stage stream, or Skip where the backend refuses the stage."""
+    try:
+        cs = coll.watch([SPLIT], full_document="updateLookup", resume_after=token, **kw)
+    except OperationFailure as e:
+        if ctx.backend == "secantus":
+            raise Skip("SecantusDB refuses $changeStreamSplitLargeEvent: %s (code %s)" % (e, e.code))
+        raise
+    return cs
+
+
+def scenario_split_large_event(ctx):
+    db = ctx.db("split")
+    db.create_collection("orders")
+    coll = db.orders
+    start = seed_large(coll)
+    with split_stream(ctx, coll, start) as cs:
+        ins = next_event(cs)
+        if ctx.backend == "secantus" and ins.get("splitEvent") == {"fragment": 1, "of": 1}:
+            raise Skip("SecantusDB marks every event, even a small one, splitEvent {fragment: 1, of: 1} "
+                       "and gives all fragments of an event the same _id (mongod: small events unchanged, one token per fragment)")
+        expect(ins["operationType"] == "insert" and "splitEvent" not in ins, "an event that fits passes unchanged")
+        first = next_event(cs)
+        if "splitEvent" not in first:
+            raise AssertionError("the 18 MiB update was not split")
+        of = first["splitEvent"]["of"]
+        frags = [first] + [next_event(cs) for _ in range(of - 1)]
+        marker = next_event(cs)
+    expect(of == 2, "fragments %r" % of)
+    whole = {}
+    for i, f in enumerate(frags):
+        expect(f["splitEvent"] == {"fragment": i + 1, "of": of}, "splitEvent %r" % f["splitEvent"])
+        expect(list(f)[:2] == ["_id", "splitEvent"], "fragment starts %r" % list(f)[:2])
+        expect(len(bson.encode(f)) <= 16 * MIB + 8 * 1024, "fragment size")
+        for k, v in list(f.items())[2:]:
+            expect(k not in whole, "%s in two fragments" % k)
+            whole[k] = v
+    stored = coll.find_one({"_id": 1})
+    expect(whole["operationType"] == "update" and whole["documentKey"] == {"_id": 1}, "reassembled %r" % whole.get("operationType"))
+    expect(whole["fullDocument"] == stored, "reassembled fullDocument")
+    expect(whole["updateDescription"]["updatedFields"]["lines"] == stored["lines"], "reassembled updatedFields")
+    expect(marker["documentKey"] == {"_id": 2} and "splitEvent" not in marker, "then the marker")
+    # Resuming from a fragment's token continues with the next fragment.
+    with split_stream(ctx, coll, frags[0]["_id"]) as r:
+        expect(next_event(r)["splitEvent"] == {"fragment": 2, "of": 2}, "resumed from fragment 1")
+    with split_stream(ctx, coll, frags[-1]["_id"]) as r:
+        expect(next_event(r)["documentKey"] == {"_id": 2}, "resumed from the last fragment")
+    try:
+        with coll.watch(full_document="updateLookup", resume_after=frags[0]["_id"]) as r:
+            next_event(r)
+    except OperationFailure as e:
+        expect(e.code == 280, "fragment token without the split stage: code %r" % e.code)
+    else:
+        raise AssertionError("a fragment token without the split stage must fail")
+
+
+def scenario_split_stage_placement(ctx):
+    db = ctx.db("splitplace")
+    db.create_collection("c")
+    try:
+        db.c.watch([SPLIT]).close()
+    except OperationFailure as e:
+        if ctx.backend == "secantus":
+            raise Skip("SecantusDB refuses $changeStreamSplitLargeEvent: %s (code %s)" % (e, e.code))
+        raise
+    for pipeline in ([SPLIT, {"$project": {"x": 1}}], [SPLIT, SPLIT]):
+        try:
+            db.c.watch(pipeline).close()
+        except OperationFailure as e:
+            expect(e.code == 7182802, "code %r for %r" % (e.code, pipeline))
+        else:
+            if ctx.backend == "secantus":
+                raise Skip("SecantusDB accepts $changeStreamSplitLargeEvent before other stages (mongod: 7182802)")
+            raise AssertionError("the split stage must be last: %r" % pipeline)
+    try:
+        list(db.c.aggregate([SPLIT]))
+    except OperationFailure as e:
+        expect(e.code == 20, "outside a change stream: code %r" % e.code)
+    else:
+        raise AssertionError("the split stage outside a change stream must fail")
+
+
 SCENARIOS = [
     scenario_event_shapes,
     scenario_resume_options,
@@ -246,6 +392,9 @@ SCENARIOS = [
     scenario_history_lost,
     scenario_drop_invalidate,
     scenario_pre_images,
+    scenario_oversize_event_limit,
+    scenario_split_large_event,
+    scenario_split_stage_placement,
 ]
 
 

@@ -55,6 +55,13 @@ impl CmdError {
         )
     }
 
+    /// Prefixes the message as mongod does for an error raised while a cursor produced its
+    /// results (`"Executor error during getMore :: caused by :: …"`).
+    pub(crate) fn context(mut self, what: &str) -> Self {
+        self.msg = format!("{what} :: caused by :: {}", self.msg);
+        self
+    }
+
     /// The error document (without cluster time, which the server adds).
     pub(crate) fn to_doc(&self) -> Document {
         let mut d = doc! {
@@ -109,6 +116,8 @@ pub(crate) fn code_name(code: i32) -> &'static str {
         286 => "ChangeStreamHistoryLost",
         352 => "UnsupportedOpQueryCommand",
         9001 => "SocketException",
+        10334 => "BSONObjectTooLarge",
+        17419 => "Location17419",
         10107 => "NotWritablePrimary",
         11000 => "DuplicateKey",
         11600 => "InterruptedAtShutdown",
@@ -118,6 +127,10 @@ pub(crate) fn code_name(code: i32) -> &'static str {
         31253 | 31254 => "Location31254",
         40324 => "Location40324",
         40415 => "Location40415",
+        7182500 => "Location7182500",
+        7182502 => "Location7182502",
+        7182800 => "Location7182800",
+        7182802 => "Location7182802",
         _ => "UnknownError",
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Modules in reading order: [`wire`] (framing), `server` (connections), `commands`
 //! (dispatch and handlers), `query`/`update`/`pipeline` (the document engine), `store` and
-//! `oplog` (data and history), `changestream`, `failpoint`, `persist`, `clock`.
+//! `oplog` (data and history), `changestream`, [`limits`] (mongod's size limits and their
+//! error codes), `failpoint`, `persist`, `clock`.
 
+pub mod limits;
 pub mod wire;
 
 mod changestream;

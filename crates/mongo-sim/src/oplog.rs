@@ -71,6 +71,29 @@ pub(crate) fn event_token_for(ts: Timestamp, ns: &str, doc_key: Option<&Document
     t
 }
 
+/// Marks the end of a fragment token. It cannot end any other token: event tokens end in the
+/// invalidate flag (`00`/`01`), a document key's BSON terminator (`00`) or a namespace byte,
+/// and `FE` never occurs in UTF-8.
+const FRAGMENT_END: &str = "FE";
+
+/// Token of fragment `index` (0-based, as mongod's `fragmentNum`) of the split event whose
+/// token is `event`: the event token, the index as 4 big-endian bytes, then [`FRAGMENT_END`].
+/// Appended like mongod appends `fragmentNum` to its KeyString, so fragments sort after their
+/// event's own token, in fragment order, and before every later event.
+pub(crate) fn fragment_token(event: &str, index: u32) -> String {
+    format!("{event}{index:08X}{FRAGMENT_END}")
+}
+
+/// Splits a fragment token into its event token and fragment index; `None` for other tokens.
+pub(crate) fn split_fragment_token(data: &str) -> Option<(&str, u32)> {
+    let body = data.strip_suffix(FRAGMENT_END)?;
+    let (event, index) = body.split_at_checked(body.len().checked_sub(8)?)?;
+    if event.len() < 26 || event.get(18..20) != Some(EVENT_TAG) {
+        return None;
+    }
+    Some((event, u32::from_str_radix(index, 16).ok()?))
+}
+
 /// High-water-mark token for an idle stream that has seen everything up to `ts`.
 pub(crate) fn hwm_token(ts: Timestamp) -> String {
     format!("82{:08X}{:08X}{HWM_TAG}", ts.time, ts.increment)
@@ -90,6 +113,8 @@ pub(crate) struct TokenInfo {
     pub(crate) invalidate: bool,
     /// Whether it is a high-water-mark token.
     pub(crate) hwm: bool,
+    /// For the token of a split event's fragment: the event's token and the fragment index.
+    pub(crate) fragment: Option<(String, u32)>,
 }
 
 /// Parses a token this server issued; `None` for anything else.
@@ -110,6 +135,7 @@ pub(crate) fn parse_token(data: &str) -> Option<TokenInfo> {
             ts,
             invalidate: false,
             hwm: true,
+            fragment: None,
         });
     }
     match data.get(18..20)? {
@@ -117,15 +143,18 @@ pub(crate) fn parse_token(data: &str) -> Option<TokenInfo> {
             ts,
             invalidate: false,
             hwm: true,
+            fragment: None,
         }),
         // The fixed part, then (for data events) the namespace and key: any even-length hex.
         EVENT_TAG if data.len() >= 26 && data.len() % 2 == 0 => {
             hex(20..24)?;
             let flag = hex(24..26)?;
+            let fragment = split_fragment_token(&data).map(|(e, i)| (e.to_owned(), i));
             Some(TokenInfo {
                 ts,
                 invalidate: flag == 1,
                 hwm: false,
+                fragment,
             })
         }
         _ => None,
@@ -202,6 +231,11 @@ impl Oplog {
         ts_key(ts) < ts_key(oldest)
     }
 
+    /// Index of the first entry whose token sorts at or after `token`.
+    pub(crate) fn first_at(&self, token: &str) -> usize {
+        self.entries.partition_point(|e| e.token.as_str() < token)
+    }
+
     /// Index of the first entry whose token sorts after `pos`.
     pub(crate) fn first_after(&self, pos: &str) -> usize {
         self.entries.partition_point(|e| e.token.as_str() <= pos)
@@ -220,6 +254,7 @@ pub(crate) fn position_ts(pos: &str) -> Option<Timestamp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bson::doc;
 
     fn ts(time: u32, increment: u32) -> Timestamp {
         Timestamp { time, increment }
@@ -239,6 +274,26 @@ mod tests {
         assert!(parse_token(&hwm).unwrap().hwm);
         assert!(parse_token(&start).unwrap().hwm, "a start position resumes");
         assert!(parse_token("82ZZ").is_none());
+    }
+
+    #[test]
+    fn fragment_tokens_sort_between_their_event_and_the_next() {
+        let key = doc! {"_id": 7};
+        let e = event_token_for(ts(10, 1), "d.c", Some(&key));
+        let f0 = fragment_token(&e, 0);
+        let f1 = fragment_token(&e, 1);
+        let inv = event_token(ts(10, 1), 0, true);
+        let next = event_token_for(ts(10, 2), "d.c", Some(&key));
+        assert!(e < f0 && f0 < f1 && f1 < inv && f1 < hwm_token(ts(10, 1)) && f1 < next);
+        assert_eq!(split_fragment_token(&f1), Some((e.as_str(), 1)));
+        assert_eq!(parse_token(&f1).unwrap().fragment, Some((e.clone(), 1)));
+        // Ordinary tokens are never taken for fragments, whatever their tail.
+        assert_eq!(parse_token(&e).unwrap().fragment, None);
+        assert_eq!(
+            split_fragment_token(&event_token_for(ts(1, 1), "d.c", None)),
+            None
+        );
+        assert_eq!(split_fragment_token(&inv), None);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 use bson::{doc, Bson, Document};
 
 use crate::error::{CmdError, CmdResult};
+use crate::limits::doc_size;
 use crate::query::{as_f64, bson_eq, cmp_bson, Filter, Sort};
-use crate::update::set_path;
+use crate::update::{set_path, type_name};
 
 /// An aggregation expression: what `$project`/`$addFields`/`$group` may compute.
 #[derive(Debug, Clone)]
@@ -19,6 +20,9 @@ pub(crate) enum Expr {
     Doc(Vec<(String, Expr)>),
     /// `[expr, …]`.
     Array(Vec<Expr>),
+    /// `{$bsonSize: expr}`: the encoded size of a document (how a change-stream consumer can
+    /// find which events are near the 16 MiB limit).
+    BsonSize(Box<Expr>),
 }
 
 impl Expr {
@@ -49,10 +53,20 @@ impl Expr {
             }
             Bson::Document(d) => match d.keys().next() {
                 Some(k) if k.starts_with('$') => {
-                    if k == "$literal" && d.len() == 1 {
-                        Expr::Literal(d.get("$literal").cloned().unwrap_or(Bson::Null))
-                    } else {
-                        return Err(CmdError::new(168, format!("Unrecognized expression '{k}' (mongo-sim supports only field paths, $$ROOT, $literal and constants)")));
+                    match (k.as_str(), d.iter().next()) {
+                        ("$literal", Some((_, v))) if d.len() == 1 => Expr::Literal(v.clone()),
+                        ("$bsonSize", Some((_, v))) if d.len() == 1 => {
+                            // mongod accepts the argument bare or as a one-element array.
+                            let arg = match v {
+                                Bson::Array(a) if a.len() == 1 => &a[0],
+                                Bson::Array(a) => {
+                                    return Err(CmdError::new(16020, format!("Expression $bsonSize takes exactly 1 arguments. {} were passed in.", a.len())))
+                                }
+                                v => v,
+                            };
+                            Expr::BsonSize(Box::new(Expr::parse(arg)?))
+                        }
+                        _ => return Err(CmdError::new(168, format!("Unrecognized expression '{k}' (mongo-sim supports only field paths, $$ROOT, $literal, $bsonSize and constants)"))),
                     }
                 }
                 _ => Expr::Doc(
@@ -66,20 +80,39 @@ impl Expr {
         })
     }
 
-    /// Evaluates against a document; `None` means "missing".
-    pub(crate) fn eval(&self, doc: &Document) -> Option<Bson> {
-        match self {
+    /// Evaluates against a document; `Ok(None)` means "missing".
+    pub(crate) fn eval(&self, doc: &Document) -> CmdResult<Option<Bson>> {
+        Ok(match self {
+            // Measured without copying the whole document, which may be a 16 MiB event.
+            Expr::BsonSize(inner) if matches!(**inner, Expr::Root) => {
+                Some(Bson::Int32(doc_size(doc) as i32))
+            }
+            Expr::BsonSize(inner) => match inner.eval(doc)? {
+                None | Some(Bson::Null) | Some(Bson::Undefined) => Some(Bson::Null),
+                Some(Bson::Document(d)) => Some(Bson::Int32(doc_size(&d) as i32)),
+                Some(other) => {
+                    return Err(CmdError::new(
+                        31393,
+                        format!(
+                            "$bsonSize requires a document input, found: {}",
+                            type_name(&other)
+                        ),
+                    ))
+                }
+            },
             Expr::Root => Some(Bson::Document(doc.clone())),
             Expr::Literal(v) => Some(v.clone()),
             Expr::Path(p) => {
                 let parts: Vec<&str> = p.split('.').collect();
-                let (first, rest) = parts.split_first()?;
-                eval_path(doc.get(*first)?, rest)
+                let Some((first, rest)) = parts.split_first() else {
+                    return Ok(None);
+                };
+                doc.get(*first).and_then(|v| eval_path(v, rest))
             }
             Expr::Doc(fields) => {
                 let mut out = Document::new();
                 for (k, e) in fields {
-                    if let Some(v) = e.eval(doc) {
+                    if let Some(v) = e.eval(doc)? {
                         out.insert(k.clone(), v);
                     }
                 }
@@ -88,10 +121,10 @@ impl Expr {
             Expr::Array(items) => Some(Bson::Array(
                 items
                     .iter()
-                    .map(|e| e.eval(doc).unwrap_or(Bson::Null))
-                    .collect(),
+                    .map(|e| Ok(e.eval(doc)?.unwrap_or(Bson::Null)))
+                    .collect::<CmdResult<_>>()?,
             )),
-        }
+        })
     }
 }
 
@@ -244,8 +277,8 @@ impl Projection {
         Ok(())
     }
 
-    /// Applies the projection.
-    pub(crate) fn apply(&self, doc: &Document) -> Document {
+    /// Applies the projection (only a computed field can fail).
+    pub(crate) fn apply(&self, doc: &Document) -> CmdResult<Document> {
         let mut out = if self.include {
             let mut out = Document::new();
             if self.id != Some(false) {
@@ -263,13 +296,13 @@ impl Projection {
             out
         };
         for (path, e) in &self.computed {
-            if let Some(v) = e.eval(doc) {
+            if let Some(v) = e.eval(doc)? {
                 // set_path only fails through scalars, which a fresh projection output cannot hold
                 // where a computed path goes unless the spec itself conflicts; ignore such a field.
                 let _ = set_path(&mut out, path, v);
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -507,11 +540,11 @@ impl Stage {
     pub(crate) fn apply_one(&self, doc: Document) -> CmdResult<Option<Document>> {
         Ok(match self {
             Stage::Match(f) => f.matches(&doc).then_some(doc),
-            Stage::Project(p) => Some(p.apply(&doc)),
+            Stage::Project(p) => Some(p.apply(&doc)?),
             Stage::AddFields(fields) => {
                 let mut out = doc.clone();
                 for (path, e) in fields {
-                    match e.eval(&doc) {
+                    match e.eval(&doc)? {
                         Some(v) => set_path(&mut out, path, v)?,
                         None => {
                             out.remove(path);
@@ -523,11 +556,11 @@ impl Stage {
             Stage::Unset(paths) => {
                 let spec: Document = paths.iter().map(|p| (p.clone(), Bson::Int32(0))).collect();
                 match Projection::parse(&spec)? {
-                    Some(p) => Some(p.apply(&doc)),
+                    Some(p) => Some(p.apply(&doc)?),
                     None => Some(doc),
                 }
             }
-            Stage::ReplaceRoot(e) => match e.eval(&doc) {
+            Stage::ReplaceRoot(e) => match e.eval(&doc)? {
                 Some(Bson::Document(d)) => Some(d),
                 other => {
                     return Err(CmdError::new(40228, format!("'newRoot' expression must evaluate to an object, but resulting value was: {}", other.map(|v| v.to_string()).unwrap_or_else(|| "MISSING".into()))))
@@ -561,7 +594,6 @@ const KNOWN_STAGES: &[&str] = &[
     "$unionWith",
     "$documents",
     "$search",
-    "$changeStreamSplitLargeEvent",
     "$planCacheStats",
 ];
 
@@ -603,7 +635,7 @@ pub(crate) fn run(stages: &[Stage], mut docs: Vec<Document>) -> CmdResult<Vec<Do
                 }
                 out
             }
-            Stage::Group(id, accs) => group(&docs, id, accs),
+            Stage::Group(id, accs) => group(&docs, id, accs)?,
             streaming => {
                 let mut out = Vec::with_capacity(docs.len());
                 for d in docs {
@@ -618,10 +650,10 @@ pub(crate) fn run(stages: &[Stage], mut docs: Vec<Document>) -> CmdResult<Vec<Do
     Ok(docs)
 }
 
-fn group(docs: &[Document], id: &Expr, accs: &[(String, AccPub)]) -> Vec<Document> {
+fn group(docs: &[Document], id: &Expr, accs: &[(String, AccPub)]) -> CmdResult<Vec<Document>> {
     let mut groups: Vec<(Bson, Vec<&Document>)> = Vec::new();
     for d in docs {
-        let key = id.eval(d).unwrap_or(Bson::Null);
+        let key = id.eval(d)?.unwrap_or(Bson::Null);
         match groups.iter_mut().find(|(k, _)| bson_eq(k, &key)) {
             Some((_, members)) => members.push(d),
             None => groups.push((key, vec![d])),
@@ -632,36 +664,45 @@ fn group(docs: &[Document], id: &Expr, accs: &[(String, AccPub)]) -> Vec<Documen
         .map(|(key, members)| {
             let mut out = doc! {"_id": key};
             for (name, AccPub(acc)) in accs {
-                let vals = |e: &Expr| members.iter().filter_map(|d| e.eval(d)).collect::<Vec<_>>();
+                let vals = |e: &Expr| -> CmdResult<Vec<Bson>> {
+                    let mut out = Vec::new();
+                    for d in &members {
+                        out.extend(e.eval(d)?);
+                    }
+                    Ok(out)
+                };
                 let v = match acc {
-                    Acc::Sum(e) => sum(&vals(e)),
+                    Acc::Sum(e) => sum(&vals(e)?),
                     Acc::Avg(e) => {
-                        let nums: Vec<f64> = vals(e).iter().filter_map(as_f64).collect();
+                        let nums: Vec<f64> = vals(e)?.iter().filter_map(as_f64).collect();
                         if nums.is_empty() {
                             Bson::Null
                         } else {
                             Bson::Double(nums.iter().sum::<f64>() / nums.len() as f64)
                         }
                     }
-                    Acc::Min(e) => vals(e)
+                    Acc::Min(e) => vals(e)?
                         .into_iter()
                         .filter(|v| !matches!(v, Bson::Null))
                         .min_by(cmp_bson)
                         .unwrap_or(Bson::Null),
-                    Acc::Max(e) => vals(e)
+                    Acc::Max(e) => vals(e)?
                         .into_iter()
                         .filter(|v| !matches!(v, Bson::Null))
                         .max_by(cmp_bson)
                         .unwrap_or(Bson::Null),
-                    Acc::First(e) => members
-                        .first()
-                        .and_then(|d| e.eval(d))
-                        .unwrap_or(Bson::Null),
-                    Acc::Last(e) => members.last().and_then(|d| e.eval(d)).unwrap_or(Bson::Null),
-                    Acc::Push(e) => Bson::Array(vals(e)),
+                    Acc::First(e) => match members.first() {
+                        Some(d) => e.eval(d)?.unwrap_or(Bson::Null),
+                        None => Bson::Null,
+                    },
+                    Acc::Last(e) => match members.last() {
+                        Some(d) => e.eval(d)?.unwrap_or(Bson::Null),
+                        None => Bson::Null,
+                    },
+                    Acc::Push(e) => Bson::Array(vals(e)?),
                     Acc::AddToSet(e) => {
                         let mut set: Vec<Bson> = Vec::new();
-                        for v in vals(e) {
+                        for v in vals(e)? {
                             if !set.iter().any(|s| bson_eq(s, &v)) {
                                 set.push(v);
                             }
@@ -671,7 +712,7 @@ fn group(docs: &[Document], id: &Expr, accs: &[(String, AccPub)]) -> Vec<Documen
                 };
                 out.insert(name.clone(), v);
             }
-            out
+            Ok(out)
         })
         .collect()
 }
@@ -706,7 +747,11 @@ mod tests {
     use super::*;
 
     fn p(spec: Document, d: Document) -> Document {
-        Projection::parse(&spec).unwrap().unwrap().apply(&d)
+        Projection::parse(&spec)
+            .unwrap()
+            .unwrap()
+            .apply(&d)
+            .unwrap()
     }
 
     #[test]

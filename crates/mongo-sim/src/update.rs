@@ -217,7 +217,8 @@ fn immutable_id(id: &Bson) -> CmdError {
     CmdError::new(66, format!("Performing an update on the path '_id' would modify the immutable field '_id' (was {id})"))
 }
 
-fn type_name(b: &Bson) -> &'static str {
+/// mongod's name for a value's type, as error messages print it.
+pub(crate) fn type_name(b: &Bson) -> &'static str {
     match b {
         Bson::Double(_) => "double",
         Bson::String(_) => "string",

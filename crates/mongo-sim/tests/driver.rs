@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod fuzz;
+mod oversize;
 mod support;
 
 use std::time::{Duration, Instant};

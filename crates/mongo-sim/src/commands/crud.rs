@@ -4,6 +4,7 @@ use bson::{doc, oid::ObjectId, Bson, Document};
 
 use super::{check_fields, coll_name, opt_bool, opt_doc, opt_i64};
 use crate::error::{CmdError, CmdResult};
+use crate::limits::{doc_size, MAX_BSON_OBJECT_SIZE};
 use crate::pipeline::Projection;
 use crate::query::{bson_eq, values_at, Filter, Sort};
 use crate::server::Shared;
@@ -82,7 +83,10 @@ pub(super) fn insert(shared: &Shared, db: &str, body: &Document) -> CmdResult {
     let mut n = 0;
     shared.with_state(|st| {
         for (i, d) in docs.into_iter().enumerate() {
-            match prepare_new(d).and_then(|d| st.insert(db, coll, d)) {
+            match prepare_new(d)
+                .and_then(check_insert_size)
+                .and_then(|d| st.insert(db, coll, d))
+            {
                 Ok(()) => n += 1,
                 Err(e) => {
                     errors.push(write_error(i, &e));
@@ -180,6 +184,29 @@ struct Applied {
 }
 
 /// Applies one update statement.
+/// mongod refuses to store a document over 16 MiB: the insert path with `BadValue`.
+fn check_insert_size(d: Document) -> CmdResult<Document> {
+    let size = doc_size(&d);
+    if size > MAX_BSON_OBJECT_SIZE {
+        return Err(CmdError::bad_value(format!(
+            "object to insert too large. size in bytes: {size}, max size: {MAX_BSON_OBJECT_SIZE}"
+        )));
+    }
+    Ok(d)
+}
+
+/// The update path's refusal (mongod 7.0's update stage; later versions say
+/// `BSONObjectTooLarge` with the same message).
+fn check_update_size(d: &Document) -> CmdResult<()> {
+    if doc_size(d) > MAX_BSON_OBJECT_SIZE {
+        return Err(CmdError::new(
+            17419,
+            format!("Resulting document after update is larger than {MAX_BSON_OBJECT_SIZE}"),
+        ));
+    }
+    Ok(())
+}
+
 fn update_one_statement(
     st: &mut State,
     db: &str,
@@ -217,6 +244,7 @@ fn update_one_statement(
         let mut new = old.clone();
         let now = st.next_time();
         let touched = upd.apply(&mut new, false, now)?;
+        check_update_size(&new)?;
         let touched = match upd {
             Update::Ops(_) => Some(touched),
             Update::Replace(_) => None,
@@ -233,6 +261,7 @@ fn update_one_statement(
             upd.apply(&mut doc, true, now)?;
         }
         let doc = prepare_new(doc)?;
+        check_update_size(&doc)?;
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
         st.insert(db, coll, doc.clone())?;
         return Ok(Applied {
@@ -410,8 +439,12 @@ pub(super) fn find_and_modify(shared: &Shared, db: &str, body: &Document) -> Cmd
     let remove = opt_bool(body, "remove");
     let return_new = opt_bool(body, "new");
     let upsert = opt_bool(body, "upsert");
-    let project =
-        |d: Document| -> Bson { Bson::Document(proj.as_ref().map_or(d.clone(), |p| p.apply(&d))) };
+    let project = |d: Document| -> CmdResult<Bson> {
+        Ok(Bson::Document(match &proj {
+            Some(p) => p.apply(&d)?,
+            None => d,
+        }))
+    };
     match (remove, body.get("update")) {
         (true, Some(_)) => Err(CmdError::failed_to_parse(
             "Cannot specify both an update and remove=true",
@@ -439,7 +472,7 @@ pub(super) fn find_and_modify(shared: &Shared, db: &str, body: &Document) -> Cmd
             });
             let n = i32::from(old.is_some());
             Ok(
-                doc! {"lastErrorObject": {"n": n}, "value": old.map(project).unwrap_or(Bson::Null), "ok": 1.0},
+                doc! {"lastErrorObject": {"n": n}, "value": old.map(project).transpose()?.unwrap_or(Bson::Null), "ok": 1.0},
             )
         }
         (false, Some(u)) => {
@@ -465,11 +498,11 @@ pub(super) fn find_and_modify(shared: &Shared, db: &str, body: &Document) -> Cmd
             let value = match pair {
                 Some((old, new)) => {
                     if return_new {
-                        project(new)
+                        project(new)?
                     } else if upserted.is_some() {
                         Bson::Null
                     } else {
-                        project(old)
+                        project(old)?
                     }
                 }
                 None => Bson::Null,

@@ -8,8 +8,9 @@ use std::time::Duration;
 use bson::{doc, Bson, Document};
 
 use super::{check_fields, coll_name, opt_bool, opt_doc, opt_i64};
-use crate::changestream::ChangeStream;
+use crate::changestream::{ChangeStream, SplitStage};
 use crate::error::{CmdError, CmdResult};
+use crate::limits::BATCH_BYTES;
 use crate::pipeline::{self, Projection, Stage};
 use crate::query::{Filter, Sort};
 use crate::server::{lock, Cursor, CursorKind, Shared};
@@ -17,8 +18,6 @@ use crate::store::{check_coll_name, id_key};
 
 /// Default size of a first batch, as in mongod.
 const DEFAULT_FIRST_BATCH: usize = 101;
-/// A batch stops growing past this many bytes (mongod's 16 MB reply budget, minus headroom).
-const BATCH_BYTES: usize = 16 * 1024 * 1024 - 64 * 1024;
 /// Default `getMore` wait on a change stream (mongod's awaitData default).
 const DEFAULT_AWAIT_MS: u64 = 1000;
 /// Largest batch a change-stream `getMore` returns when the client gives no `batchSize`.
@@ -45,6 +44,14 @@ fn take_batch(docs: &mut VecDeque<Document>, n: usize) -> Vec<Bson> {
         }
     }
     out
+}
+
+/// The stage that splits oversized change events; parsed here because it only makes sense
+/// at the end of a change stream's pipeline.
+const SPLIT_STAGE: &str = "$changeStreamSplitLargeEvent";
+
+fn getmore_error(e: CmdError) -> CmdError {
+    e.context("Executor error during getMore")
 }
 
 fn batch_size(body: &Document, field: &str) -> CmdResult<Option<usize>> {
@@ -159,7 +166,7 @@ pub(super) fn find(shared: &Shared, db: &str, body: &Document) -> CmdResult {
         docs.truncate(limit);
     }
     if let Some(p) = &proj {
-        docs = docs.iter().map(|d| p.apply(d)).collect();
+        docs = docs.iter().map(|d| p.apply(d)).collect::<CmdResult<_>>()?;
     }
     let mut first = batch.unwrap_or(DEFAULT_FIRST_BATCH);
     if limit > 0 {
@@ -241,19 +248,44 @@ pub(super) fn aggregate(shared: &Shared, db: &str, body: &Document) -> CmdResult
             "$changeStream is only valid as the first stage in a pipeline.",
         ));
     }
-    let stages: Vec<Stage> = stage_docs
-        .iter()
-        .skip(usize::from(change_spec.is_some()))
-        .map(|d| Stage::parse(d))
-        .collect::<CmdResult<_>>()?;
+    let rest = &stage_docs[usize::from(change_spec.is_some())..];
+    let mut stages: Vec<Stage> = Vec::new();
+    let mut split_at: Vec<usize> = Vec::new();
+    for (i, d) in rest.iter().enumerate() {
+        match d.get(SPLIT_STAGE) {
+            Some(spec) if d.len() == 1 => {
+                if !matches!(spec, Bson::Document(s) if s.is_empty()) {
+                    return Err(CmdError::new(
+                        7182800,
+                        "$changeStreamSplitLargeEvent spec should be an empty object",
+                    ));
+                }
+                split_at.push(i);
+            }
+            _ => stages.push(Stage::parse(d)?),
+        }
+    }
+    let split = match split_at.as_slice() {
+        [] => SplitStage::Absent,
+        [i] if *i + 1 == rest.len() => SplitStage::Last,
+        _ => SplitStage::Misplaced,
+    };
+    if change_spec.is_none() && split != SplitStage::Absent {
+        return Err(CmdError::new(
+            20,
+            "$changeStreamSplitLargeEvent can only be used in a $changeStream pipeline",
+        ));
+    }
     if let Some(spec) = change_spec {
         let ns = match coll {
             Some(c) => format!("{db}.{c}"),
             None => format!("{db}.$cmd.aggregate"),
         };
         let (cs, batch) = shared.with_state(|st| -> CmdResult<_> {
-            let mut cs = ChangeStream::open(db, coll, &spec, stages, st)?;
-            let batch = cs.next_batch(st, first)?;
+            let mut cs = ChangeStream::open(db, coll, &spec, stages, split, st)?;
+            let batch = cs
+                .next_batch(st, first)
+                .map_err(|e| e.context("PlanExecutor error during aggregation"))?;
             Ok((cs, batch))
         })?;
         let token = cs.resume_token();
@@ -362,7 +394,11 @@ pub(super) async fn get_more(shared: &Arc<Shared>, db: &str, body: &Document) ->
             let events = loop {
                 // Subscribe before scanning, so a commit between the scan and the wait still wakes us.
                 let mut commits = shared.commits.subscribe();
-                let events = shared.with_state(|st| cs.next_batch(st, n))?;
+                // On an error the cursor is not put back: mongod kills a cursor whose getMore
+                // failed, and the client resumes from the last token it was given.
+                let events = shared
+                    .with_state(|st| cs.next_batch(st, n))
+                    .map_err(getmore_error)?;
                 if !events.is_empty() || cs.closed || tokio::time::Instant::now() >= deadline {
                     break events;
                 }
@@ -374,7 +410,9 @@ pub(super) async fn get_more(shared: &Arc<Shared>, db: &str, body: &Document) ->
                     }
                     _ = tokio::time::sleep_until(deadline) => {
                         // One last scan so the resume token reflects the time we waited until.
-                        break shared.with_state(|st| cs.next_batch(st, n))?;
+                        break shared
+                            .with_state(|st| cs.next_batch(st, n))
+                            .map_err(getmore_error)?;
                     }
                 }
             };
