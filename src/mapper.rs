@@ -177,12 +177,44 @@ impl Mapper {
     /// its documents) so that its rooms can be told to resync. The routing uses a
     /// normalizer of its own: the reduced documents must not become remembered statuses.
     pub fn skip(&mut self, reduced: &Document) -> Result<Vec<RoutedEvent>, OrderError> {
+        // Rooms follow the document's owners, not what changed (the update description
+        // stayed on the server): a change that still has its document is routed as the
+        // document's appearance, which reaches every room it belongs to.
+        let mut probe = reduced.clone();
+        if probe.get_document("fullDocument").is_ok()
+            && matches!(probe.get_str("operationType"), Ok("update" | "replace"))
+        {
+            probe.insert("operationType", "insert");
+        }
         let throwaway = self.fresh_normalizer();
         let kept = std::mem::replace(&mut self.normalizer, throwaway);
-        let routed = self.map(reduced);
+        let routed = self.map(&probe);
         self.normalizer = kept;
         self.drop_reason("oversize");
-        routed
+        let mut routed = routed?;
+        if routed.iter().all(|r| r.deliveries.is_empty()) {
+            // Nothing tells its owners (no document, none remembered): the admins at least.
+            if let Some(id) = self.position() {
+                routed = vec![RoutedEvent {
+                    event: crate::event::Event {
+                        id: id.clone(),
+                        name: "system:oversize".into(),
+                        ts_ms: 0,
+                    },
+                    deliveries: vec![crate::event::Delivery {
+                        room: crate::room::Room::admin(),
+                        data: serde_json::Value::Null,
+                    }],
+                    owner: None,
+                    database: self
+                        .multi_db
+                        .then(|| reduced.get_document("ns").ok()?.get_str("db").ok())
+                        .flatten()
+                        .map(Arc::from),
+                }];
+            }
+        }
+        Ok(routed)
     }
 
     fn fresh_normalizer(&self) -> Normalizer {

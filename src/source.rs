@@ -18,6 +18,10 @@ pub const HISTORY_LOST: i32 = 286;
 /// does every resume before it: see `Pipeline`'s oversize handling.
 pub const TOO_LARGE: i32 = 10334;
 
+/// MongoDB's answer when an event must be split but one of its fields alone is over the
+/// fragment limit: the change cannot be returned either way, as with [`TOO_LARGE`].
+pub const SPLIT_FIELD_TOO_LARGE: i32 = 7_182_500;
+
 /// Server errors that retrying cannot fix, so the stream stops for the operator instead of
 /// reconnecting forever: `Unauthorized` (13, the user lacks `changeStream`/`find`),
 /// `InvalidResumeToken` (260, a token from another cluster or mistyped), the three ways
@@ -394,6 +398,7 @@ impl Source {
             }
         }
         p.next += 1;
+        tracing::debug!(database = %self.spec.database, fragment = n, of, "read a fragment of a split change event");
         if n < of {
             return Ok(None);
         }
@@ -468,7 +473,7 @@ fn classify(database: &str, e: MongoError) -> SourceError {
     let detail = e.kind.to_string();
     match error_code(&e) {
         Some(HISTORY_LOST) => SourceError::HistoryLost { database },
-        Some(TOO_LARGE) => SourceError::TooLarge { database, detail },
+        Some(TOO_LARGE | SPLIT_FIELD_TOO_LARGE) => SourceError::TooLarge { database, detail },
         Some(code) if FATAL_CODES.contains(&code) => SourceError::Fatal { database, detail },
         _ => SourceError::Mongo { database, detail },
     }

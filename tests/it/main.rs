@@ -11,6 +11,7 @@ mod durability;
 mod gateway;
 mod limits;
 mod ops;
+mod oversize;
 mod ownership;
 mod pipeline;
 mod recovery;

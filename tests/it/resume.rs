@@ -46,6 +46,11 @@ pub(crate) fn spawn(args: &[&str], out: PathBuf) -> Proc {
 
 /// [`spawn`], with the JWT secret in the environment or not.
 pub(crate) fn spawn_with(args: &[&str], out: PathBuf, secret: bool) -> Proc {
+    spawn_logging(args, out, secret, "info")
+}
+
+/// [`spawn_with`] at log filter `log` (`CHANGECAST_LOG`).
+pub(crate) fn spawn_logging(args: &[&str], out: PathBuf, secret: bool, log: &str) -> Proc {
     let file = std::fs::File::create(&out).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_changecast"));
     if secret {
@@ -56,7 +61,7 @@ pub(crate) fn spawn_with(args: &[&str], out: PathBuf, secret: bool) -> Proc {
     }
     let mut child = cmd
         .args(args)
-        .env("CHANGECAST_LOG", "info")
+        .env("CHANGECAST_LOG", log)
         .env("NO_COLOR", "1")
         .env_remove("MONGODB_URI")
         .stdout(Stdio::from(file))

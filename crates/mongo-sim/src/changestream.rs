@@ -164,6 +164,13 @@ impl ChangeStream {
         split: SplitStage,
         state: &State,
     ) -> CmdResult<ChangeStream> {
+        if state.no_split_stage && split != SplitStage::Absent {
+            // As mongod before 6.0.9 answers a stage it does not know.
+            return Err(CmdError::new(
+                40324,
+                "Unrecognized pipeline stage name: '$changeStreamSplitLargeEvent'",
+            ));
+        }
         let mut full = FullDoc::Default;
         let mut before = Before::Off;
         let mut expanded = false;

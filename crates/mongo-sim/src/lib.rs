@@ -59,6 +59,10 @@ pub struct SimConfig {
     /// still resuming from them exactly: for testing consumers that must not assume order.
     /// Off by default (mongod's KeyString tokens sort).
     pub unordered_tokens: bool,
+    /// Answer `$changeStreamSplitLargeEvent` as MongoDB before 6.0.9 and 7.0 does (40324,
+    /// unrecognized stage): for testing consumers on servers that cannot split events
+    /// over 16 MiB. Off by default (mongo-sim reports 7.0, which splits).
+    pub no_split_stage: bool,
 }
 
 impl Default for SimConfig {
@@ -71,6 +75,7 @@ impl Default for SimConfig {
             data_file: None,
             max_message_bytes: 48_000_000,
             unordered_tokens: false,
+            no_split_stage: false,
         }
     }
 }
@@ -102,6 +107,7 @@ impl MongoSim {
         .unwrap_or_else(|| store::State::new(cfg.oplog_size));
         let mut state = state;
         state.unordered_tokens = cfg.unordered_tokens;
+        state.no_split_stage = cfg.no_split_stage;
         let listener = TcpListener::bind(SocketAddr::new(cfg.host, cfg.port)).await?;
         let addr = listener.local_addr()?;
         let shared = Shared::new(cfg, state);

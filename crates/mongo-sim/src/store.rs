@@ -62,6 +62,8 @@ pub(crate) struct State {
     pub(crate) seq: u64,
     /// Tokens leave the server in an order-scrambling wire form (`SimConfig::unordered_tokens`).
     pub(crate) unordered_tokens: bool,
+    /// `$changeStreamSplitLargeEvent` is an unknown stage (`SimConfig::no_split_stage`).
+    pub(crate) no_split_stage: bool,
 }
 
 /// Canonical key for an `_id`: numbers that compare equal map to the same key (1 == 1.0).
@@ -122,6 +124,7 @@ impl State {
             oplog: Oplog::new(oplog_size),
             seq: 0,
             unordered_tokens: false,
+            no_split_stage: false,
         }
     }
 
