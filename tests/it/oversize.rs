@@ -107,7 +107,7 @@ async fn an_event_over_16_mib_is_delivered_through_split_events() {
 async fn a_kill_between_fragments_loses_nothing() {
     if skip_unless_sim(
         "a_kill_between_fragments_loses_nothing",
-        "holds getMore with mongo-sim's failCommand blockConnection to stop between fragments",
+        "mongo-sim's failCommand blockConnection, to hold getMore between fragments",
     ) {
         return;
     }
@@ -193,7 +193,7 @@ async fn a_kill_between_fragments_loses_nothing() {
 async fn without_split_an_oversized_event_is_skipped_with_resync_and_the_stream_goes_on() {
     if skip_unless_sim(
         "without_split_an_oversized_event_is_skipped_with_resync_and_the_stream_goes_on",
-        "needs a server that refuses $changeStreamSplitLargeEvent and enforces the 16 MiB limit (mongo-sim no_split_stage; SecantusDB has no limit)",
+        "a server that refuses $changeStreamSplitLargeEvent and enforces the 16 MiB limit (mongo-sim no_split_stage; SecantusDB has no limit)",
     ) {
         return;
     }
@@ -307,7 +307,7 @@ async fn without_split_an_oversized_event_is_skipped_with_resync_and_the_stream_
 async fn with_fail_an_oversized_event_stops_with_exit_code_4() {
     if skip_unless_sim(
         "with_fail_an_oversized_event_stops_with_exit_code_4",
-        "needs a server that refuses $changeStreamSplitLargeEvent and enforces the 16 MiB limit (mongo-sim no_split_stage)",
+        "a server that refuses $changeStreamSplitLargeEvent and enforces the 16 MiB limit (mongo-sim no_split_stage)",
     ) {
         return;
     }
