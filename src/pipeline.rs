@@ -756,21 +756,38 @@ async fn warm_history(
     let mut from = until
         .time
         .saturating_sub(u32::try_from(warm.age.as_secs()).unwrap_or(u32::MAX));
+    let open_at = |time: u32| {
+        let at = StartAt::Time(bson::Timestamp { time, increment: 0 });
+        async move { Source::open(client, spec.clone(), &at).await }
+    };
     // A server that keeps less history than `history_age` refuses the start (MongoDB does
-    // when it is before the oplog's first entry): try later starts, halving the gap.
+    // when it is before the oplog's first entry): try later starts, halving the gap...
+    let mut refused = None;
     let mut source = loop {
-        let at = StartAt::Time(bson::Timestamp {
-            time: from,
-            increment: 0,
-        });
-        match Source::open(client, spec.clone(), &at).await {
+        match open_at(from).await {
             Ok(s) => break s,
             Err(SourceError::HistoryLost { .. }) if from < until.time => {
+                refused = Some(from);
                 from += (until.time - from).div_ceil(2);
             }
             Err(e) => return Err(e.to_string()),
         }
     };
+    // ...then back towards the oldest start it accepts, to the second: the first accepted
+    // halving step can lie far after the oldest change kept (a server started 25 s ago
+    // refuses 37 s back and accepts 18 s back), and clients whose `since` lies in that gap
+    // would cost an oplog scan each. At most log2(history_age) more opens, once per start.
+    while let Some(lo) = refused.filter(|lo| from - lo > 1) {
+        let mid = lo + (from - lo) / 2;
+        match open_at(mid).await {
+            Ok(s) => {
+                source = s;
+                from = mid;
+            }
+            Err(SourceError::HistoryLost { .. }) => refused = Some(mid),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     let from = bson::Timestamp {
         time: from,
         increment: 0,

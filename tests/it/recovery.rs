@@ -1123,3 +1123,47 @@ async fn a_start_position_stays_covered_across_restarts_with_nothing_published()
         );
     }
 }
+
+/// The warm-up's start when the server keeps less than `hub.history_age` (here: it started
+/// seconds ago): starts are tried back from the checkpoint and, once one is accepted,
+/// narrowed to the oldest second the server accepts. A client whose position lies between
+/// the server's first change and the first accepted halving step (this failed before: the
+/// halving stopped 4 s after the server's start) recovers from history, not the oplog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_up_reaches_back_to_the_oldest_change_the_server_keeps() {
+    let db = Db::start().await;
+    let mut a = Server::start(&db, "").await;
+    // Into the server's second second, so a start at a whole second can reach it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (mut admin, _) = Client::connect(&a, &admin_token()).await;
+    order(&db, "early", 0).await;
+    let first = admin_events(&mut admin, 1).await;
+    let since = first[0]["id"].as_str().unwrap().to_owned();
+    // Six seconds of other changes after it: the halving's steps back from the last one
+    // (…, 9 s, 4 s) then straddle the early change.
+    for n in 1..=6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        order(&db, "later", n).await;
+    }
+    admin_events(&mut admin, 6).await;
+    drop(admin);
+    let dir = std::mem::replace(&mut a.dir, tempfile::tempdir().unwrap());
+    a.stop().await.unwrap();
+    let b = Server::start_in(&db, "", dir, Default::default()).await;
+    let (mut c, _) = Client::connect(&b, &admin_token()).await;
+    let ack = c.subscribe("customer:later", Some(&since)).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let got: Vec<Value> = c
+        .drain(Duration::from_millis(800))
+        .await
+        .into_iter()
+        .filter(|m| m["type"] == "event")
+        .collect();
+    assert_eq!(got.len(), 6, "{got:?}");
+    let (_, metrics) = b.get("/metrics").await;
+    assert_eq!(
+        metric_value(&metrics, "changecast_replay_streams_opened_total"),
+        0.0,
+        "recovered through the oplog: {metrics}"
+    );
+}

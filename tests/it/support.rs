@@ -190,7 +190,8 @@ pub struct Server {
 /// A client and an operations listener on free loopback ports.
 pub async fn listeners() -> app::Listeners {
     app::Listeners {
-        client: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        // As `run` binds it: tokio's default backlog (1024) resets connects in a storm.
+        client: app::bind_listener("127.0.0.1:0".parse().unwrap()).unwrap(),
         ops: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
     }
 }
