@@ -158,6 +158,14 @@ impl SimHandle {
         self.addr.port()
     }
 
+    /// Change streams opened so far (each successful `aggregate` with `$changeStream`):
+    /// what a consumer costs the server, counted on the server's side.
+    pub fn change_streams_opened(&self) -> u64 {
+        self.shared
+            .change_streams_opened
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Closes every open connection (the listener keeps accepting), like a network blip.
     pub fn drop_all_connections(&self) {
         self.shared.drop_connections();

@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     /// Latest commit sequence number; change-stream getMores and the flusher wait on it.
     pub(crate) commits: watch::Sender<u64>,
     next_cursor: AtomicI64,
+    /// Change streams opened (`aggregate` with `$changeStream` that succeeded), for tests
+    /// that bound how many a consumer opens.
+    pub(crate) change_streams_opened: std::sync::atomic::AtomicU64,
     next_conn: AtomicI64,
     next_request: AtomicI32,
     /// The address clients must use: `hosts`/`me`/`primary` in `hello`.
@@ -73,6 +76,7 @@ impl Shared {
             failpoint: Mutex::new(None),
             commits: watch::channel(seq).0,
             next_cursor: AtomicI64::new(1),
+            change_streams_opened: std::sync::atomic::AtomicU64::new(0),
             next_conn: AtomicI64::new(1),
             next_request: AtomicI32::new(1),
             me: Mutex::new(String::new()),

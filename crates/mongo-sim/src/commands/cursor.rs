@@ -288,6 +288,9 @@ pub(super) fn aggregate(shared: &Shared, db: &str, body: &Document) -> CmdResult
                 .map_err(|e| e.context("PlanExecutor error during aggregation"))?;
             Ok((cs, batch))
         })?;
+        shared
+            .change_streams_opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let token = cs.resume_token();
         let id = if cs.closed {
             0
