@@ -180,6 +180,17 @@ fn checkpoint_store(config: &Config, client: &Client) -> CheckpointStore {
     }
 }
 
+/// The collections every change stream (live and replay) watches: the built-in
+/// three, then the declared streams'.
+fn watched_collections(config: &Config) -> Vec<String> {
+    let c = &config.mongo.collections;
+    [&c.orders, &c.payments, &c.settings]
+        .into_iter()
+        .chain(config.streams.iter().map(|s| &s.collection))
+        .cloned()
+        .collect()
+}
+
 fn mapper_factory(config: &Config, metrics: &Arc<Metrics>, book: OwnerBookUse) -> MapperFactory {
     let config = Arc::new(config.clone());
     let metrics = metrics.clone();
@@ -195,7 +206,6 @@ fn pipeline(
     health: &Arc<Health>,
     book: &Arc<OwnerBook>,
 ) -> Pipeline {
-    let c = &config.mongo.collections;
     Pipeline {
         client: client.clone(),
         store: Arc::new(checkpoint_store(config, client)),
@@ -205,7 +215,7 @@ fn pipeline(
         mappers: mapper_factory(config, metrics, OwnerBookUse::Record(book.clone())),
         cfg: PipelineConfig {
             databases: config.mongo.databases.clone(),
-            collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
+            collections: watched_collections(config),
             max_await: MAX_AWAIT,
             checkpoint_interval: config.checkpoint.interval,
             checkpoint_every: config.checkpoint.every_events.get(),
@@ -260,8 +270,9 @@ pub async fn start(
     };
     let client = mongo_client(config).await?;
     let metrics = Arc::new(Metrics::new());
-    let c = &config.mongo.collections;
-    metrics.init_known(&[&c.orders, &c.payments, &c.settings]);
+    let watched = watched_collections(config);
+    metrics.init_known(&watched.iter().map(String::as_str).collect::<Vec<_>>());
+    metrics.init_events(config.streams.iter().flat_map(|s| s.events.all()));
     let health = Arc::new(Health::new(
         config.mongo.databases.iter().map(String::as_str),
     ));
@@ -286,7 +297,6 @@ pub async fn start(
     );
     let owners: Arc<dyn OrderOwners> =
         Arc::new(CachedOrderOwners::new(owners, &config.auth.order_lookup));
-    let c = &config.mongo.collections;
     let book = Arc::new(OwnerBook::new(config.normalize.state_cache_docs));
     let ids = Arc::new(id_codec(config));
     let hub = Arc::new(Hub::new(config.hub.clone(), metrics.clone()).with_ids(ids.clone()));
@@ -295,7 +305,7 @@ pub async fn start(
         client: client.clone(),
         server: server.clone(),
         databases: config.mongo.databases.clone(),
-        collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
+        collections: watched_collections(config),
         // Replays get metrics of their own: the changes they re-read were counted live.
         mappers: mapper_factory(
             config,
@@ -465,6 +475,14 @@ pub async fn tail(
 /// documents when it is looked at to tell its rooms.
 fn routing_paths(config: &Config) -> Vec<String> {
     let f = &config.fields;
+    // A declared stream's room fields and tracked fields too: the skipped change's
+    // rooms come from them, and its tracked values are remembered from them.
+    let declared = config.streams.iter().flat_map(|s| {
+        s.rooms
+            .keyed()
+            .map(|(_, p)| p.to_owned())
+            .chain(s.tracked.iter().cloned())
+    });
     let mut paths: Vec<String> = f
         .customer
         .iter()
@@ -473,6 +491,7 @@ fn routing_paths(config: &Config) -> Vec<String> {
         .chain(&f.settings_store)
         .chain([&f.status, &f.order_type, &f.payment_status])
         .cloned()
+        .chain(declared)
         .collect();
     paths.sort();
     paths.dedup();

@@ -251,7 +251,7 @@ fn room(kind: RoomKind, id: &str, issues: &mut Vec<RouteIssue>) -> Option<Room> 
 
 /// Changed paths an audience may know about: those inside an allowlisted path
 /// as written, and for an ancestor of allowlisted paths, those paths.
-fn visible_changes(changed: &[String], allow: &[String]) -> Vec<String> {
+pub(crate) fn visible_changes(changed: &[String], allow: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut push = |s: &str| {
         if !out.iter().any(|o| o == s) {
@@ -270,7 +270,7 @@ fn visible_changes(changed: &[String], allow: &[String]) -> Vec<String> {
     out
 }
 
-fn is_under(path: &str, ancestor: &str) -> bool {
+pub(crate) fn is_under(path: &str, ancestor: &str) -> bool {
     path.len() > ancestor.len()
         && path.starts_with(ancestor)
         && path.as_bytes().get(ancestor.len()) == Some(&b'.')

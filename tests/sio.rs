@@ -509,6 +509,31 @@ async fn ws_and_socket_io_clients_get_the_same_events_from_one_hub() {
     srv.shutdown().await;
 }
 
+/// A declared stream's event goes out under its alias as well: config.example.toml's
+/// `balance-updated` for the declared `users` stream's `balance:updated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_events_go_out_under_their_aliases() {
+    let ex = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+        .unwrap();
+    // The example's aliases (the built-in ones and `balance-updated`) and its streams.
+    let aliases =
+        &ex[ex.find("\n[[socketio.aliases]]").unwrap()..ex.find("\n[routing.orders]").unwrap()];
+    let streams = &ex[ex.find("\n[[streams]]").unwrap()..ex.find("\n[auth]").unwrap()];
+    let srv = HubServer::start(&format!("{aliases}\n{streams}")).await;
+    let (mut sio, _) = SioClient::connect(srv.addr, json!({"token": customer_token("u1")}), &[])
+        .await
+        .unwrap();
+    assert_eq!(sio.event().await.0, "welcome");
+    let data = json!({"_id": "u1", "balance": 25, "tracked": {"balance": {"old": 10, "new": 25, "delta": 15, "known": true}}});
+    let id = srv.publish("balance:updated", &["customer:u1"], data.clone());
+    for want in ["balance:updated", "balance-updated"] {
+        let (name, args) = sio.event().await;
+        assert_eq!(name, want);
+        assert_eq!(args, vec![data.clone(), json!(id)]);
+    }
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_get_a_readable_connect_error() {
     let srv = HubServer::start("").await;
