@@ -10,13 +10,14 @@
 //! this process saw, else it is unknown and the payload says so (`known: false`).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 
 use bson::{doc, Bson, Document};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::event::{Delivery, Event, EventId, RoutedEvent};
-use crate::normalize::{get_path, id_string};
+use crate::normalize::{get_path, id_string, OwnerBookUse};
 use crate::room::{Room, RoomKind};
 use crate::route::{bson_to_json, is_under, project, visible_changes};
 
@@ -216,8 +217,9 @@ impl MemoCache {
         self.map.get(id).map(|(_, m)| m)
     }
 
+    /// Callers leave out ids longer than [`MAX_KEPT_LEN`]: too long to be room ids anyway.
     fn put(&mut self, id: &str, memo: Memo) {
-        if self.cap == 0 || id.len() > MAX_KEPT_LEN {
+        if self.cap == 0 {
             return;
         }
         self.gen += 1;
@@ -241,6 +243,48 @@ impl MemoCache {
 
     fn remove(&mut self, id: &str) {
         self.map.remove(id);
+    }
+}
+
+/// The rooms of the declared streams' documents as the live stream saw them, kept
+/// after their deletion, consulted by oplog replays: a replay starts at a client's
+/// `since`, so a change to a document deleted since (no lookup, no pre-image) would
+/// otherwise have no rooms there (the reason `normalize::OwnerBook`, which holds this
+/// one, exists). Bound: `normalize.state_cache_docs` documents over all declared
+/// streams, least recently written evicted first.
+#[derive(Debug)]
+pub struct DeclaredBook {
+    rooms: Mutex<MemoCache>,
+}
+
+impl DeclaredBook {
+    /// A book of at most `cap` documents (0 disables it).
+    pub fn new(cap: usize) -> Self {
+        Self {
+            rooms: Mutex::new(MemoCache::new(cap)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoCache> {
+        // A cache update cannot be left half-done in a way worse than losing it.
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(collection: &str, id: &str) -> String {
+        format!("{collection}\u{0}{id}")
+    }
+
+    fn record(&self, collection: &str, id: &str, keys: &[Option<String>]) {
+        let memo = Memo {
+            keys: keys.to_vec(),
+            tracked: Vec::new(),
+        };
+        self.lock().put(&Self::key(collection, id), memo);
+    }
+
+    /// Rooms only: a tracked value from the book would be the latest, not the one before.
+    fn rooms(&self, collection: &str, id: &str) -> Option<Memo> {
+        self.lock().get(&Self::key(collection, id)).cloned()
     }
 }
 
@@ -311,6 +355,7 @@ struct Stream {
 pub struct Declared {
     streams: Vec<Stream>,
     cap: usize,
+    book: Option<OwnerBookUse>,
 }
 
 impl Declared {
@@ -326,7 +371,14 @@ impl Declared {
                 })
                 .collect(),
             cap: memo_docs,
+            book: None,
         }
+    }
+
+    /// Records rooms in (live stream), or consults (oplog replay), the shared book.
+    pub fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
+        self.book = Some(book);
+        self
     }
 
     /// Whether `collection` is a declared stream's.
@@ -355,7 +407,7 @@ impl Declared {
             .streams
             .iter_mut()
             .find(|s| s.decl.collection == coll)?;
-        stream.map(change, id, issues)
+        stream.map(change, id, self.book.as_ref(), issues)
     }
 }
 
@@ -364,6 +416,7 @@ impl Stream {
         &mut self,
         change: &Document,
         id: EventId,
+        book: Option<&OwnerBookUse>,
         issues: &mut Vec<DeclaredIssue>,
     ) -> Option<RoutedEvent> {
         let op = match change.get_str("operationType") {
@@ -436,7 +489,13 @@ impl Stream {
             Vec::new()
         };
         let source = if op == Op::Delete { pre } else { full };
-        let remembered = doc_id.as_deref().and_then(|i| self.memo.get(i)).cloned();
+        let coll = &self.decl.collection;
+        let remembered = doc_id.as_deref().and_then(|i| {
+            self.memo.get(i).cloned().or_else(|| match book {
+                Some(OwnerBookUse::Consult(b)) => b.declared().rooms(coll, i),
+                _ => None,
+            })
+        });
 
         // Room ids: from the document, else (a delete without pre-image, a lookup that
         // found nothing) from memory; `"_id"` is always the document key.
@@ -506,15 +565,19 @@ impl Stream {
             })
             .collect();
 
-        if let Some(i) = &doc_id {
+        if let Some(i) = doc_id.as_deref().filter(|i| i.len() <= MAX_KEPT_LEN) {
+            let kept: Vec<Option<String>> = keys
+                .iter()
+                .map(|k| k.clone().filter(|s| s.len() <= MAX_KEPT_LEN))
+                .collect();
+            if let (Some(OwnerBookUse::Record(b)), true) = (book, op != Op::Delete) {
+                b.declared().record(&self.decl.collection, i, &kept);
+            }
             if op == Op::Delete {
                 self.memo.remove(i);
             } else {
                 let memo = Memo {
-                    keys: keys
-                        .iter()
-                        .map(|k| k.clone().filter(|s| s.len() <= MAX_KEPT_LEN))
-                        .collect(),
+                    keys: kept,
                     tracked: tracked
                         .iter()
                         .map(|(_, new)| new.clone().filter(rememberable))

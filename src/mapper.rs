@@ -98,6 +98,8 @@ impl Mapper {
     /// A mapper whose normalizer records owners in, or consults, a shared owner book.
     pub fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
         self.normalizer = Normalizer::new(&self.config).with_owner_book(book.clone());
+        self.declared = Declared::new(&self.config.streams, self.config.normalize.state_cache_docs)
+            .with_owner_book(book.clone());
         self.book = Some(book);
         self
     }

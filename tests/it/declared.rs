@@ -449,3 +449,52 @@ async fn beyond_history_declared_events_are_replayed_from_the_oplog() {
         [&json!(1), &json!(2), &json!(3), &json!(4), &json!(5)]
     );
 }
+
+/// Oplog replay of changes to a declared document deleted since: the update and the delete
+/// reach the customer's and store's rooms as they did live, though the replay's lookup finds
+/// nothing and no pre-image exists (the rooms come from what the live stream saw).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oplog_replay_routes_changes_to_declared_documents_deleted_since() {
+    let db = Db::start().await;
+    let server = Server::start(
+        &db,
+        &format!("[hub]\nhistory_len = 3\n{}", example_streams()),
+    )
+    .await;
+    let (mut watch, _) = Client::connect(&server, &store_token("owner-1", &["s1"])).await;
+    let (mut c, _) = Client::connect(&server, &customer_token("c1")).await;
+    let deliveries = db.coll("deliveries");
+    deliveries
+        .insert_one(doc! {"_id": "d1", "customerId": "c1", "storeId": "s1", "status": "scheduled"})
+        .await
+        .unwrap();
+    let since = events_in(&mut c, "customer:c1", 1, Duration::from_secs(15)).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(c);
+    deliveries
+        .update_one(doc! {"_id": "d1"}, doc! {"$set": {"status": "delivered"}})
+        .await
+        .unwrap();
+    deliveries.delete_one(doc! {"_id": "d1"}).await.unwrap();
+    // Enough other changes to push the two out of history.
+    for n in 0..5 {
+        deliveries
+            .insert_one(doc! {"customerId": "c2", "storeId": "s1", "status": "scheduled", "n": n})
+            .await
+            .unwrap();
+    }
+    let live: Vec<Value> = events_in(&mut watch, "store:s1", 8, Duration::from_secs(15)).await;
+    assert_eq!(live.len(), 8);
+    assert_eq!(names(&live[1..3]), ["delivery:updated", "delivery:deleted"]);
+
+    let (mut admin, _) = Client::connect(&server, &admin_token()).await;
+    let ack = admin.subscribe("customer:c1", Some(&since)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let got = events_in(&mut admin, "customer:c1", 2, Duration::from_secs(15)).await;
+    assert_eq!(names(&got), ["delivery:updated", "delivery:deleted"]);
+    assert_eq!(got[0]["id"], live[1]["id"]);
+    assert_eq!(got[1]["id"], live[2]["id"]);
+}
