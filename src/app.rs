@@ -19,6 +19,7 @@ use crate::auth::Verifier;
 use crate::authz::{Authorizer, CachedOrderOwners, MongoOrderOwners, OrderOwners};
 use crate::checkpoint::CheckpointStore;
 use crate::config::{CheckpointStoreConfig, Config};
+use crate::declared::StreamDecl;
 use crate::gateway::{self, Gateway};
 use crate::health::Health;
 use crate::hub::Hub;
@@ -176,6 +177,50 @@ fn checkpoint_store(config: &Config, client: &Client) -> CheckpointStore {
                 .map(String::as_str)
                 .unwrap_or("admin");
             CheckpointStore::Mongo(client.database(db).collection(collection))
+        }
+    }
+}
+
+/// Documents read per declared stream and database at start, to warn of room fields none has.
+const ROOM_FIELD_SAMPLE: i64 = 20;
+
+/// Warns of declared rooms whose field no sampled document holds (best effort: a
+/// failed read is logged at debug and skipped; it never delays or stops the start).
+async fn warn_unsampled_rooms(client: Client, databases: Vec<String>, streams: Vec<StreamDecl>) {
+    use futures::TryStreamExt;
+    for db in &databases {
+        for s in &streams {
+            let mut projection = bson::Document::new();
+            for (_, path) in s.rooms.keyed().filter(|(_, p)| *p != "_id") {
+                projection.insert(path, 1);
+            }
+            if projection.is_empty() {
+                continue;
+            }
+            let found = client
+                .database(db)
+                .collection::<bson::Document>(&s.collection)
+                .find(bson::doc! {})
+                .projection(projection)
+                .limit(ROOM_FIELD_SAMPLE)
+                .await;
+            let sample: Vec<bson::Document> = match found {
+                Ok(cursor) => cursor.try_collect().await.unwrap_or_default(),
+                Err(e) => {
+                    tracing::debug!(database = %db, collection = %s.collection, error = %e, "could not sample a declared stream's documents");
+                    continue;
+                }
+            };
+            for (kind, field) in crate::declared::unsampled_rooms(s, &sample) {
+                tracing::warn!(
+                    database = %db,
+                    collection = %s.collection,
+                    room = kind.as_str(),
+                    field,
+                    sampled = sample.len(),
+                    "no sampled document has this declared room's field; check [streams.rooms]"
+                );
+            }
         }
     }
 }
@@ -366,6 +411,20 @@ pub async fn start(
                 .saturating_mul(2)
                 .saturating_add(1_000),
             timeout: WARM_TIMEOUT,
+        });
+    }
+    if !config.streams.is_empty() {
+        let check = warn_unsampled_rooms(
+            client.clone(),
+            config.mongo.databases.clone(),
+            config.streams.clone(),
+        );
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = check => {}
+                () = stop.cancelled() => {}
+            }
         });
     }
     let grace = config.server.shutdown_grace;

@@ -664,6 +664,24 @@ impl Stream {
     }
 }
 
+/// The declared rooms whose field no sampled document holds: a typo in
+/// `[streams.rooms]` would route nothing there, silently. `"_id"` always exists;
+/// an empty sample says nothing.
+pub fn unsampled_rooms<'a>(decl: &'a StreamDecl, sample: &[Document]) -> Vec<(RoomKind, &'a str)> {
+    if sample.is_empty() {
+        return Vec::new();
+    }
+    decl.rooms
+        .keyed()
+        .filter(|(_, path)| {
+            *path != "_id"
+                && !sample
+                    .iter()
+                    .any(|d| get_path(d, path).is_some_and(|v| !matches!(v, Bson::Null)))
+        })
+        .collect()
+}
+
 /// `{"old", "new", "delta", "known"}` for one tracked field.
 fn tracked_value(old: Option<&Bson>, new: Option<&Bson>) -> Value {
     let j = |b: Option<&Bson>| b.map_or(Value::Null, bson_to_json);
@@ -843,6 +861,23 @@ store = ["status", "notes"]
         let r = e.map(&del, EventId::new("y"), &mut issues).unwrap();
         assert!(r.deliveries.is_empty());
         assert_eq!(issues, [DeclaredIssue::NoOwnerForDelete]);
+    }
+
+    #[test]
+    fn room_fields_no_sampled_document_has_are_named() {
+        let c = crate::config::test_config(USERS, "t").unwrap();
+        let deliveries = &c.streams[1];
+        let sample = [
+            doc! {"customerId": "c1", "storId": "typo"},
+            doc! {"customerId": null},
+        ];
+        assert_eq!(
+            unsampled_rooms(deliveries, &sample),
+            [(RoomKind::Store, "storeId")]
+        );
+        assert!(unsampled_rooms(deliveries, &[]).is_empty());
+        // "_id" needs no sample.
+        assert!(unsampled_rooms(&c.streams[0], &[doc! {}]).is_empty());
     }
 
     #[test]
