@@ -549,19 +549,25 @@ impl Stream {
                         .and_then(|u| u.get(path.as_str()).cloned())
                         .or_else(|| full.map(|d| get_path(d, path).cloned().unwrap_or(Bson::Null))),
                 };
-                let old = if op == Op::Insert {
-                    Some(Bson::Null)
-                } else if op == Op::Update && !changed.iter().any(|c| touches(c, path)) {
-                    // The update description lists every changed path: this one did not move.
-                    new.clone()
-                } else if let Some(p) = pre {
-                    Some(get_path(p, path).cloned().unwrap_or(Bson::Null))
-                } else {
-                    remembered
-                        .as_ref()
-                        .and_then(|m| m.tracked.get(i).cloned().flatten())
+                let before = || {
+                    pre.map(|p| get_path(p, path).cloned().unwrap_or(Bson::Null))
+                        .or_else(|| {
+                            remembered
+                                .as_ref()
+                                .and_then(|m| m.tracked.get(i).cloned().flatten())
+                        })
                 };
-                (old, new)
+                match op {
+                    Op::Insert => (Some(Bson::Null), new),
+                    // The update description lists every changed path: this one did not
+                    // move, so whichever of its values is known is both (the lookup may
+                    // have found nothing).
+                    Op::Update if !changed.iter().any(|c| touches(c, path)) => {
+                        let v = new.or_else(before);
+                        (v.clone(), v)
+                    }
+                    _ => (before(), new),
+                }
             })
             .collect();
 
@@ -878,6 +884,39 @@ store = ["status", "notes"]
         assert!(unsampled_rooms(deliveries, &[]).is_empty());
         // "_id" needs no sample.
         assert!(unsampled_rooms(&c.streams[0], &[doc! {}]).is_empty());
+    }
+
+    #[test]
+    fn an_untouched_field_keeps_its_known_value_when_the_lookup_finds_nothing() {
+        let mut e = engine();
+        let ins = change(
+            "insert",
+            "users",
+            Bson::String("u1".into()),
+            Some(doc! {"_id": "u1", "balance": 7}),
+        );
+        run(&mut e, &ins);
+        // Deleted since: no fullDocument; only `email` changed.
+        let mut upd = change("update", "users", Bson::String("u1".into()), None);
+        upd.insert(
+            "updateDescription",
+            doc! {"updatedFields": {"email": "x"}, "removedFields": []},
+        );
+        let r = run(&mut e, &upd);
+        // Only admin may see `email`.
+        assert_eq!(rooms(&r), ["admin"]);
+        assert_eq!(
+            r.deliveries[0].data["tracked"]["balance"],
+            json!({"old": 7, "new": 7, "delta": 0, "known": true})
+        );
+        let upd = update(
+            "users",
+            "u1",
+            doc! {"_id": "u1", "balance": 9},
+            doc! {"balance": 9},
+        );
+        let r = run(&mut e, &upd);
+        assert_eq!(r.deliveries[0].data["tracked"]["balance"]["old"], 7);
     }
 
     #[test]
