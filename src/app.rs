@@ -19,6 +19,7 @@ use crate::auth::Verifier;
 use crate::authz::{Authorizer, CachedOrderOwners, MongoOrderOwners, OrderOwners};
 use crate::checkpoint::CheckpointStore;
 use crate::config::{CheckpointStoreConfig, Config};
+use crate::declared::StreamDecl;
 use crate::gateway::{self, Gateway};
 use crate::health::Health;
 use crate::hub::Hub;
@@ -180,6 +181,61 @@ fn checkpoint_store(config: &Config, client: &Client) -> CheckpointStore {
     }
 }
 
+/// Documents read per declared stream and database at start, to warn of room fields none has.
+const ROOM_FIELD_SAMPLE: i64 = 20;
+
+/// Warns of declared rooms whose field no sampled document holds (best effort: a
+/// failed read is logged at debug and skipped; it never delays or stops the start).
+async fn warn_unsampled_rooms(client: Client, databases: Vec<String>, streams: Vec<StreamDecl>) {
+    use futures::TryStreamExt;
+    for db in &databases {
+        for s in &streams {
+            let mut projection = bson::Document::new();
+            for (_, path) in s.rooms.keyed().filter(|(_, p)| *p != "_id") {
+                projection.insert(path, 1);
+            }
+            if projection.is_empty() {
+                continue;
+            }
+            let found = client
+                .database(db)
+                .collection::<bson::Document>(&s.collection)
+                .find(bson::doc! {})
+                .projection(projection)
+                .limit(ROOM_FIELD_SAMPLE)
+                .await;
+            let sample: Vec<bson::Document> = match found {
+                Ok(cursor) => cursor.try_collect().await.unwrap_or_default(),
+                Err(e) => {
+                    tracing::debug!(database = %db, collection = %s.collection, error = %e, "could not sample a declared stream's documents");
+                    continue;
+                }
+            };
+            for (kind, field) in crate::declared::unsampled_rooms(s, &sample) {
+                tracing::warn!(
+                    database = %db,
+                    collection = %s.collection,
+                    room = kind.as_str(),
+                    field,
+                    sampled = sample.len(),
+                    "no sampled document has this declared room's field; check [streams.rooms]"
+                );
+            }
+        }
+    }
+}
+
+/// The collections every change stream (live and replay) watches: the built-in
+/// three, then the declared streams'.
+fn watched_collections(config: &Config) -> Vec<String> {
+    let c = &config.mongo.collections;
+    [&c.orders, &c.payments, &c.settings]
+        .into_iter()
+        .chain(config.streams.iter().map(|s| &s.collection))
+        .cloned()
+        .collect()
+}
+
 fn mapper_factory(config: &Config, metrics: &Arc<Metrics>, book: OwnerBookUse) -> MapperFactory {
     let config = Arc::new(config.clone());
     let metrics = metrics.clone();
@@ -195,7 +251,6 @@ fn pipeline(
     health: &Arc<Health>,
     book: &Arc<OwnerBook>,
 ) -> Pipeline {
-    let c = &config.mongo.collections;
     Pipeline {
         client: client.clone(),
         store: Arc::new(checkpoint_store(config, client)),
@@ -205,7 +260,7 @@ fn pipeline(
         mappers: mapper_factory(config, metrics, OwnerBookUse::Record(book.clone())),
         cfg: PipelineConfig {
             databases: config.mongo.databases.clone(),
-            collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
+            collections: watched_collections(config),
             max_await: MAX_AWAIT,
             checkpoint_interval: config.checkpoint.interval,
             checkpoint_every: config.checkpoint.every_events.get(),
@@ -260,8 +315,9 @@ pub async fn start(
     };
     let client = mongo_client(config).await?;
     let metrics = Arc::new(Metrics::new());
-    let c = &config.mongo.collections;
-    metrics.init_known(&[&c.orders, &c.payments, &c.settings]);
+    let watched = watched_collections(config);
+    metrics.init_known(&watched.iter().map(String::as_str).collect::<Vec<_>>());
+    metrics.init_events(config.streams.iter().flat_map(|s| s.events.all()));
     let health = Arc::new(Health::new(
         config.mongo.databases.iter().map(String::as_str),
     ));
@@ -286,7 +342,6 @@ pub async fn start(
     );
     let owners: Arc<dyn OrderOwners> =
         Arc::new(CachedOrderOwners::new(owners, &config.auth.order_lookup));
-    let c = &config.mongo.collections;
     let book = Arc::new(OwnerBook::new(config.normalize.state_cache_docs));
     let ids = Arc::new(id_codec(config));
     let hub = Arc::new(Hub::new(config.hub.clone(), metrics.clone()).with_ids(ids.clone()));
@@ -295,7 +350,7 @@ pub async fn start(
         client: client.clone(),
         server: server.clone(),
         databases: config.mongo.databases.clone(),
-        collections: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
+        collections: watched_collections(config),
         // Replays get metrics of their own: the changes they re-read were counted live.
         mappers: mapper_factory(
             config,
@@ -356,6 +411,20 @@ pub async fn start(
                 .saturating_mul(2)
                 .saturating_add(1_000),
             timeout: WARM_TIMEOUT,
+        });
+    }
+    if !config.streams.is_empty() {
+        let check = warn_unsampled_rooms(
+            client.clone(),
+            config.mongo.databases.clone(),
+            config.streams.clone(),
+        );
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = check => {}
+                () = stop.cancelled() => {}
+            }
         });
     }
     let grace = config.server.shutdown_grace;
@@ -465,6 +534,14 @@ pub async fn tail(
 /// documents when it is looked at to tell its rooms.
 fn routing_paths(config: &Config) -> Vec<String> {
     let f = &config.fields;
+    // A declared stream's room fields and tracked fields too: the skipped change's
+    // rooms come from them, and its tracked values are remembered from them.
+    let declared = config.streams.iter().flat_map(|s| {
+        s.rooms
+            .keyed()
+            .map(|(_, p)| p.to_owned())
+            .chain(s.tracked.iter().cloned())
+    });
     let mut paths: Vec<String> = f
         .customer
         .iter()
@@ -473,6 +550,7 @@ fn routing_paths(config: &Config) -> Vec<String> {
         .chain(&f.settings_store)
         .chain([&f.status, &f.order_type, &f.payment_status])
         .cloned()
+        .chain(declared)
         .collect();
     paths.sort();
     paths.dedup();

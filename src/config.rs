@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::auth::{AuthConfig, RawAuthConfig};
+use crate::declared::{EventNames, StreamAllow, StreamDecl, StreamRooms};
 use crate::hub::HubConfig;
 use crate::room::RoomKind;
 
@@ -550,6 +551,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[routing]`
     pub routing: RoutingConfig,
+    /// `[[streams]]`: the app's own collections, declared (none by default).
+    pub streams: Vec<StreamDecl>,
     /// `[auth]` (owned by `crate::auth`).
     pub auth: AuthConfig,
     /// The `[auth]` table as written, kept only to print it masked in `check-config`.
@@ -1101,6 +1104,8 @@ struct Raw {
     #[serde(default)]
     routing: RawRouting,
     #[serde(default)]
+    streams: Vec<Spanned<RawStream>>,
+    #[serde(default)]
     auth: RawAuthConfig,
 }
 
@@ -1252,6 +1257,49 @@ struct RawAllowlists {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawStream {
+    collection: Spanned<String>,
+    module: Spanned<String>,
+    #[serde(default)]
+    events: RawStreamEvents,
+    rooms: Spanned<RawStreamRooms>,
+    #[serde(default)]
+    allow: RawStreamAllow,
+    #[serde(default)]
+    tracked: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStreamEvents {
+    created: Option<Spanned<String>>,
+    updated: Option<Spanned<String>>,
+    replaced: Option<Spanned<String>>,
+    deleted: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStreamRooms {
+    customer: Option<Spanned<String>>,
+    store: Option<Spanned<String>>,
+    order: Option<Spanned<String>>,
+    storefront: Option<Spanned<String>>,
+    admin: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStreamAllow {
+    customer: Option<Vec<Spanned<String>>>,
+    store: Option<Vec<Spanned<String>>>,
+    order: Option<Vec<Spanned<String>>>,
+    storefront: Option<Vec<Spanned<String>>>,
+    admin: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawSection {
     fields: Vec<Spanned<String>>,
     public: bool,
@@ -1367,6 +1415,198 @@ fn allowlists(
     })
 }
 
+/// Longest declared module or event name.
+const MAX_EVENT_NAME_LEN: usize = 64;
+
+fn name_chars_ok(s: &str, extra: &[u8]) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_EVENT_NAME_LEN
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.') || extra.contains(&b)
+        })
+}
+
+/// A declared event name: `module:action`, so it can never be a Socket.IO reserved
+/// name (`connect`, `disconnect`…) or our own `resync`; never a built-in event's name.
+fn check_event_name(ctx: &Ctx<'_>, key: &str, v: &Spanned<String>) -> Result<String, ConfigError> {
+    let s = v.get_ref();
+    if !name_chars_ok(s, b":") || !s.contains(':') {
+        return Err(ctx.err(
+            key,
+            v,
+            format!(
+                "invalid event name {s:?}: expected \"module:action\", 1-{MAX_EVENT_NAME_LEN} characters of A-Z a-z 0-9 _ . - :"
+            ),
+        ));
+    }
+    if EVENT_NAMES.contains(&s.as_str()) || s.starts_with("system:") {
+        return Err(ctx.err(
+            key,
+            v,
+            format!("{s:?} is a built-in event name; choose another module or action"),
+        ));
+    }
+    Ok(s.clone())
+}
+
+/// `[[streams]]`: each declaration checked against the built-in collections, the
+/// checkpoint collection and the other declarations.
+fn streams(
+    ctx: &Ctx<'_>,
+    raw: Vec<Spanned<RawStream>>,
+    collections: &Collections,
+    checkpoint_collection: &str,
+) -> Result<Vec<StreamDecl>, ConfigError> {
+    let mut out: Vec<StreamDecl> = Vec::new();
+    for st in raw {
+        let st = st.into_inner();
+        let collection = check_name(ctx, "streams.collection", &st.collection)?;
+        let taken = [
+            collections.orders.as_str(),
+            collections.payments.as_str(),
+            collections.settings.as_str(),
+        ];
+        if taken.contains(&collection.as_str()) {
+            return Err(ctx.err(
+                "streams.collection",
+                &st.collection,
+                format!("{collection:?} is a built-in collection (mongodb.collections); it cannot also be declared"),
+            ));
+        }
+        if collection == checkpoint_collection {
+            return Err(ctx.err(
+                "streams.collection",
+                &st.collection,
+                format!(
+                    "{collection:?} is the checkpoint collection (mongodb.checkpoint_collection)"
+                ),
+            ));
+        }
+        if out.iter().any(|d| d.collection == collection) {
+            return Err(ctx.err(
+                "streams.collection",
+                &st.collection,
+                format!("{collection:?} is declared twice"),
+            ));
+        }
+        let module = st.module.get_ref();
+        if !name_chars_ok(module, b"") {
+            return Err(ctx.err(
+                "streams.module",
+                &st.module,
+                format!("invalid module {module:?}: expected 1-{MAX_EVENT_NAME_LEN} characters of A-Z a-z 0-9 _ . -"),
+            ));
+        }
+        let event = |action: &str, v: Option<Spanned<String>>| match v {
+            Some(v) => check_event_name(ctx, &format!("streams.events.{action}"), &v),
+            None => check_event_name(
+                ctx,
+                "streams.module",
+                &Spanned::new(st.module.span(), format!("{module}:{action}")),
+            ),
+        };
+        let events = EventNames {
+            created: event("created", st.events.created)?,
+            updated: event("updated", st.events.updated)?,
+            replaced: event("replaced", st.events.replaced)?,
+            deleted: event("deleted", st.events.deleted)?,
+        };
+        let rooms_span = st.rooms.span();
+        let r = st.rooms.into_inner();
+        let room_path = |kind: &str, v: Option<Spanned<String>>| {
+            v.map(|p| check_path(ctx, &format!("streams.rooms.{kind}"), &p))
+                .transpose()
+        };
+        let rooms = StreamRooms {
+            customer: room_path("customer", r.customer)?,
+            store: room_path("store", r.store)?,
+            order: room_path("order", r.order)?,
+            storefront: room_path("storefront", r.storefront)?,
+            admin: r.admin.unwrap_or(false),
+        };
+        if rooms.keyed().next().is_none() && !rooms.admin {
+            return Err(invalid_at(
+                ctx.text,
+                ctx.origin,
+                "streams.rooms",
+                rooms_span,
+                "declares no room: name at least one of customer, store, order, storefront (a field path) or admin = true",
+            ));
+        }
+        // An allowlist per declared room, and none for a room not declared: what an
+        // audience sees is always written down, never a default.
+        let a = st.allow;
+        let lists = [
+            ("customer", rooms.customer.is_some(), a.customer),
+            ("store", rooms.store.is_some(), a.store),
+            ("order", rooms.order.is_some(), a.order),
+            ("storefront", rooms.storefront.is_some(), a.storefront),
+            ("admin", rooms.admin, a.admin),
+        ];
+        let mut allow: Vec<Vec<String>> = Vec::new();
+        for (kind, declared, list) in lists {
+            let key = format!("streams.allow.{kind}");
+            match (declared, list) {
+                (true, Some(l)) if l.is_empty() => {
+                    return Err(invalid_at(
+                        ctx.text,
+                        ctx.origin,
+                        key,
+                        rooms_span.clone(),
+                        "needs at least one field path (an audience that may see nothing needs no room)",
+                    ))
+                }
+                (true, Some(l)) => allow.push(allowlist(ctx, &key, Some(l), &[])?),
+                (true, None) => {
+                    return Err(invalid_at(
+                        ctx.text,
+                        ctx.origin,
+                        key,
+                        rooms_span.clone(),
+                        format!("the stream of {collection:?} routes to {kind} rooms but has no allowlist for them ([streams.allow] {kind} = [...])"),
+                    ))
+                }
+                (false, Some(l)) => {
+                    let at = l.first().map_or(rooms_span.clone(), Spanned::span);
+                    return Err(invalid_at(
+                        ctx.text,
+                        ctx.origin,
+                        key,
+                        at,
+                        format!("an allowlist for {kind} rooms, but [streams.rooms] declares none"),
+                    ));
+                }
+                (false, None) => allow.push(Vec::new()),
+            }
+        }
+        let [customer, store, order, storefront, admin]: [Vec<String>; 5] =
+            allow.try_into().unwrap_or_default();
+        let mut tracked: Vec<String> = Vec::new();
+        for t in &st.tracked {
+            let p = check_path(ctx, "streams.tracked", t)?;
+            if tracked.contains(&p) {
+                return Err(ctx.err("streams.tracked", t, format!("{p:?} is listed twice")));
+            }
+            tracked.push(p);
+        }
+        out.push(StreamDecl {
+            collection,
+            module: module.clone(),
+            events,
+            rooms,
+            allow: StreamAllow {
+                customer,
+                store,
+                order,
+                storefront,
+                admin,
+            },
+            tracked,
+        });
+    }
+    Ok(out)
+}
+
 impl Config {
     /// Reads, parses and converts the file at `path`, then applies environment overrides
     /// (`MONGODB_URI` → `mongodb.uri`).
@@ -1449,6 +1689,7 @@ impl Config {
             socketio,
             log,
             routing,
+            streams: raw_streams,
             auth,
         } = raw;
 
@@ -1506,6 +1747,7 @@ impl Config {
             mongodb.checkpoint_collection,
             "changecast_checkpoints",
         )?;
+        let streams = streams(ctx, raw_streams, &collections, &checkpoint_collection)?;
         let mongo = MongoConfig {
             uri: Secret::new(uri),
             databases,
@@ -1676,14 +1918,20 @@ impl Config {
         let mut aliases = Vec::new();
         for a in socketio.aliases.unwrap_or_default() {
             let key = "socketio.aliases";
-            if !EVENT_NAMES.contains(&a.event.get_ref().as_str()) {
+            // Declared streams' names are events like the built-ins' (checked above).
+            let known = EVENT_NAMES
+                .iter()
+                .copied()
+                .chain(streams.iter().flat_map(|s| s.events.all()))
+                .collect::<Vec<&str>>();
+            if !known.contains(&a.event.get_ref().as_str()) {
                 return Err(ctx.err(
                     format!("{key}.event"),
                     &a.event,
                     format!(
                         "unknown event {:?}; expected one of: {}",
                         a.event.get_ref(),
-                        EVENT_NAMES.join(", ")
+                        known.join(", ")
                     ),
                 ));
             }
@@ -1831,6 +2079,7 @@ impl Config {
             socketio,
             log,
             routing,
+            streams,
             auth,
             auth_raw,
         })
@@ -1887,6 +2136,11 @@ impl Config {
         });
         put("routing", routing);
         put("auth", Ok(mask_table(&self.auth_raw)));
+        if !self.streams.is_empty() {
+            if let Ok(v) = toml::Value::try_from(&self.streams) {
+                root.insert("streams".into(), v);
+            }
+        }
         toml::to_string(&root).unwrap_or_default()
     }
 }
@@ -2037,8 +2291,34 @@ mod tests {
         assert_eq!(ex.routing.payments, def.routing.payments);
         assert_eq!(ex.routing.settings_sections, def.routing.settings_sections);
         assert_eq!(ex.log.level, def.log.level);
-        // The example lists the built-in aliases exactly (deleting them changes nothing).
-        assert_eq!(ex.socketio.aliases, def.socketio.aliases);
+        // The example lists the built-in aliases exactly (deleting them changes nothing),
+        // plus one for its declared `users` stream. Declared streams are examples, not
+        // defaults: a config without `[[streams]]` has neither them nor their aliases.
+        let declared: Vec<&str> = ex.streams.iter().flat_map(|s| s.events.all()).collect();
+        let (for_declared, builtin): (Vec<Alias>, Vec<Alias>) = ex
+            .socketio
+            .aliases
+            .iter()
+            .cloned()
+            .partition(|a| declared.contains(&a.event.as_str()));
+        assert_eq!(builtin, def.socketio.aliases);
+        assert_eq!(
+            for_declared
+                .iter()
+                .map(|a| (a.event.as_str(), a.name.as_str()))
+                .collect::<Vec<_>>(),
+            [("balance:updated", "balance-updated")]
+        );
+        assert!(def.streams.is_empty());
+        let colls: Vec<&str> = ex.streams.iter().map(|s| s.collection.as_str()).collect();
+        assert_eq!(colls, ["users", "deliveries"]);
+        let users = &ex.streams[0];
+        assert_eq!(users.tracked, ["balance"]);
+        assert_eq!(users.rooms.customer.as_deref(), Some("_id"));
+        assert_eq!(users.events.updated, "balance:updated");
+        let deliveries = &ex.streams[1];
+        assert_eq!(deliveries.rooms.customer.as_deref(), Some("customerId"));
+        assert_eq!(deliveries.rooms.store.as_deref(), Some("storeId"));
         // The example ships the Node apps' aliases.
         let names: Vec<&str> = ex
             .socketio
@@ -2278,5 +2558,110 @@ mod tests {
         assert_eq!(again.socketio.aliases, ex.socketio.aliases);
         assert_eq!(again.status.order, ex.status.order);
         assert_eq!(again.fields.settings_store, ex.fields.settings_store);
+        assert_eq!(again.streams, ex.streams);
+    }
+
+    const STREAM: &str = "[[streams]]\ncollection = \"users\"\nmodule = \"balance\"\n\
+        tracked = [\"balance\"]\n[streams.rooms]\ncustomer = \"_id\"\nadmin = true\n\
+        [streams.allow]\ncustomer = [\"balance\"]\nadmin = [\"balance\", \"email\"]\n";
+
+    #[test]
+    fn declared_streams_parse_with_default_and_overridden_names() {
+        let c = parse(STREAM).unwrap();
+        let s = &c.streams[0];
+        assert_eq!(
+            s.events.all(),
+            [
+                "balance:created",
+                "balance:updated",
+                "balance:replaced",
+                "balance:deleted"
+            ]
+        );
+        assert!(s.rooms.admin);
+        assert_eq!(s.allow.admin, ["balance", "email"]);
+        let c = parse(&format!(
+            "{STREAM}[streams.events]\nupdated = \"wallet:changed\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.streams[0].events.updated, "wallet:changed");
+        assert_eq!(c.streams[0].events.created, "balance:created");
+        // An alias may name a declared event; without the declaration it may not.
+        let alias = "[[socketio.aliases]]\nevent = \"balance:updated\"\nname = \"balance-updated\"\nrooms = [\"customer\"]\n";
+        let c = parse(&format!("{alias}{STREAM}")).unwrap();
+        assert_eq!(c.socketio.aliases[0].event, "balance:updated");
+        let (key, _, msg) = invalid(alias);
+        assert_eq!(key, "socketio.aliases.event");
+        assert!(msg.contains("unknown event"), "{msg}");
+    }
+
+    #[test]
+    fn declared_stream_errors_name_key_and_position() {
+        let cases: [(String, &str, usize, &str); 9] = [
+            (
+                STREAM.replace("\"users\"", "\"orders\""),
+                "streams.collection",
+                2,
+                "built-in",
+            ),
+            (
+                STREAM.replace("\"users\"", "\"changecast_checkpoints\""),
+                "streams.collection",
+                2,
+                "checkpoint",
+            ),
+            (
+                format!("{STREAM}{STREAM}"),
+                "streams.collection",
+                12,
+                "twice",
+            ),
+            (
+                STREAM.replace("tracked", "trackd"),
+                "streams.trackd",
+                4,
+                "unknown field",
+            ),
+            (
+                STREAM.replace("\"balance\"\ntracked", "\"bal ance\"\ntracked"),
+                "streams.module",
+                3,
+                "invalid module",
+            ),
+            (
+                format!("{STREAM}[streams.events]\ncreated = \"order:created\"\n"),
+                "streams.events.created",
+                12,
+                "built-in",
+            ),
+            (
+                format!("{STREAM}[streams.events]\ndeleted = \"gone\"\n"),
+                "streams.events.deleted",
+                12,
+                "module:action",
+            ),
+            (
+                STREAM.replace("admin = [\"balance\", \"email\"]\n", ""),
+                "streams.allow.admin",
+                5,
+                "no allowlist",
+            ),
+            (
+                STREAM.replace("customer = \"_id\"\nadmin = true\n", ""),
+                "streams.rooms",
+                5,
+                "declares no room",
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (text, want_key, want_line, want_msg) in cases {
+            let (key, at, msg) = invalid(&text);
+            if key != want_key || at.map(|a| a.0) != Some(want_line) || !msg.contains(want_msg) {
+                wrong.push(format!(
+                    "{key} at {at:?}: {msg} (wanted {want_key} at line {want_line}: …{want_msg}…)"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 }

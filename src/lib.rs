@@ -2,7 +2,8 @@
 //!
 //! Modules in reading order: `config` (the TOML file), `event` and `room`
 //! (the vocabulary), `normalize` (change → domain events), `route` (rooms and
-//! payload allowlists), `hub` (fan-out and history), `source` (change
+//! payload allowlists), `declared` (the app's own collections, declared in
+//! `[[streams]]`), `hub` (fan-out and history), `source` (change
 //! streams), `checkpoint` (the durable resume token), `pipeline` (source →
 //! hub), `auth` (JWT → principal), `gateway` (HTTP, `/ws`, `/socket.io/`),
 //! `metrics`, `cli`.
@@ -13,6 +14,7 @@ pub mod authz;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod declared;
 pub mod demo;
 pub mod event;
 pub mod gateway;

@@ -8,6 +8,7 @@ use bson::Document;
 
 use crate::authz::{extract_owner, OrderOwner, OrderOwners};
 use crate::config::Config;
+use crate::declared::Declared;
 use crate::event::RoutedEvent;
 use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
 use crate::normalize::{CollectionKind, DomainEvent, EventName, Issue, Normalizer, OwnerBookUse};
@@ -27,6 +28,8 @@ pub struct Mapper {
     config: Arc<Config>,
     normalizer: Normalizer,
     router: Router,
+    /// The `[[streams]]` collections, mapped apart from the built-in three.
+    declared: Declared,
     metrics: Arc<Metrics>,
     watched: Vec<String>,
     last_warned: HashMap<&'static str, (Instant, u64)>,
@@ -49,8 +52,13 @@ impl Mapper {
             config: config.clone(),
             normalizer: Normalizer::new(config),
             router: Router::new(&config.routing),
+            declared: Declared::new(&config.streams, config.normalize.state_cache_docs),
             metrics,
-            watched: vec![c.orders.clone(), c.payments.clone(), c.settings.clone()],
+            watched: [&c.orders, &c.payments, &c.settings]
+                .into_iter()
+                .chain(config.streams.iter().map(|s| &s.collection))
+                .cloned()
+                .collect(),
             last_warned: HashMap::new(),
             unknown_logged: HashSet::new(),
             book: None,
@@ -90,6 +98,8 @@ impl Mapper {
     /// A mapper whose normalizer records owners in, or consults, a shared owner book.
     pub fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
         self.normalizer = Normalizer::new(&self.config).with_owner_book(book.clone());
+        self.declared = Declared::new(&self.config.streams, self.config.normalize.state_cache_docs)
+            .with_owner_book(book.clone());
         self.book = Some(book);
         self
     }
@@ -118,6 +128,13 @@ impl Mapper {
         } else {
             None
         };
+        let coll = change
+            .get_document("ns")
+            .ok()
+            .and_then(|ns| ns.get_str("coll").ok());
+        if coll.is_some_and(|c| self.declared.handles(c)) {
+            return Ok(self.map_declared(change, id, database));
+        }
         let mut normalized = self.normalizer.normalize(change);
         for ev in &mut normalized.events {
             ev.id = id.clone();
@@ -143,6 +160,35 @@ impl Mapper {
             }
         }
         Ok(out)
+    }
+
+    /// A change of a declared stream: the same numbering, counting and rate-limited
+    /// warnings as the built-ins, its own mapping.
+    fn map_declared(
+        &mut self,
+        change: &Document,
+        id: crate::event::EventId,
+        database: Option<Arc<str>>,
+    ) -> Vec<RoutedEvent> {
+        let mut issues = Vec::new();
+        let routed = self.declared.map(change, id, &mut issues);
+        for i in &issues {
+            self.drop_reason(i.reason());
+            if *i != crate::declared::DeclaredIssue::UnhandledOperation {
+                self.warn(i.reason(), || format!("{i:?}"));
+            }
+        }
+        match routed {
+            None => Vec::new(),
+            Some(r) if r.deliveries.is_empty() => {
+                self.drop_reason("no_rooms");
+                Vec::new()
+            }
+            Some(mut r) => {
+                r.database = database;
+                vec![r]
+            }
+        }
     }
 
     /// An order change's owners, read from its document by the same `[fields]` rule
@@ -227,6 +273,7 @@ impl Mapper {
 
     /// Forgets remembered document state (after a gap in the stream).
     pub fn forget(&mut self) {
+        self.declared.forget();
         // The owner book stays: owners outlive a gap in the stream far better than statuses.
         let mut n = Normalizer::new(&self.config);
         if let Some(book) = &self.book {

@@ -186,6 +186,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Exports `events_routed` at 0 for event names beyond the built-in ones
+    /// (declared streams': config, so still a bounded set).
+    pub fn init_events<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for event in names {
+            let _ = self.events_routed.get_or_create(&EventLabels {
+                event: event.to_owned(),
+            });
+        }
+    }
+
     /// Creates every known label value at 0, so a fresh process exports each family
     /// (HELP, TYPE and samples) before anything happens: a dashboard then reads 0, and an
     /// alert can tell "zero" from "missing" (Prometheus's own advice). `collections` are

@@ -317,14 +317,22 @@ impl StateCache {
 #[derive(Debug)]
 pub struct OwnerBook {
     owners: Mutex<StateCache>,
+    /// The same for the declared streams' documents (their rooms are not [`RouteKeys`]).
+    declared: crate::declared::DeclaredBook,
 }
 
 impl OwnerBook {
-    /// A book of at most `cap` documents (0 disables it).
+    /// A book of at most `cap` documents (0 disables it), and as many of declared streams.
     pub fn new(cap: usize) -> Self {
         Self {
             owners: Mutex::new(StateCache::new(cap)),
+            declared: crate::declared::DeclaredBook::new(cap),
         }
+    }
+
+    /// The declared streams' part of the book.
+    pub fn declared(&self) -> &crate::declared::DeclaredBook {
+        &self.declared
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StateCache> {

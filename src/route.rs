@@ -251,7 +251,7 @@ fn room(kind: RoomKind, id: &str, issues: &mut Vec<RouteIssue>) -> Option<Room> 
 
 /// Changed paths an audience may know about: those inside an allowlisted path
 /// as written, and for an ancestor of allowlisted paths, those paths.
-fn visible_changes(changed: &[String], allow: &[String]) -> Vec<String> {
+pub(crate) fn visible_changes(changed: &[String], allow: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut push = |s: &str| {
         if !out.iter().any(|o| o == s) {
@@ -270,7 +270,7 @@ fn visible_changes(changed: &[String], allow: &[String]) -> Vec<String> {
     out
 }
 
-fn is_under(path: &str, ancestor: &str) -> bool {
+pub(crate) fn is_under(path: &str, ancestor: &str) -> bool {
     path.len() > ancestor.len()
         && path.starts_with(ancestor)
         && path.as_bytes().get(ancestor.len()) == Some(&b'.')
@@ -779,6 +779,62 @@ mod tests {
     }
 
     /// Payload keys an audience may see: its allowlist's top-level names plus event fields.
+    /// Declared streams for the hostile-change property: ids at paths the generator
+    /// fills (and `_id`), tracked fields among them.
+    const DECLARED: &str = r#"
+[[streams]]
+collection = "deliveries"
+module = "delivery"
+tracked = ["total", "status"]
+[streams.rooms]
+customer = "customerId"
+store = "storeId"
+order = "orderId"
+admin = true
+[streams.allow]
+customer = ["status", "total"]
+store = ["status", "notes", "warehouse.city"]
+order = ["_id"]
+admin = ["status", "total", "notes", "items"]
+
+[[streams]]
+collection = "users"
+module = "balance"
+tracked = ["total"]
+[streams.rooms]
+customer = "_id"
+storefront = "sellerId"
+[streams.allow]
+customer = ["total"]
+storefront = ["username"]
+"#;
+
+    /// Every top-level payload field of every delivery is allowlisted for its audience
+    /// (or `tracked`/`changedFields`), and every tracked field it carries is too.
+    fn check_declared_allowlisted(
+        decl: &crate::declared::StreamDecl,
+        routed: &RoutedEvent,
+    ) -> Result<(), TestCaseError> {
+        for d in &routed.deliveries {
+            let allow = decl.allow.of(d.room.kind());
+            let top: HashSet<&str> = allow.iter().map(|f| f.split('.').next().unwrap()).collect();
+            for (k, _) in d.data.as_object().unwrap() {
+                prop_assert!(
+                    top.contains(k.as_str()) || k == "tracked" || k == "changedFields",
+                    "{} in {}",
+                    k,
+                    d.room
+                );
+            }
+            if let Some(t) = d.data.get("tracked") {
+                for (k, _) in t.as_object().unwrap() {
+                    prop_assert!(allow.contains(k), "tracked {} in {}", k, d.room);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_allowlisted(
         c: &Config,
         routed: &RoutedEvent,
@@ -946,6 +1002,69 @@ mod tests {
                     RoomKind::Customer => prop_assert_eq!(d.room.id(), cust),
                     RoomKind::Store => prop_assert_eq!(d.room.id(), store),
                     _ => {}
+                }
+            }
+        }
+    }
+
+    proptest! {
+        // Fewer cases than above: the generator is the same, and the full suite's time matters.
+        #![proptest_config(ProptestConfig { cases: 3_000, failure_persistence: None, rng_algorithm: proptest::test_runner::RngAlgorithm::XorShift, ..ProptestConfig::default() })]
+
+        /// The same hostile changes sent to declared streams (`crate::declared`): no panic,
+        /// every room one of the declared kinds with the id at its declared field (0
+        /// mis-routed), every payload field allowlisted for its audience.
+        #[test]
+        fn hostile_changes_to_declared_streams_never_misroute(
+            changes in prop::collection::vec((arb_change(), prop::sample::select(vec!["deliveries", "users"])), 1..4),
+        ) {
+            let c = crate::config::test_config(DECLARED, "t").unwrap();
+            // Nothing remembered: every room must come from the change itself.
+            let mut strict = crate::declared::Declared::new(&c.streams, 0);
+            let mut remembering = crate::declared::Declared::new(&c.streams, 100);
+            let mut seen: HashSet<String> = HashSet::new();
+            for (ch, coll) in &changes {
+                let mut ch = ch.clone();
+                if ch.get_document("ns").is_ok() {
+                    ch.insert("ns", doc! {"db": "app", "coll": *coll});
+                }
+                let decl = c.streams.iter().find(|s| s.collection == *coll).unwrap();
+                let key = ch.get_document("documentKey").ok().and_then(|k| k.get("_id")).cloned();
+                for sub in ["fullDocument", "fullDocumentBeforeChange"] {
+                    if let Ok(d) = ch.get_document(sub) {
+                        for (_, p) in decl.rooms.keyed() {
+                            if let Some(id) = get_path(d, p).and_then(|v| id_string(v).ok()) { seen.insert(id); }
+                        }
+                    }
+                }
+                if let Some(id) = key.as_ref().and_then(|v| id_string(v).ok()) { seen.insert(id); }
+                let deleted = ch.get_str("operationType") == Ok("delete");
+                let source = ch.get_document(if deleted { "fullDocumentBeforeChange" } else { "fullDocument" }).ok().cloned();
+                let mut issues = Vec::new();
+                if let Some(r) = strict.map(&ch, crate::event::EventId::new("x"), &mut issues) {
+                    for d in &r.deliveries {
+                        let kind = d.room.kind();
+                        if kind == RoomKind::Admin {
+                            prop_assert!(decl.rooms.admin);
+                            continue;
+                        }
+                        let path = decl.rooms.keyed().find(|(k, _)| *k == kind).map(|(_, p)| p);
+                        prop_assert!(path.is_some(), "undeclared room {}", d.room);
+                        let path = path.unwrap();
+                        let want = if path == "_id" {
+                            key.as_ref().filter(|k| !matches!(k, Bson::Null)).or_else(|| source.as_ref().and_then(|s| s.get("_id"))).and_then(|v| id_string(v).ok())
+                        } else {
+                            source.as_ref().and_then(|s| get_path(s, path)).and_then(|v| id_string(v).ok())
+                        };
+                        prop_assert_eq!(Some(d.room.id().to_owned()), want, "mis-routed {}", d.room);
+                    }
+                    check_declared_allowlisted(decl, &r)?;
+                }
+                if let Some(r) = remembering.map(&ch, crate::event::EventId::new("x"), &mut issues) {
+                    check_declared_allowlisted(decl, &r)?;
+                    for d in &r.deliveries {
+                        prop_assert!(d.room.kind() == RoomKind::Admin || seen.contains(d.room.id()), "guessed room {}", d.room);
+                    }
                 }
             }
         }

@@ -59,8 +59,9 @@ algorithms = ["HS256"]
 secret_env = "{env}"
 leeway = "0s"
 
-# No [[socketio.aliases]]: the Node apps' legacy names are the built-in default,
-# so every suite here (the real socket.io-client one included) runs on them.
+# No [[socketio.aliases]] here: the Node apps' legacy names are the built-in default,
+# so suites run on them; the socket.io-client suites append config.example.toml's list
+# (the same names plus one for its declared stream) as `extra`.
 {extra}
 "#,
         cp = checkpoint.display(),
@@ -506,6 +507,35 @@ async fn ws_and_socket_io_clients_get_the_same_events_from_one_hub() {
         1.0,
         "{text}"
     );
+    srv.shutdown().await;
+}
+
+/// config.example.toml's `[[socketio.aliases]]` (the built-in ones and `balance-updated`)
+/// and its `[[streams]]`, as TOML to append to a test config.
+fn example_aliases_and_streams() -> String {
+    let ex = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+        .unwrap();
+    let section =
+        |from: &str, to: &str| ex[ex.find(from).unwrap()..ex.find(to).unwrap()].to_owned();
+    section("\n[[socketio.aliases]]", "\n[routing.orders]") + &section("\n[[streams]]", "\n[auth]")
+}
+
+/// A declared stream's event goes out under its alias as well: config.example.toml's
+/// `balance-updated` for the declared `users` stream's `balance:updated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_events_go_out_under_their_aliases() {
+    let srv = HubServer::start(&example_aliases_and_streams()).await;
+    let (mut sio, _) = SioClient::connect(srv.addr, json!({"token": customer_token("u1")}), &[])
+        .await
+        .unwrap();
+    assert_eq!(sio.event().await.0, "welcome");
+    let data = json!({"_id": "u1", "balance": 25, "tracked": {"balance": {"old": 10, "new": 25, "delta": 15, "known": true}}});
+    let id = srv.publish("balance:updated", &["customer:u1"], data.clone());
+    for want in ["balance:updated", "balance-updated"] {
+        let (name, args) = sio.event().await;
+        assert_eq!(name, want);
+        assert_eq!(args, vec![data.clone(), json!(id)]);
+    }
     srv.shutdown().await;
 }
 
@@ -1180,7 +1210,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_io_client_suite_against_the_hub() {
-    let srv = Arc::new(HubServer::start("").await);
+    let srv = Arc::new(HubServer::start(&example_aliases_and_streams()).await);
     let url = format!("http://{}", srv.addr);
     let s = srv.clone();
     run_node(&url, move |req| {
@@ -1208,6 +1238,15 @@ fn drive_hub(srv: &HubServer, req: Value) -> Value {
             let id = srv.status_changed(&s("id"), &s("customer"), &s("store"), &canonical);
             json!({"ok": true, "id": id})
         }
+        Some("balance") => {
+            // What the declared `users` stream publishes for a balance `from` → `to`.
+            let (from, to) = (req["from"].as_i64().unwrap(), req["to"].as_i64().unwrap());
+            let user = s("user");
+            let data = json!({"_id": user, "balance": to, "changedFields": ["balance"],
+                "tracked": {"balance": {"old": from, "new": to, "delta": to - from, "known": true}}});
+            let id = srv.publish("balance:updated", &[&format!("customer:{user}")], data);
+            json!({"ok": true, "id": id})
+        }
         other => json!({"ok": false, "error": format!("unknown op {other:?}")}),
     }
 }
@@ -1216,6 +1255,7 @@ fn drive_hub(srv: &HubServer, req: Value) -> Value {
 struct AppServer {
     app: Option<changecast::app::AppHandle>,
     orders: mongodb::Collection<bson::Document>,
+    users: mongodb::Collection<bson::Document>,
     _sim: mongo_sim::SimHandle,
     _dir: tempfile::TempDir,
 }
@@ -1231,7 +1271,12 @@ impl AppServer {
         let uri = sim.uri();
         let dir = tempfile::tempdir().unwrap();
         let db = format!("sio_{}", SEQ.fetch_add(1, Ordering::Relaxed));
-        let cfg = config(&uri, &db, &dir.path().join("checkpoint.json"), "");
+        let cfg = config(
+            &uri,
+            &db,
+            &dir.path().join("checkpoint.json"),
+            &example_aliases_and_streams(),
+        );
         let listeners = changecast::app::Listeners {
             client: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             ops: None,
@@ -1257,6 +1302,7 @@ impl AppServer {
         AppServer {
             app: Some(app),
             orders: client.database(&db).collection("orders"),
+            users: client.database(&db).collection("users"),
             _sim: sim,
             _dir: dir,
         }
@@ -1295,6 +1341,22 @@ impl AppServer {
                     .await
                     .unwrap();
                 assert_eq!(r.matched_count, 1);
+                json!({"ok": true})
+            }
+            Some("balance") => {
+                // The declared `users` stream of config.example.toml.
+                let (from, to) = (req["from"].as_i64().unwrap(), req["to"].as_i64().unwrap());
+                self.users
+                    .insert_one(bson::doc! {"_id": oid("user"), "balance": from})
+                    .await
+                    .unwrap();
+                self.users
+                    .update_one(
+                        bson::doc! {"_id": oid("user")},
+                        bson::doc! {"$set": {"balance": to}},
+                    )
+                    .await
+                    .unwrap();
                 json!({"ok": true})
             }
             other => json!({"ok": false, "error": format!("unknown op {other:?}")}),

@@ -5,6 +5,7 @@ mod support;
 
 mod authn;
 mod authz_matrix;
+mod declared;
 mod demo;
 mod deploy;
 mod durability;

@@ -4,6 +4,7 @@
 // this script writes to stderr as `@@drive {json}` lines (create an order,
 // change its status) and answers each with one JSON line on stdin. Env:
 // CC_URL (http://host:port), CC_SECRET (HS256 secret of the test tokens).
+// Both servers run config.example.toml's aliases and declared streams.
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
@@ -224,6 +225,26 @@ test("a server-side disconnect, then reconnecting with since recovers what was m
       ["processing", "ready_for_delivery", "in_transit"],
     );
     assert.equal(new Set(seen.map(([, id]) => id)).size, 3, "no duplicates");
+  } finally {
+    socket.close();
+  }
+});
+
+test("a declared stream's event also goes out under its alias (balance-updated)", async () => {
+  const user = objectId();
+  const { socket } = await connect({
+    transports: ["websocket"],
+    auth: { token: token({ sub: user, role: "customer" }) },
+  });
+  try {
+    const alias = next(socket, "balance-updated");
+    const canonical = next(socket, "balance:updated");
+    const r = await drive({ op: "balance", user, from: 10, to: 25 });
+    assert.equal(r.ok, true, JSON.stringify(r));
+    const [[a, idA], [b, idB]] = await Promise.all([alias, canonical]);
+    assert.deepEqual(a, b);
+    assert.equal(idA, idB);
+    assert.deepEqual(a.tracked.balance, { old: 10, new: 25, delta: 15, known: true });
   } finally {
     socket.close();
   }

@@ -47,7 +47,7 @@ impl Ledger {
 /// One delivery an observer saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
-    /// Document key (`order/ID`, `payment/ID`, `settings/STORE`).
+    /// Document key (`order/ID`, `payment/ID`, `settings/STORE`, `delivery/ID`).
     pub key: String,
     /// Event id: the resume token (what orders changes).
     pub id: String,
@@ -93,6 +93,8 @@ pub fn doc_key(event: &str, data: &Value) -> Option<String> {
     match kind {
         "order" | "payment" => Some(format!("{kind}/{}", data["_id"].as_str()?)),
         "settings" => Some(format!("settings/{}", data["storeId"].as_str()?)),
+        // The declared stream of `world::DELIVERIES_STREAM`.
+        "delivery" => Some(format!("delivery/{}", data["_id"].as_str()?)),
         _ => None,
     }
 }

@@ -1,7 +1,8 @@
 //! Model-based rights test: actors connect, subscribe, unsubscribe, refresh tokens (some with
-//! fewer stores), let tokens expire and reconnect, while orders, payments and settings of 50
-//! customers and 20 stores change; every delivery is checked against the connection's joined
-//! rooms, the model's rights for its current token, and the document's owners.
+//! fewer stores), let tokens expire and reconnect, while orders, payments, settings and a
+//! declared stream's deliveries of 50 customers and 20 stores change; every delivery is checked
+//! against the connection's joined rooms, the model's rights for its current token, and the
+//! document's owners.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,8 @@ fn may(id: &Ident, room: &str, work: &Workload) -> bool {
 #[derive(Debug, Default, Clone)]
 struct Tally {
     deliveries: u64,
+    /// Of which from the declared stream.
+    declared: u64,
     outside_rooms: u64,
     outside_rights: u64,
     cross_room: u64,
@@ -77,6 +80,7 @@ struct Tally {
 impl Tally {
     fn add(&mut self, o: &Tally) {
         self.deliveries += o.deliveries;
+        self.declared += o.declared;
         self.outside_rooms += o.outside_rooms;
         self.outside_rights += o.outside_rights;
         self.cross_room += o.cross_room;
@@ -255,6 +259,9 @@ async fn actor(
                 Some("event") => {
                     t.deliveries += 1;
                     let s = Seen::from_message(&v).unwrap();
+                    if s.key.starts_with("delivery/") {
+                        t.declared += 1;
+                    }
                     if !cn.joined.contains(&s.room) {
                         t.outside_rooms += 1;
                         t.examples.push(format!(
@@ -334,11 +341,11 @@ async fn model_no_delivery_outside_a_connections_rooms_or_rights() {
     let actors = size("MODEL_ACTORS", 60, 300) as usize;
     let secs = size("MODEL_SECS", 10, 120);
     let db = Arc::new(Db::start().await);
-    let work = Workload::new(50, 20, 100);
+    let work = Workload::new(50, 20, 100).with_deliveries(60);
     work.seed(&db).await;
     let server = Server::start(
         &db,
-        "leeway = \"1s\"\n[server]\nmax_messages_per_second = 1000\n",
+        &format!("leeway = \"1s\"\n[server]\nmax_messages_per_second = 1000\n{DELIVERIES_STREAM}"),
     )
     .await;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -391,11 +398,12 @@ async fn model_no_delivery_outside_a_connections_rooms_or_rights() {
     figure(
         "hostile.model",
         format!(
-            "{actors} actors over {secs}s (50 customers, 20 stores, {writes} changes; {} connects, {} subscribes, {} token refreshes of which {} dropped stores, {} expiries): {} deliveries, outside joined rooms {}, outside current rights {}, cross-room {}, subscriptions wrongly granted {}, after expiry {}, (refused though allowed {})",
-            t.connects, t.subscribes, t.refreshes, t.reduced_refreshes, t.expiries, t.deliveries, t.outside_rooms, t.outside_rights, t.cross_room, t.wrongly_granted, t.after_expiry, t.refused_by_server_allowed_by_model
+            "{actors} actors over {secs}s (50 customers, 20 stores, {writes} changes; {} connects, {} subscribes, {} token refreshes of which {} dropped stores, {} expiries): {} deliveries ({} of a declared stream), outside joined rooms {}, outside current rights {}, cross-room {}, subscriptions wrongly granted {}, after expiry {}, (refused though allowed {})",
+            t.connects, t.subscribes, t.refreshes, t.reduced_refreshes, t.expiries, t.deliveries, t.declared, t.outside_rooms, t.outside_rights, t.cross_room, t.wrongly_granted, t.after_expiry, t.refused_by_server_allowed_by_model
         ),
     );
     assert!(t.deliveries > 0);
+    assert!(t.declared > 0, "no declared-stream delivery was seen");
     assert_eq!(
         t.outside_rooms + t.cross_room + t.wrongly_granted + t.after_expiry,
         0,

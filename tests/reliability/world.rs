@@ -97,13 +97,32 @@ pub struct Order {
     pub store: String,
 }
 
-/// Orders, payments (one per second order) and one settings document per store.
+/// A declared stream (`[[streams]]`) over the workload's `deliveries` documents, routed to
+/// their customer, their store and admin.
+pub const DELIVERIES_STREAM: &str = r#"
+[[streams]]
+collection = "deliveries"
+module = "delivery"
+[streams.rooms]
+customer = "customerId"
+store = "storeId"
+admin = true
+[streams.allow]
+customer = ["_id", "quantity"]
+store = ["_id", "quantity", "customerId"]
+admin = ["_id", "quantity", "customerId", "storeId"]
+"#;
+
+/// Orders, payments (one per second order) and one settings document per store; optionally
+/// deliveries of a declared stream ([`DELIVERIES_STREAM`]).
 #[derive(Clone)]
 pub struct Workload {
     pub customers: Vec<String>,
     pub stores: Vec<String>,
     pub orders: Vec<Order>,
     pub payments: Vec<(ObjectId, Order)>,
+    /// Documents of the declared `deliveries` stream (`id` is the delivery's); none by default.
+    pub deliveries: Vec<Order>,
     pub ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -162,8 +181,33 @@ impl Workload {
             stores,
             orders,
             payments,
+            deliveries: Vec::new(),
             ledger: Arc::new(Mutex::new(ledger)),
         }
+    }
+
+    /// Adds `n` deliveries (a declared stream's documents: serve [`DELIVERIES_STREAM`]);
+    /// then every fourth write changes one.
+    pub fn with_deliveries(mut self, n: usize) -> Workload {
+        let mut ledger = self.ledger.lock().unwrap();
+        for i in 0..n {
+            let d = Order {
+                id: ObjectId::new(),
+                customer: self.customers[i % self.customers.len()].clone(),
+                store: self.stores[(i * 3) % self.stores.len()].clone(),
+            };
+            ledger.own(
+                &format!("delivery/{}", d.id.to_hex()),
+                &[
+                    format!("customer:{}", d.customer),
+                    format!("store:{}", d.store),
+                    "admin".into(),
+                ],
+            );
+            self.deliveries.push(d);
+        }
+        drop(ledger);
+        self
     }
 
     /// Inserts every document. Call before the watcher starts: inserts are not in the ledger.
@@ -190,13 +234,29 @@ impl Workload {
             .map(|s| doc! {"storeId": s, "storeLogo": "logo.png"})
             .collect();
         db.coll("settings").insert_many(settings).await.unwrap();
+        let deliveries: Vec<_> = self
+            .deliveries
+            .iter()
+            .map(|d| doc! {"_id": d.id, "customerId": &d.customer, "storeId": &d.store, "quantity": -1i64})
+            .collect();
+        if !deliveries.is_empty() {
+            db.coll("deliveries").insert_many(deliveries).await.unwrap();
+        }
     }
 
-    /// Write number `seq`: 60% orders, 30% payments, 10% settings; recorded once acknowledged.
+    /// Write number `seq`: 60% orders, 30% payments, 10% settings (with deliveries, every
+    /// fourth write is to one of them instead); recorded once acknowledged.
     pub async fn write(&self, db: &Db, seq: u64) -> String {
         let slot = seq % 10;
         let pick = (seq / 10) as usize;
-        let key = if slot < 6 && !self.orders.is_empty() {
+        let key = if !self.deliveries.is_empty() && seq % 4 == 3 {
+            let d = &self.deliveries[pick % self.deliveries.len()];
+            db.coll("deliveries")
+                .update_one(doc! {"_id": d.id}, doc! {"$set": {"quantity": seq as i64}})
+                .await
+                .unwrap();
+            format!("delivery/{}", d.id.to_hex())
+        } else if slot < 6 && !self.orders.is_empty() {
             let o = &self.orders[pick % self.orders.len()];
             db.coll("orders")
                 .update_one(doc! {"_id": o.id}, doc! {"$set": {"total": seq as i64}})
