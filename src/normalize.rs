@@ -156,7 +156,8 @@ pub struct DomainEvent {
     pub status: Option<StatusInfo>,
     /// Room ids.
     pub keys: RouteKeys,
-    /// Paths from `updateDescription` (updated, then removed) for updates; empty otherwise.
+    /// Paths from `updateDescription` (updated, then removed) for updates; the new
+    /// document's top-level fields for replaces; empty otherwise.
     pub changed_fields: Vec<String>,
     /// Settings sections touched (settings only, never empty for `settings:updated`).
     pub sections: Vec<SectionChange>,
@@ -698,6 +699,17 @@ impl Normalizer {
         if op == Op::Update {
             changed_fields.extend(updated.iter().flat_map(|d| d.keys().cloned()));
             changed_fields.extend(removed.iter().cloned());
+        }
+        if op == Op::Replace {
+            // A replace carries no update description: any field may have changed, so
+            // every field of the new document counts (without this, routing took a
+            // replace with no status change for news to nobody and dropped it).
+            changed_fields.extend(
+                full.iter()
+                    .flat_map(|d| d.keys())
+                    .filter(|k| k.as_str() != "_id")
+                    .cloned(),
+            );
         }
 
         let remembered = doc_id.as_deref().and_then(|id| {

@@ -351,12 +351,7 @@ fn unknown_shapes_are_counted_by_reason() {
 /// Adapted fixtures whose expectation changecast does not meet today, each a bug
 /// reported with its cause. The test checks they still fail the way described, so
 /// a fix makes it fail until the entry is removed.
-const KNOWN_CHANGECAST_BUGS: &[(&str, &str)] = &[(
-    "adapted/orders-replace.json",
-    "no_rooms: a replace is named order:updated when the previous status is unknown or \
-     unchanged, and route.rs drops an order:updated whose changed_fields are empty; a \
-     replace never has changed_fields (normalize.rs fills them for updates only)",
-)];
+const KNOWN_CHANGECAST_BUGS: &[(&str, &str)] = &[];
 
 #[test]
 fn adapted_fixtures_route_to_their_owners_rooms() {

@@ -284,3 +284,37 @@ async fn a_server_whose_tokens_do_not_sort_loses_and_repeats_nothing() {
         "{m}"
     );
 }
+
+/// `replaceOne` of an order with its status unchanged (a Node app saving a whole document)
+/// reaches the owner's rooms as `order:updated`, with the replaced fields as
+/// `changedFields`; it was dropped as "news to nobody" (no update description).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_order_reaches_its_rooms() {
+    let db = Db::start().await;
+    let server = Server::start(&db, "").await;
+    let (mut c, _) = Client::connect(&server, &customer_token("rc")).await;
+    let orders = db.coll("orders");
+    orders
+        .insert_one(doc! {"_id": "rp1", "customerId": "rc", "storeId": "rs", "status": "accepted", "total": 10})
+        .await
+        .unwrap();
+    assert_eq!(c.events(1, Duration::from_secs(10)).await.len(), 1);
+    orders
+        .replace_one(
+            doc! {"_id": "rp1"},
+            doc! {"customerId": "rc", "storeId": "rs", "status": "accepted", "total": 12},
+        )
+        .await
+        .unwrap();
+    let got = c.events(1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "the replace was not delivered");
+    assert_eq!(got[0]["event"], "order:updated", "{}", got[0]);
+    assert_eq!(got[0]["data"]["total"], 12);
+    let changed = got[0]["data"]["changedFields"].as_array().unwrap();
+    assert!(changed.iter().any(|f| f == "total"), "{}", got[0]);
+    assert!(
+        !changed.iter().any(|f| f == "customerId"),
+        "not in the customer's allowlist: {}",
+        got[0]
+    );
+}
