@@ -239,17 +239,7 @@ impl Pipeline {
                 self.server.learn(answer);
             }
         }
-        if !self.server.split_known() {
-            let asked = tokio::select! {
-                _ = stop.cancelled() => None,
-                r = tokio::time::timeout(PROBE_TIMEOUT, Source::splits_large_events(&self.client, &spec)) => r.ok().flatten(),
-            };
-            if let Some(answer) = asked {
-                tracing::info!(database = %db, splits_large_events = answer, "asked the server whether it splits change events over 16 MiB");
-                self.server.learn_split(answer);
-            }
-        }
-        spec.split_large_events = self.server.splits_large_events();
+        self.ask_split(&db, &mut spec, &stop).await;
         if let (Output::Hub(hub), StartAt::Token(_), Some(target), Some(warm)) =
             (&self.output, &start, &at, &self.warm)
         {
@@ -308,6 +298,8 @@ impl Pipeline {
                     None => mapper.restart_numbering(),
                 }
             }
+            // Asked again while unknown (the server was unreachable when the stream began).
+            self.ask_split(&db, &mut spec, &stop).await;
             let open_spec = SourceSpec {
                 batch_size: careful.then_some(1),
                 ..spec.clone()
@@ -548,6 +540,22 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// Learns, once per process, whether the server splits events over 16 MiB, and sets
+    /// `spec` to ask for it where it does; a no-op once known.
+    async fn ask_split(&self, db: &str, spec: &mut SourceSpec, stop: &CancellationToken) {
+        if !self.server.split_known() {
+            let asked = tokio::select! {
+                _ = stop.cancelled() => None,
+                r = tokio::time::timeout(PROBE_TIMEOUT, Source::splits_large_events(&self.client, spec)) => r.ok().flatten(),
+            };
+            if let Some(answer) = asked {
+                tracing::info!(database = %db, splits_large_events = answer, "asked the server whether it splits change events over 16 MiB");
+                self.server.learn_split(answer);
+            }
+        }
+        spec.split_large_events = self.server.splits_large_events();
     }
 
     /// After a one-change `getMore` from `start` failed with `BSONObjectTooLarge`: looks at
