@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::auth::{AuthConfig, RawAuthConfig};
-use crate::declared::{EventNames, StreamAllow, StreamDecl, StreamRooms};
+use crate::declared::{EventNames, StreamAllow, StreamDecl, StreamRooms, StreamStatus};
 use crate::hub::HubConfig;
 use crate::room::RoomKind;
 
@@ -639,10 +639,7 @@ impl StatusTable {
 
     /// Whether `order_type` is one of the pickup types (absent = delivery).
     pub fn is_pickup(&self, order_type: Option<&str>) -> bool {
-        order_type.is_some_and(|t| {
-            let t = t.trim().to_ascii_lowercase();
-            self.pickup_types.contains(&t)
-        })
+        is_pickup_type(&self.pickup_types, order_type)
     }
 
     /// The canonical payment status of `raw`; `None` when unknown.
@@ -659,6 +656,15 @@ impl Default for StatusTable {
             payment: default_payment_map(),
         }
     }
+}
+
+/// Whether `kind` is one of `pickup_types` (lower case), case-insensitively; absent
+/// means delivery. The rule of every `ready` split (orders, declared streams).
+pub fn is_pickup_type(pickup_types: &[String], kind: Option<&str>) -> bool {
+    kind.is_some_and(|t| {
+        let t = t.trim().to_ascii_lowercase();
+        pickup_types.contains(&t)
+    })
 }
 
 /// The default order status map of the Node apps.
@@ -1267,6 +1273,7 @@ struct RawStream {
     allow: RawStreamAllow,
     #[serde(default)]
     tracked: Vec<Spanned<String>>,
+    status: Option<Spanned<RawStreamStatus>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1276,6 +1283,16 @@ struct RawStreamEvents {
     updated: Option<Spanned<String>>,
     replaced: Option<Spanned<String>>,
     deleted: Option<Spanned<String>>,
+    status_changed: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStreamStatus {
+    field: Spanned<String>,
+    type_field: Option<Spanned<String>>,
+    pickup_types: Option<Spanned<Vec<String>>>,
+    map: Spanned<BTreeMap<String, Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1505,11 +1522,25 @@ fn streams(
                 &Spanned::new(st.module.span(), format!("{module}:{action}")),
             ),
         };
+        let status = st
+            .status
+            .map(|raw| stream_status(ctx, raw.into_inner()))
+            .transpose()?;
+        let status_changed = match (&status, st.events.status_changed) {
+            (Some(_), v) => Some(event("status_changed", v)?),
+            (None, Some(v)) => return Err(ctx.err(
+                "streams.events.status_changed",
+                &v,
+                "names the event of a status change, but the stream declares no [streams.status]",
+            )),
+            (None, None) => None,
+        };
         let events = EventNames {
             created: event("created", st.events.created)?,
             updated: event("updated", st.events.updated)?,
             replaced: event("replaced", st.events.replaced)?,
             deleted: event("deleted", st.events.deleted)?,
+            status_changed,
         };
         let rooms_span = st.rooms.span();
         let r = st.rooms.into_inner();
@@ -1602,9 +1633,79 @@ fn streams(
                 admin,
             },
             tracked,
+            status,
         });
     }
     Ok(out)
+}
+
+/// `[streams.status]`: the field, its table and the optional `ready` split.
+fn stream_status(ctx: &Ctx<'_>, raw: RawStreamStatus) -> Result<StreamStatus, ConfigError> {
+    let field = check_path(ctx, "streams.status.field", &raw.field)?;
+    let type_field = raw
+        .type_field
+        .map(|p| check_path(ctx, "streams.status.type_field", &p))
+        .transpose()?;
+    let pickup_types = match (&type_field, raw.pickup_types) {
+        (None, Some(p)) => {
+            return Err(ctx.err(
+                "streams.status.pickup_types",
+                &p,
+                "splits `ready` by type, but no type_field says where the type is",
+            ))
+        }
+        (Some(_), Some(p)) if p.get_ref().is_empty() => {
+            return Err(ctx.err(
+                "streams.status.pickup_types",
+                &p,
+                "needs at least one type (leave it out for the default)",
+            ))
+        }
+        (Some(_), Some(p)) => p
+            .into_inner()
+            .iter()
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect(),
+        (Some(_), None) => StatusTable::default().pickup_types,
+        (None, None) => Vec::new(),
+    };
+    if raw.map.get_ref().is_empty() {
+        return Err(ctx.err(
+            "streams.status.map",
+            &raw.map,
+            "needs at least one raw = \"canonical\" entry",
+        ));
+    }
+    let mut map = BTreeMap::new();
+    for (k, v) in raw.map.into_inner() {
+        let key = format!("streams.status.map.{k}");
+        if !name_chars_ok(v.get_ref(), b"") {
+            return Err(ctx.err(
+                &key,
+                &v,
+                format!(
+                    "invalid canonical status {:?}: expected 1-{MAX_EVENT_NAME_LEN} characters of A-Z a-z 0-9 _ . -",
+                    v.get_ref()
+                ),
+            ));
+        }
+        if map
+            .insert(k.trim().to_ascii_lowercase(), v.get_ref().clone())
+            .is_some()
+        {
+            return Err(ctx.err(
+                &key,
+                &v,
+                "is listed twice (raw values compare trimmed and case-insensitively)",
+            ));
+        }
+    }
+    Ok(StreamStatus {
+        field,
+        type_field,
+        pickup_types,
+        map,
+    })
 }
 
 impl Config {
@@ -2595,6 +2696,109 @@ mod tests {
         assert!(msg.contains("unknown event"), "{msg}");
     }
 
+    /// Each text is refused with the key, line and message part given.
+    fn assert_invalid_at<const N: usize>(cases: [(String, &str, usize, &str); N]) {
+        let mut wrong = Vec::new();
+        for (text, want_key, want_line, want_msg) in cases {
+            let (key, at, msg) = invalid(&text);
+            if key != want_key || at.map(|a| a.0) != Some(want_line) || !msg.contains(want_msg) {
+                wrong.push(format!(
+                    "{key} at {at:?}: {msg} (wanted {want_key} at line {want_line}: …{want_msg}…)"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    const STATUS: &str = "[streams.status]\nfield = \"state\"\n[streams.status.map]\n\
+        Scheduled = \"pending\"\nloaded = \"ready\"\n";
+
+    #[test]
+    fn a_declared_status_table_parses_and_round_trips() {
+        let c = parse(&format!("{STREAM}{STATUS}")).unwrap();
+        let st = c.streams[0].status.as_ref().unwrap();
+        assert_eq!(st.field, "state");
+        assert_eq!(st.map.get("scheduled").map(String::as_str), Some("pending"));
+        assert!(st.type_field.is_none() && st.pickup_types.is_empty());
+        assert_eq!(
+            c.streams[0].events.status_changed.as_deref(),
+            Some("balance:status_changed")
+        );
+        assert_eq!(c.streams[0].events.all().len(), 5);
+        // A type field brings the default pickup types; a name of one's own is kept.
+        let c = parse(&format!(
+            "{STREAM}[streams.events]\nstatus_changed = \"wallet:moved\"\n{STATUS}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.streams[0].events.status_changed.as_deref(),
+            Some("wallet:moved")
+        );
+        let c = parse(&format!(
+            "{STREAM}{}",
+            STATUS.replace(
+                "[streams.status.map]",
+                "type_field = \"kind\"\n[streams.status.map]"
+            )
+        ))
+        .unwrap();
+        let st = c.streams[0].status.as_ref().unwrap();
+        assert_eq!(st.pickup_types, StatusTable::default().pickup_types);
+        let again = parse(&c.effective_toml_masked()).unwrap();
+        assert_eq!(again.streams, c.streams);
+        // Without [streams.status] nothing changes.
+        assert!(parse(STREAM).unwrap().streams[0].status.is_none());
+    }
+
+    #[test]
+    fn declared_status_errors_name_key_and_position() {
+        let cases: [(String, &str, usize, &str); 6] = [
+            (
+                format!("{STREAM}{}", STATUS.replace("\"pending\"", "\"pend ing\"")),
+                "streams.status.map.Scheduled",
+                14,
+                "invalid canonical status",
+            ),
+            (
+                format!("{STREAM}{}", STATUS.replace("loaded", "scheduled")),
+                "streams.status.map.scheduled",
+                15,
+                "twice",
+            ),
+            (
+                format!("{STREAM}[streams.status]\nfield = \"state\"\nmap = {{}}\n"),
+                "streams.status.map",
+                13,
+                "at least one",
+            ),
+            (
+                format!(
+                    "{STREAM}{}",
+                    STATUS.replace(
+                        "[streams.status.map]",
+                        "pickup_types = [\"x\"]\n[streams.status.map]"
+                    )
+                ),
+                "streams.status.pickup_types",
+                13,
+                "no type_field",
+            ),
+            (
+                format!("{STREAM}[streams.events]\nstatus_changed = \"balance:moved\"\n"),
+                "streams.events.status_changed",
+                12,
+                "no [streams.status]",
+            ),
+            (
+                format!("{STREAM}{}", STATUS.replace("field", "feld")),
+                "streams.status.feld",
+                12,
+                "unknown field",
+            ),
+        ];
+        assert_invalid_at(cases);
+    }
+
     #[test]
     fn declared_stream_errors_name_key_and_position() {
         let cases: [(String, &str, usize, &str); 9] = [
@@ -2653,15 +2857,6 @@ mod tests {
                 "declares no room",
             ),
         ];
-        let mut wrong = Vec::new();
-        for (text, want_key, want_line, want_msg) in cases {
-            let (key, at, msg) = invalid(&text);
-            if key != want_key || at.map(|a| a.0) != Some(want_line) || !msg.contains(want_msg) {
-                wrong.push(format!(
-                    "{key} at {at:?}: {msg} (wanted {want_key} at line {want_line}: …{want_msg}…)"
-                ));
-            }
-        }
-        assert!(wrong.is_empty(), "{wrong:#?}");
+        assert_invalid_at(cases);
     }
 }

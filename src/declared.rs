@@ -9,17 +9,21 @@
 //! collection records them, else from a bounded per-stream memory of the last value
 //! this process saw, else it is unknown and the payload says so (`known: false`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use bson::{doc, Bson, Document};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::config::{is_pickup_type, OrderStatus};
 use crate::event::{Delivery, Event, EventId, RoutedEvent};
-use crate::normalize::{get_path, id_string, OwnerBookUse};
+use crate::normalize::{
+    get_path, id_string, read_status, truncate, ChangeView, Op, OwnerBookUse, StatusRead,
+    UNHANDLED_OPS,
+};
 use crate::room::{Room, RoomKind};
-use crate::route::{bson_to_json, is_under, project, visible_changes};
+use crate::route::{bson_to_json, insert_status, is_under, project, visible_changes};
 
 /// Longest id or string value remembered; longer ones are forgotten, never cut.
 const MAX_KEPT_LEN: usize = 128;
@@ -42,7 +46,51 @@ pub struct StreamDecl {
     pub allow: StreamAllow,
     /// Fields whose previous value, new value and difference the payloads carry.
     pub tracked: Vec<String>,
+    /// `[streams.status]`: a status field normalized through a table of its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<StreamStatus>,
 }
+
+/// `[streams.status]`: raw values of one field → canonical statuses, as `[status.order]`
+/// does for orders: a change of the field is `{module}:status_changed` and payloads that
+/// show the field carry `status`, `previousStatus`, `rawStatus` and `unknown`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamStatus {
+    /// Dotted path of the raw status.
+    pub field: String,
+    /// Dotted path of the document's type; when set, a `ready` target splits into
+    /// `ready_for_pickup` / `ready_for_delivery` as orders' `ready` does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub type_field: Option<String>,
+    /// Type values (lower case) meaning pickup; set only with `type_field`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pickup_types: Vec<String>,
+    /// Raw value (trimmed, lower case) → canonical status.
+    pub map: BTreeMap<String, String>,
+}
+
+impl StreamStatus {
+    /// (status to show, progress, unknown) for `raw` of a document of type `kind`; an
+    /// unknown raw value passes through as itself, as orders' do. No progress: a
+    /// declared stream's statuses are no flow changecast knows.
+    fn canonical(&self, raw: &str, kind: Option<&str>) -> (String, Option<u8>, bool) {
+        match self.map.get(&raw.trim().to_ascii_lowercase()) {
+            Some(t) if t == READY && self.type_field.is_some() => {
+                let s = if is_pickup_type(&self.pickup_types, kind) {
+                    OrderStatus::ReadyForPickup
+                } else {
+                    OrderStatus::ReadyForDelivery
+                };
+                (s.as_str().to_owned(), None, false)
+            }
+            Some(t) => (t.clone(), None, false),
+            None => (raw.to_owned(), None, true),
+        }
+    }
+}
+
+/// The target that splits by type (as in `[status.order]`).
+pub const READY: &str = "ready";
 
 /// Event names per operation; defaults `{module}:created|updated|replaced|deleted`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -55,12 +103,19 @@ pub struct EventNames {
     pub replaced: String,
     /// For deletes.
     pub deleted: String,
+    /// For a change of the `[streams.status]` field (only with one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_changed: Option<String>,
 }
 
 impl EventNames {
-    /// The four names, in operation order.
-    pub fn all(&self) -> [&str; 4] {
+    /// Every name, in operation order, then `status_changed` when there is one.
+    pub fn all(&self) -> Vec<&str> {
         [&self.created, &self.updated, &self.replaced, &self.deleted]
+            .into_iter()
+            .map(String::as_str)
+            .chain(self.status_changed.as_deref())
+            .collect()
     }
 }
 
@@ -159,6 +214,17 @@ pub enum DeclaredIssue {
     /// A delete without pre-image of a document this process never saw: only the
     /// rooms that need no document (admin, `"_id"`) are known.
     NoOwnerForDelete,
+    /// The `[streams.status]` field holds no string; the event carries no status.
+    StatusWrongType {
+        /// The BSON type found.
+        found: &'static str,
+    },
+    /// A raw status not in the stream's table: passed through marked `unknown: true`,
+    /// counted and logged once per value like orders' (not a drop).
+    UnknownStatus {
+        /// The raw value, at most 128 bytes.
+        value: String,
+    },
 }
 
 impl DeclaredIssue {
@@ -171,16 +237,10 @@ impl DeclaredIssue {
             Self::WrongType { .. } => "wrong_type",
             Self::InvalidRoomId { .. } => "invalid_room_id",
             Self::NoOwnerForDelete => "no_owner_for_delete",
+            Self::StatusWrongType { .. } => "wrong_type",
+            Self::UnknownStatus { .. } => "unknown_status",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Insert,
-    Update,
-    Replace,
-    Delete,
 }
 
 /// What a stream remembers of one document: its room ids and its tracked values.
@@ -190,6 +250,9 @@ struct Memo {
     keys: Vec<Option<String>>,
     /// Per tracked field: `Some(value)` (`Null` when absent), `None` when unknown.
     tracked: Vec<Option<Bson>>,
+    /// The raw status and type last seen (`[streams.status]`), for `previousStatus`.
+    status: Option<String>,
+    kind: Option<String>,
 }
 
 /// Document id → [`Memo`], at most `cap` entries; the least recently written is
@@ -277,7 +340,7 @@ impl DeclaredBook {
     fn record(&self, collection: &str, id: &str, keys: &[Option<String>]) {
         let memo = Memo {
             keys: keys.to_vec(),
-            tracked: Vec::new(),
+            ..Memo::default()
         };
         self.lock().put(&Self::key(collection, id), memo);
     }
@@ -424,20 +487,7 @@ impl Stream {
             Ok("update") => Op::Update,
             Ok("replace") => Op::Replace,
             Ok("delete") => Op::Delete,
-            Ok(
-                "drop"
-                | "rename"
-                | "dropDatabase"
-                | "invalidate"
-                | "create"
-                | "createIndexes"
-                | "dropIndexes"
-                | "modify"
-                | "shardCollection"
-                | "refineCollectionShardKey"
-                | "reshardCollection"
-                | "createSearchIndexes",
-            ) => {
+            Ok(other) if UNHANDLED_OPS.contains(&other) => {
                 issues.push(DeclaredIssue::UnhandledOperation);
                 return None;
             }
@@ -571,6 +621,34 @@ impl Stream {
             })
             .collect();
 
+        let status = self.decl.status.as_ref().map(|st| {
+            let read = read_status(
+                &ChangeView {
+                    op,
+                    pre,
+                    source,
+                    updated,
+                    changed: &changed,
+                },
+                &st.field,
+                st.type_field.as_deref(),
+                remembered
+                    .as_ref()
+                    .map(|m| (m.status.as_deref(), m.kind.as_deref())),
+                |raw, kind| st.canonical(raw, kind),
+            );
+            if let Some(found) = read.wrong_type {
+                issues.push(DeclaredIssue::StatusWrongType { found });
+            }
+            if let Some(info) = read.info.as_ref().filter(|i| i.unknown) {
+                issues.push(DeclaredIssue::UnknownStatus {
+                    value: truncate(&info.raw),
+                });
+            }
+            read
+        });
+        let status_moved = status.as_ref().is_some_and(|s| s.touched);
+
         if let Some(i) = doc_id.as_deref().filter(|i| i.len() <= MAX_KEPT_LEN) {
             let kept: Vec<Option<String>> = keys
                 .iter()
@@ -582,23 +660,29 @@ impl Stream {
             if op == Op::Delete {
                 self.memo.remove(i);
             } else {
+                let short = |v: &Option<String>| v.clone().filter(|s| s.len() <= MAX_KEPT_LEN);
                 let memo = Memo {
                     keys: kept,
                     tracked: tracked
                         .iter()
                         .map(|(_, new)| new.clone().filter(rememberable))
                         .collect(),
+                    status: status.as_ref().and_then(|s| short(&s.raw)),
+                    kind: status.as_ref().and_then(|s| short(&s.kind)),
                 };
                 self.memo.put(i, memo);
             }
         }
 
-        let name = match op {
-            Op::Insert => &self.decl.events.created,
-            Op::Update => &self.decl.events.updated,
-            Op::Replace => &self.decl.events.replaced,
-            Op::Delete => &self.decl.events.deleted,
+        let events = &self.decl.events;
+        let name = match (op, events.status_changed.as_ref()) {
+            (Op::Update | Op::Replace, Some(moved)) if status_moved => moved,
+            (Op::Insert, _) => &events.created,
+            (Op::Update, _) => &events.updated,
+            (Op::Replace, _) => &events.replaced,
+            (Op::Delete, _) => &events.deleted,
         };
+        let status_info = status.and_then(|s: StatusRead| s.info);
         // Deletes without a pre-image still show their `_id` to audiences allowed to see it.
         let only_id;
         let doc = match source {
@@ -643,6 +727,15 @@ impl Stream {
             }
             if !tracked_out.is_empty() {
                 data.insert(TRACKED_KEY.into(), Value::Object(tracked_out));
+            }
+            // Like a tracked field, the status reaches only the audiences that may see it.
+            if let (Some(info), Some(st)) = (&status_info, &self.decl.status) {
+                if allow
+                    .iter()
+                    .any(|a| a == &st.field || is_under(&st.field, a))
+                {
+                    insert_status(&mut data, info, false);
+                }
             }
             if op == Op::Update {
                 data.insert(
@@ -917,6 +1010,159 @@ store = ["status", "notes"]
         );
         let r = run(&mut e, &upd);
         assert_eq!(r.deliveries[0].data["tracked"]["balance"]["old"], 7);
+    }
+
+    const WITH_STATUS: &str = r#"
+[[streams]]
+collection = "deliveries"
+module = "delivery"
+[streams.rooms]
+customer = "customerId"
+store = "storeId"
+[streams.allow]
+customer = ["_id"]
+store = ["_id", "state", "notes"]
+[streams.status]
+field = "state"
+type_field = "kind"
+[streams.status.map]
+Scheduled = "pending"
+loaded = "ready"
+dropped_off = "delivered"
+"#;
+
+    fn status_engine() -> Declared {
+        let c = crate::config::test_config(WITH_STATUS, "t").unwrap();
+        Declared::new(&c.streams, 100)
+    }
+
+    fn delivery(id: &str, state: &str, kind: &str) -> Document {
+        doc! {"_id": id, "customerId": "c1", "storeId": "s1", "state": state, "kind": kind}
+    }
+
+    #[test]
+    fn a_status_field_is_normalized_and_its_change_is_status_changed() {
+        let mut e = status_engine();
+        let ins = change(
+            "insert",
+            "deliveries",
+            Bson::String("d1".into()),
+            Some(delivery("d1", "scheduled", "pickup")),
+        );
+        let r = run(&mut e, &ins);
+        assert_eq!(r.event.name, "delivery:created");
+        // The customer may not see `state`: no status for them, as for a tracked field.
+        assert_eq!(r.deliveries[0].data, json!({"_id": "d1"}));
+        assert_eq!(
+            r.deliveries[1].data,
+            json!({"_id": "d1", "state": "scheduled", "status": "pending", "rawStatus": "scheduled",
+                   "previousStatus": null, "unknown": false})
+        );
+
+        // `ready` splits by the type field, as orders' does.
+        let upd = update(
+            "deliveries",
+            "d1",
+            delivery("d1", "loaded", "pickup"),
+            doc! {"state": "loaded"},
+        );
+        let r = run(&mut e, &upd);
+        assert_eq!(r.event.name, "delivery:status_changed");
+        assert_eq!(rooms(&r), ["store:s1"]);
+        let d = &r.deliveries[0].data;
+        assert_eq!(
+            (&d["status"], &d["previousStatus"], &d["rawStatus"]),
+            (
+                &json!("ready_for_pickup"),
+                &json!("pending"),
+                &json!("loaded")
+            )
+        );
+        assert_eq!(d["changedFields"], json!(["state"]));
+        assert!(d.get("progress").is_none(), "{d}");
+
+        // Another field: a plain update, the status unchanged.
+        let upd = update(
+            "deliveries",
+            "d1",
+            delivery("d1", "loaded", "pickup"),
+            doc! {"notes": "gate"},
+        );
+        let r = run(&mut e, &upd);
+        assert_eq!(r.event.name, "delivery:updated");
+        assert_eq!(r.deliveries[0].data["previousStatus"], "ready_for_pickup");
+
+        // A replace that changes the raw value is a status change too.
+        let rep = change(
+            "replace",
+            "deliveries",
+            Bson::String("d1".into()),
+            Some(delivery("d1", "dropped_off", "delivery")),
+        );
+        let r = run(&mut e, &rep);
+        assert_eq!(r.event.name, "delivery:status_changed");
+        assert_eq!(r.deliveries[1].data["status"], "delivered");
+        let r = run(&mut e, &rep);
+        assert_eq!(r.event.name, "delivery:replaced");
+    }
+
+    #[test]
+    fn an_unknown_raw_status_passes_through_marked_and_is_reported() {
+        let mut e = status_engine();
+        let ins = change(
+            "insert",
+            "deliveries",
+            Bson::String("d2".into()),
+            Some(delivery("d2", "Lost", "delivery")),
+        );
+        let mut issues = Vec::new();
+        let r = e.map(&ins, EventId::new("x"), &mut issues).unwrap();
+        assert_eq!(
+            issues,
+            [DeclaredIssue::UnknownStatus {
+                value: "Lost".into()
+            }]
+        );
+        let d = &r.deliveries[1].data;
+        assert_eq!(
+            (&d["status"], &d["unknown"]),
+            (&json!("Lost"), &json!(true))
+        );
+        // A status that is no string: no status at all, reported.
+        let ins = change(
+            "insert",
+            "deliveries",
+            Bson::String("d3".into()),
+            Some(doc! {"_id": "d3", "customerId": "c1", "storeId": "s1", "state": 3}),
+        );
+        let mut issues = Vec::new();
+        let r = e.map(&ins, EventId::new("y"), &mut issues).unwrap();
+        assert_eq!(issues, [DeclaredIssue::StatusWrongType { found: "int" }]);
+        assert!(r.deliveries[1].data.get("status").is_none());
+    }
+
+    #[test]
+    fn without_a_status_table_names_and_payloads_are_unchanged() {
+        let mut e = engine();
+        let ins = change(
+            "insert",
+            "deliveries",
+            Bson::String("d1".into()),
+            Some(doc! {"_id": "d1", "customerId": "c1", "storeId": "s1", "status": "new"}),
+        );
+        run(&mut e, &ins);
+        let upd = update(
+            "deliveries",
+            "d1",
+            doc! {"_id": "d1", "customerId": "c1", "storeId": "s1", "status": "done"},
+            doc! {"status": "done"},
+        );
+        let r = run(&mut e, &upd);
+        assert_eq!(r.event.name, "delivery:updated");
+        assert_eq!(
+            r.deliveries[0].data,
+            json!({"status": "done", "changedFields": ["status"]})
+        );
     }
 
     #[test]

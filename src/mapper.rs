@@ -8,7 +8,7 @@ use bson::Document;
 
 use crate::authz::{extract_owner, OrderOwner, OrderOwners};
 use crate::config::Config;
-use crate::declared::Declared;
+use crate::declared::{Declared, DeclaredIssue};
 use crate::event::RoutedEvent;
 use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
 use crate::normalize::{CollectionKind, DomainEvent, EventName, Issue, Normalizer, OwnerBookUse};
@@ -173,9 +173,20 @@ impl Mapper {
         let mut issues = Vec::new();
         let routed = self.declared.map(change, id, &mut issues);
         for i in &issues {
-            self.drop_reason(i.reason());
-            if *i != crate::declared::DeclaredIssue::UnhandledOperation {
-                self.warn(i.reason(), || format!("{i:?}"));
+            match i {
+                DeclaredIssue::UnknownStatus { value } => {
+                    let coll = change
+                        .get_document("ns")
+                        .ok()
+                        .and_then(|ns| ns.get_str("coll").ok())
+                        .unwrap_or("");
+                    self.unknown_status(coll, value);
+                }
+                DeclaredIssue::UnhandledOperation => self.drop_reason(i.reason()),
+                other => {
+                    self.drop_reason(other.reason());
+                    self.warn(other.reason(), || format!("{other:?}"));
+                }
             }
         }
         match routed {
@@ -306,19 +317,24 @@ impl Mapper {
     fn report(&mut self, issue: &Issue) {
         match issue {
             Issue::UnknownStatus { value, collection } => {
-                // Passed through marked unknown, not dropped.
-                self.metrics.unknown_statuses.inc();
-                if self.unknown_logged.len() < MAX_LOGGED_UNKNOWN
-                    && self.unknown_logged.insert(value.clone())
-                {
-                    tracing::warn!(collection = collection.as_str(), value = %value, "unknown status value (logged once per value)");
-                }
+                self.unknown_status(collection.as_str(), value);
             }
             Issue::UnhandledOperation { .. } => self.drop_reason(issue.reason()),
             other => {
                 self.drop_reason(other.reason());
                 self.warn(other.reason(), || format!("{other:?}"));
             }
+        }
+    }
+
+    /// A raw status not in its table: passed through marked unknown, not dropped;
+    /// counted, and logged once per value.
+    fn unknown_status(&mut self, collection: &str, value: &str) {
+        self.metrics.unknown_statuses.inc();
+        if self.unknown_logged.len() < MAX_LOGGED_UNKNOWN
+            && self.unknown_logged.insert(value.to_owned())
+        {
+            tracing::warn!(collection, value = %value, "unknown status value (logged once per value)");
         }
     }
 

@@ -374,8 +374,9 @@ pub struct Normalizer {
     book: Option<OwnerBookUse>,
 }
 
+/// The operations that change a document (declared streams share it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
+pub(crate) enum Op {
     Insert,
     Update,
     Replace,
@@ -383,7 +384,7 @@ enum Op {
 }
 
 /// Operations MongoDB documents that carry no document change we turn into events.
-const UNHANDLED_OPS: [&str; 12] = [
+pub(crate) const UNHANDLED_OPS: [&str; 12] = [
     "drop",
     "rename",
     "dropDatabase",
@@ -398,7 +399,8 @@ const UNHANDLED_OPS: [&str; 12] = [
     "createSearchIndexes",
 ];
 
-fn truncate(s: &str) -> String {
+/// At most [`MAX_KEPT_LEN`] bytes of `s`, cut at a character boundary (for issues, never ids).
+pub(crate) fn truncate(s: &str) -> String {
     if s.len() <= MAX_KEPT_LEN {
         return s.to_owned();
     }
@@ -788,89 +790,41 @@ impl Normalizer {
             },
         };
 
-        // Current raw status: this update's own value first (fullDocument may be later).
-        let status_bson: Option<&Bson> = match b.op {
-            Op::Update => b
-                .updated
-                .and_then(|u| status_in_updated(u, &status_path))
-                .or_else(|| source.and_then(|d| get_path(d, &status_path))),
-            _ => source.and_then(|d| get_path(d, &status_path)),
-        };
-        let raw_status: Option<String> = match status_bson {
-            None | Some(Bson::Null) => {
-                if b.op == Op::Delete || b.op == Op::Update {
-                    b.remembered.as_ref().and_then(|r| r.raw_status.clone())
-                } else {
-                    None
-                }
-            }
-            Some(Bson::String(s)) => Some(s.clone()),
-            Some(other) => {
-                issues.push(Issue::WrongType {
-                    collection: kind,
-                    field: "status",
-                    found: type_name(other),
-                });
-                None
-            }
-        };
-        let order_type: Option<String> = source
-            .and_then(|d| match get_path(d, &self.fields.order_type) {
-                Some(Bson::String(s)) => Some(s.clone()),
-                _ => None,
-            })
-            .or_else(|| b.remembered.as_ref().and_then(|r| r.order_type.clone()));
-
-        // Previous status: pre-image first, then memory.
-        let previous_raw: Option<String> = b
-            .pre
-            .filter(|_| b.op != Op::Delete)
-            .and_then(|p| match get_path(p, &status_path) {
-                Some(Bson::String(s)) => Some(s.clone()),
-                _ => None,
-            })
-            .or_else(|| b.remembered.as_ref().and_then(|r| r.raw_status.clone()));
-        let previous = previous_raw.as_deref().map(|raw| {
-            let pre_type = b
-                .pre
-                .and_then(|p| match get_path(p, &self.fields.order_type) {
-                    Some(Bson::String(s)) => Some(s.as_str()),
-                    _ => None,
-                })
-                .or(order_type.as_deref());
-            self.canonical(kind, raw, pre_type).0
-        });
-
-        let status = raw_status.as_ref().map(|raw| {
-            let (status, progress, unknown) = self.canonical(kind, raw, order_type.as_deref());
-            if unknown {
-                issues.push(Issue::UnknownStatus {
-                    collection: kind,
-                    value: truncate(raw),
-                });
-            }
-            StatusInfo {
-                status,
-                raw: raw.clone(),
-                previous: if b.op == Op::Insert {
-                    None
-                } else {
-                    previous.clone()
-                },
-                progress,
-                unknown,
-            }
-        });
-
-        let status_touched = match b.op {
-            Op::Update => b.changed_fields.iter().any(|c| touches(c, &status_path)),
-            // A replace carries no field list: compare with what was known before.
-            Op::Replace => match (&previous_raw, &raw_status) {
-                (Some(p), Some(n)) => p != n,
-                _ => false,
+        let read = read_status(
+            &ChangeView {
+                op: b.op,
+                pre: b.pre,
+                source,
+                updated: b.updated,
+                changed: &b.changed_fields,
             },
-            _ => false,
-        };
+            &status_path,
+            Some(&self.fields.order_type),
+            b.remembered
+                .as_ref()
+                .map(|r| (r.raw_status.as_deref(), r.order_type.as_deref())),
+            |raw, ty| self.canonical(kind, raw, ty),
+        );
+        if let Some(found) = read.wrong_type {
+            issues.push(Issue::WrongType {
+                collection: kind,
+                field: "status",
+                found,
+            });
+        }
+        if let Some(st) = read.info.as_ref().filter(|st| st.unknown) {
+            issues.push(Issue::UnknownStatus {
+                collection: kind,
+                value: truncate(&st.raw),
+            });
+        }
+        let StatusRead {
+            raw: raw_status,
+            kind: order_type,
+            info: status,
+            touched: status_touched,
+            ..
+        } = read;
         let name = match (kind, b.op, status_touched) {
             (CollectionKind::Orders, Op::Insert, _) => EventName::OrderCreated,
             (CollectionKind::Orders, Op::Delete, _) => EventName::OrderDeleted,
@@ -1054,6 +1008,123 @@ impl Normalizer {
             changed_fields: b.changed_fields,
             sections,
         })
+    }
+}
+
+/// The parts of a change a status is read from.
+pub(crate) struct ChangeView<'a> {
+    pub(crate) op: Op,
+    /// `fullDocumentBeforeChange`.
+    pub(crate) pre: Option<&'a Document>,
+    /// The document keys and payloads come from: the full document, or a delete's pre-image.
+    pub(crate) source: Option<&'a Document>,
+    /// `updateDescription.updatedFields` of an update.
+    pub(crate) updated: Option<&'a Document>,
+    /// Paths the update changed (updated, then removed).
+    pub(crate) changed: &'a [String],
+}
+
+/// A status field as one change shows it. Orders, payments and declared streams'
+/// `[streams.status]` read it by this one rule, so their `status`, `previousStatus`
+/// and `rawStatus` mean the same everywhere.
+pub(crate) struct StatusRead {
+    /// The raw value now (`None` when absent or not a string).
+    pub(crate) raw: Option<String>,
+    /// The document's type now, which splits a `ready` target.
+    pub(crate) kind: Option<String>,
+    /// What the payloads carry; `None` when the document has no status.
+    pub(crate) info: Option<StatusInfo>,
+    /// Whether the change moved the status: an update touching its path, or a replace
+    /// whose value differs from the one known before (a replace carries no field list).
+    pub(crate) touched: bool,
+    /// The BSON type found where a string status was expected.
+    pub(crate) wrong_type: Option<&'static str>,
+}
+
+/// Reads the status at `path` (and the type at `type_path`) from a change. `remembered`
+/// is the (raw status, type) this process last saw of the document; `canonical` maps a
+/// raw value and a type to (status to show, progress, unknown).
+pub(crate) fn read_status(
+    v: &ChangeView<'_>,
+    path: &str,
+    type_path: Option<&str>,
+    remembered: Option<(Option<&str>, Option<&str>)>,
+    canonical: impl Fn(&str, Option<&str>) -> (String, Option<u8>, bool),
+) -> StatusRead {
+    let (mem_raw, mem_kind) = remembered.unwrap_or((None, None));
+    // This update's own value first: the looked-up document may be later.
+    let status_bson: Option<&Bson> = match v.op {
+        Op::Update => v
+            .updated
+            .and_then(|u| status_in_updated(u, path))
+            .or_else(|| v.source.and_then(|d| get_path(d, path))),
+        _ => v.source.and_then(|d| get_path(d, path)),
+    };
+    let mut wrong_type = None;
+    let raw: Option<String> = match status_bson {
+        None | Some(Bson::Null) => {
+            if v.op == Op::Delete || v.op == Op::Update {
+                mem_raw.map(str::to_owned)
+            } else {
+                None
+            }
+        }
+        Some(Bson::String(s)) => Some(s.clone()),
+        Some(other) => {
+            wrong_type = Some(type_name(other));
+            None
+        }
+    };
+    let string_at = |d: &Document, p: &str| match get_path(d, p) {
+        Some(Bson::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let kind: Option<String> = type_path.and_then(|tp| {
+        v.source
+            .and_then(|d| string_at(d, tp))
+            .or_else(|| mem_kind.map(str::to_owned))
+    });
+
+    // Previous status: pre-image first, then memory.
+    let previous_raw: Option<String> = v
+        .pre
+        .filter(|_| v.op != Op::Delete)
+        .and_then(|p| string_at(p, path))
+        .or_else(|| mem_raw.map(str::to_owned));
+    let previous = previous_raw.as_deref().map(|r| {
+        let pre_kind = type_path
+            .and_then(|tp| v.pre.and_then(|p| string_at(p, tp)))
+            .or_else(|| kind.clone());
+        canonical(r, pre_kind.as_deref()).0
+    });
+    let info = raw.as_ref().map(|r| {
+        let (status, progress, unknown) = canonical(r, kind.as_deref());
+        StatusInfo {
+            status,
+            raw: r.clone(),
+            previous: if v.op == Op::Insert {
+                None
+            } else {
+                previous.clone()
+            },
+            progress,
+            unknown,
+        }
+    });
+    let touched = match v.op {
+        Op::Update => v.changed.iter().any(|c| touches(c, path)),
+        Op::Replace => match (&previous_raw, &raw) {
+            (Some(p), Some(n)) => p != n,
+            _ => false,
+        },
+        _ => false,
+    };
+    StatusRead {
+        raw,
+        kind,
+        info,
+        touched,
+        wrong_type,
     }
 }
 

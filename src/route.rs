@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Allowlists, RoutingConfig, SettingsSection};
 use crate::event::{Delivery, Event, RoutedEvent};
-use crate::normalize::{get_path, CollectionKind, DomainEvent, EventName};
+use crate::normalize::{get_path, CollectionKind, DomainEvent, EventName, StatusInfo};
 use crate::room::{Room, RoomKind};
 
 /// Deepest nesting converted to JSON; deeper values become `null` so a hostile
@@ -52,6 +52,24 @@ impl RouteIssue {
             RouteIssue::InvalidRoomId { .. } => "invalid_room_id",
         }
     }
+}
+
+/// A status's event fields (`status`, `rawStatus`, `previousStatus`, `unknown`, and for
+/// orders `progress`), the same for every collection that has a status table.
+pub(crate) fn insert_status(data: &mut Map<String, Value>, st: &StatusInfo, progress: bool) {
+    data.insert("status".into(), Value::String(st.status.clone()));
+    data.insert("rawStatus".into(), Value::String(st.raw.clone()));
+    data.insert(
+        "previousStatus".into(),
+        st.previous.clone().map_or(Value::Null, Value::String),
+    );
+    if progress {
+        data.insert(
+            "progress".into(),
+            st.progress.map_or(Value::Null, Value::from),
+        );
+    }
+    data.insert("unknown".into(), Value::Bool(st.unknown));
 }
 
 /// Decides rooms and payloads. Immutable; share it freely.
@@ -142,19 +160,7 @@ impl Router {
                 }
             }
             if let Some(st) = &ev.status {
-                data.insert("status".into(), Value::String(st.status.clone()));
-                data.insert("rawStatus".into(), Value::String(st.raw.clone()));
-                data.insert(
-                    "previousStatus".into(),
-                    st.previous.clone().map_or(Value::Null, Value::String),
-                );
-                if ev.collection == CollectionKind::Orders {
-                    data.insert(
-                        "progress".into(),
-                        st.progress.map_or(Value::Null, Value::from),
-                    );
-                }
-                data.insert("unknown".into(), Value::Bool(st.unknown));
+                insert_status(&mut data, st, ev.collection == CollectionKind::Orders);
             }
             if !ev.changed_fields.is_empty() {
                 data.insert(

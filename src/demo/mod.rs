@@ -359,7 +359,7 @@ pub async fn serve_demo(
     println!("changecast demo");
     println!("  embedded MongoDB   mongo-sim at {uri}");
     println!(
-        "  traffic            {rate} writes/s into `{DEMO_DATABASE}`: orders, payments and settings of stores {} for customers {}",
+        "  traffic            {rate} writes/s into `{DEMO_DATABASE}`: orders, payments and settings of stores {} for customers {}, and {FOCUS_CUSTOMER}'s balance (a declared stream)",
         p.stores.join(", "),
         p.customers.join(", ")
     );
@@ -398,7 +398,8 @@ pub async fn serve_demo(
 }
 
 /// The demo's configuration: the example defaults plus the sim's URI, a
-/// checkpoint in the sim itself (no file left behind) and a short shutdown grace.
+/// checkpoint in the sim itself (no file left behind), a short shutdown grace and
+/// the example's declared `users` stream (the tracker's balance).
 /// The secret is supplied as the value of `secret_env`, the way users supply it,
 /// but under a name of the demo's own that only this closure answers: the process
 /// environment is never read for it.
@@ -421,7 +422,20 @@ shutdown_grace = "2s"
 [auth]
 algorithms = ["HS256"]
 secret_env = "{DEMO_SECRET_ENV}"
-"#
+
+# One declared stream, config.example.toml's: the customer's balance on the tracker.
+[[streams]]
+collection = "{USERS}"
+module = "balance"
+tracked = ["balance"]
+
+[streams.rooms]
+customer = "_id"
+
+[streams.allow]
+customer = ["_id", "balance", "currency"]
+"#,
+        USERS = traffic::USERS_COLLECTION
     );
     let env = |name: &str| (name == DEMO_SECRET_ENV).then(|| OsString::from(secret));
     Config::from_toml_str_with_env(&text, "<demo config>", &env).context("demo config")
@@ -689,6 +703,20 @@ mod tests {
         }
     }
 
+    /// The next `event` the socket receives; panics after 60 s.
+    async fn next_event(ws: &mut Ws, event: &str) -> serde_json::Value {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let m = next_json(ws).await;
+                if m["type"] == "event" && m["event"] == event {
+                    return m;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {event} within 60s"))
+    }
+
     /// End to end through the public interfaces: the demo's traffic reaches a
     /// store owner's socket as normalized events, the storefront room gets
     /// public settings only, the page is served with working tokens, and a
@@ -741,16 +769,7 @@ mod tests {
             "delivered",
             "cancelled",
         ];
-        let moved = tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                let m = next_json(&mut store).await;
-                if m["type"] == "event" && m["event"] == "order:status_changed" {
-                    return m;
-                }
-            }
-        })
-        .await
-        .expect("no order:status_changed for store s1 within 60s");
+        let moved = next_event(&mut store, "order:status_changed").await;
         assert_eq!(moved["room"], "store:s1");
         let status = moved["data"]["status"].as_str().unwrap();
         assert!(canonical.contains(&status), "{moved}");
@@ -786,6 +805,16 @@ mod tests {
                 "{k} leaked to the storefront: {settings}"
             );
         }
+
+        // The declared stream: the customer's balance, its old and new value and their difference.
+        let (mut customer, _) = ws_auth(addr, &tokens.customer_token).await;
+        let balance = next_event(&mut customer, "balance:updated").await;
+        assert_eq!(balance["room"], "customer:c1");
+        let t = &balance["data"]["tracked"]["balance"];
+        assert_eq!(t["known"], true, "{balance}");
+        let (old, new) = (t["old"].as_i64().unwrap(), t["new"].as_i64().unwrap());
+        assert_eq!(t["delta"].as_i64(), Some(new - old), "{balance}");
+        assert_ne!(old, new, "{balance}");
 
         // The panel's source on the client listener counts what this test received;
         // `/metrics` stays off it, as in `run`.

@@ -1,4 +1,4 @@
-//! Demo traffic: writes orders, payments and settings through the MongoDB driver the way the Node apps do; knows nothing of changecast.
+//! Demo traffic: writes orders, payments, settings and a customer's balance through the MongoDB driver the way the Node apps do; knows nothing of changecast.
 //!
 //! The generator is split in two: [`Traffic`] is a pure, seeded planner that
 //! decides the next write (so its behaviour is unit-tested without a
@@ -32,6 +32,16 @@ const SETTINGS_EDIT_P: f64 = 0.08;
 /// Share of order advances that pick the focus customer's order, so the
 /// tracker moves every few seconds at the default rate.
 const FOCUS_ADVANCE_P: f64 = 0.35;
+/// Share of ticks spent on the focus customer's balance (a top-up or a spend), so
+/// the tracker's balance moves every few seconds at the default rate.
+const BALANCE_EDIT_P: f64 = 0.1;
+/// The focus customer's balance when the demo starts, in whole dollars (integers,
+/// so the tracker's old → new and difference are exact).
+const OPENING_BALANCE: i64 = 40;
+/// Below this the next balance change is a top-up, so the balance never goes negative.
+const LOW_BALANCE: i64 = 15;
+/// The collection of the demo's declared stream (`[[streams]]` in `demo_config`).
+pub const USERS_COLLECTION: &str = "users";
 /// Probability that a payment fails (the order is then cancelled).
 const PAYMENT_FAIL_P: f64 = 0.12;
 /// Probability that a new, paid order is cancelled by the store (payment refunded).
@@ -193,6 +203,7 @@ enum Coll {
     Orders,
     Payments,
     Settings,
+    Users,
 }
 
 impl Coll {
@@ -201,6 +212,7 @@ impl Coll {
             Coll::Orders => "orders",
             Coll::Payments => "payments",
             Coll::Settings => "settings",
+            Coll::Users => USERS_COLLECTION,
         }
     }
 }
@@ -324,6 +336,8 @@ struct Traffic {
     live: Vec<LiveOrder>,
     max_live: usize,
     next_order_number: i64,
+    /// The focus customer's balance as last written.
+    balance: i64,
 }
 
 impl Traffic {
@@ -336,12 +350,25 @@ impl Traffic {
             stores: p.stores,
             live: Vec::new(),
             next_order_number: 1001,
+            balance: OPENING_BALANCE,
         }
     }
 
-    /// One settings document per store, with public and private fields.
+    /// One settings document per store, with public and private fields, then the
+    /// focus customer's user document with its opening balance.
     fn seed_writes(&mut self, now: DateTime) -> Vec<Write> {
         let stores = self.stores.clone();
+        let user = Write::Upsert {
+            coll: Coll::Users,
+            id: Bson::String(FOCUS_CUSTOMER.into()),
+            doc: doc! {
+                "_id": FOCUS_CUSTOMER,
+                "name": NAMES[0],
+                "balance": self.balance,
+                "currency": "USD",
+                "updatedAt": now,
+            },
+        };
         stores
             .iter()
             .enumerate()
@@ -369,13 +396,32 @@ impl Traffic {
                     doc,
                 }
             })
+            .chain([user])
             .collect()
+    }
+
+    /// The focus customer tops up or spends: their balance moves on the tracker.
+    fn balance_change(&mut self, now: DateTime) -> Write {
+        let amount = if self.balance < LOW_BALANCE || self.rng.gen_bool(0.35) {
+            *[10, 20, 25].choose(&mut self.rng).unwrap_or(&10)
+        } else {
+            -self.rng.gen_range(3..=LOW_BALANCE.min(self.balance))
+        };
+        self.balance += amount;
+        Write::Set {
+            coll: Coll::Users,
+            id: Bson::String(FOCUS_CUSTOMER.into()),
+            set: doc! {"balance": self.balance, "updatedAt": now},
+        }
     }
 
     /// The next write.
     fn step(&mut self, now: DateTime) -> Write {
         if self.rng.gen_bool(SETTINGS_EDIT_P) {
             return self.settings_edit(now);
+        }
+        if self.rng.gen_bool(BALANCE_EDIT_P) {
+            return self.balance_change(now);
         }
         let focus_idle = !self.live.iter().any(|o| o.customer == FOCUS_CUSTOMER);
         let room = self.live.len() < self.max_live;
@@ -839,7 +885,17 @@ mod tests {
     fn seed_covers_every_store_with_public_and_private_fields() {
         let mut t = Traffic::new(&TrafficConfig::default());
         let seeds = t.seed_writes(DateTime::from_millis(0));
-        assert_eq!(seeds.len(), 3);
+        assert_eq!(seeds.len(), 4);
+        let Some(Write::Upsert {
+            coll: Coll::Users,
+            doc: user,
+            ..
+        }) = seeds.last()
+        else {
+            panic!("{seeds:?}")
+        };
+        assert_eq!(user.get_str("_id").unwrap(), FOCUS_CUSTOMER);
+        assert_eq!(user.get_i64("balance").unwrap(), OPENING_BALANCE);
         for (w, store) in seeds.iter().zip(["s1", "s2", "s3"]) {
             let Write::Upsert { doc, .. } = w else {
                 panic!("{w:?}")
@@ -859,6 +915,34 @@ mod tests {
                 assert!(doc.contains_key(k), "{k} missing");
             }
         }
+    }
+
+    #[test]
+    fn the_focus_balance_moves_every_few_writes_and_never_goes_negative() {
+        let (t, writes) = run_steps(13, 3000);
+        let mut balance = OPENING_BALANCE;
+        let (mut ups, mut downs) = (0, 0);
+        for w in &writes {
+            if let Write::Set {
+                coll: Coll::Users,
+                id,
+                set,
+            } = w
+            {
+                assert_eq!(id.as_str(), Some(FOCUS_CUSTOMER));
+                let now = set.get_i64("balance").unwrap();
+                assert!(now >= 0, "{now}");
+                assert_ne!(now, balance);
+                if now > balance {
+                    ups += 1;
+                } else {
+                    downs += 1;
+                }
+                balance = now;
+            }
+        }
+        assert_eq!(balance, t.balance);
+        assert!(ups > 20 && downs > 20, "{ups} top-ups, {downs} spends");
     }
 
     #[test]

@@ -260,6 +260,26 @@ async function main() {
     throw new Error(`tracker bar does not show its progress: ${JSON.stringify(bar)}`);
   }
 
+  // The declared stream: the customer's balance appears on the tracker and changes, each
+  // change showing old → new and their difference (data.tracked.balance), the next change
+  // starting where the last one ended.
+  const firstBalance = await pollUntil(async () => {
+    const b = await readBalance(page);
+    return b.changes >= 1 ? b : null;
+  }, 'a balance change on the tracker');
+  checkBalance(firstBalance);
+  const nextBalance = await pollUntil(async () => {
+    const b = await readBalance(page);
+    return b.changes > firstBalance.changes ? b : null;
+  }, 'a second balance change on the tracker');
+  checkBalance(nextBalance);
+  if (nextBalance.changes === firstBalance.changes + 1 && nextBalance.old !== firstBalance.now) {
+    throw new Error(`balance change does not start where the last ended: ${JSON.stringify({ firstBalance, nextBalance })}`);
+  }
+  pass('tracker shows the balance (declared stream) with old → new and the difference', {
+    first: firstBalance.move, next: nextBalance.move, balance: nextBalance.shown,
+  });
+
   // The storefront preview gets public settings and never a private field.
   await page.waitForFunction(() => Number(document.querySelector('[data-testid="storefront"]').dataset.received) >= 1);
   const privacy = await page.getByTestId('storefront-privacy').evaluate((e) => ({
@@ -371,6 +391,34 @@ async function main() {
   });
   if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join(' | ')}`);
   await shot(page, 'demo-reconnected.png');
+}
+
+// The tracker's balance as the page shows it and as its data attributes say.
+async function readBalance(page) {
+  return page.getByTestId('tracker-balance').evaluate((e) => ({
+    changes: Number(e.dataset.changes),
+    balance: Number(e.dataset.balance),
+    old: Number(e.dataset.old),
+    now: Number(e.dataset.new),
+    delta: Number(e.dataset.delta),
+    known: e.dataset.known,
+    event: e.dataset.event,
+    shown: e.querySelector('[data-testid="balance-now"]').textContent,
+    move: e.querySelector('[data-testid="balance-move"]').textContent,
+  }));
+}
+
+// One balance change: a known old value, new − old = delta, the balance shown is the new
+// one, and the text says old → new and the signed difference.
+function checkBalance(b) {
+  const usd = (v) => `$${Math.abs(v).toFixed(2)}`;
+  const ok = b.event === 'balance:updated' && b.known === 'true'
+    && [b.old, b.now, b.delta].every(Number.isFinite) && b.delta !== 0
+    && b.now - b.old === b.delta && b.balance === b.now
+    && b.shown === usd(b.now)
+    && b.move.includes(`${usd(b.old)} → ${usd(b.now)}`)
+    && b.move.includes(`(${b.delta > 0 ? '+' : '−'}${usd(b.delta)})`);
+  if (!ok) throw new Error(`tracker balance is wrong: ${JSON.stringify(b)}`);
 }
 
 // The operations panel as the page shows it: per chart the points drawn, the scrapes

@@ -498,3 +498,128 @@ async fn oplog_replay_routes_changes_to_declared_documents_deleted_since() {
     assert_eq!(got[0]["id"], live[1]["id"]);
     assert_eq!(got[1]["id"], live[2]["id"]);
 }
+
+/// The example's `deliveries` stream with a status table of its own (`[streams.status]`).
+const DELIVERIES_WITH_STATUS: &str = r#"
+[[streams]]
+collection = "deliveries"
+module = "delivery"
+[streams.rooms]
+customer = "customerId"
+store = "storeId"
+[streams.allow]
+customer = ["_id", "date", "state"]
+store = ["_id", "date", "state", "notes"]
+[streams.status]
+field = "state"
+type_field = "mode"
+[streams.status.map]
+scheduled = "pending"
+loaded = "ready"
+dropped_off = "delivered"
+"#;
+
+/// Status changes of a declared stream are `{module}:status_changed` with `status`,
+/// `previousStatus` and `rawStatus` as orders' are; `ready` splits by the type field; an
+/// unknown raw value passes through marked `unknown: true` and is counted, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_status_table_gives_status_changed_events_like_orders() {
+    let db = Db::start().await;
+    let server = Server::start(&db, DELIVERIES_WITH_STATUS).await;
+    let (mut customer, _) = Client::connect(&server, &customer_token("c1")).await;
+    let (mut store, _) = Client::connect(&server, &store_token("owner-1", &["s1"])).await;
+    let deliveries = db.coll("deliveries");
+    let id = ObjectId::new();
+    let hex = id.to_hex();
+
+    deliveries
+        .insert_one(doc! {"_id": id, "customerId": "c1", "storeId": "s1", "date": "2026-12-02", "state": "scheduled", "mode": "pickup", "notes": "n"})
+        .await
+        .unwrap();
+    let created = next_in(&mut store, "store:s1").await;
+    deliveries
+        .update_one(doc! {"_id": id}, doc! {"$set": {"state": "loaded"}})
+        .await
+        .unwrap();
+    let loaded = next_in(&mut store, "store:s1").await;
+    // Not the status: a plain update, to the store only (the customer may not see notes).
+    deliveries
+        .update_one(doc! {"_id": id}, doc! {"$set": {"notes": "gate 12"}})
+        .await
+        .unwrap();
+    let noted = next_in(&mut store, "store:s1").await;
+    deliveries
+        .update_one(doc! {"_id": id}, doc! {"$set": {"state": "Misplaced"}})
+        .await
+        .unwrap();
+    let unknown = next_in(&mut store, "store:s1").await;
+
+    assert_eq!(
+        names(&[
+            created.clone(),
+            loaded.clone(),
+            noted.clone(),
+            unknown.clone()
+        ]),
+        [
+            "delivery:created",
+            "delivery:status_changed",
+            "delivery:updated",
+            "delivery:status_changed"
+        ]
+    );
+    assert_eq!(
+        created["data"],
+        json!({"_id": hex, "date": "2026-12-02", "state": "scheduled", "notes": "n",
+               "status": "pending", "rawStatus": "scheduled", "previousStatus": null, "unknown": false})
+    );
+    assert_eq!(
+        loaded["data"],
+        json!({"_id": hex, "date": "2026-12-02", "state": "loaded", "notes": "n",
+               "status": "ready_for_pickup", "rawStatus": "loaded", "previousStatus": "pending",
+               "unknown": false, "changedFields": ["state"]})
+    );
+    assert_eq!(noted["data"]["status"], "ready_for_pickup");
+    assert_eq!(noted["data"]["previousStatus"], "ready_for_pickup");
+    assert_eq!(
+        (
+            &unknown["data"]["status"],
+            &unknown["data"]["rawStatus"],
+            &unknown["data"]["previousStatus"],
+            &unknown["data"]["unknown"]
+        ),
+        (
+            &json!("Misplaced"),
+            &json!("Misplaced"),
+            &json!("ready_for_pickup"),
+            &json!(true)
+        )
+    );
+
+    let mine = events_in(&mut customer, "customer:c1", 3, Duration::from_secs(15)).await;
+    assert_eq!(
+        names(&mine),
+        [
+            "delivery:created",
+            "delivery:status_changed",
+            "delivery:status_changed"
+        ]
+    );
+    assert_eq!(mine[1]["data"]["status"], "ready_for_pickup");
+    assert!(mine.iter().all(|e| e["data"].get("notes").is_none()));
+
+    // Counted as an unknown status (as orders' are), not as a dropped event.
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("changecast_unknown_statuses_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("changecast_events_dropped_total{reason=\"unknown_status\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("changecast_events_routed_total{event=\"delivery:status_changed\"} 2"),
+        "{metrics}"
+    );
+}

@@ -1,6 +1,7 @@
 // changecast demo dashboard: three native-protocol connections (store owner,
 // customer, storefront visitor) and one Socket.IO connection, all through
 // changecast's public endpoints, and an operations panel charting its metrics.
+// The customer's tracker also shows their balance, from a declared stream.
 // No framework, no build step.
 (() => {
   'use strict';
@@ -562,9 +563,40 @@
     renderTracker();
   }
 
+  // The customer's balance: the demo's one declared stream (`users`, module `balance`,
+  // tracked field `balance`), whose events carry data.tracked.balance = {old, new, delta, known}.
+  const balanceBox = tid('tracker-balance');
+  function onBalance(d, msg) {
+    const t = d.tracked && d.tracked.balance;
+    const now = num(t ? t.new : d.balance);
+    if (!Number.isFinite(now)) return;
+    balanceBox.dataset.balance = String(now);
+    balanceBox.dataset.event = msg.event;
+    tid('balance-now').textContent = money(now);
+    const old = t && t.known ? num(t.old) : NaN;
+    const delta = t ? num(t.delta) : NaN;
+    if (Number.isFinite(old) && Number.isFinite(delta) && delta !== 0) {
+      Object.assign(balanceBox.dataset, {
+        old: String(old), new: String(now), delta: String(delta), known: 'true',
+        dir: delta > 0 ? 'up' : 'down',
+        changes: String(Number(balanceBox.dataset.changes) + 1),
+      });
+      const sign = delta > 0 ? '+' : '−';
+      tid('balance-move').replaceChildren(`${money(old)} → ${money(now)} `,
+        el('span', { class: 'delta', 'data-testid': 'balance-delta', text: `(${sign}${money(Math.abs(delta))})` }));
+    } else if (t && !t.known) {
+      balanceBox.dataset.known = 'false';
+      tid('balance-move').textContent = 'previous balance not known to this server';
+    }
+    balanceBox.classList.remove('updated');
+    void balanceBox.offsetWidth; // restart the animation
+    balanceBox.classList.add('updated');
+  }
+
   function onCustomerEvent(msg) {
     const d = msg.data || {};
-    if (msg.event.startsWith('order:')) onCustomerOrder(d, msg);
+    if (msg.event.startsWith('balance:')) onBalance(d, msg);
+    else if (msg.event.startsWith('order:')) onCustomerOrder(d, msg);
     else if (msg.event.startsWith('payment:')) {
       const o = trackerOrders.get(idStr(d.orderId));
       if (o) {
