@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bson::{doc, Document};
+use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::{Error as MongoError, ErrorKind};
 use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
@@ -159,7 +160,7 @@ struct Partial {
     of: i32,
     /// The resume token before the event's first fragment: checkpoints and reconnects
     /// never stop between fragments, so a crash repeats the whole event.
-    before: Option<Document>,
+    before: Option<ResumeToken>,
 }
 
 /// An open change stream and the newest token it has handed out.
@@ -337,7 +338,9 @@ impl Source {
                     database: self.spec.database.clone(),
                 });
             }
-            let before = self.partial.is_none().then(|| self.token());
+            // The driver's token before this change (a small byte copy, converted only if
+            // the change turns out to be a first fragment).
+            let before = self.partial.is_none().then(|| self.stream.resume_token());
             let got = self
                 .stream
                 .next_if_any()
@@ -371,7 +374,7 @@ impl Source {
         change: Document,
         n: i32,
         of: i32,
-        before: Option<Document>,
+        before: Option<ResumeToken>,
     ) -> Result<Option<Document>, SourceError> {
         if n == 1 {
             self.partial = Some(Partial {
@@ -426,7 +429,7 @@ impl Source {
     /// half read, the token before it, so no save and no reconnect lands between fragments.
     pub fn token(&self) -> Option<Document> {
         if let Some(p) = &self.partial {
-            return p.before.clone();
+            return p.before.as_ref().and_then(token::to_document);
         }
         self.stream
             .resume_token()
