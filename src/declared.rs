@@ -19,8 +19,8 @@ use serde_json::{Map, Value};
 use crate::config::{is_pickup_type, OrderStatus};
 use crate::event::{Delivery, Event, EventId, RoutedEvent};
 use crate::normalize::{
-    get_path, id_string, read_status, truncate, ChangeView, Op, OwnerBookUse, StatusRead,
-    UNHANDLED_OPS,
+    get_path, id_string, read_status, truncate, ChangeParts, ChangeView, Op, OwnerBookUse,
+    StatusRead, UNHANDLED_OPS,
 };
 use crate::room::{Room, RoomKind};
 use crate::route::{bson_to_json, insert_status, is_under, project, visible_changes};
@@ -496,28 +496,13 @@ impl Stream {
                 return None;
             }
         };
-        let ts_ms = match change.get("wallTime") {
-            Some(Bson::DateTime(d)) => d.timestamp_millis(),
-            _ => match change.get("clusterTime") {
-                Some(Bson::Timestamp(t)) => i64::from(t.time) * 1000,
-                _ => 0,
-            },
-        };
-        let full = match change.get("fullDocument") {
-            Some(Bson::Document(d)) if op != Op::Delete => Some(d),
-            _ => None,
-        };
-        let pre = match change.get("fullDocumentBeforeChange") {
-            Some(Bson::Document(d)) => Some(d),
-            _ => None,
-        };
-        let id_bson = change
-            .get_document("documentKey")
-            .ok()
-            .and_then(|k| k.get("_id"))
-            .or_else(|| full.and_then(|d| d.get("_id")))
-            .or_else(|| pre.and_then(|d| d.get("_id")))
-            .filter(|b| !matches!(b, Bson::Null));
+        let ChangeParts {
+            ts_ms,
+            full,
+            pre,
+            id: key,
+        } = ChangeParts::of(change, op);
+        let id_bson = key.filter(|b| !matches!(b, Bson::Null));
         let doc_id = id_bson.and_then(|b| id_string(b).ok());
         let (updated, removed): (Option<&Document>, Vec<&str>) =
             match change.get_document("updateDescription") {

@@ -400,6 +400,52 @@ pub(crate) const UNHANDLED_OPS: [&str; 12] = [
 ];
 
 /// At most [`MAX_KEPT_LEN`] bytes of `s`, cut at a character boundary (for issues, never ids).
+/// What every change event carries whatever its collection, read once for both the
+/// built-in normalizer and declared streams.
+pub(crate) struct ChangeParts<'a> {
+    /// Commit time, Unix ms: `wallTime` if present, else `clusterTime` seconds × 1000, else 0.
+    pub ts_ms: i64,
+    /// `fullDocument` (never for a delete).
+    pub full: Option<&'a Document>,
+    /// `fullDocumentBeforeChange`.
+    pub pre: Option<&'a Document>,
+    /// The document's identity: documentKey._id is authoritative; the full document's
+    /// (then the pre-image's) `_id` stands in when a hostile or partial event lacks it.
+    pub id: Option<&'a Bson>,
+}
+
+impl<'a> ChangeParts<'a> {
+    pub(crate) fn of(change: &'a Document, op: Op) -> Self {
+        let ts_ms = match change.get("wallTime") {
+            Some(Bson::DateTime(d)) => d.timestamp_millis(),
+            _ => match change.get("clusterTime") {
+                Some(Bson::Timestamp(t)) => i64::from(t.time) * 1000,
+                _ => 0,
+            },
+        };
+        let full = match change.get("fullDocument") {
+            Some(Bson::Document(d)) if op != Op::Delete => Some(d),
+            _ => None,
+        };
+        let pre = match change.get("fullDocumentBeforeChange") {
+            Some(Bson::Document(d)) => Some(d),
+            _ => None,
+        };
+        let id = match change.get("documentKey") {
+            Some(Bson::Document(k)) => k.get("_id"),
+            _ => None,
+        }
+        .or_else(|| full.and_then(|d| d.get("_id")))
+        .or_else(|| pre.and_then(|d| d.get("_id")));
+        Self {
+            ts_ms,
+            full,
+            pre,
+            id,
+        }
+    }
+}
+
 pub(crate) fn truncate(s: &str) -> String {
     if s.len() <= MAX_KEPT_LEN {
         return s.to_owned();
@@ -631,31 +677,12 @@ impl Normalizer {
             }
         };
 
-        let ts_ms = match change.get("wallTime") {
-            Some(Bson::DateTime(d)) => d.timestamp_millis(),
-            _ => match change.get("clusterTime") {
-                Some(Bson::Timestamp(t)) => i64::from(t.time) * 1000,
-                _ => 0,
-            },
-        };
-
-        let full = match change.get("fullDocument") {
-            Some(Bson::Document(d)) if op != Op::Delete => Some(d),
-            _ => None,
-        };
-        let pre = match change.get("fullDocumentBeforeChange") {
-            Some(Bson::Document(d)) => Some(d),
-            _ => None,
-        };
-
-        // The document's identity: documentKey._id is authoritative; the full
-        // document's `_id` stands in when a hostile or partial event lacks it.
-        let id_bson = match change.get("documentKey") {
-            Some(Bson::Document(k)) => k.get("_id"),
-            _ => None,
-        }
-        .or_else(|| full.and_then(|d| d.get("_id")))
-        .or_else(|| pre.and_then(|d| d.get("_id")));
+        let ChangeParts {
+            ts_ms,
+            full,
+            pre,
+            id: id_bson,
+        } = ChangeParts::of(change, op);
         let doc_id = match id_bson {
             None | Some(Bson::Null) => {
                 issues.push(Issue::MissingField {
