@@ -1058,7 +1058,10 @@ storefront = ["username"]
                         prop_assert!(path.is_some(), "undeclared room {}", d.room);
                         let path = path.unwrap();
                         let want = if path == "_id" {
-                            key.as_ref().filter(|k| !matches!(k, Bson::Null)).or_else(|| source.as_ref().and_then(|s| s.get("_id"))).and_then(|v| id_string(v).ok())
+                            // The document's own id: its key, else the id the server's copy
+                            // of it carries, after the change or (for any operation) before it.
+                            let pre = ch.get_document("fullDocumentBeforeChange").ok().and_then(|p| p.get("_id")).cloned();
+                            key.clone().or_else(|| source.as_ref().and_then(|s| s.get("_id")).cloned()).or(pre).filter(|k| !matches!(k, Bson::Null)).and_then(|v| id_string(&v).ok())
                         } else {
                             source.as_ref().and_then(|s| get_path(s, path)).and_then(|v| id_string(v).ok())
                         };
