@@ -16,7 +16,6 @@ use bson::{doc, Bson, Document};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::config::{is_pickup_type, OrderStatus};
 use crate::event::{Delivery, Event, EventId, RoutedEvent};
 use crate::normalize::{
     get_path, id_string, read_status, truncate, ChangeParts, ChangeView, Op, OwnerBookUse,
@@ -24,6 +23,7 @@ use crate::normalize::{
 };
 use crate::room::{Room, RoomKind};
 use crate::route::{bson_to_json, insert_status, is_under, project, visible_changes};
+use crate::status::{is_pickup_type, OrderStatus};
 
 /// Longest id or string value remembered; longer ones are forgotten, never cut.
 const MAX_KEPT_LEN: usize = 128;

@@ -30,4 +30,5 @@ pub mod room;
 pub mod route;
 pub mod sequence;
 pub mod source;
+pub mod status;
 pub mod token;

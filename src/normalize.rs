@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use bson::{Bson, Document};
 
-use crate::config::{Collections, Config, FieldPaths, SettingsSection, StatusTable};
+use crate::config::{Collections, Config, FieldPaths, SettingsSection};
 use crate::event::EventId;
+use crate::status::StatusTable;
 
 /// Longest string kept in the state cache or copied into an [`Issue`]; longer
 /// values cannot be valid room ids anyway and must not grow memory without bound.
@@ -1212,7 +1213,7 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::change;
     use super::*;
-    use crate::config::OrderStatus;
+    use crate::status::OrderStatus;
     use bson::{doc, oid::ObjectId};
 
     fn normalizer() -> Normalizer {
