@@ -21,28 +21,28 @@ use crate::metrics::{Metrics, ReasonLabels};
 use crate::room::Room;
 
 /// Env var read for the HMAC secret when `auth.secret_env` is not set.
-pub const DEFAULT_SECRET_ENV: &str = "CHANGECAST_JWT_SECRET";
+pub(crate) const DEFAULT_SECRET_ENV: &str = "CHANGECAST_JWT_SECRET";
 /// Shorter HMAC secrets are accepted with a warning: RFC 7518 §3.2 asks for
 /// a key at least as long as the hash output (32 bytes for HS256).
-pub const MIN_SECRET_LEN: usize = 32;
+pub(crate) const MIN_SECRET_LEN: usize = 32;
 /// Longest token looked at; a real JWT is a few hundred bytes, and this caps
 /// the base64 and JSON work an unauthenticated peer can ask for.
-pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+pub(crate) const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Most store ids one token may carry; each becomes an auto-joined room.
-pub const MAX_STORES_PER_TOKEN: usize = 1024;
+pub(crate) const MAX_STORES_PER_TOKEN: usize = 1024;
 /// Largest accepted `auth.leeway`; more than this hides broken clocks.
-pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+pub(crate) const MAX_LEEWAY: Duration = Duration::from_secs(300);
 /// Latest `exp`/`nbf` accepted (9999-12-31T23:59:59Z), so callers can add
 /// leeway or compute deadlines without overflowing `SystemTime`.
 const MAX_NUMERIC_DATE: f64 = 253_402_300_799.0;
 /// Default `auth.leeway`: tolerated clock skew between issuer and us.
-pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
 /// The subprotocol a WebSocket client offers (and the server echoes) to say
 /// "changecast native protocol, version 1". See [`token_from_headers`].
-pub const SUBPROTOCOL: &str = "changecast.v1";
+pub(crate) const SUBPROTOCOL: &str = "changecast.v1";
 /// Prefix of the subprotocol value that carries the token: `bearer.<jwt>`.
-pub const BEARER_SUBPROTOCOL_PREFIX: &str = "bearer.";
+pub(crate) const BEARER_SUBPROTOCOL_PREFIX: &str = "bearer.";
 
 /// Default `auth.store_roles`.
 pub(crate) const DEFAULT_STORE_ROLES: [&str; 4] = ["store", "store_owner", "seller", "staff"];
@@ -50,15 +50,15 @@ pub(crate) const DEFAULT_STORE_ROLES: [&str; 4] = ["store", "store_owner", "sell
 /// Names of the claims a principal is read from (dotted paths allowed, e.g.
 /// `app_metadata.stores`; a literal key containing dots wins over a path).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimNames {
+pub(crate) struct ClaimNames {
     /// Subject claim, default `sub`.
-    pub subject: String,
+    pub(crate) subject: String,
     /// Role claim, default `role`.
-    pub role: String,
+    pub(crate) role: String,
     /// Store-ids claim, default `stores`.
-    pub stores: String,
+    pub(crate) stores: String,
     /// Database (tenant) claim, default `db`; read only when several databases are watched.
-    pub database: String,
+    pub(crate) database: String,
 }
 
 /// Typed auth settings. Holds the verification keys; its `Debug` never
@@ -66,31 +66,31 @@ pub struct ClaimNames {
 #[derive(Clone)]
 pub struct AuthConfig {
     /// Pinned algorithms, non-empty, all HMAC or all asymmetric.
-    pub algorithms: Vec<Algorithm>,
+    pub(crate) algorithms: Vec<Algorithm>,
     pub(crate) keys: Keys,
     /// Accepted issuers (`None`: not checked).
-    pub issuer: Option<Vec<String>>,
+    pub(crate) issuer: Option<Vec<String>>,
     /// Accepted audiences (`None`: not checked).
-    pub audience: Option<Vec<String>>,
+    pub(crate) audience: Option<Vec<String>>,
     /// Tolerated clock skew on `exp` and `nbf`.
-    pub leeway: Duration,
+    pub(crate) leeway: Duration,
     /// Where the principal's fields come from.
-    pub claims: ClaimNames,
+    pub(crate) claims: ClaimNames,
     /// Role values that make an admin.
-    pub admin_roles: Vec<String>,
+    pub(crate) admin_roles: Vec<String>,
     /// Role values that make store staff.
-    pub store_roles: Vec<String>,
+    pub(crate) store_roles: Vec<String>,
     /// Whether `?token=` is looked at.
     pub allow_query_token: bool,
     /// Whether anonymous clients may join storefront rooms.
-    pub allow_anonymous_storefront: bool,
+    pub(crate) allow_anonymous_storefront: bool,
     /// Cache and deadline of `order:{id}` ownership lookups.
-    pub order_lookup: OrderLookupConfig,
+    pub(crate) order_lookup: OrderLookupConfig,
     /// Key material for wire ids read from `auth.id_secret_env` (a one-way derivation).
     pub(crate) id_material: Option<[u8; 32]>,
     /// The watched databases (`mongodb.databases`), set by the config loader. With
     /// more than one, tokens are scoped to one of them by [`ClaimNames::database`].
-    pub databases: Vec<String>,
+    pub(crate) databases: Vec<String>,
 }
 
 /// Verification keys, chosen by algorithm family at config time.
@@ -144,7 +144,7 @@ impl AuthConfig {
     /// Key material for sealing wire ids that every replica derives alike: from
     /// `auth.id_secret_env` when set, else from the HMAC JWT secret; `None` with
     /// asymmetric keys and no id secret (public keys cannot key a secret).
-    pub fn shared_id_material(&self) -> Option<([u8; 32], crate::idcodec::KeySource)> {
+    pub(crate) fn shared_id_material(&self) -> Option<([u8; 32], crate::idcodec::KeySource)> {
         if let Some(m) = self.id_material {
             return Some((m, crate::idcodec::KeySource::IdSecret));
         }
@@ -376,7 +376,7 @@ impl AuthError {
     }
 
     /// Every value [`AuthError::reason`] gives (metrics export them from the start).
-    pub const REASONS: [&'static str; 10] = [
+    pub(crate) const REASONS: [&'static str; 10] = [
         "missing",
         "malformed",
         "bad_signature",
@@ -390,7 +390,7 @@ impl AuthError {
     ];
 
     /// Short fixed label for `changecast_auth_failures{reason}`.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             AuthError::Missing => "missing",
             AuthError::Malformed(_) => "malformed",
@@ -406,7 +406,7 @@ impl AuthError {
     }
 
     /// Counts this failure in `auth_failures`.
-    pub fn record(&self, metrics: &Metrics) {
+    pub(crate) fn record(&self, metrics: &Metrics) {
         metrics
             .auth_failures
             .get_or_create(&ReasonLabels {
@@ -419,28 +419,29 @@ impl AuthError {
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The subject claim; `None` only for [`Principal::anonymous`].
+    /// The subject claim; `None` only for an anonymous storefront visitor.
     /// 24-hex ObjectId strings are lowercased so they compare with ids read from MongoDB.
     pub subject: Option<String>,
     /// The role the principal acts as (for arrays: the first admin role, else
     /// the first store role, else the first value).
-    pub role: Option<String>,
+    pub(crate) role: Option<String>,
     /// Store ids from the stores claim, deduplicated, order kept, ObjectId hex lowercased.
-    pub stores: Vec<String>,
+    pub(crate) stores: Vec<String>,
     /// A role is one of `auth.admin_roles`.
-    pub is_admin: bool,
+    pub(crate) is_admin: bool,
     /// A role is one of `auth.store_roles`.
-    pub is_store_staff: bool,
+    pub(crate) is_store_staff: bool,
     /// The token's `exp` (without leeway; see [`Verifier::leeway`]). `None` for anonymous.
-    pub expires_at: Option<SystemTime>,
+    pub(crate) expires_at: Option<SystemTime>,
     /// The watched database the token is scoped to, when several are watched
     /// (`auth.database_claim`); `None`: one database, or an admin of all of them.
-    pub database: Option<String>,
+    pub(crate) database: Option<String>,
 }
 
 impl Principal {
-    /// A client without a token (only useful when anonymous storefronts are allowed).
-    pub fn anonymous() -> Self {
+    /// A client without a token (in tests: the base of principals built by hand).
+    #[cfg(test)]
+    pub(crate) fn anonymous() -> Self {
         Self {
             subject: None,
             role: None,
@@ -450,11 +451,6 @@ impl Principal {
             expires_at: None,
             database: None,
         }
-    }
-
-    /// Whether no token stands behind this principal.
-    pub fn is_anonymous(&self) -> bool {
-        self.subject.is_none()
     }
 
     /// Rooms joined on connect, each of which [`crate::authz::Authorizer::may_join`] allows:
@@ -469,7 +465,7 @@ impl Principal {
     /// also arrive twice when they buy from their own store). Either may still
     /// `subscribe` to their own customer room explicitly.
     /// Ids that are not valid room ids are skipped, never mangled.
-    pub fn auto_rooms(&self) -> Vec<Room> {
+    pub(crate) fn auto_rooms(&self) -> Vec<Room> {
         let mut rooms = Vec::new();
         if self.is_admin {
             rooms.push(Room::admin());
@@ -502,7 +498,6 @@ pub struct Verifier {
     issuer: Option<Vec<String>>,
     audience: Option<Vec<String>>,
     leeway: Duration,
-    allow_query_token: bool,
     claims: ClaimNames,
     admin_roles: HashSet<String>,
     store_roles: HashSet<String>,
@@ -536,7 +531,6 @@ impl Verifier {
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             leeway: config.leeway,
-            allow_query_token: config.allow_query_token,
             claims: config.claims.clone(),
             admin_roles: config.admin_roles.iter().cloned().collect(),
             store_roles: config.store_roles.iter().cloned().collect(),
@@ -550,13 +544,8 @@ impl Verifier {
 
     /// The tolerated clock skew: a connection should be closed once
     /// `principal.expires_at + leeway` has passed.
-    pub fn leeway(&self) -> Duration {
+    pub(crate) fn leeway(&self) -> Duration {
         self.leeway
-    }
-
-    /// `auth.allow_query_token`, for [`token_from_headers`].
-    pub fn allow_query_token(&self) -> bool {
-        self.allow_query_token
     }
 
     /// Verifies `token` (the bare JWT, without `Bearer `) at time `now`.
@@ -900,15 +889,16 @@ fn b64url_decode(s: &str) -> Option<Vec<u8>> {
 /// A bearer token as received. `Debug` is redacted so it cannot reach a log
 /// line by accident; call [`BearerToken::expose`] to hand it to the verifier.
 #[derive(Clone, PartialEq, Eq)]
-pub struct BearerToken(String);
+pub(crate) struct BearerToken(String);
 
 impl BearerToken {
-    /// Wraps a token (e.g. from the first `{"type":"auth"}` message).
-    pub fn new(token: impl Into<String>) -> Self {
+    /// Wraps a token.
+    #[cfg(test)]
+    pub(crate) fn new(token: impl Into<String>) -> Self {
         Self(token.into())
     }
     /// The token text, for [`Verifier::verify`] only.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -921,7 +911,7 @@ impl fmt::Debug for BearerToken {
 
 /// Where a token was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenOrigin {
+pub(crate) enum TokenOrigin {
     /// `Authorization: Bearer <token>`.
     AuthorizationHeader,
     /// `Sec-WebSocket-Protocol: changecast.v1, bearer.<token>`.
@@ -932,15 +922,15 @@ pub enum TokenOrigin {
 
 /// What the upgrade request carried.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenSource {
+pub(crate) struct TokenSource {
     /// The token and where it came from; `None` when the client sent none
     /// (it may still send `{"type":"auth"}` as its first message).
-    pub token: Option<(TokenOrigin, BearerToken)>,
+    pub(crate) token: Option<(TokenOrigin, BearerToken)>,
     /// The subprotocol the server must echo in its 101 response, when the
     /// client offered [`SUBPROTOCOL`]. Browsers fail the handshake when they
     /// offered subprotocols and none is echoed; echoing the `bearer.` entry
     /// instead would copy the token into the response.
-    pub subprotocol: Option<&'static str>,
+    pub(crate) subprotocol: Option<&'static str>,
 }
 
 /// Finds the token of a WebSocket upgrade request. Pure; never logs.
@@ -956,7 +946,7 @@ pub struct TokenSource {
 /// token entry.
 ///
 /// `query` is the raw query string (without `?`); the value is percent-decoded.
-pub fn token_from_headers(
+pub(crate) fn token_from_headers(
     headers: &HeaderMap,
     allow_query: bool,
     query: Option<&str>,
@@ -1870,8 +1860,7 @@ public_key_file = "/nonexistent/key.pem""#,
 
     #[test]
     fn verifier_exposes_what_the_gateway_needs() {
-        let v = verifier("allow_query_token = true\nleeway = \"7s\"");
-        assert!(v.allow_query_token());
+        let v = verifier("leeway = \"7s\"");
         assert_eq!(v.leeway(), Duration::from_secs(7));
     }
 }

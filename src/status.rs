@@ -7,7 +7,7 @@ use serde::{Serialize, Serializer};
 /// Canonical order statuses: the flow `pending → processing → ready_for_pickup |
 /// ready_for_delivery → driver_assigned → picked_up → in_transit → delivered`, plus `cancelled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum OrderStatus {
+pub(crate) enum OrderStatus {
     /// `pending`
     Pending,
     /// `processing`
@@ -30,7 +30,7 @@ pub enum OrderStatus {
 
 impl OrderStatus {
     /// Every canonical order status.
-    pub const ALL: [OrderStatus; 9] = [
+    pub(crate) const ALL: [OrderStatus; 9] = [
         Self::Pending,
         Self::Processing,
         Self::ReadyForPickup,
@@ -43,7 +43,7 @@ impl OrderStatus {
     ];
 
     /// The canonical name.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::Processing => "processing",
@@ -58,7 +58,7 @@ impl OrderStatus {
     }
 
     /// Parses a canonical name (exact, lower case).
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
@@ -67,7 +67,7 @@ impl OrderStatus {
     ///
     /// `cancelled` is terminal but not a point on the flow, so it has no
     /// progress (`None`) rather than a misleading 0 or 100.
-    pub fn progress(self) -> Option<u8> {
+    pub(crate) fn progress(self) -> Option<u8> {
         match self {
             Self::Pending => Some(0),
             Self::Processing => Some(20),
@@ -84,7 +84,7 @@ impl OrderStatus {
 /// What a raw order status maps to: a fixed canonical status, or `ready`,
 /// which splits into `ready_for_pickup` / `ready_for_delivery` by the order's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OrderTarget {
+pub(crate) enum OrderTarget {
     /// Always this status.
     Fixed(OrderStatus),
     /// `ready_for_pickup` when the order type is a pickup type, else `ready_for_delivery`.
@@ -116,7 +116,7 @@ impl Serialize for OrderTarget {
 
 /// Canonical payment statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PaymentStatus {
+pub(crate) enum PaymentStatus {
     /// `pending`
     Pending,
     /// `succeeded`
@@ -131,7 +131,7 @@ pub enum PaymentStatus {
 
 impl PaymentStatus {
     /// Every canonical payment status.
-    pub const ALL: [PaymentStatus; 5] = [
+    pub(crate) const ALL: [PaymentStatus; 5] = [
         Self::Pending,
         Self::Succeeded,
         Self::Failed,
@@ -140,7 +140,7 @@ impl PaymentStatus {
     ];
 
     /// The canonical name.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::Succeeded => "succeeded",
@@ -151,7 +151,7 @@ impl PaymentStatus {
     }
 
     /// Parses a canonical name (exact, lower case).
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
@@ -164,21 +164,21 @@ impl Serialize for PaymentStatus {
 
 /// `[status]`: raw status values → canonical ones. Lookups are case-insensitive and trim whitespace.
 #[derive(Debug, Clone, Serialize)]
-pub struct StatusTable {
+pub(crate) struct StatusTable {
     /// Raw order status (lower case) → target; defaults in [`default_order_map`],
     /// `[status.order]` entries are added on top of them.
-    pub order: BTreeMap<String, OrderTarget>,
+    pub(crate) order: BTreeMap<String, OrderTarget>,
     /// Order type values (lower case) meaning pickup; anything else is delivery.
     /// Default `["pickup", "collection", "takeaway"]`.
-    pub pickup_types: Vec<String>,
+    pub(crate) pickup_types: Vec<String>,
     /// Raw payment status (lower case) → canonical; defaults in [`default_payment_map`],
     /// `[status.payment]` entries are added on top of them.
-    pub payment: BTreeMap<String, PaymentStatus>,
+    pub(crate) payment: BTreeMap<String, PaymentStatus>,
 }
 
 impl StatusTable {
     /// The canonical order status of `raw` for an order of type `order_type`; `None` when unknown.
-    pub fn order_status(&self, raw: &str, order_type: Option<&str>) -> Option<OrderStatus> {
+    pub(crate) fn order_status(&self, raw: &str, order_type: Option<&str>) -> Option<OrderStatus> {
         let key = raw.trim().to_ascii_lowercase();
         match self.order.get(&key)? {
             OrderTarget::Fixed(s) => Some(*s),
@@ -191,12 +191,12 @@ impl StatusTable {
     }
 
     /// Whether `order_type` is one of the pickup types (absent = delivery).
-    pub fn is_pickup(&self, order_type: Option<&str>) -> bool {
+    pub(crate) fn is_pickup(&self, order_type: Option<&str>) -> bool {
         is_pickup_type(&self.pickup_types, order_type)
     }
 
     /// The canonical payment status of `raw`; `None` when unknown.
-    pub fn payment_status(&self, raw: &str) -> Option<PaymentStatus> {
+    pub(crate) fn payment_status(&self, raw: &str) -> Option<PaymentStatus> {
         self.payment.get(&raw.trim().to_ascii_lowercase()).copied()
     }
 }
@@ -213,7 +213,7 @@ impl Default for StatusTable {
 
 /// Whether `kind` is one of `pickup_types` (lower case), case-insensitively; absent
 /// means delivery. The rule of every `ready` split (orders, declared streams).
-pub fn is_pickup_type(pickup_types: &[String], kind: Option<&str>) -> bool {
+pub(crate) fn is_pickup_type(pickup_types: &[String], kind: Option<&str>) -> bool {
     kind.is_some_and(|t| {
         let t = t.trim().to_ascii_lowercase();
         pickup_types.contains(&t)
@@ -221,7 +221,7 @@ pub fn is_pickup_type(pickup_types: &[String], kind: Option<&str>) -> bool {
 }
 
 /// The default order status map of the Node apps.
-pub fn default_order_map() -> BTreeMap<String, OrderTarget> {
+pub(crate) fn default_order_map() -> BTreeMap<String, OrderTarget> {
     use OrderStatus::*;
     use OrderTarget::*;
     [
@@ -248,7 +248,7 @@ pub fn default_order_map() -> BTreeMap<String, OrderTarget> {
 }
 
 /// The default payment status map (Stripe-like values).
-pub fn default_payment_map() -> BTreeMap<String, PaymentStatus> {
+pub(crate) fn default_payment_map() -> BTreeMap<String, PaymentStatus> {
     use PaymentStatus::*;
     [
         ("succeeded", Succeeded),

@@ -32,9 +32,9 @@ pub struct CheckpointConfig {
     /// Where; default a file.
     pub store: CheckpointStoreConfig,
     /// Most time between saves while events flow; default `1s`.
-    pub interval: Duration,
+    pub(crate) interval: Duration,
     /// A crash repeats at most this many events (saves start after half of them); default 1000.
-    pub every_events: NonZeroUsize,
+    pub(crate) every_events: NonZeroUsize,
 }
 
 impl Serialize for CheckpointConfig {

@@ -9,9 +9,9 @@ use toml::Spanned;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
     /// The file name (or `env NAME` for an environment override).
-    pub origin: String,
+    pub(crate) origin: String,
     /// 1-based line and column, when the parser knows them.
-    pub line_col: Option<(usize, usize)>,
+    pub(crate) line_col: Option<(usize, usize)>,
 }
 
 impl fmt::Display for Location {
@@ -49,7 +49,8 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// The dotted key the error is about (empty for read errors).
-    pub fn key(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn key(&self) -> &str {
         match self {
             ConfigError::Read { .. } => "",
             ConfigError::Invalid { key, .. } => key,

@@ -8,21 +8,21 @@ use super::values::{path, paths, OneOrMany};
 
 /// `[fields]`: dotted paths into the full document. Where a list is given, the first path present wins.
 #[derive(Debug, Clone, Serialize)]
-pub struct FieldPaths {
+pub(crate) struct FieldPaths {
     /// The customer id in orders and payments; default `["customerId"]`.
-    pub customer: Vec<String>,
+    pub(crate) customer: Vec<String>,
     /// The store id in orders and payments; default `["storeId", "sellerId"]`.
-    pub store: Vec<String>,
+    pub(crate) store: Vec<String>,
     /// The order id in payments; default `["orderId"]`.
-    pub order_id: Vec<String>,
+    pub(crate) order_id: Vec<String>,
     /// The order status; default `status`.
-    pub status: String,
+    pub(crate) status: String,
     /// The order type (pickup vs delivery); default `orderType`.
-    pub order_type: String,
+    pub(crate) order_type: String,
     /// The payment status; default `status`.
-    pub payment_status: String,
+    pub(crate) payment_status: String,
     /// The store id in settings documents; default `["storeId", "sellerId"]`.
-    pub settings_store: Vec<String>,
+    pub(crate) settings_store: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -30,14 +30,14 @@ use toml::Spanned;
 
 pub use checkpoint::{CheckpointConfig, CheckpointStoreConfig};
 pub use errors::{ConfigError, Location};
-pub use fields::FieldPaths;
+pub(crate) use fields::FieldPaths;
 pub use log::{LogConfig, LogFormat};
-pub use mongodb::{Collections, MongoConfig};
-pub use normalize::NormalizeConfig;
-pub use routing::{Allowlists, RoutingConfig, SettingsSection};
-pub use server::ServerConfig;
-pub use socketio::{Alias, SocketIoConfig, EVENT_NAMES};
-pub use values::Secret;
+pub(crate) use mongodb::{Collections, MongoConfig};
+pub(crate) use normalize::NormalizeConfig;
+pub(crate) use routing::{Allowlists, RoutingConfig, SettingsSection};
+pub(crate) use server::ServerConfig;
+pub(crate) use socketio::{Alias, SocketIoConfig, EVENT_NAMES};
+pub(crate) use values::Secret;
 
 use crate::auth::AuthConfig;
 use crate::declared::StreamDecl;
@@ -52,11 +52,11 @@ pub struct Config {
     /// `[mongodb]`
     pub mongo: MongoConfig,
     /// `[fields]`
-    pub fields: FieldPaths,
+    pub(crate) fields: FieldPaths,
     /// `[status]`
-    pub status: StatusTable,
+    pub(crate) status: StatusTable,
     /// `[normalize]`
-    pub normalize: NormalizeConfig,
+    pub(crate) normalize: NormalizeConfig,
     /// `[hub]`
     pub hub: HubConfig,
     /// `[checkpoint]`
@@ -68,9 +68,9 @@ pub struct Config {
     /// `[log]`
     pub log: LogConfig,
     /// `[routing]`
-    pub routing: RoutingConfig,
+    pub(crate) routing: RoutingConfig,
     /// `[[streams]]`: the app's own collections, declared (none by default).
-    pub streams: Vec<StreamDecl>,
+    pub(crate) streams: Vec<StreamDecl>,
     /// `[auth]` (owned by `crate::auth`).
     pub auth: AuthConfig,
     /// The `[auth]` table as written, kept only to print it masked in `check-config`.

@@ -14,29 +14,29 @@ pub struct MongoConfig {
     /// Connection string; default `mongodb://127.0.0.1:27017/?replicaSet=rs0`.
     /// Overridden by the `MONGODB_URI` environment variable. Never printed unmasked.
     #[serde(serialize_with = "ser_masked_uri")]
-    pub uri: Secret,
+    pub(crate) uri: Secret,
     /// Databases to watch, one change stream each; default `["app"]`.
     pub databases: Vec<String>,
     /// Collection names in each database.
-    pub collections: Collections,
+    pub(crate) collections: Collections,
     /// Collection holding checkpoints when `checkpoint.store = "mongo"`; default `changecast_checkpoints`.
-    pub checkpoint_collection: String,
+    pub(crate) checkpoint_collection: String,
     /// How long to wait for the server when connecting; default `10s`.
     #[serde(serialize_with = "ser_duration")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// A change event over 16 MiB that the server cannot split: `skip` (default) or `fail`.
-    pub oversize: crate::pipeline::OversizePolicy,
+    pub(crate) oversize: crate::pipeline::OversizePolicy,
 }
 
 /// The watched collection names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Collections {
+pub(crate) struct Collections {
     /// Orders; default `orders`.
-    pub orders: String,
+    pub(crate) orders: String,
     /// Payments; default `payments`.
-    pub payments: String,
+    pub(crate) payments: String,
     /// Store settings; default `settings`.
-    pub settings: String,
+    pub(crate) settings: String,
 }
 
 #[derive(Debug, Default, Deserialize)]

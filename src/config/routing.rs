@@ -10,37 +10,37 @@ use super::values::{allowlist, check_path, strs};
 
 /// Fields (dotted paths) each audience may see of one collection's documents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Allowlists {
+pub(crate) struct Allowlists {
     /// `customer:{id}` rooms.
-    pub customer: Vec<String>,
+    pub(crate) customer: Vec<String>,
     /// `store:{id}` rooms.
-    pub store: Vec<String>,
+    pub(crate) store: Vec<String>,
     /// `order:{id}` rooms (joined by the order's customer and store, so no more than the customer sees).
-    pub order: Vec<String>,
+    pub(crate) order: Vec<String>,
     /// The `admin` room.
-    pub admin: Vec<String>,
+    pub(crate) admin: Vec<String>,
 }
 
 /// One settings section: a group of settings fields with one visibility.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SettingsSection {
+pub(crate) struct SettingsSection {
     /// Section name, e.g. `branding`.
-    pub name: String,
+    pub(crate) name: String,
     /// Dotted paths in the settings document belonging to the section.
-    pub fields: Vec<String>,
+    pub(crate) fields: Vec<String>,
     /// Public sections also go to `storefront:{id}`; private ones never do.
-    pub public: bool,
+    pub(crate) public: bool,
 }
 
 /// `[routing]`: what each audience may see.
 #[derive(Debug, Clone, Serialize)]
-pub struct RoutingConfig {
+pub(crate) struct RoutingConfig {
     /// Orders.
-    pub orders: Allowlists,
+    pub(crate) orders: Allowlists,
     /// Payments.
-    pub payments: Allowlists,
+    pub(crate) payments: Allowlists,
     /// Settings sections (sorted by name); fields outside every section are never delivered.
-    pub settings_sections: Vec<SettingsSection>,
+    pub(crate) settings_sections: Vec<SettingsSection>,
 }
 
 /// Default order allowlists: conservative; the customer's own delivery address is included.

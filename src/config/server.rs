@@ -23,56 +23,56 @@ pub struct ServerConfig {
     /// Empty (the default) allows every origin: then any web page a logged-in
     /// user visits can open a socket with their cookies/tokens (cross-site
     /// WebSocket hijacking) — set it in production.
-    pub allowed_origins: Vec<String>,
+    pub(crate) allowed_origins: Vec<String>,
     /// Largest inbound message, bytes; default 65536.
-    pub max_message_bytes: NonZeroUsize,
+    pub(crate) max_message_bytes: NonZeroUsize,
     /// Rooms one connection may join explicitly; default 100.
-    pub max_subscriptions_per_connection: NonZeroUsize,
+    pub(crate) max_subscriptions_per_connection: NonZeroUsize,
     /// Inbound messages per second per connection; default 50.
-    pub max_messages_per_second: NonZeroUsize,
+    pub(crate) max_messages_per_second: NonZeroUsize,
     /// Simultaneous connections per token subject; default 20.
-    pub max_connections_per_subject: NonZeroUsize,
+    pub(crate) max_connections_per_subject: NonZeroUsize,
     /// Simultaneous connections in total; default 50000.
-    pub max_connections: NonZeroUsize,
+    pub(crate) max_connections: NonZeroUsize,
     /// Time an unauthenticated socket may stay open; default `10s`. On `/ws` the
     /// `auth` message must come within it; on `/socket.io/` the Socket.IO CONNECT
     /// must succeed within it, or the Engine.IO session is closed.
     #[serde(serialize_with = "ser_duration")]
-    pub auth_deadline: Duration,
+    pub(crate) auth_deadline: Duration,
     /// Time a client has to send a whole HTTP request head, counted from the
     /// moment the server waits for one: a new connection, and an idle keep-alive
     /// connection between requests (which is then closed); default `5s`.
     #[serde(serialize_with = "ser_duration")]
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// Unauthenticated connections open at once: `/ws` sockets before a valid token
     /// and Engine.IO sessions before a successful Socket.IO CONNECT; default 1024.
     /// A pool apart from `max_connections`: a socket moves to that one when it
     /// authenticates, so anonymous peers never take a token holder's slot.
     /// Past it `/ws` answers 503 and the Engine.IO handshake 503, both
     /// `unauthenticated_overloaded`.
-    pub max_unauthenticated: NonZeroUsize,
+    pub(crate) max_unauthenticated: NonZeroUsize,
     /// Unauthenticated connections open at once from one peer address (IPv6 is
     /// counted by its /64); default 16; `0` disables the per-address cap. The address
     /// is the TCP peer's: behind a reverse proxy or load balancer every client
     /// shares the proxy's, so set `0` there (or a value near `max_unauthenticated`)
     /// and cap per client at the proxy. `X-Forwarded-For` is not trusted: any
     /// client could set it. Past it: 429 `unauthenticated_per_ip`.
-    pub max_unauthenticated_per_ip: usize,
+    pub(crate) max_unauthenticated_per_ip: usize,
     /// Time between server pings; default `25s`.
     #[serde(serialize_with = "ser_duration")]
-    pub ping_interval: Duration,
+    pub(crate) ping_interval: Duration,
     /// Time to wait for a pong before dropping the peer; default `20s`.
     #[serde(serialize_with = "ser_duration")]
-    pub pong_timeout: Duration,
+    pub(crate) pong_timeout: Duration,
     /// Longest a single socket write may take; default `10s`.
     #[serde(serialize_with = "ser_duration")]
-    pub write_timeout: Duration,
+    pub(crate) write_timeout: Duration,
     /// Time for clients and the checkpoint to finish on shutdown; default `10s`.
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
     /// Longest an oplog replay for `since` may run before answering `resync`; default `5s`.
     #[serde(serialize_with = "ser_duration")]
-    pub replay_timeout: Duration,
+    pub(crate) replay_timeout: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,7 +10,7 @@ use crate::room::RoomKind;
 use crate::status::{OrderStatus, PaymentStatus};
 
 /// Canonical event names (the names `/ws` clients see; Socket.IO aliases map from these).
-pub const EVENT_NAMES: [&str; 10] = [
+pub(crate) const EVENT_NAMES: [&str; 10] = [
     "order:created",
     "order:status_changed",
     "order:updated",
@@ -27,26 +27,26 @@ pub const EVENT_NAMES: [&str; 10] = [
 #[derive(Debug, Clone, Serialize)]
 pub struct SocketIoConfig {
     /// Serve `/socket.io/`; default true.
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     /// Extra names under which canonical events are also emitted.
-    pub aliases: Vec<Alias>,
+    pub(crate) aliases: Vec<Alias>,
 }
 
 /// One legacy event name: when `event` is delivered to a room of one of `rooms`'
 /// kinds (and, if `statuses` is set, the payload's normalized `status` is one of
 /// them), Socket.IO clients in that room also receive it as `name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Alias {
+pub(crate) struct Alias {
     /// Canonical event name, one of [`EVENT_NAMES`].
-    pub event: String,
+    pub(crate) event: String,
     /// The legacy name, e.g. `newOrder`.
-    pub name: String,
+    pub(crate) name: String,
     /// Audience room kinds.
     #[serde(serialize_with = "ser_room_kinds")]
-    pub rooms: Vec<RoomKind>,
+    pub(crate) rooms: Vec<RoomKind>,
     /// Only when the normalized status is one of these (canonical names).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub statuses: Option<Vec<String>>,
+    pub(crate) statuses: Option<Vec<String>>,
 }
 
 /// The legacy event names the Node apps emit, on by default (config.example.toml lists

@@ -13,16 +13,16 @@ use super::errors::{invalid_at, ConfigError, Ctx};
 
 /// A secret string whose `Debug`, `Display` and `Serialize` print `***`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub(crate) struct Secret(String);
 
 impl Secret {
     /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Self {
+    pub(crate) fn new(s: impl Into<String>) -> Self {
         Self(s.into())
     }
 
     /// The secret itself; call only where it is used, never to log it.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
