@@ -31,7 +31,7 @@ const MAX_KEPT_LEN: usize = 128;
 /// The key under which tracked fields travel in every payload of a declared stream.
 pub(crate) const TRACKED_KEY: &str = "tracked";
 
-/// One `[[streams]]` table, validated (see `config.rs`). Serializes in the input's shape.
+/// One `[[streams]]` table, validated (see `config/streams.rs`). Serializes in the input's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct StreamDecl {
     /// The collection, in every watched database.

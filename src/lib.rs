@@ -1,6 +1,7 @@
 //! changecast: MongoDB change streams → normalized events → authenticated WebSocket and Socket.IO rooms.
 //!
-//! Modules in reading order: `config` (the TOML file), `event` and `room`
+//! Modules in reading order: `config` (the TOML file, one file per section),
+//! `status` (canonical statuses and the status table), `event` and `room`
 //! (the vocabulary), `normalize` (change → domain events), `route` (rooms and
 //! payload allowlists), `declared` (the app's own collections, declared in
 //! `[[streams]]`), `hub` (fan-out and history), `source` (change
