@@ -128,7 +128,7 @@ impl AppHandle {
 }
 
 /// The driver client for `config`.
-pub async fn mongo_client(config: &Config) -> Result<Client, AppError> {
+pub(crate) async fn mongo_client(config: &Config) -> Result<Client, AppError> {
     let mut opts = ClientOptions::parse(config.mongo.uri.expose())
         .await
         .map_err(AppError::Mongo)?;

@@ -10,14 +10,13 @@ use futures::future::BoxFuture;
 use mongodb::Collection;
 
 use crate::auth::{normalize_id, Principal};
-use crate::metrics::{Metrics, ReasonLabels};
 use crate::room::{Room, RoomKind};
 
 pub use crate::event::OrderOwner;
 
 /// Whether `p` may see events of an order owned by `o` (the `order:{id}` rule of the
 /// rooms table): an admin, the order's customer, or staff of one of its stores.
-pub fn owns(p: &Principal, o: &OrderOwner) -> bool {
+pub(crate) fn owns(p: &Principal, o: &OrderOwner) -> bool {
     p.is_admin
         || p.subject
             .as_deref()
@@ -57,14 +56,14 @@ pub trait OrderOwners: Send + Sync {
 /// Cache and deadline of ownership lookups (keys `auth.order_cache_ttl`,
 /// `auth.order_cache_capacity`, `auth.order_lookup_timeout`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrderLookupConfig {
+pub(crate) struct OrderLookupConfig {
     /// How long a found order's owners are reused. Default 10s: an order
     /// rarely changes hands, and a refused client retrying cannot hammer MongoDB.
-    pub ttl: Duration,
+    pub(crate) ttl: Duration,
     /// Most cached orders. Default 10000 (a few MB at most).
-    pub capacity: NonZeroUsize,
+    pub(crate) capacity: NonZeroUsize,
     /// Deadline for one lookup. Default 2s.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 impl Default for OrderLookupConfig {
@@ -195,14 +194,14 @@ impl OwnerCache {
 
 /// Wraps any [`OrderOwners`] with the TTL cache: found and not-found results
 /// are cached briefly, errors never (the next subscribe retries).
-pub struct CachedOrderOwners<O> {
+pub(crate) struct CachedOrderOwners<O> {
     inner: O,
     cache: OwnerCache,
 }
 
 impl<O: OrderOwners> CachedOrderOwners<O> {
     /// Caches `inner` per `cfg.ttl` and `cfg.capacity`.
-    pub fn new(inner: O, cfg: &OrderLookupConfig) -> Self {
+    pub(crate) fn new(inner: O, cfg: &OrderLookupConfig) -> Self {
         Self {
             inner,
             cache: OwnerCache::new(cfg),
@@ -249,7 +248,7 @@ impl<O: OrderOwners> OrderOwners for CachedOrderOwners<O> {
 /// Looks order owners up in MongoDB: one `find_one` by `_id` per orders
 /// collection (one per watched database, tried in order), projected to the
 /// owner fields only. Uncached; wrap it in [`CachedOrderOwners`].
-pub struct MongoOrderOwners {
+pub(crate) struct MongoOrderOwners {
     collections: Vec<Collection<Document>>,
     customer_paths: Vec<String>,
     store_paths: Vec<String>,
@@ -264,7 +263,7 @@ impl MongoOrderOwners {
     /// yields an id wins (a store path may hold an array of ids). Pass the
     /// same lists routing uses, so that who may join `order:{id}` matches
     /// whose rooms its events are sent to.
-    pub fn new(
+    pub(crate) fn new(
         collections: Vec<Collection<Document>>,
         customer_paths: Vec<String>,
         store_paths: Vec<String>,
@@ -408,7 +407,7 @@ fn first_ids(doc: &Document, paths: &[String]) -> Vec<String> {
 
 /// The owners an order document names, by the `[fields]` paths: the one rule the
 /// ownership lookup and the change stream both use.
-pub fn extract_owner(
+pub(crate) fn extract_owner(
     doc: &Document,
     customer_paths: &[String],
     store_paths: &[String],
@@ -425,12 +424,12 @@ pub fn extract_owner(
 /// Why a join was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
-pub struct Denied {
+pub(crate) struct Denied {
     /// `forbidden` (not yours), `unavailable` (could not check; retry later)
     /// or `unauthenticated` (this room needs a token).
-    pub code: &'static str,
+    pub(crate) code: &'static str,
     /// Human-readable, lowercase; never says whether an order exists.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl Denied {
@@ -453,14 +452,6 @@ impl Denied {
             code: "unavailable",
             message: "order ownership could not be checked; retry later".to_owned(),
         }
-    }
-
-    /// Counts this refusal in `subscriptions_refused{reason=code}`.
-    pub fn record(&self, metrics: &Metrics) {
-        metrics
-            .subscriptions_refused
-            .get_or_create(&ReasonLabels { reason: self.code })
-            .inc();
     }
 }
 
@@ -492,7 +483,7 @@ impl Authorizer {
     ///
     /// A failed lookup refuses with `unavailable`: we never let a client in
     /// because we could not check.
-    pub async fn may_join(&self, p: &Principal, room: &Room) -> Result<(), Denied> {
+    pub(crate) async fn may_join(&self, p: &Principal, room: &Room) -> Result<(), Denied> {
         if p.is_admin {
             return Ok(());
         }

@@ -90,7 +90,7 @@ pub enum CheckpointStore {
 
 impl CheckpointStore {
     /// A file store.
-    pub fn file(path: impl Into<PathBuf>) -> Self {
+    pub(crate) fn file(path: impl Into<PathBuf>) -> Self {
         Self::File {
             path: path.into(),
             lock: Mutex::new(()),
@@ -128,7 +128,7 @@ impl CheckpointStore {
     }
 
     /// Saves `cp` for `stream`, durably before returning.
-    pub async fn save(&self, stream: &str, cp: &Checkpoint) -> Result<(), CheckpointError> {
+    pub(crate) async fn save(&self, stream: &str, cp: &Checkpoint) -> Result<(), CheckpointError> {
         match self {
             Self::File { path, lock } => {
                 let _g = lock.lock().await;
@@ -182,8 +182,9 @@ impl CheckpointStore {
         }
     }
 
-    /// Whether a save would succeed now (for `/readyz`), without changing any checkpoint.
-    pub async fn probe(&self) -> Result<(), CheckpointError> {
+    /// Whether a save would succeed now, without changing any checkpoint (tested, not yet used).
+    #[cfg(test)]
+    pub(crate) async fn probe(&self) -> Result<(), CheckpointError> {
         match self {
             Self::File { path, .. } => {
                 let dir = parent_dir(path);
@@ -276,7 +277,7 @@ async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// unsaved (a save slower than the stream), [`CheckpointWriter::wait_for_room`] holds the
 /// stream until the save in flight lands. Saves start at half a window so that this wait
 /// only happens when the disk cannot keep up, not at every save.
-pub struct CheckpointWriter {
+pub(crate) struct CheckpointWriter {
     tx: watch::Sender<Pending>,
     outcome: watch::Receiver<Outcome>,
     task: tokio::task::JoinHandle<()>,
@@ -315,7 +316,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl CheckpointWriter {
     /// Starts the writer task of `stream`; its outcomes go to `health`.
-    pub fn start(
+    pub(crate) fn start(
         store: Arc<CheckpointStore>,
         health: Arc<Health>,
         stream: &str,
@@ -347,7 +348,7 @@ impl CheckpointWriter {
     /// Records that everything up to `token` has reached the output; `events` is how many
     /// events that covered, `last_event_id` the newest of them and `position` the stream's
     /// position at `token` (see `Checkpoint::position`). Never waits.
-    pub fn advance(
+    pub(crate) fn advance(
         &mut self,
         token: Document,
         last_event_id: Option<String>,
@@ -361,7 +362,7 @@ impl CheckpointWriter {
     /// repeats more than that; returns at once otherwise. Does not wait while the store is
     /// failing (the writer retries, logs and reports it to health): a broken store must
     /// not stop the stream.
-    pub async fn wait_for_room(&mut self) {
+    pub(crate) async fn wait_for_room(&mut self) {
         loop {
             {
                 let o = self.outcome.borrow_and_update();
@@ -377,7 +378,7 @@ impl CheckpointWriter {
     }
 
     /// Hands over `token` and waits until it is saved (the start of a stream, shutdown).
-    pub async fn flush_at(
+    pub(crate) async fn flush_at(
         &mut self,
         token: Document,
         last_event_id: Option<String>,
@@ -388,7 +389,7 @@ impl CheckpointWriter {
     }
 
     /// Saves the newest handed-over token now and waits for the outcome.
-    pub async fn flush(&mut self) -> Result<(), Arc<CheckpointError>> {
+    pub(crate) async fn flush(&mut self) -> Result<(), Arc<CheckpointError>> {
         let seq = self.seq;
         if seq == 0 {
             return Ok(());
@@ -398,7 +399,7 @@ impl CheckpointWriter {
     }
 
     /// Flushes, then stops the writer task.
-    pub async fn finish(mut self) -> Result<(), Arc<CheckpointError>> {
+    pub(crate) async fn finish(mut self) -> Result<(), Arc<CheckpointError>> {
         let r = self.flush().await;
         drop(self.tx);
         let _ = self.task.await;
@@ -556,7 +557,7 @@ async fn write_loop(mut w: WriteLoop) {
 }
 
 /// Current time as RFC 3339.
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

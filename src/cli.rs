@@ -89,13 +89,13 @@ pub struct RunArgs {
     pub config: ConfigArgs,
     /// Start after this resume token (`{"_data":"…"}` or bare hex) instead of the stored one.
     #[arg(long, conflicts_with_all = ["start_at", "from_now"])]
-    pub resume_token: Option<String>,
+    pub(crate) resume_token: Option<String>,
     /// Start at this time: RFC 3339 or a cluster timestamp `t:i`.
     #[arg(long, conflicts_with_all = ["resume_token", "from_now"])]
-    pub start_at: Option<String>,
+    pub(crate) start_at: Option<String>,
     /// Ignore the stored token and start from now.
     #[arg(long, conflicts_with_all = ["resume_token", "start_at"])]
-    pub from_now: bool,
+    pub(crate) from_now: bool,
     /// What to do when the stored token has fallen out of the oplog.
     #[arg(long, value_enum, default_value = "fail")]
     pub on_history_lost: HistoryLostPolicy,
@@ -125,10 +125,10 @@ impl RunArgs {
 pub struct DemoArgs {
     /// Address of the demo's HTTP listener (dashboard, `/ws`, `/socket.io/`).
     #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Changes per second the traffic generator writes.
     #[arg(long, default_value_t = 2.0, value_parser = parse_rate)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,

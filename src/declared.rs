@@ -16,7 +16,6 @@ use bson::{doc, Bson, Document};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::config::{is_pickup_type, OrderStatus};
 use crate::event::{Delivery, Event, EventId, RoutedEvent};
 use crate::normalize::{
     get_path, id_string, read_status, truncate, ChangeParts, ChangeView, Op, OwnerBookUse,
@@ -24,49 +23,50 @@ use crate::normalize::{
 };
 use crate::room::{Room, RoomKind};
 use crate::route::{bson_to_json, insert_status, is_under, project, visible_changes};
+use crate::status::{is_pickup_type, OrderStatus};
 
 /// Longest id or string value remembered; longer ones are forgotten, never cut.
 const MAX_KEPT_LEN: usize = 128;
 
 /// The key under which tracked fields travel in every payload of a declared stream.
-pub const TRACKED_KEY: &str = "tracked";
+pub(crate) const TRACKED_KEY: &str = "tracked";
 
-/// One `[[streams]]` table, validated (see `config.rs`). Serializes in the input's shape.
+/// One `[[streams]]` table, validated (see `config/streams.rs`). Serializes in the input's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StreamDecl {
+pub(crate) struct StreamDecl {
     /// The collection, in every watched database.
-    pub collection: String,
+    pub(crate) collection: String,
     /// The prefix of the default event names, e.g. `balance`.
-    pub module: String,
+    pub(crate) module: String,
     /// Event name per operation.
-    pub events: EventNames,
+    pub(crate) events: EventNames,
     /// Which document fields give which rooms.
-    pub rooms: StreamRooms,
+    pub(crate) rooms: StreamRooms,
     /// What each audience may see of the document.
-    pub allow: StreamAllow,
+    pub(crate) allow: StreamAllow,
     /// Fields whose previous value, new value and difference the payloads carry.
-    pub tracked: Vec<String>,
+    pub(crate) tracked: Vec<String>,
     /// `[streams.status]`: a status field normalized through a table of its own.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<StreamStatus>,
+    pub(crate) status: Option<StreamStatus>,
 }
 
 /// `[streams.status]`: raw values of one field → canonical statuses, as `[status.order]`
 /// does for orders: a change of the field is `{module}:status_changed` and payloads that
 /// show the field carry `status`, `previousStatus`, `rawStatus` and `unknown`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StreamStatus {
+pub(crate) struct StreamStatus {
     /// Dotted path of the raw status.
-    pub field: String,
+    pub(crate) field: String,
     /// Dotted path of the document's type; when set, a `ready` target splits into
     /// `ready_for_pickup` / `ready_for_delivery` as orders' `ready` does.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub type_field: Option<String>,
+    pub(crate) type_field: Option<String>,
     /// Type values (lower case) meaning pickup; set only with `type_field`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub pickup_types: Vec<String>,
+    pub(crate) pickup_types: Vec<String>,
     /// Raw value (trimmed, lower case) → canonical status.
-    pub map: BTreeMap<String, String>,
+    pub(crate) map: BTreeMap<String, String>,
 }
 
 impl StreamStatus {
@@ -90,27 +90,27 @@ impl StreamStatus {
 }
 
 /// The target that splits by type (as in `[status.order]`).
-pub const READY: &str = "ready";
+pub(crate) const READY: &str = "ready";
 
 /// Event names per operation; defaults `{module}:created|updated|replaced|deleted`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EventNames {
+pub(crate) struct EventNames {
     /// For inserts.
-    pub created: String,
+    pub(crate) created: String,
     /// For updates.
-    pub updated: String,
+    pub(crate) updated: String,
     /// For replaces.
-    pub replaced: String,
+    pub(crate) replaced: String,
     /// For deletes.
-    pub deleted: String,
+    pub(crate) deleted: String,
     /// For a change of the `[streams.status]` field (only with one).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub status_changed: Option<String>,
+    pub(crate) status_changed: Option<String>,
 }
 
 impl EventNames {
     /// Every name, in operation order, then `status_changed` when there is one.
-    pub fn all(&self) -> Vec<&str> {
+    pub(crate) fn all(&self) -> Vec<&str> {
         [&self.created, &self.updated, &self.replaced, &self.deleted]
             .into_iter()
             .map(String::as_str)
@@ -122,26 +122,26 @@ impl EventNames {
 /// Document paths whose values name the rooms a change goes to (`"_id"` is the
 /// document's own id). At least one room is declared.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct StreamRooms {
+pub(crate) struct StreamRooms {
     /// `customer:{value}`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub customer: Option<String>,
+    pub(crate) customer: Option<String>,
     /// `store:{value}`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub store: Option<String>,
+    pub(crate) store: Option<String>,
     /// `order:{value}` (joined by whoever owns that order, as for payments).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub order: Option<String>,
+    pub(crate) order: Option<String>,
     /// `storefront:{value}`: any authenticated client may join, so its allowlist is public.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub storefront: Option<String>,
+    pub(crate) storefront: Option<String>,
     /// The `admin` room.
-    pub admin: bool,
+    pub(crate) admin: bool,
 }
 
 impl StreamRooms {
     /// The declared (kind, path) pairs, admin excluded.
-    pub fn keyed(&self) -> impl Iterator<Item = (RoomKind, &str)> {
+    pub(crate) fn keyed(&self) -> impl Iterator<Item = (RoomKind, &str)> {
         [
             (RoomKind::Customer, &self.customer),
             (RoomKind::Store, &self.store),
@@ -155,27 +155,27 @@ impl StreamRooms {
 
 /// Allowlists per audience; one is required for each declared room.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct StreamAllow {
+pub(crate) struct StreamAllow {
     /// `customer:` rooms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub customer: Vec<String>,
+    pub(crate) customer: Vec<String>,
     /// `store:` rooms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub store: Vec<String>,
+    pub(crate) store: Vec<String>,
     /// `order:` rooms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub order: Vec<String>,
+    pub(crate) order: Vec<String>,
     /// `storefront:` rooms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub storefront: Vec<String>,
+    pub(crate) storefront: Vec<String>,
     /// The `admin` room.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub admin: Vec<String>,
+    pub(crate) admin: Vec<String>,
 }
 
 impl StreamAllow {
     /// The list for `kind`.
-    pub fn of(&self, kind: RoomKind) -> &[String] {
+    pub(crate) fn of(&self, kind: RoomKind) -> &[String] {
         match kind {
             RoomKind::Customer => &self.customer,
             RoomKind::Store => &self.store,
@@ -189,7 +189,7 @@ impl StreamAllow {
 /// Something in a declared stream's change that could not be used; counted and
 /// logged (rate-limited) by the mapper under the same reasons as the built-ins.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeclaredIssue {
+pub(crate) enum DeclaredIssue {
     /// An operation that carries no document change (`drop`, `rename`, DDL…).
     UnhandledOperation,
     /// `operationType` missing or unknown.
@@ -229,7 +229,7 @@ pub enum DeclaredIssue {
 
 impl DeclaredIssue {
     /// A bounded label for `events_dropped_total{reason}` (the built-ins' reasons).
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::UnhandledOperation => "unhandled_operation",
             Self::UnknownOperation => "unknown_operation",
@@ -316,13 +316,13 @@ impl MemoCache {
 /// one, exists). Bound: `normalize.state_cache_docs` documents over all declared
 /// streams, least recently written evicted first.
 #[derive(Debug)]
-pub struct DeclaredBook {
+pub(crate) struct DeclaredBook {
     rooms: Mutex<MemoCache>,
 }
 
 impl DeclaredBook {
     /// A book of at most `cap` documents (0 disables it).
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Self {
             rooms: Mutex::new(MemoCache::new(cap)),
         }
@@ -415,7 +415,7 @@ struct Stream {
 /// Every declared stream of a configuration; one per mapper (so per live stream
 /// and per oplog replay, like the normalizer's state).
 #[derive(Debug)]
-pub struct Declared {
+pub(crate) struct Declared {
     streams: Vec<Stream>,
     cap: usize,
     book: Option<OwnerBookUse>,
@@ -423,7 +423,7 @@ pub struct Declared {
 
 impl Declared {
     /// The engine for `decls`; each stream remembers at most `memo_docs` documents.
-    pub fn new(decls: &[StreamDecl], memo_docs: usize) -> Self {
+    pub(crate) fn new(decls: &[StreamDecl], memo_docs: usize) -> Self {
         Self {
             streams: decls
                 .iter()
@@ -439,18 +439,18 @@ impl Declared {
     }
 
     /// Records rooms in (live stream), or consults (oplog replay), the shared book.
-    pub fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
+    pub(crate) fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
         self.book = Some(book);
         self
     }
 
     /// Whether `collection` is a declared stream's.
-    pub fn handles(&self, collection: &str) -> bool {
+    pub(crate) fn handles(&self, collection: &str) -> bool {
         self.streams.iter().any(|s| s.decl.collection == collection)
     }
 
     /// Forgets every remembered document (after a gap in the stream).
-    pub fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         for s in &mut self.streams {
             s.memo = MemoCache::new(self.cap);
         }
@@ -459,7 +459,7 @@ impl Declared {
     /// Maps one change of a declared collection, numbered `id` by the caller.
     /// `None` when the operation carries no document change; an event with no
     /// deliveries when no room could be named.
-    pub fn map(
+    pub(crate) fn map(
         &mut self,
         change: &Document,
         id: EventId,
@@ -751,7 +751,10 @@ impl Stream {
 /// The declared rooms whose field no sampled document holds: a typo in
 /// `[streams.rooms]` would route nothing there, silently. `"_id"` always exists;
 /// an empty sample says nothing.
-pub fn unsampled_rooms<'a>(decl: &'a StreamDecl, sample: &[Document]) -> Vec<(RoomKind, &'a str)> {
+pub(crate) fn unsampled_rooms<'a>(
+    decl: &'a StreamDecl,
+    sample: &[Document],
+) -> Vec<(RoomKind, &'a str)> {
     if sample.is_empty() {
         return Vec::new();
     }

@@ -36,13 +36,13 @@ impl Health {
     }
 
     /// Marks a stream open or closed.
-    pub fn set_stream_open(&self, stream: &str, open: bool) {
+    pub(crate) fn set_stream_open(&self, stream: &str, open: bool) {
         let mut s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         s.insert(stream.to_owned(), open);
     }
 
     /// Records the checkpoint store's last outcome.
-    pub fn set_checkpoint_ok(&self, ok: bool) {
+    pub(crate) fn set_checkpoint_ok(&self, ok: bool) {
         self.checkpoint_ok.store(ok, Ordering::Relaxed);
         if ok {
             let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -51,13 +51,13 @@ impl Health {
     }
 
     /// Records the cluster time of a token just seen.
-    pub fn observe_cluster_time(&self, secs: u32) {
+    pub(crate) fn observe_cluster_time(&self, secs: u32) {
         self.last_cluster_secs
             .fetch_max(u64::from(secs), Ordering::Relaxed);
     }
 
     /// Records that a getMore came back empty: nothing newer was committed.
-    pub fn observe_caught_up(&self) {
+    pub(crate) fn observe_caught_up(&self) {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -72,18 +72,18 @@ impl Health {
     }
 
     /// Per-stream open flags, for `/readyz` bodies.
-    pub fn streams(&self) -> Vec<(String, bool)> {
+    pub(crate) fn streams(&self) -> Vec<(String, bool)> {
         let s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         s.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// Whether the last checkpoint save succeeded.
-    pub fn checkpoint_ok(&self) -> bool {
+    pub(crate) fn checkpoint_ok(&self) -> bool {
         self.checkpoint_ok.load(Ordering::Relaxed)
     }
 
     /// Refreshes the time-derived gauges just before a scrape.
-    pub fn refresh_gauges(&self, metrics: &Metrics) {
+    pub(crate) fn refresh_gauges(&self, metrics: &Metrics) {
         let cluster = self.last_cluster_secs.load(Ordering::Relaxed) as f64;
         let caught_up = self.caught_up_ms.load(Ordering::Relaxed) as f64 / 1000.0;
         let current_as_of = cluster.max(caught_up);

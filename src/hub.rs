@@ -24,11 +24,11 @@ use crate::room::{Room, RoomKind};
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     /// Most events kept for recovery (all rooms together).
-    pub history_len: NonZeroUsize,
+    pub(crate) history_len: NonZeroUsize,
     /// Oldest event kept for recovery.
-    pub history_age: Duration,
+    pub(crate) history_age: Duration,
     /// Messages a session may have queued before it is cut off as a slow consumer.
-    pub mailbox_capacity: NonZeroUsize,
+    pub(crate) mailbox_capacity: NonZeroUsize,
 }
 
 impl Default for HubConfig {
@@ -43,7 +43,7 @@ impl Default for HubConfig {
 
 /// What a message carries.
 #[derive(Debug)]
-pub enum Body {
+pub(crate) enum Body {
     /// A routed event.
     Event {
         /// Canonical event name.
@@ -66,18 +66,18 @@ pub enum Body {
 #[derive(Debug)]
 pub struct Message {
     /// Event id; `None` for resync notices.
-    pub id: Option<EventId>,
+    pub(crate) id: Option<EventId>,
     /// `id` as clients see it: sealed, shared by every message of the event.
-    pub wire_id: Option<Arc<str>>,
+    pub(crate) wire_id: Option<Arc<str>>,
     /// The room it was addressed to.
-    pub room: Room,
+    pub(crate) room: Room,
     /// Payload.
-    pub body: Body,
+    pub(crate) body: Body,
     /// For `order:{id}` rooms: the order's owners as of this change (see
     /// [`RoutedEvent::owner`]); sessions that are not among them do not get it.
-    pub owner: Option<Arc<OrderOwner>>,
+    pub(crate) owner: Option<Arc<OrderOwner>>,
     /// The database it came from when several are watched ([`RoutedEvent::database`]).
-    pub database: Option<Arc<str>>,
+    pub(crate) database: Option<Arc<str>>,
     /// Encodings per wire format, made by the first recipient that needs them.
     encoded: [OnceLock<Bytes>; 2],
 }
@@ -112,7 +112,7 @@ impl Message {
     }
 
     /// Commit time of the event, Unix ms (None for resync notices).
-    pub fn ts_ms(&self) -> Option<i64> {
+    pub(crate) fn ts_ms(&self) -> Option<i64> {
         match &self.body {
             Body::Event { ts_ms, .. } => Some(*ts_ms),
             Body::Resync { .. } => None,
@@ -122,7 +122,7 @@ impl Message {
 
 /// A session's handle in the hub: its id, its mailbox sender and the token fired when it is kicked.
 #[derive(Debug, Clone)]
-pub struct Mailbox {
+pub(crate) struct Mailbox {
     id: u64,
     tx: mpsc::Sender<Arc<Message>>,
     kicked: CancellationToken,
@@ -130,19 +130,19 @@ pub struct Mailbox {
 
 impl Mailbox {
     /// Fires when the hub cut this session off because its mailbox was full.
-    pub fn kicked(&self) -> &CancellationToken {
+    pub(crate) fn kicked(&self) -> &CancellationToken {
         &self.kicked
     }
 
     /// The session id (unique per hub).
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.id
     }
 }
 
 /// What subscribing with `since` found.
 #[derive(Debug)]
-pub enum Recovery {
+pub(crate) enum Recovery {
     /// No `since` was given: live events only.
     Live,
     /// History covers everything after `since`: these messages, in order, then live.
@@ -198,7 +198,7 @@ impl Hub {
     }
 
     /// Seals wire ids with `ids` (a key the replicas share) instead of a random key.
-    pub fn with_ids(mut self, ids: Arc<IdCodec>) -> Self {
+    pub(crate) fn with_ids(mut self, ids: Arc<IdCodec>) -> Self {
         self.ids = ids;
         self
     }
@@ -218,7 +218,7 @@ impl Hub {
     ///
     /// Overflow policy: when full, the hub fires `kicked` and drops the session
     /// from every room; the session closes its socket with a reconnect code.
-    pub fn mailbox(&self) -> (Mailbox, mpsc::Receiver<Arc<Message>>) {
+    pub(crate) fn mailbox(&self) -> (Mailbox, mpsc::Receiver<Arc<Message>>) {
         let (tx, rx) = mpsc::channel(self.cfg.mailbox_capacity.get());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         (
@@ -248,7 +248,7 @@ impl Hub {
     /// The `since` a client should use before any event reached it: the newest event
     /// published, or, before the first one (or after a resync moved the floor past it),
     /// where the stream started. `None` only before any stream has opened.
-    pub fn position(&self) -> Option<EventId> {
+    pub(crate) fn position(&self) -> Option<EventId> {
         let st = self.state();
         match (&st.head, &st.floor) {
             (Some(h), Some(f)) => Some(h.max(f).clone()),
@@ -260,7 +260,12 @@ impl Hub {
     ///
     /// Subscribing and reading history happen under one lock, so an event is
     /// either in the returned replay or delivered to the mailbox — never both, never neither.
-    pub fn subscribe(&self, room: &Room, mailbox: &Mailbox, since: Option<&EventId>) -> Recovery {
+    pub(crate) fn subscribe(
+        &self,
+        room: &Room,
+        mailbox: &Mailbox,
+        since: Option<&EventId>,
+    ) -> Recovery {
         let mut st = self.state();
         let recovery = match since {
             None => Recovery::Live,
@@ -291,14 +296,18 @@ impl Hub {
     }
 
     /// Leaves `room`; the room is dropped when its last subscriber leaves.
-    pub fn unsubscribe(&self, room: &Room, mailbox_id: u64) {
+    pub(crate) fn unsubscribe(&self, room: &Room, mailbox_id: u64) {
         let mut st = self.state();
         remove_sub(&mut st, room, mailbox_id);
         self.metrics.rooms.set(st.rooms.len() as i64);
     }
 
     /// Leaves every room in `rooms` (on disconnect).
-    pub fn unsubscribe_all<'a>(&self, rooms: impl IntoIterator<Item = &'a Room>, mailbox_id: u64) {
+    pub(crate) fn unsubscribe_all<'a>(
+        &self,
+        rooms: impl IntoIterator<Item = &'a Room>,
+        mailbox_id: u64,
+    ) {
         let mut st = self.state();
         for room in rooms {
             remove_sub(&mut st, room, mailbox_id);
@@ -307,7 +316,8 @@ impl Hub {
     }
 
     /// Number of rooms with at least one subscriber.
-    pub fn room_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn room_count(&self) -> usize {
         self.state().rooms.len()
     }
 
@@ -325,7 +335,7 @@ impl Hub {
     /// could not be read whole (`reason` says why), so its rooms must refetch. The notices
     /// carry the change's id and go into history like events, so a client that comes
     /// back with an older `since` is told too, in order, and never silently misses it.
-    pub fn publish_gap(&self, ev: &RoutedEvent, reason: &str) {
+    pub(crate) fn publish_gap(&self, ev: &RoutedEvent, reason: &str) {
         let reason: Arc<str> = reason.into();
         let messages: Vec<Arc<Message>> = messages_for(ev, &self.ids)
             .into_iter()
@@ -354,7 +364,7 @@ impl Hub {
     /// starting process warms its history from the oplog so that clients who come back
     /// after a restart recover from memory. Without a floor set before (`set_floor`
     /// with the warm-up's start), the first preloaded event becomes the floor.
-    pub fn preload(&self, ev: &RoutedEvent) {
+    pub(crate) fn preload(&self, ev: &RoutedEvent) {
         let messages = messages_for(ev, &self.ids);
         let mut st = self.state();
         if st.history.is_empty() && st.floor.is_none() {
@@ -364,7 +374,7 @@ impl Hub {
     }
 
     /// Forgets a warm-up that could not reach its end (history must have no hole).
-    pub fn discard_preload(&self) {
+    pub(crate) fn discard_preload(&self) {
         let mut st = self.state();
         st.history.clear();
         st.by_room.clear();
@@ -416,7 +426,7 @@ impl Hub {
 
     /// Tells every room to resync and forgets history: used when the stream had to
     /// restart after a gap (history lost). `new_floor` is where the new stream starts.
-    pub fn resync_all(&self, reason: &str, new_floor: Option<EventId>) {
+    pub(crate) fn resync_all(&self, reason: &str, new_floor: Option<EventId>) {
         let mut st = self.state();
         st.history.clear();
         st.by_room.clear();

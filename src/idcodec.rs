@@ -19,17 +19,17 @@ use ring::hmac;
 use crate::event::EventId;
 
 /// The environment variable holding the id key material when set.
-pub const ID_SECRET_ENV: &str = "CHANGECAST_ID_SECRET";
+pub(crate) const ID_SECRET_ENV: &str = "CHANGECAST_ID_SECRET";
 
 /// Shortest key material accepted from [`ID_SECRET_ENV`].
-pub const MIN_SECRET_LEN: usize = 16;
+pub(crate) const MIN_SECRET_LEN: usize = 16;
 
 /// Longest wire id accepted from a client (hex characters): a 1 KiB token sealed.
-pub const MAX_WIRE_LEN: usize = 2 * (NONCE_LEN + 1024 + 16);
+pub(crate) const MAX_WIRE_LEN: usize = 2 * (NONCE_LEN + 1024 + 16);
 
 /// Where the key came from, for the start-up log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeySource {
+pub(crate) enum KeySource {
     /// `CHANGECAST_ID_SECRET`.
     IdSecret,
     /// Derived from the HMAC JWT secret every replica already shares.
@@ -55,7 +55,7 @@ impl std::fmt::Debug for IdCodec {
 
 /// A one-way derivation of `secret` (the JWT HMAC secret or `CHANGECAST_ID_SECRET`)
 /// for the wire-id key: knowing it reveals nothing of the secret it came from.
-pub fn derive_id_material(secret: &[u8]) -> [u8; 32] {
+pub(crate) fn derive_id_material(secret: &[u8]) -> [u8; 32] {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
     let mut out = [0u8; 32];
     out.copy_from_slice(hmac::sign(&key, b"changecast: wire id key material").as_ref());
@@ -70,7 +70,7 @@ impl IdCodec {
     }
 
     /// A codec keyed by `material` (any length; both keys are derived from it).
-    pub fn from_secret(material: &[u8], source: KeySource) -> Self {
+    pub(crate) fn from_secret(material: &[u8], source: KeySource) -> Self {
         let master = hmac::Key::new(hmac::HMAC_SHA256, material);
         let derive = |label: &[u8]| hmac::sign(&master, label);
         let enc = derive(b"changecast wire ids v1: encryption");
@@ -88,15 +88,10 @@ impl IdCodec {
     }
 
     /// A codec with a random key (tests, and processes with no shared secret).
-    pub fn random() -> Self {
+    pub(crate) fn random() -> Self {
         let mut k = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut k);
         Self::from_secret(&k, KeySource::Random)
-    }
-
-    /// Where the key came from.
-    pub fn source(&self) -> KeySource {
-        self.source
     }
 
     /// The wire form of `id`: lowercase hex of nonce ‖ ciphertext ‖ tag.

@@ -1,6 +1,7 @@
 //! changecast: MongoDB change streams → normalized events → authenticated WebSocket and Socket.IO rooms.
 //!
-//! Modules in reading order: `config` (the TOML file), `event` and `room`
+//! Modules in reading order: `config` (the TOML file, one file per section),
+//! `status` (canonical statuses and the status table), `event` and `room`
 //! (the vocabulary), `normalize` (change → domain events), `route` (rooms and
 //! payload allowlists), `declared` (the app's own collections, declared in
 //! `[[streams]]`), `hub` (fan-out and history), `source` (change
@@ -11,10 +12,10 @@
 pub mod app;
 pub mod auth;
 pub mod authz;
-pub mod checkpoint;
+pub(crate) mod checkpoint;
 pub mod cli;
 pub mod config;
-pub mod declared;
+pub(crate) mod declared;
 pub mod demo;
 pub mod event;
 pub mod gateway;
@@ -25,9 +26,10 @@ pub mod mapper;
 pub mod metrics;
 pub mod normalize;
 pub mod pipeline;
-pub mod replay;
+pub(crate) mod replay;
 pub mod room;
-pub mod route;
+pub(crate) mod route;
 pub mod sequence;
-pub mod source;
+pub(crate) mod source;
+pub(crate) mod status;
 pub mod token;

@@ -16,7 +16,7 @@ use crate::route::Router;
 use crate::sequence::{OrderError, Sequencer};
 
 /// Builds a fresh mapper per stream (and per oplog replay).
-pub type MapperFactory = Arc<dyn Fn() -> Mapper + Send + Sync>;
+pub(crate) type MapperFactory = Arc<dyn Fn() -> Mapper + Send + Sync>;
 
 /// At most one warning per reason per this interval; the rest are counted only.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -70,33 +70,33 @@ impl Mapper {
 
     /// Numbers the changes of a stream that resumes after `id` (a change id or a
     /// time-only position), so their ids match those of a stream that saw it.
-    pub fn resume_after(&mut self, id: &crate::event::EventId) {
+    pub(crate) fn resume_after(&mut self, id: &crate::event::EventId) {
         self.sequence = Sequencer::after(id);
     }
 
     /// Numbers the changes of a stream whose start is unknown from 0 at their time.
-    pub fn restart_numbering(&mut self) {
+    pub(crate) fn restart_numbering(&mut self) {
         self.sequence = Sequencer::fresh();
     }
 
     /// The id `change` would get if mapped next, without mapping it.
-    pub fn peek_id(&self, change: &Document) -> Result<crate::event::EventId, OrderError> {
+    pub(crate) fn peek_id(&self, change: &Document) -> Result<crate::event::EventId, OrderError> {
         self.sequence.clone().next(change)
     }
 
     /// The id of the newest change this mapper read (its stream's position).
-    pub fn position(&self) -> Option<&crate::event::EventId> {
+    pub(crate) fn position(&self) -> Option<&crate::event::EventId> {
         self.sequence.newest()
     }
 
     /// Reports every order's owners, as changes show them, to `owners` (its cache).
-    pub fn with_owner_observer(mut self, owners: Arc<dyn OrderOwners>) -> Self {
+    pub(crate) fn with_owner_observer(mut self, owners: Arc<dyn OrderOwners>) -> Self {
         self.owners = Some(owners);
         self
     }
 
     /// A mapper whose normalizer records owners in, or consults, a shared owner book.
-    pub fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
+    pub(crate) fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
         self.normalizer = Normalizer::new(&self.config).with_owner_book(book.clone());
         self.declared = Declared::new(&self.config.streams, self.config.normalize.state_cache_docs)
             .with_owner_book(book.clone());
@@ -233,7 +233,7 @@ impl Mapper {
     /// and routed from what `reduced` holds (its document key and the routing fields of
     /// its documents) so that its rooms can be told to resync. The routing uses a
     /// normalizer of its own: the reduced documents must not become remembered statuses.
-    pub fn skip(&mut self, reduced: &Document) -> Result<Vec<RoutedEvent>, OrderError> {
+    pub(crate) fn skip(&mut self, reduced: &Document) -> Result<Vec<RoutedEvent>, OrderError> {
         // Rooms follow the document's owners, not what changed (the update description
         // stayed on the server): a change that still has its document is routed as the
         // document's appearance, which reaches every room it belongs to.
@@ -283,7 +283,7 @@ impl Mapper {
     }
 
     /// Forgets remembered document state (after a gap in the stream).
-    pub fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         self.declared.forget();
         // The owner book stays: owners outlive a gap in the stream far better than statuses.
         let mut n = Normalizer::new(&self.config);

@@ -31,9 +31,9 @@ pub struct ReasonLabels {
 
 /// `event` label (canonical event names are a fixed set).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EventLabels {
+pub(crate) struct EventLabels {
     /// Canonical event name.
-    pub event: String,
+    pub(crate) event: String,
 }
 
 /// Wire formats for deliveries.
@@ -65,7 +65,7 @@ pub struct WireLabels {
 
 /// Recovery outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub enum RecoveryKind {
+pub(crate) enum RecoveryKind {
     /// Served from the in-memory history.
     History,
     /// Replayed from the oplog with a short-lived change stream.
@@ -87,9 +87,9 @@ impl EncodeLabelValue for RecoveryKind {
 
 /// `source` label for recoveries.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RecoveryLabels {
+pub(crate) struct RecoveryLabels {
     /// How the recovery was served.
-    pub source: RecoveryKind,
+    pub(crate) source: RecoveryKind,
 }
 
 /// `runtime_tasks`: the alive tasks of the tokio runtime the scrape runs on, read at each encode.
@@ -136,44 +136,44 @@ pub struct Metrics {
     /// Changes read from the streams.
     pub changes_read: Family<ChangeLabels, Counter>,
     /// Events handed to the hub.
-    pub events_routed: Family<EventLabels, Counter>,
+    pub(crate) events_routed: Family<EventLabels, Counter>,
     /// Events or routes dropped, by reason.
     pub events_dropped: Family<ReasonLabels, Counter>,
     /// Unknown status values seen.
-    pub unknown_statuses: Counter,
+    pub(crate) unknown_statuses: Counter,
     /// Messages written to sockets, per wire format.
-    pub deliveries: Family<WireLabels, Counter>,
+    pub(crate) deliveries: Family<WireLabels, Counter>,
     /// Commit time of the change → written to the socket, seconds.
-    pub delivery_latency: Histogram,
+    pub(crate) delivery_latency: Histogram,
     /// Open client connections.
     pub connections: Family<WireLabels, Gauge>,
     /// Rooms with at least one subscriber.
-    pub rooms: Gauge,
+    pub(crate) rooms: Gauge,
     /// `/ws` sockets waiting for `auth` and Engine.IO sessions waiting for CONNECT
     /// (the pool `server.max_unauthenticated` caps), sampled at scrape time.
-    pub unauthenticated: Gauge,
+    pub(crate) unauthenticated: Gauge,
     /// Subscriptions refused, by reason.
-    pub subscriptions_refused: Family<ReasonLabels, Counter>,
+    pub(crate) subscriptions_refused: Family<ReasonLabels, Counter>,
     /// Authentication failures, by reason.
-    pub auth_failures: Family<ReasonLabels, Counter>,
+    pub(crate) auth_failures: Family<ReasonLabels, Counter>,
     /// Sessions cut off because their mailbox was full.
     pub slow_consumer_disconnects: Counter,
     /// Reconnecting clients served, by source.
-    pub recoveries: Family<RecoveryLabels, Counter>,
+    pub(crate) recoveries: Family<RecoveryLabels, Counter>,
     /// Now minus the cluster time of the newest token seen, seconds.
-    pub stream_lag_seconds: Gauge<f64, AtomicU64>,
+    pub(crate) stream_lag_seconds: Gauge<f64, AtomicU64>,
     /// Seconds since the checkpoint was last saved.
-    pub checkpoint_age_seconds: Gauge<f64, AtomicU64>,
+    pub(crate) checkpoint_age_seconds: Gauge<f64, AtomicU64>,
     /// Change-stream reconnects.
-    pub stream_reconnects: Counter,
+    pub(crate) stream_reconnects: Counter,
     /// Change streams opened to replay history for recovering clients (one per database
     /// per shared scan, however many clients it serves).
-    pub replay_streams_opened: Counter,
+    pub(crate) replay_streams_opened: Counter,
     /// Times the stored token had fallen out of the oplog.
-    pub history_lost: Counter,
+    pub(crate) history_lost: Counter,
     /// Client messages refused as malformed or over a limit, and connections refused by
     /// the unauthenticated caps (`unauthenticated_overloaded`, `unauthenticated_per_ip`), by reason.
-    pub client_errors: Family<ReasonLabels, Counter>,
+    pub(crate) client_errors: Family<ReasonLabels, Counter>,
     /// `deliveries` of `/ws` and Socket.IO, looked up once: the family's lookup takes a
     /// lock and hashes the label for every frame otherwise.
     delivered: [Counter; 2],
@@ -188,7 +188,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Exports `events_routed` at 0 for event names beyond the built-in ones
     /// (declared streams': config, so still a bounded set).
-    pub fn init_events<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn init_events<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         for event in names {
             let _ = self.events_routed.get_or_create(&EventLabels {
                 event: event.to_owned(),
@@ -200,7 +200,7 @@ impl Metrics {
     /// (HELP, TYPE and samples) before anything happens: a dashboard then reads 0, and an
     /// alert can tell "zero" from "missing" (Prometheus's own advice). `collections` are
     /// the watched collection names.
-    pub fn init_known(&self, collections: &[&str]) {
+    pub(crate) fn init_known(&self, collections: &[&str]) {
         for coll in collections.iter().copied().chain(["other"]) {
             for op in ["insert", "update", "replace", "delete", "other"] {
                 let _ = self.changes_read.get_or_create(&ChangeLabels {
@@ -266,7 +266,7 @@ impl Metrics {
     }
 
     /// Counts one frame written to a client over `wire`.
-    pub fn delivered(&self, wire: Wire) {
+    pub(crate) fn delivered(&self, wire: Wire) {
         let i = match wire {
             Wire::Native => 0,
             Wire::SocketIo => 1,

@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use bson::{Bson, Document};
 
-use crate::config::{Collections, Config, FieldPaths, SettingsSection, StatusTable};
+use crate::config::{Collections, Config, FieldPaths, SettingsSection};
 use crate::event::EventId;
+use crate::status::StatusTable;
 
 /// Longest string kept in the state cache or copied into an [`Issue`]; longer
 /// values cannot be valid room ids anyway and must not grow memory without bound.
@@ -25,7 +26,7 @@ const MAX_KEPT_LEN: usize = 128;
 
 /// Which watched collection a change came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CollectionKind {
+pub(crate) enum CollectionKind {
     /// `mongodb.collections.orders`
     Orders,
     /// `mongodb.collections.payments`
@@ -36,7 +37,7 @@ pub enum CollectionKind {
 
 impl CollectionKind {
     /// A short label for metrics and logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Orders => "orders",
             Self::Payments => "payments",
@@ -51,7 +52,7 @@ impl CollectionKind {
 /// payment is not silently lost; like every delete it is routed only when
 /// the owners are known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventName {
+pub(crate) enum EventName {
     /// An order was inserted.
     OrderCreated,
     /// An order's status field changed.
@@ -70,13 +71,11 @@ pub enum EventName {
     PaymentDeleted,
     /// One or more settings sections changed.
     SettingsUpdated,
-    /// A room's history has a hole; clients must refetch (sent by the pipeline, never by normalization).
-    SystemResync,
 }
 
 impl EventName {
     /// The wire name, e.g. `order:status_changed`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::OrderCreated => "order:created",
             Self::OrderStatusChanged => "order:status_changed",
@@ -87,7 +86,6 @@ impl EventName {
             Self::PaymentUpdated => "payment:updated",
             Self::PaymentDeleted => "payment:deleted",
             Self::SettingsUpdated => "settings:updated",
-            Self::SystemResync => "system:resync",
         }
     }
 }
@@ -98,41 +96,41 @@ pub struct StatusInfo {
     /// Canonical status, or the raw value when it is unknown.
     pub status: String,
     /// The value as stored in the document.
-    pub raw: String,
+    pub(crate) raw: String,
     /// The canonical (or unknown raw) status before this change, when known
     /// from the pre-image or from the last state this process saw.
-    pub previous: Option<String>,
+    pub(crate) previous: Option<String>,
     /// Position on the order flow, 0..=100 (see [`OrderStatus::progress`]);
     /// `None` for cancelled, unknown statuses and payments.
-    pub progress: Option<u8>,
+    pub(crate) progress: Option<u8>,
     /// The raw value is not in the status table.
-    pub unknown: bool,
+    pub(crate) unknown: bool,
 }
 
 /// The ids that decide rooms, read from the document at the configured paths
 /// (or from the remembered state for deletes without a pre-image).
 /// `None` means absent or unusable; normalization has already reported why.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RouteKeys {
+pub(crate) struct RouteKeys {
     /// `customer:{id}` (orders, payments).
-    pub customer: Option<String>,
+    pub(crate) customer: Option<String>,
     /// `store:{id}` (all collections; settings also `storefront:{id}`).
-    pub store: Option<String>,
+    pub(crate) store: Option<String>,
     /// `order:{id}`: the order's `_id` for orders, the order id field for payments.
-    pub order: Option<String>,
+    pub(crate) order: Option<String>,
 }
 
 /// One settings section touched by a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SectionChange {
+pub(crate) struct SectionChange {
     /// Section name from `[routing.settings]`.
-    pub name: String,
+    pub(crate) name: String,
     /// Whether the section may reach `storefront:{id}`.
-    pub public: bool,
+    pub(crate) public: bool,
     /// The section's fields (as configured) that changed.
-    pub changed_fields: Vec<String>,
+    pub(crate) changed_fields: Vec<String>,
     /// All the section's configured fields, so routing can project them.
-    pub fields: Vec<String>,
+    pub(crate) fields: Vec<String>,
 }
 
 /// A named event derived from one change, before routing.
@@ -140,33 +138,33 @@ pub struct SectionChange {
 pub struct DomainEvent {
     /// The change's id: its resume token here; the mapper replaces it with the
     /// stream-ordered id (`sequence`).
-    pub id: EventId,
+    pub(crate) id: EventId,
     /// Canonical name.
-    pub name: EventName,
+    pub(crate) name: EventName,
     /// Commit time, Unix ms: `wallTime` if present, else `clusterTime` seconds × 1000, else 0.
-    pub ts_ms: i64,
+    pub(crate) ts_ms: i64,
     /// Source collection.
-    pub collection: CollectionKind,
+    pub(crate) collection: CollectionKind,
     /// The document's `_id` as a string (ObjectId as hex), when usable.
-    pub doc_id: Option<String>,
+    pub(crate) doc_id: Option<String>,
     /// The document the payload is projected from: `fullDocument`, or for a
     /// delete its pre-image; empty when neither was sent. Never sent as is.
-    pub document: Document,
+    pub(crate) document: Document,
     /// Status (orders and payments), when the document has one.
     pub status: Option<StatusInfo>,
     /// Room ids.
-    pub keys: RouteKeys,
+    pub(crate) keys: RouteKeys,
     /// Paths from `updateDescription` (updated, then removed) for updates; the new
     /// document's top-level fields for replaces; empty otherwise.
-    pub changed_fields: Vec<String>,
+    pub(crate) changed_fields: Vec<String>,
     /// Settings sections touched (settings only, never empty for `settings:updated`).
-    pub sections: Vec<SectionChange>,
+    pub(crate) sections: Vec<SectionChange>,
 }
 
 /// Something in a change that could not be used; counted and logged by the caller.
 /// Carried strings are truncated to 128 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Issue {
+pub(crate) enum Issue {
     /// The change has no usable `_id._data` resume token; the change is dropped.
     MissingEventId,
     /// `operationType` is missing or not one MongoDB documents.
@@ -217,7 +215,7 @@ pub enum Issue {
 
 impl Issue {
     /// A bounded label for metrics (`events_dropped_total{reason=…}` and the like).
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Issue::MissingEventId => "missing_event_id",
             Issue::UnknownOperation { .. } => "unknown_operation",
@@ -237,7 +235,7 @@ pub struct Normalized {
     /// Zero or one event today (one per change keeps "one id, one event" for recovery).
     pub events: Vec<DomainEvent>,
     /// Problems found, in the order met.
-    pub issues: Vec<Issue>,
+    pub(crate) issues: Vec<Issue>,
 }
 
 /// Last state seen of one document.
@@ -261,6 +259,11 @@ struct StateCache {
 }
 
 impl StateCache {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
     fn new(cap: usize) -> Self {
         Self {
             cap,
@@ -301,10 +304,6 @@ impl StateCache {
     fn remove(&mut self, kind: CollectionKind, id: &str) {
         self.map.remove(&(kind, id.to_owned()));
     }
-
-    fn len(&self) -> usize {
-        self.map.len()
-    }
 }
 
 /// Owners (route keys) of the documents the live stream has seen, kept after their
@@ -316,7 +315,7 @@ impl StateCache {
 /// Bound: `normalize.state_cache_docs` entries (~150 bytes each), least recently
 /// written evicted first.
 #[derive(Debug)]
-pub struct OwnerBook {
+pub(crate) struct OwnerBook {
     owners: Mutex<StateCache>,
     /// The same for the declared streams' documents (their rooms are not [`RouteKeys`]).
     declared: crate::declared::DeclaredBook,
@@ -324,7 +323,7 @@ pub struct OwnerBook {
 
 impl OwnerBook {
     /// A book of at most `cap` documents (0 disables it), and as many of declared streams.
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Self {
             owners: Mutex::new(StateCache::new(cap)),
             declared: crate::declared::DeclaredBook::new(cap),
@@ -332,7 +331,7 @@ impl OwnerBook {
     }
 
     /// The declared streams' part of the book.
-    pub fn declared(&self) -> &crate::declared::DeclaredBook {
+    pub(crate) fn declared(&self) -> &crate::declared::DeclaredBook {
         &self.declared
     }
 
@@ -356,7 +355,7 @@ impl OwnerBook {
 
 /// How a normalizer uses an [`OwnerBook`].
 #[derive(Debug, Clone)]
-pub enum OwnerBookUse {
+pub(crate) enum OwnerBookUse {
     /// The live stream: records every document's owners.
     Record(Arc<OwnerBook>),
     /// An oplog replay: falls back to the book for documents it has not seen itself.
@@ -404,14 +403,14 @@ pub(crate) const UNHANDLED_OPS: [&str; 12] = [
 /// built-in normalizer and declared streams.
 pub(crate) struct ChangeParts<'a> {
     /// Commit time, Unix ms: `wallTime` if present, else `clusterTime` seconds × 1000, else 0.
-    pub ts_ms: i64,
+    pub(crate) ts_ms: i64,
     /// `fullDocument` (never for a delete).
-    pub full: Option<&'a Document>,
+    pub(crate) full: Option<&'a Document>,
     /// `fullDocumentBeforeChange`.
-    pub pre: Option<&'a Document>,
+    pub(crate) pre: Option<&'a Document>,
     /// The document's identity: documentKey._id is authoritative; the full document's
     /// (then the pre-image's) `_id` stands in when a hostile or partial event lacks it.
-    pub id: Option<&'a Bson>,
+    pub(crate) id: Option<&'a Bson>,
 }
 
 impl<'a> ChangeParts<'a> {
@@ -464,7 +463,7 @@ fn keep(s: &str) -> Option<String> {
 }
 
 /// The BSON type name, for issues.
-pub fn type_name(b: &Bson) -> &'static str {
+pub(crate) fn type_name(b: &Bson) -> &'static str {
     match b {
         Bson::Double(_) => "double",
         Bson::String(_) => "string",
@@ -490,7 +489,7 @@ pub fn type_name(b: &Bson) -> &'static str {
 }
 
 /// The value at a dotted path; does not descend into arrays (an index would be a guess).
-pub fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
+pub(crate) fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
     let mut cur = doc;
     let mut segs = path.split('.').peekable();
     while let Some(seg) = segs.next() {
@@ -508,7 +507,7 @@ pub fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
 
 /// An id usable in a room name: ObjectId → hex, string as is, int/long → decimal.
 /// Anything else is refused (a double or a date as an id would be a guess).
-pub fn id_string(b: &Bson) -> Result<String, &'static str> {
+pub(crate) fn id_string(b: &Bson) -> Result<String, &'static str> {
     match b {
         Bson::ObjectId(o) => Ok(o.to_hex()),
         Bson::String(s) => Ok(s.clone()),
@@ -563,7 +562,7 @@ impl Normalizer {
     }
 
     /// Builds a normalizer from its pieces; `state_cache_docs` bounds the last-seen map (0 disables it).
-    pub fn from_parts(
+    pub(crate) fn from_parts(
         fields: FieldPaths,
         status: StatusTable,
         collections: Collections,
@@ -581,7 +580,7 @@ impl Normalizer {
     }
 
     /// Records owners in, or consults, a shared [`OwnerBook`].
-    pub fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
+    pub(crate) fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
         self.book = Some(book);
         self
     }
@@ -594,7 +593,8 @@ impl Normalizer {
     }
 
     /// Documents currently remembered (bounded by `normalize.state_cache_docs`).
-    pub fn remembered(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn remembered(&self) -> usize {
         self.cache.len()
     }
 
@@ -1212,7 +1212,7 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::change;
     use super::*;
-    use crate::config::OrderStatus;
+    use crate::status::OrderStatus;
     use bson::{doc, oid::ObjectId};
 
     fn normalizer() -> Normalizer {

@@ -41,7 +41,7 @@ pub enum HistoryLostPolicy {
 /// cannot split (no `$changeStreamSplitLargeEvent`, or one field alone is too large).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum OversizePolicy {
+pub(crate) enum OversizePolicy {
     /// Skip that one change: count it (`events_dropped{reason="oversize"}`), log its id,
     /// tell its rooms to resync, go on.
     #[default]
@@ -52,7 +52,7 @@ pub enum OversizePolicy {
 
 /// Where routed events go.
 #[derive(Clone)]
-pub enum Output {
+pub(crate) enum Output {
     /// The hub (normal operation).
     Hub(Arc<Hub>),
     /// One JSON line per routed event on stdout (`changecast tail`).
@@ -61,69 +61,69 @@ pub enum Output {
 
 /// Pipeline tunables (from config and CLI).
 #[derive(Debug, Clone)]
-pub struct PipelineConfig {
+pub(crate) struct PipelineConfig {
     /// Databases to watch, one stream each.
-    pub databases: Vec<String>,
+    pub(crate) databases: Vec<String>,
     /// Collections to keep.
-    pub collections: Vec<String>,
+    pub(crate) collections: Vec<String>,
     /// `maxAwaitTimeMS` of each `getMore`.
-    pub max_await: Duration,
+    pub(crate) max_await: Duration,
     /// Debounce interval of checkpoint saves.
-    pub checkpoint_interval: Duration,
+    pub(crate) checkpoint_interval: Duration,
     /// Save at least every this many events.
-    pub checkpoint_every: usize,
+    pub(crate) checkpoint_every: usize,
     /// History-lost policy.
-    pub on_history_lost: HistoryLostPolicy,
+    pub(crate) on_history_lost: HistoryLostPolicy,
     /// Oversized-event policy (`mongodb.oversize`).
-    pub on_oversize: OversizePolicy,
+    pub(crate) on_oversize: OversizePolicy,
     /// Paths into the documents that routing reads, kept when an oversized change is
     /// looked at without its documents (see `Source::peek_next`).
-    pub routing_paths: Vec<String>,
+    pub(crate) routing_paths: Vec<String>,
     /// The document fields mapping reads (`SourceSpec::fields`); `None`: whole documents.
-    pub document_fields: Option<Arc<[String]>>,
+    pub(crate) document_fields: Option<Arc<[String]>>,
     /// Where to start instead of the stored checkpoint (CLI `--resume-token`, `--start-at`, `--from-now`).
-    pub start_override: Option<StartAt>,
+    pub(crate) start_override: Option<StartAt>,
     /// Longest wait between reconnect attempts.
-    pub max_backoff: Duration,
+    pub(crate) max_backoff: Duration,
 }
 
 /// Everything the pipeline needs.
 #[derive(Clone)]
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     /// Driver client.
-    pub client: Client,
+    pub(crate) client: Client,
     /// Checkpoint store.
-    pub store: Arc<CheckpointStore>,
+    pub(crate) store: Arc<CheckpointStore>,
     /// Output.
-    pub output: Output,
+    pub(crate) output: Output,
     /// Metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Readiness.
-    pub health: Arc<Health>,
+    pub(crate) health: Arc<Health>,
     /// Builds one mapper per stream.
-    pub mappers: MapperFactory,
+    pub(crate) mappers: MapperFactory,
     /// Tunables.
-    pub cfg: PipelineConfig,
+    pub(crate) cfg: PipelineConfig,
     /// Warms the hub's history from the oplog at start; `None` disables it.
-    pub warm: Option<WarmUp>,
+    pub(crate) warm: Option<WarmUp>,
     /// What is known about the server (asked by the first stream; replays read it).
-    pub server: Arc<ServerTraits>,
+    pub(crate) server: Arc<ServerTraits>,
 }
 
 /// How a starting process fills its history from the oplog, so that clients who come
 /// back after a restart, a deploy or a move from another replica recover from memory
 /// instead of each opening a change stream.
 #[derive(Clone)]
-pub struct WarmUp {
+pub(crate) struct WarmUp {
     /// Mappers for the re-read changes (with metrics of their own: they were counted
     /// by the process that published them).
-    pub mappers: MapperFactory,
+    pub(crate) mappers: MapperFactory,
     /// How far before the checkpoint to start (`hub.history_age`).
-    pub age: Duration,
+    pub(crate) age: Duration,
     /// Most changes read (`hub.history_len` plus margin): the hub keeps no more anyway.
-    pub max_changes: usize,
+    pub(crate) max_changes: usize,
     /// Longest the warm-up may take before the stream goes live without it.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// Why the pipeline stopped for good.
@@ -178,7 +178,7 @@ pub enum PipelineError {
 impl Pipeline {
     /// Runs one stream per database until `stop` fires or one fails for good;
     /// a failure stops the others (they flush their checkpoints) and is returned.
-    pub async fn run(self, stop: CancellationToken) -> Result<(), PipelineError> {
+    pub(crate) async fn run(self, stop: CancellationToken) -> Result<(), PipelineError> {
         let inner_stop = stop.child_token();
         let mut set = tokio::task::JoinSet::new();
         for db in self.cfg.databases.clone() {
@@ -698,7 +698,7 @@ fn start_label(s: &StartAt) -> String {
 }
 
 /// The `tail` line for one routed event.
-pub fn tail_json(ev: &RoutedEvent) -> serde_json::Value {
+pub(crate) fn tail_json(ev: &RoutedEvent) -> serde_json::Value {
     serde_json::json!({
         "id": ev.event.id,
         "token": sequence::token_of(&ev.event.id),
@@ -849,9 +849,4 @@ async fn warm_history(
         "more than {} changes before the checkpoint",
         warm.max_changes
     ))
-}
-
-/// The id of the newest event the hub holds, for the SIGTERM test and `token show`.
-pub fn head_id(hub: &Hub) -> Option<EventId> {
-    hub.head()
 }

@@ -31,11 +31,11 @@ use crate::token::StartAt;
 
 /// Requests that may wait for a scan. Overflow policy: the request is refused at once
 /// (the client is told to resync); nothing is queued beyond it.
-pub const MAX_WAITING: usize = 20_000;
+pub(crate) const MAX_WAITING: usize = 20_000;
 
 /// Longest a recovery waits for its shared scan to begin (a storm's later arrivals wait
 /// for the scan ahead of them); past it the client is told to resync.
-pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const MAX_QUEUE_WAIT: Duration = Duration::from_secs(60);
 
 /// How long the scheduler waits for one more request before it scans: a storm's
 /// clients arrive over a while, and one scan should serve as many as it can. A lone
@@ -47,26 +47,26 @@ const GATHER: Duration = Duration::from_millis(150);
 const GATHER_MAX: Duration = Duration::from_secs(1);
 
 /// What a replay scans and with what.
-pub struct ReplayConfig {
+pub(crate) struct ReplayConfig {
     /// Driver client.
-    pub client: Client,
+    pub(crate) client: Client,
     /// Watched databases.
-    pub databases: Vec<String>,
+    pub(crate) databases: Vec<String>,
     /// Watched collections.
-    pub collections: Vec<String>,
+    pub(crate) collections: Vec<String>,
     /// The document fields mapping reads (`SourceSpec::fields`): a replay asks for what
     /// the live stream does, so its payloads are the live ones.
-    pub document_fields: Option<Arc<[String]>>,
+    pub(crate) document_fields: Option<Arc<[String]>>,
     /// A fresh mapper per scan.
-    pub mappers: MapperFactory,
+    pub(crate) mappers: MapperFactory,
     /// Most changes one scan may read before the requests it serves give up (resync).
-    pub max_changes: usize,
+    pub(crate) max_changes: usize,
     /// Seals the replayed events' ids as the hub does.
-    pub ids: Arc<IdCodec>,
+    pub(crate) ids: Arc<IdCodec>,
     /// Counts the change streams opened.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Whether a start at a time is safe (the server refuses one before its history).
-    pub server: Arc<crate::source::ServerTraits>,
+    pub(crate) server: Arc<crate::source::ServerTraits>,
 }
 
 /// One client's recovery: the events of `room` after `since`, up to `until`.
@@ -81,13 +81,13 @@ struct Request {
 }
 
 /// The [`Replayer`] the gateway uses: a handle to the shared scheduler.
-pub struct OplogReplayer {
+pub(crate) struct OplogReplayer {
     tx: mpsc::Sender<Request>,
 }
 
 impl OplogReplayer {
     /// Starts the scheduler task (it ends when every handle is dropped).
-    pub fn start(cfg: ReplayConfig) -> Self {
+    pub(crate) fn start(cfg: ReplayConfig) -> Self {
         let (tx, rx) = mpsc::channel(MAX_WAITING);
         tokio::spawn(schedule(cfg, rx));
         Self { tx }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use serde::{Serialize, Serializer};
 
 /// Longest room id accepted; ids are ObjectId hex strings, UUIDs or slugs in practice.
-pub const MAX_ROOM_ID_LEN: usize = 128;
+pub(crate) const MAX_ROOM_ID_LEN: usize = 128;
 
 /// The kinds of room, from design.md's rooms table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RoomKind {
+pub(crate) enum RoomKind {
     /// `customer:{id}`: one customer's orders and payments.
     Customer,
     /// `store:{id}`: one store's orders, payments and private settings.
@@ -26,7 +26,7 @@ pub enum RoomKind {
 
 impl RoomKind {
     /// The prefix before the colon.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RoomKind::Customer => "customer",
             RoomKind::Store => "store",
@@ -60,7 +60,7 @@ pub enum RoomError {
 
 impl Room {
     /// Builds a room of `kind` for `id`, validating the id.
-    pub fn new(kind: RoomKind, id: &str) -> Result<Self, RoomError> {
+    pub(crate) fn new(kind: RoomKind, id: &str) -> Result<Self, RoomError> {
         if kind == RoomKind::Admin {
             return Ok(Self::admin());
         }
@@ -74,7 +74,7 @@ impl Room {
     }
 
     /// The `admin` room.
-    pub fn admin() -> Self {
+    pub(crate) fn admin() -> Self {
         Self {
             kind: RoomKind::Admin,
             name: "admin".into(),
@@ -82,29 +82,21 @@ impl Room {
     }
 
     /// Shorthand constructors used by routing.
-    pub fn customer(id: &str) -> Result<Self, RoomError> {
+    pub(crate) fn customer(id: &str) -> Result<Self, RoomError> {
         Self::new(RoomKind::Customer, id)
     }
     /// `store:{id}`.
-    pub fn store(id: &str) -> Result<Self, RoomError> {
+    pub(crate) fn store(id: &str) -> Result<Self, RoomError> {
         Self::new(RoomKind::Store, id)
-    }
-    /// `order:{id}`.
-    pub fn order(id: &str) -> Result<Self, RoomError> {
-        Self::new(RoomKind::Order, id)
-    }
-    /// `storefront:{id}`.
-    pub fn storefront(id: &str) -> Result<Self, RoomError> {
-        Self::new(RoomKind::Storefront, id)
     }
 
     /// The kind.
-    pub fn kind(&self) -> RoomKind {
+    pub(crate) fn kind(&self) -> RoomKind {
         self.kind
     }
 
     /// The id part (empty for `admin`).
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         match self.name.split_once(':') {
             Some((_, id)) => id,
             None => "",

@@ -22,7 +22,8 @@ use crate::room::{Room, RoomKind};
 const MAX_JSON_DEPTH: usize = 32;
 
 /// Field names changecast adds to payloads (they override document fields of the same name).
-pub const EVENT_FIELDS: [&str; 10] = [
+#[cfg(test)]
+pub(crate) const EVENT_FIELDS: [&str; 10] = [
     "orderId",
     "paymentId",
     "storeId",
@@ -37,7 +38,7 @@ pub const EVENT_FIELDS: [&str; 10] = [
 
 /// A route that was skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteIssue {
+pub(crate) enum RouteIssue {
     /// The id for this room kind is not a valid room id (empty, too long, odd characters).
     InvalidRoomId {
         /// The room kind that was skipped.
@@ -47,7 +48,7 @@ pub enum RouteIssue {
 
 impl RouteIssue {
     /// A bounded label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             RouteIssue::InvalidRoomId { .. } => "invalid_room_id",
         }
@@ -74,7 +75,7 @@ pub(crate) fn insert_status(data: &mut Map<String, Value>, st: &StatusInfo, prog
 
 /// Decides rooms and payloads. Immutable; share it freely.
 #[derive(Debug, Clone)]
-pub struct Router {
+pub(crate) struct Router {
     orders: Allowlists,
     payments: Allowlists,
     /// Section name → definition. Visibility is decided from here, not from the
@@ -84,7 +85,7 @@ pub struct Router {
 
 impl Router {
     /// Builds a router from `[routing]`.
-    pub fn new(cfg: &RoutingConfig) -> Self {
+    pub(crate) fn new(cfg: &RoutingConfig) -> Self {
         Self {
             orders: cfg.orders.clone(),
             payments: cfg.payments.clone(),
@@ -97,7 +98,7 @@ impl Router {
     }
 
     /// Addresses an event to its rooms with one payload per room; `None` when no room remains.
-    pub fn route(&self, ev: &DomainEvent) -> (Option<RoutedEvent>, Vec<RouteIssue>) {
+    pub(crate) fn route(&self, ev: &DomainEvent) -> (Option<RoutedEvent>, Vec<RouteIssue>) {
         let mut issues = Vec::new();
         let deliveries = match ev.collection {
             CollectionKind::Orders => self.record(ev, &self.orders, &mut issues),
@@ -283,7 +284,7 @@ pub(crate) fn is_under(path: &str, ancestor: &str) -> bool {
 }
 
 /// The allowlisted paths of `doc` as a JSON object (nested for dotted paths).
-pub fn project(doc: &Document, allow: &[String]) -> Map<String, Value> {
+pub(crate) fn project(doc: &Document, allow: &[String]) -> Map<String, Value> {
     let mut out = Map::new();
     for path in allow {
         let Some(v) = get_path(doc, path) else {
@@ -315,7 +316,7 @@ fn insert_path(map: &mut Map<String, Value>, segs: &[&str], value: Value) {
 
 /// BSON → the JSON clients see: ObjectId as hex, dates as RFC 3339, decimals as
 /// strings, non-finite doubles and BSON-only types (binary, regex, code…) as `null`.
-pub fn bson_to_json(b: &Bson) -> Value {
+pub(crate) fn bson_to_json(b: &Bson) -> Value {
     to_json(b, 0)
 }
 

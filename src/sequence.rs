@@ -28,9 +28,9 @@ const INDEX_HEX: usize = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Position {
     /// The change's cluster time.
-    pub time: (u32, u32),
+    pub(crate) time: (u32, u32),
     /// Its index among the stream's changes at that time; `None` for a time-only position.
-    pub index: Option<u32>,
+    pub(crate) index: Option<u32>,
 }
 
 impl Position {
@@ -44,7 +44,7 @@ impl Position {
 }
 
 /// The id of the change at `time`, `index`-th at that time in its stream, with `token`.
-pub fn change_id(time: Timestamp, index: u32, token: &str) -> EventId {
+pub(crate) fn change_id(time: Timestamp, index: u32, token: &str) -> EventId {
     EventId::new(format!(
         "{MARK}{:08X}{:08X}{index:08X}-{token}",
         time.time, time.increment
@@ -120,7 +120,7 @@ pub struct Sequencer {
 impl Sequencer {
     /// A stream that starts at `time` (inclusive: `startAtOperationTime`), or after the
     /// change or position `id` (`resumeAfter` its token).
-    pub fn after(id: &EventId) -> Self {
+    pub(crate) fn after(id: &EventId) -> Self {
         let last = position(id).map(|p| (p.time, p.index));
         Self {
             last,
@@ -165,7 +165,7 @@ impl Sequencer {
     }
 
     /// The id of the newest change numbered (or the start it resumed after).
-    pub fn newest(&self) -> Option<&EventId> {
+    pub(crate) fn newest(&self) -> Option<&EventId> {
         self.newest.as_ref()
     }
 }

@@ -13,16 +13,16 @@ use mongodb::Client;
 use crate::token::{self, StartAt};
 
 /// MongoDB's `ChangeStreamHistoryLost`: the resume point has fallen out of the oplog.
-pub const HISTORY_LOST: i32 = 286;
+pub(crate) const HISTORY_LOST: i32 = 286;
 
 /// MongoDB's `BSONObjectTooLarge`: a change event (after `updateLookup` and the pipeline)
 /// is over the 16 MiB document limit. The `getMore` that would return it fails, and so
 /// does every resume before it: see `Pipeline`'s oversize handling.
-pub const TOO_LARGE: i32 = 10334;
+pub(crate) const TOO_LARGE: i32 = 10334;
 
 /// MongoDB's answer when an event must be split but one of its fields alone is over the
 /// fragment limit: the change cannot be returned either way, as with [`TOO_LARGE`].
-pub const SPLIT_FIELD_TOO_LARGE: i32 = 7_182_500;
+pub(crate) const SPLIT_FIELD_TOO_LARGE: i32 = 7_182_500;
 
 /// Server errors that retrying cannot fix, so the stream stops for the operator instead of
 /// reconnecting forever: `Unauthorized` (13, the user lacks `changeStream`/`find`),
@@ -32,7 +32,7 @@ pub const SPLIT_FIELD_TOO_LARGE: i32 = 7_182_500;
 /// any token not its own), `ChangeStreamFatalError` (280), 40573 (change streams need a
 /// replica set), and 40415 (an option the server does not know: `fullDocumentBeforeChange`
 /// needs MongoDB 6.0+).
-pub const FATAL_CODES: [i32; 8] = [9, 13, 260, 280, 40415, 40573, 40649, 50811];
+pub(crate) const FATAL_CODES: [i32; 8] = [9, 13, 260, 280, 40415, 40573, 40649, 50811];
 
 /// Why a stream stopped.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +80,7 @@ pub enum SourceError {
 
 /// What the pipeline has found out about the server, shared with the replays.
 #[derive(Debug, Default)]
-pub struct ServerTraits {
+pub(crate) struct ServerTraits {
     refuses_lost_history: std::sync::OnceLock<bool>,
     splits_large_events: std::sync::OnceLock<bool>,
 }
@@ -88,61 +88,61 @@ pub struct ServerTraits {
 impl ServerTraits {
     /// Whether a start at a time older than the server's history is known to fail loudly
     /// (see [`Source::refuses_lost_history`]); false until known.
-    pub fn refuses_lost_history(&self) -> bool {
+    pub(crate) fn refuses_lost_history(&self) -> bool {
         self.refuses_lost_history.get().copied().unwrap_or(false)
     }
 
     /// Whether it has been asked yet.
-    pub fn known(&self) -> bool {
+    pub(crate) fn known(&self) -> bool {
         self.refuses_lost_history.get().is_some()
     }
 
     /// Records the answer (the first one counts).
-    pub fn learn(&self, refuses_lost_history: bool) {
+    pub(crate) fn learn(&self, refuses_lost_history: bool) {
         let _ = self.refuses_lost_history.set(refuses_lost_history);
     }
 
     /// Whether the server accepts `$changeStreamSplitLargeEvent` (MongoDB 7.0, 6.0.9);
     /// false until known.
-    pub fn splits_large_events(&self) -> bool {
+    pub(crate) fn splits_large_events(&self) -> bool {
         self.splits_large_events.get().copied().unwrap_or(false)
     }
 
     /// Whether that has been asked yet.
-    pub fn split_known(&self) -> bool {
+    pub(crate) fn split_known(&self) -> bool {
         self.splits_large_events.get().is_some()
     }
 
     /// Records whether the server splits large events (the first answer counts).
-    pub fn learn_split(&self, splits: bool) {
+    pub(crate) fn learn_split(&self, splits: bool) {
         let _ = self.splits_large_events.set(splits);
     }
 }
 
 /// What the stream watches and how.
 #[derive(Debug, Clone)]
-pub struct SourceSpec {
+pub(crate) struct SourceSpec {
     /// The database to watch.
-    pub database: String,
+    pub(crate) database: String,
     /// Collections kept by the `$match` (the app's orders, payments, settings).
-    pub collections: Vec<String>,
+    pub(crate) collections: Vec<String>,
     /// How long one `getMore` waits for changes; also how often an idle token advances.
-    pub max_await: Duration,
+    pub(crate) max_await: Duration,
     /// Ask the server to split events over 16 MiB into fragments (`Source::next`
     /// reassembles them); only where `ServerTraits::splits_large_events` says it can.
-    pub split_large_events: bool,
+    pub(crate) split_large_events: bool,
     /// Changes per batch; `Some(1)` while the pipeline looks for an oversized event (the
     /// failing `getMore` then holds that event alone).
-    pub batch_size: Option<u32>,
+    pub(crate) batch_size: Option<u32>,
     /// The top-level fields of `fullDocument` / `fullDocumentBeforeChange` that mapping
     /// reads (see `app::document_fields`); the server drops the rest before sending the
     /// event. `None`: whole documents.
-    pub fields: Option<Arc<[String]>>,
+    pub(crate) fields: Option<Arc<[String]>>,
 }
 
 impl SourceSpec {
     /// A spec with the defaults for the optional parts (no splitting, server batches).
-    pub fn new(database: &str, collections: Vec<String>, max_await: Duration) -> Self {
+    pub(crate) fn new(database: &str, collections: Vec<String>, max_await: Duration) -> Self {
         Self {
             database: database.to_owned(),
             collections,
@@ -154,7 +154,7 @@ impl SourceSpec {
     }
 
     /// The same spec, asking for only `fields` of the documents.
-    pub fn with_fields(mut self, fields: Option<Arc<[String]>>) -> Self {
+    pub(crate) fn with_fields(mut self, fields: Option<Arc<[String]>>) -> Self {
         self.fields = fields;
         self
     }
@@ -210,7 +210,7 @@ struct Partial {
 }
 
 /// An open change stream and the newest token it has handed out.
-pub struct Source {
+pub(crate) struct Source {
     spec: SourceSpec,
     stream: ChangeStream<Document>,
     partial: Option<Partial>,
@@ -218,7 +218,7 @@ pub struct Source {
 
 impl Source {
     /// Opens the stream at `start`.
-    pub async fn open(
+    pub(crate) async fn open(
         client: &Client,
         spec: SourceSpec,
         start: &StartAt,
@@ -277,7 +277,7 @@ impl Source {
 
     /// Whether the server accepts `$changeStreamSplitLargeEvent`: a stream with it is
     /// opened at "now" and closed. `None` when the answer is unclear (server unreachable).
-    pub async fn splits_large_events(client: &Client, spec: &SourceSpec) -> Option<bool> {
+    pub(crate) async fn splits_large_events(client: &Client, spec: &SourceSpec) -> Option<bool> {
         let opened = client
             .database(&spec.database)
             .watch()
@@ -300,7 +300,7 @@ impl Source {
     /// left on the server: the event's id, time, namespace, document key and, of its
     /// documents, only `keep` (the paths routing reads). Used after a `getMore` of one
     /// change failed with `BSONObjectTooLarge`, to learn which change that was and skip it.
-    pub async fn peek_next(
+    pub(crate) async fn peek_next(
         client: &Client,
         spec: &SourceSpec,
         start: &StartAt,
@@ -337,7 +337,7 @@ impl Source {
     /// The server's current operation time, read from a one-document `find` in a session:
     /// a stream opened at it (inclusive) starts exactly "now" at a known position, which
     /// `StartAt::Now` does not tell. `None` when the server does not report it.
-    pub async fn server_time(client: &Client, spec: &SourceSpec) -> Option<bson::Timestamp> {
+    pub(crate) async fn server_time(client: &Client, spec: &SourceSpec) -> Option<bson::Timestamp> {
         let coll = spec.collections.first()?;
         let mut session = client.start_session().await.ok()?;
         client
@@ -354,7 +354,7 @@ impl Source {
     /// (MongoDB: `ChangeStreamHistoryLost`) rather than silently starting later
     /// (SecantusDB does). Only where it refuses is a time-only position a safe start
     /// point. Asked once with a start in 1970; `None` when the answer is unclear.
-    pub async fn refuses_lost_history(client: &Client, spec: &SourceSpec) -> Option<bool> {
+    pub(crate) async fn refuses_lost_history(client: &Client, spec: &SourceSpec) -> Option<bool> {
         let probe = SourceSpec {
             max_await: Duration::from_millis(100),
             ..spec.clone()
@@ -380,7 +380,7 @@ impl Source {
     /// A split event (`splitEvent: {fragment, of}`) comes back whole: its fragments, which
     /// the server sends one after another, are read and merged first, and the event
     /// carries the last fragment's token, after which a resume continues.
-    pub async fn next(&mut self) -> Result<Option<Document>, SourceError> {
+    pub(crate) async fn next(&mut self) -> Result<Option<Document>, SourceError> {
         loop {
             if !self.stream.is_alive() {
                 return Err(SourceError::Invalidated {
@@ -476,7 +476,7 @@ impl Source {
 
     /// The token to resume after everything returned so far: while a split event is
     /// half read, the token before it, so no save and no reconnect lands between fragments.
-    pub fn token(&self) -> Option<Document> {
+    pub(crate) fn token(&self) -> Option<Document> {
         if let Some(p) = &self.partial {
             return p.before.as_ref().and_then(token::to_document);
         }
@@ -485,15 +485,10 @@ impl Source {
             .as_ref()
             .and_then(token::to_document)
     }
-
-    /// The database watched.
-    pub fn database(&self) -> &str {
-        &self.spec.database
-    }
 }
 
 /// The server error code of a driver error, if it carries one.
-pub fn error_code(e: &MongoError) -> Option<i32> {
+pub(crate) fn error_code(e: &MongoError) -> Option<i32> {
     match e.kind.as_ref() {
         ErrorKind::Command(c) => Some(c.code),
         _ => None,

@@ -49,7 +49,7 @@ fn is_hex(s: &str) -> bool {
 }
 
 /// Parses `--start-at`: RFC 3339 or `t:i`.
-pub fn parse_start_at(input: &str) -> Result<Timestamp, TokenError> {
+pub(crate) fn parse_start_at(input: &str) -> Result<Timestamp, TokenError> {
     let input = input.trim();
     if let Some((t, i)) = input
         .split_once(':')

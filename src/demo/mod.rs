@@ -11,7 +11,7 @@
 //! ordinary app (`crate::app::start`) with a generated config, the traffic
 //! generator and these assets, until Ctrl-C.
 
-pub mod traffic;
+pub(crate) mod traffic;
 
 use std::ffi::OsString;
 use std::fmt;
@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 use traffic::{TrafficConfig, FOCUS_CUSTOMER, FOCUS_STORE, VISITOR};
 
 /// Version of the vendored `socket.io-client` build (`assets/socket.io.min.js`, MIT, from npm).
-pub const SOCKET_IO_CLIENT_VERSION: &str = "4.8.4";
+pub(crate) const SOCKET_IO_CLIENT_VERSION: &str = "4.8.4";
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -66,21 +66,21 @@ const STORE_OWNER: &str = "owner-s1";
 /// Tokens and ids the dashboard uses, minted by [`mint_tokens`]. `Debug` never prints the tokens.
 #[derive(Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-pub struct DemoTokens {
+pub(crate) struct DemoTokens {
     /// JWT of customer [`traffic::FOCUS_CUSTOMER`] (role `customer`, no stores).
-    pub customer_token: String,
+    pub(crate) customer_token: String,
     /// JWT of the owner of store [`traffic::FOCUS_STORE`] (role `store`, `stores: [id]`).
-    pub store_token: String,
+    pub(crate) store_token: String,
     /// JWT of a storefront visitor (role `visitor`, no stores).
-    pub visitor_token: String,
+    pub(crate) visitor_token: String,
     /// The customer the tracker follows.
-    pub customer_id: String,
+    pub(crate) customer_id: String,
     /// The store the board and the storefront preview show.
-    pub store_id: String,
+    pub(crate) store_id: String,
     /// The visitor's subject.
-    pub visitor_id: String,
+    pub(crate) visitor_id: String,
     /// When the tokens expire, seconds since the Unix epoch.
-    pub expires_at: u64,
+    pub(crate) expires_at: u64,
 }
 
 impl fmt::Debug for DemoTokens {
@@ -107,7 +107,7 @@ struct Claims<'a> {
 /// customer, store owner and visitor, valid for `ttl` from now.
 ///
 /// The claim names are changecast's defaults, so the demo config needs no `[auth]` claim settings.
-pub fn mint_tokens(
+pub(crate) fn mint_tokens(
     secret: &[u8],
     ttl: Duration,
 ) -> Result<DemoTokens, jsonwebtoken::errors::Error> {
@@ -154,11 +154,11 @@ pub fn mint_tokens(
 /// The router is built before `app::start` creates the registry, hence the `OnceLock`:
 /// filled once by [`serve_demo`], `503` until then.
 #[derive(Clone, Default)]
-pub struct DemoMetrics(Arc<OnceLock<(Arc<Metrics>, Arc<Health>)>>);
+pub(crate) struct DemoMetrics(Arc<OnceLock<(Arc<Metrics>, Arc<Health>)>>);
 
 impl DemoMetrics {
     /// Points the route at the running app's registry; later calls are ignored.
-    pub fn set(&self, metrics: Arc<Metrics>, health: Arc<Health>) {
+    pub(crate) fn set(&self, metrics: Arc<Metrics>, health: Arc<Health>) {
         let _ = self.0.set((metrics, health));
     }
 
@@ -191,7 +191,7 @@ impl DemoMetrics {
 /// `/demo/style.css`, `/demo/socket.io.min.js`, `/demo/tokens.json` (the
 /// same tokens, for a page that outlived a demo restart and whose old tokens
 /// were refused) and `/demo/metrics` (see [`DemoMetrics`]).
-pub fn assets_router(tokens: DemoTokens, metrics: DemoMetrics) -> Router {
+pub(crate) fn assets_router(tokens: DemoTokens, metrics: DemoMetrics) -> Router {
     let html = Bytes::from(render_index(&tokens));
     let tokens_json = Bytes::from(serde_json::to_string(&tokens).unwrap_or_default());
     Router::new()
@@ -298,7 +298,7 @@ async fn stop_on_signal(stop: CancellationToken) {
 /// gateway users run) plus the dashboard routes, and `rate` writes per second
 /// of traffic. `secret` is the HS256 secret both the config and the page's
 /// tokens use; it is handed to the config as `CHANGECAST_JWT_SECRET` would be.
-pub async fn serve_demo(
+pub(crate) async fn serve_demo(
     listener: TcpListener,
     rate: f64,
     secret: &str,

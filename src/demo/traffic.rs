@@ -18,11 +18,11 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 /// The customer the dashboard's order tracker follows; always has a live order.
-pub const FOCUS_CUSTOMER: &str = "c1";
+pub(crate) const FOCUS_CUSTOMER: &str = "c1";
 /// The store whose board and storefront the dashboard shows; the focus customer orders there.
-pub const FOCUS_STORE: &str = "s1";
+pub(crate) const FOCUS_STORE: &str = "s1";
 /// Subject of the demo's storefront visitor token (a shopper with no stores).
-pub const VISITOR: &str = "visitor-1";
+pub(crate) const VISITOR: &str = "visitor-1";
 
 /// Live (not yet finished) orders per store. Finished orders are never
 /// written again, so this bounds both the board and the write mix.
@@ -41,7 +41,7 @@ const OPENING_BALANCE: i64 = 40;
 /// Below this the next balance change is a top-up, so the balance never goes negative.
 const LOW_BALANCE: i64 = 15;
 /// The collection of the demo's declared stream (`[[streams]]` in `demo_config`).
-pub const USERS_COLLECTION: &str = "users";
+pub(crate) const USERS_COLLECTION: &str = "users";
 /// Probability that a payment fails (the order is then cancelled).
 const PAYMENT_FAIL_P: f64 = 0.12;
 /// Probability that a new, paid order is cancelled by the store (payment refunded).
@@ -51,21 +51,21 @@ const REFUND_P: f64 = 0.08;
 /// Consecutive failed writes after which [`run`] gives up.
 const MAX_CONSECUTIVE_FAILURES: u32 = 20;
 /// Accepted range of `rate_per_sec`: slower looks dead, faster is a load test, not a demo.
-pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.05..=500.0;
+pub(crate) const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.05..=500.0;
 
 /// What the generator writes and how fast.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TrafficConfig {
+pub(crate) struct TrafficConfig {
     /// Database the orders, payments and settings collections live in (default `app`).
-    pub database: String,
+    pub(crate) database: String,
     /// Writes per second (default 2).
-    pub rate_per_sec: f64,
+    pub(crate) rate_per_sec: f64,
     /// Number of stores `s1..sN` (default 3).
-    pub stores: usize,
+    pub(crate) stores: usize,
     /// Number of customers `c1..cN` (default 4).
-    pub customers: usize,
+    pub(crate) customers: usize,
     /// Seed of the action sequence; the same seed gives the same sequence of writes.
-    pub seed: u64,
+    pub(crate) seed: u64,
 }
 
 impl Default for TrafficConfig {
@@ -82,7 +82,7 @@ impl Default for TrafficConfig {
 
 impl TrafficConfig {
     /// The ids this configuration writes for.
-    pub fn principals(&self) -> DemoPrincipals {
+    pub(crate) fn principals(&self) -> DemoPrincipals {
         DemoPrincipals {
             customers: (1..=self.customers.max(1))
                 .map(|n| format!("c{n}"))
@@ -95,17 +95,18 @@ impl TrafficConfig {
 
 /// The demo's principals: deterministic string ids the traffic uses and the demo's tokens name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DemoPrincipals {
+pub(crate) struct DemoPrincipals {
     /// Customer ids (`c1`, `c2`, …); the first is [`FOCUS_CUSTOMER`].
-    pub customers: Vec<String>,
+    pub(crate) customers: Vec<String>,
     /// Store ids (`s1`, `s2`, …); the first is [`FOCUS_STORE`].
-    pub stores: Vec<String>,
+    pub(crate) stores: Vec<String>,
     /// The storefront visitor's subject.
-    pub visitor: String,
+    pub(crate) visitor: String,
 }
 
 /// The principals of the default [`TrafficConfig`].
-pub fn demo_principals() -> DemoPrincipals {
+#[cfg(test)]
+pub(crate) fn demo_principals() -> DemoPrincipals {
     TrafficConfig::default().principals()
 }
 
@@ -116,7 +117,7 @@ pub fn demo_principals() -> DemoPrincipals {
 /// seconds. Fails on a bad config or after
 /// `MAX_CONSECUTIVE_FAILURES` write errors in a row; single failures are
 /// logged and skipped (the next write does not depend on them being applied).
-pub async fn run(
+pub(crate) async fn run(
     client: mongodb::Client,
     cfg: TrafficConfig,
     stop: CancellationToken,

@@ -25,17 +25,17 @@ pub struct ConnLimits {
 }
 
 /// Held while a connection counts against the total.
-pub struct TotalPermit(Arc<ConnLimits>);
+pub(crate) struct TotalPermit(Arc<ConnLimits>);
 
 /// Held while a connection counts against its subject.
-pub struct SubjectPermit(Arc<ConnLimits>, String);
+pub(crate) struct SubjectPermit(Arc<ConnLimits>, String);
 
 /// Held while a connection is unauthenticated; dropped when it authenticates or closes.
-pub struct UnauthPermit(Arc<ConnLimits>, Option<IpAddr>);
+pub(crate) struct UnauthPermit(Arc<ConnLimits>, Option<IpAddr>);
 
 /// Why an unauthenticated connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnauthRefused {
+pub(crate) enum UnauthRefused {
     /// `server.max_unauthenticated` are open.
     Total,
     /// `server.max_unauthenticated_per_ip` are open from this address.
@@ -44,7 +44,7 @@ pub enum UnauthRefused {
 
 impl UnauthRefused {
     /// The error code (HTTP body and `changecast_client_errors_total` reason).
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             Self::Total => "unauthenticated_overloaded",
             Self::PerIp => "unauthenticated_per_ip",
@@ -52,7 +52,7 @@ impl UnauthRefused {
     }
 
     /// The human-readable message.
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             Self::Total => "too many unauthenticated connections",
             Self::PerIp => "too many unauthenticated connections from this address",
@@ -75,7 +75,7 @@ fn ip_key(ip: IpAddr) -> IpAddr {
 
 impl ConnLimits {
     /// Takes a slot in the total, or `None` when `max` are open.
-    pub fn acquire_total(self: &Arc<Self>, max: usize) -> Option<TotalPermit> {
+    pub(crate) fn acquire_total(self: &Arc<Self>, max: usize) -> Option<TotalPermit> {
         let prev = self.total.fetch_add(1, Ordering::AcqRel);
         if prev >= max {
             self.total.fetch_sub(1, Ordering::AcqRel);
@@ -85,7 +85,11 @@ impl ConnLimits {
     }
 
     /// Takes a slot for `subject`, or `None` when it already has `max` connections.
-    pub fn acquire_subject(self: &Arc<Self>, subject: &str, max: usize) -> Option<SubjectPermit> {
+    pub(crate) fn acquire_subject(
+        self: &Arc<Self>,
+        subject: &str,
+        max: usize,
+    ) -> Option<SubjectPermit> {
         let mut m = self.per_subject.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(subject.to_owned()).or_insert(0);
         if *n >= max {
@@ -97,7 +101,7 @@ impl ConnLimits {
 
     /// Takes a slot in the unauthenticated pool: at most `max` in all and `per_ip`
     /// from one address (`0` = no per-address cap; `None` address = not counted per address).
-    pub fn acquire_unauth(
+    pub(crate) fn acquire_unauth(
         self: &Arc<Self>,
         ip: Option<IpAddr>,
         max: usize,
@@ -123,19 +127,14 @@ impl ConnLimits {
     }
 
     /// Open unauthenticated connections.
-    pub fn unauthenticated(&self) -> usize {
+    pub(crate) fn unauthenticated(&self) -> usize {
         self.unauth.load(Ordering::Acquire)
-    }
-
-    /// Open connections.
-    pub fn total(&self) -> usize {
-        self.total.load(Ordering::Acquire)
     }
 }
 
 impl SubjectPermit {
     /// The subject this permit counts against.
-    pub fn subject(&self) -> &str {
+    pub(crate) fn subject(&self) -> &str {
         &self.1
     }
 }
@@ -179,7 +178,7 @@ impl Drop for UnauthPermit {
 }
 
 /// Messages-per-second accounting for one connection.
-pub struct RateWindow {
+pub(crate) struct RateWindow {
     limit: u32,
     start: Instant,
     count: u32,
@@ -187,7 +186,7 @@ pub struct RateWindow {
 }
 
 impl RateWindow {
-    pub fn new(limit: u32) -> Self {
+    pub(crate) fn new(limit: u32) -> Self {
         Self {
             limit: limit.max(1),
             start: Instant::now(),
@@ -197,7 +196,7 @@ impl RateWindow {
     }
 
     /// Counts one message; false when over the limit in this one-second window.
-    pub fn allow(&mut self) -> bool {
+    pub(crate) fn allow(&mut self) -> bool {
         if self.start.elapsed() >= Duration::from_secs(1) {
             self.start = Instant::now();
             self.count = 0;
@@ -212,12 +211,12 @@ impl RateWindow {
     }
 
     /// The first refusal in this window (reply once, then drop silently).
-    pub fn first_refusal(&self) -> bool {
+    pub(crate) fn first_refusal(&self) -> bool {
         self.refused == 1
     }
 
     /// Far over the limit: close rather than keep parsing.
-    pub fn abusive(&self) -> bool {
+    pub(crate) fn abusive(&self) -> bool {
         self.count > self.limit.saturating_mul(10)
     }
 }

@@ -1,11 +1,11 @@
 //! The client listener (`/ws`, `/socket.io/`, `/healthz`) and the operations listener's routes; owns client sessions, not the hub.
 
-pub mod limits;
+pub(crate) mod limits;
 pub mod ops;
 pub mod protocol;
-pub mod session;
-pub mod sio;
-pub mod ws;
+pub(crate) mod session;
+pub(crate) mod sio;
+pub(crate) mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,7 +74,7 @@ impl Gateway {
     /// The event id a client's `since` names. An id we cannot open (altered, from a
     /// deployment with another key, or random bytes) becomes the empty id, which no
     /// history or oplog reaches: the client is told to resync, never trusted.
-    pub fn since(&self, wire: &str) -> EventId {
+    pub(crate) fn since(&self, wire: &str) -> EventId {
         self.hub
             .ids()
             .open(wire)
@@ -82,12 +82,12 @@ impl Gateway {
     }
 
     /// A position or event id as clients see it (sealed).
-    pub fn wire_id(&self, id: &EventId) -> String {
+    pub(crate) fn wire_id(&self, id: &EventId) -> String {
         self.hub.ids().seal(id)
     }
 
     /// Whether a browser `Origin` may open a socket (an empty allowlist allows all).
-    pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn origin_allowed(&self, headers: &HeaderMap) -> bool {
         if self.cfg.allowed_origins.is_empty() {
             return true;
         }
@@ -107,7 +107,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 /// [`router`] with `extra` routes (the demo page) merged in first: the
 /// Socket.IO layer wraps only what the router holds when it is added, and a
 /// later `merge` swaps in an unlayered fallback, so `/socket.io/` would 404.
-pub fn router_with(gw: Arc<Gateway>, extra: Option<Router>) -> Router {
+pub(crate) fn router_with(gw: Arc<Gateway>, extra: Option<Router>) -> Router {
     let sio = gw.sio.enabled.then(|| sio::layer(gw.clone()));
     let mut router = Router::new()
         .route("/ws", get(ws::upgrade))

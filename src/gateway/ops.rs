@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::Gateway;
 
 /// `/healthz`, `/readyz` and `/metrics` for `gw`.
-pub fn router(gw: Arc<Gateway>) -> Router {
+pub(crate) fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -7,29 +7,29 @@ use serde_json::json;
 use crate::hub::{Body, Message};
 
 /// Close codes (docs/PROTOCOL.md). 4000–4499: reconnect; 4500–4999: do not retry with this token.
-pub mod close {
+pub(crate) mod close {
     /// Server shutting down: reconnect (elsewhere).
-    pub const GOING_AWAY: u16 = 1001;
+    pub(crate) const GOING_AWAY: u16 = 1001;
     /// Protocol error (RFC 6455), e.g. an unmasked client frame.
-    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
     /// A text frame that is not UTF-8 (RFC 6455).
-    pub const INVALID_DATA: u16 = 1007;
+    pub(crate) const INVALID_DATA: u16 = 1007;
     /// Message too big (RFC 6455).
-    pub const TOO_BIG: u16 = 1009;
+    pub(crate) const TOO_BIG: u16 = 1009;
     /// The client fell behind its bounded queue.
-    pub const SLOW_CONSUMER: u16 = 4000;
+    pub(crate) const SLOW_CONSUMER: u16 = 4000;
     /// The peer stopped answering pings.
-    pub const PING_TIMEOUT: u16 = 4001;
+    pub(crate) const PING_TIMEOUT: u16 = 4001;
     /// The client kept exceeding its message rate.
-    pub const RATE_LIMITED: u16 = 4002;
+    pub(crate) const RATE_LIMITED: u16 = 4002;
     /// Too many connections (in total or for this subject): retry later.
-    pub const OVERLOADED: u16 = 4003;
+    pub(crate) const OVERLOADED: u16 = 4003;
     /// The token is invalid: do not retry with it.
-    pub const AUTH_FAILED: u16 = 4500;
+    pub(crate) const AUTH_FAILED: u16 = 4500;
     /// The token expired and no fresh one came in time.
-    pub const TOKEN_EXPIRED: u16 = 4501;
+    pub(crate) const TOKEN_EXPIRED: u16 = 4501;
     /// No `auth` message arrived within the deadline.
-    pub const AUTH_TIMEOUT: u16 = 4502;
+    pub(crate) const AUTH_TIMEOUT: u16 = 4502;
 }
 
 /// A parsed client message.
@@ -178,7 +178,7 @@ fn json_str(s: &str) -> String {
 }
 
 /// `{"type":"welcome",…}`; `position` is the `since` to use before any event has arrived.
-pub fn welcome(
+pub(crate) fn welcome(
     session: u64,
     rooms: &[String],
     subject: Option<&str>,
@@ -188,7 +188,7 @@ pub fn welcome(
 }
 
 /// `{"type":"subscribed",…}`; `position` as in [`welcome`], for this room.
-pub fn subscribed(room: &str, recovered: bool, position: Option<&str>) -> String {
+pub(crate) fn subscribed(room: &str, recovered: bool, position: Option<&str>) -> String {
     json!({"type": "subscribed", "room": room, "recovered": recovered, "position": position})
         .to_string()
 }
@@ -196,28 +196,28 @@ pub fn subscribed(room: &str, recovered: bool, position: Option<&str>) -> String
 /// `{"type":"position","position":…}`: the current position, sent to an idle client once
 /// every event up to it has been delivered; the client uses the most recent of this and
 /// its last event's id as `since`.
-pub fn position(wire: &str) -> String {
+pub(crate) fn position(wire: &str) -> String {
     json!({"type": "position", "position": wire}).to_string()
 }
 
 /// `{"type":"unsubscribed",…}`.
-pub fn unsubscribed(room: &str) -> String {
+pub(crate) fn unsubscribed(room: &str) -> String {
     json!({"type": "unsubscribed", "room": room}).to_string()
 }
 
 /// `{"type":"unsubscribed","room":…,"reason":…}`: the server left the room for the client
 /// (`ownership_changed`: the order moved to other owners; nothing of it is delivered after).
-pub fn unsubscribed_because(room: &str, reason: &str) -> String {
+pub(crate) fn unsubscribed_because(room: &str, reason: &str) -> String {
     json!({"type": "unsubscribed", "room": room, "reason": reason}).to_string()
 }
 
 /// `{"type":"resync",…}` for one room (recovery could not reach back).
-pub fn resync(room: &str, reason: &str) -> String {
+pub(crate) fn resync(room: &str, reason: &str) -> String {
     json!({"type": "resync", "room": room, "reason": reason}).to_string()
 }
 
 /// `{"type":"error",…}`.
-pub fn error(code: &str, message: &str, room: Option<&str>) -> String {
+pub(crate) fn error(code: &str, message: &str, room: Option<&str>) -> String {
     match room {
         Some(r) => json!({"type": "error", "code": code, "message": message, "room": r}),
         None => json!({"type": "error", "code": code, "message": message}),
@@ -226,7 +226,7 @@ pub fn error(code: &str, message: &str, room: Option<&str>) -> String {
 }
 
 /// `{"type":"pong"}`.
-pub fn pong() -> &'static str {
+pub(crate) fn pong() -> &'static str {
     "{\"type\":\"pong\"}"
 }
 

@@ -14,27 +14,27 @@ use super::Gateway;
 
 /// A refused join.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinError {
+pub(crate) struct JoinError {
     /// Wire code: `forbidden`, `unavailable`, `bad_room`, `too_many_subscriptions`…
-    pub code: &'static str,
+    pub(crate) code: &'static str,
     /// Human-readable reason (never contains a token).
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// The outcome of a join.
 #[derive(Debug)]
-pub struct Joined {
+pub(crate) struct Joined {
     /// The room.
-    pub room: Room,
+    pub(crate) room: Room,
     /// True when `since` was given and everything after it is in `replay`.
-    pub recovered: bool,
+    pub(crate) recovered: bool,
     /// True when `since` was given but neither history nor the oplog reached back.
-    pub resync: bool,
+    pub(crate) resync: bool,
     /// Messages to send before any live one, in order.
-    pub replay: Vec<Arc<Message>>,
+    pub(crate) replay: Vec<Arc<Message>>,
     /// The newest event published before this join: a client that receives no event in the
     /// room before it disconnects passes this as `since`, so its first gap is recoverable too.
-    pub position: Option<EventId>,
+    pub(crate) position: Option<EventId>,
 }
 
 #[derive(Default)]
@@ -49,7 +49,7 @@ struct RoomState {
 }
 
 /// One session's rooms and identity. Dropping it leaves every room.
-pub struct Session {
+pub(crate) struct Session {
     gw: Arc<Gateway>,
     mailbox: Mailbox,
     principal: Principal,
@@ -66,10 +66,10 @@ pub struct Session {
 /// order joins are refused without a lookup: guessing order ids costs MongoDB one query
 /// each (unknown ids are cached for a second only, so that a just-created order can be
 /// joined), and a client that is refused this often is probing, not using the app.
-pub const MAX_REFUSED_ORDER_JOINS: u32 = 30;
+pub(crate) const MAX_REFUSED_ORDER_JOINS: u32 = 30;
 
 /// The window [`MAX_REFUSED_ORDER_JOINS`] counts in.
-pub const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Default)]
 struct ProbeWindow {
@@ -89,7 +89,7 @@ impl ProbeWindow {
 
 impl Session {
     /// A session with no rooms yet.
-    pub fn new(gw: Arc<Gateway>, mailbox: Mailbox, principal: Principal) -> Self {
+    pub(crate) fn new(gw: Arc<Gateway>, mailbox: Mailbox, principal: Principal) -> Self {
         Self {
             gw,
             mailbox,
@@ -101,7 +101,7 @@ impl Session {
     }
 
     /// Who this is.
-    pub fn principal(&self) -> &Principal {
+    pub(crate) fn principal(&self) -> &Principal {
         &self.principal
     }
 
@@ -110,7 +110,7 @@ impl Session {
     /// Rights follow the token: rooms the new principal may not join (a store dropped from the
     /// `stores` claim, an admin role removed) are left and returned. A check that cannot be
     /// made (order lookup failed) leaves the room too: fail closed, the client may rejoin.
-    pub async fn refresh(&mut self, p: Principal) -> Result<Vec<Room>, JoinError> {
+    pub(crate) async fn refresh(&mut self, p: Principal) -> Result<Vec<Room>, JoinError> {
         if p.subject != self.principal.subject {
             return Err(JoinError {
                 code: "subject_changed",
@@ -132,12 +132,12 @@ impl Session {
     }
 
     /// Joined rooms.
-    pub fn rooms(&self) -> impl Iterator<Item = &Room> {
+    pub(crate) fn rooms(&self) -> impl Iterator<Item = &Room> {
         self.rooms.keys()
     }
 
     /// Joins the rooms the token grants, recovering after `since` when given.
-    pub async fn join_auto(&mut self, since: Option<&EventId>) -> Vec<Joined> {
+    pub(crate) async fn join_auto(&mut self, since: Option<&EventId>) -> Vec<Joined> {
         let mut out = Vec::new();
         for room in self.principal.auto_rooms() {
             out.push(self.join_checked(room, since.cloned()).await);
@@ -146,7 +146,11 @@ impl Session {
     }
 
     /// Joins a room the client asked for, after the authorization rules.
-    pub async fn join(&mut self, room: &str, since: Option<&str>) -> Result<Joined, JoinError> {
+    pub(crate) async fn join(
+        &mut self,
+        room: &str,
+        since: Option<&str>,
+    ) -> Result<Joined, JoinError> {
         let refused = |code: &'static str, message: String| {
             self.gw
                 .metrics
@@ -255,7 +259,7 @@ impl Session {
     }
 
     /// Leaves a room; false when it was not joined.
-    pub fn leave(&mut self, room: &str) -> bool {
+    pub(crate) fn leave(&mut self, room: &str) -> bool {
         let Ok(room) = room.parse::<Room>() else {
             return false;
         };
@@ -275,7 +279,7 @@ impl Session {
     /// its change. A session no longer among them (the order moved to another customer
     /// or store) leaves the room with that change, gets nothing of it, and the room is
     /// queued for [`Session::take_lost`] so the client is told.
-    pub fn accept(&mut self, msg: &Message) -> bool {
+    pub(crate) fn accept(&mut self, msg: &Message) -> bool {
         if !self.rooms.contains_key(&msg.room) || !self.same_database(msg) {
             return false;
         }
@@ -300,7 +304,7 @@ impl Session {
     /// Whether a replayed `msg` (history or oplog, sent right after a join) should be sent.
     /// An order's events from before this session's principal owned it belong to the
     /// previous owners (their names, their addresses): they are skipped, the room is kept.
-    pub fn accept_replayed(&mut self, msg: &Message) -> bool {
+    pub(crate) fn accept_replayed(&mut self, msg: &Message) -> bool {
         if !self.rooms.contains_key(&msg.room) || !self.same_database(msg) {
             return false;
         }
@@ -327,7 +331,7 @@ impl Session {
 
     /// Rooms left since the last call because their order changed owners; the wire
     /// layer tells the client (`unsubscribed` with reason `ownership_changed`).
-    pub fn take_lost(&mut self) -> Vec<Room> {
+    pub(crate) fn take_lost(&mut self) -> Vec<Room> {
         std::mem::take(&mut self.lost)
     }
 
@@ -351,7 +355,7 @@ impl Session {
     }
 
     /// The hub mailbox (for the kicked token).
-    pub fn mailbox(&self) -> &Mailbox {
+    pub(crate) fn mailbox(&self) -> &Mailbox {
         &self.mailbox
     }
 }

@@ -67,7 +67,7 @@ const DISCONNECT_RETRY: Duration = Duration::from_millis(50);
 
 /// Builds the Socket.IO layer for `gw` and starts the task that closes every
 /// Socket.IO transport when `gw.stop` fires.
-pub fn layer(gw: Arc<Gateway>) -> SocketIoLayer {
+pub(crate) fn layer(gw: Arc<Gateway>) -> SocketIoLayer {
     let cfg = &gw.cfg;
     let max_msg = cfg.max_message_bytes.get();
     let (layer, io) = SocketIo::builder()
@@ -177,7 +177,7 @@ fn unread(name: &axum::http::HeaderName) -> bool {
 /// dashboard on another origin reaches with XHR (WebSockets need none). Only `/socket.io/` answers;
 /// the origin must pass `server.allowed_origins` (any origin when it is empty),
 /// and is echoed rather than `*` because socket.io-client may send credentials.
-pub async fn cors(
+pub(crate) async fn cors(
     axum::extract::State(gw): axum::extract::State<Arc<Gateway>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
