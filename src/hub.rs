@@ -161,14 +161,19 @@ struct Entry {
     messages: Vec<Arc<Message>>,
 }
 
+/// Room maps hash with foldhash, seeded per process: SipHash was a visible share of
+/// every publish (each message looks its room up twice), and a random seed keeps room
+/// names that clients or documents choose from degrading the map.
+type RoomMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct State {
-    rooms: HashMap<Room, HashMap<u64, Mailbox>>,
+    rooms: RoomMap<Room, RoomMap<u64, Mailbox>>,
     history: VecDeque<Entry>,
     /// `history` per room: the first message of each entry for that room, in id order.
     /// A recovery reads its room's messages only; scanning every entry for every
     /// returning client made a restart storm O(clients × history) under this lock.
-    by_room: HashMap<Room, VecDeque<Arc<Message>>>,
+    by_room: RoomMap<Room, VecDeque<Arc<Message>>>,
     /// Every event with an id ≤ floor may be missing from `history`;
     /// `None` means the hub does not yet know where its stream started.
     floor: Option<EventId>,

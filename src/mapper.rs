@@ -14,6 +14,7 @@ use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
 use crate::normalize::{CollectionKind, DomainEvent, EventName, Issue, Normalizer, OwnerBookUse};
 use crate::route::Router;
 use crate::sequence::{OrderError, Sequencer};
+use prometheus_client::metrics::counter::Counter;
 
 /// Builds a fresh mapper per stream (and per oplog replay).
 pub(crate) type MapperFactory = Arc<dyn Fn() -> Mapper + Send + Sync>;
@@ -22,6 +23,31 @@ pub(crate) type MapperFactory = Arc<dyn Fn() -> Mapper + Send + Sync>;
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Distinct unknown status values logged once each; beyond this they are only counted.
 const MAX_LOGGED_UNKNOWN: usize = 1000;
+
+/// The operations `changes_read` counts by name; the rest as `other`.
+const COUNTED_OPS: [&str; 4] = ["insert", "update", "replace", "delete"];
+
+/// `changes_read`'s series per watched collection (then `other`) and operation (then
+/// `other`), looked up once: a lookup per change built two label `String`s and hashed them.
+fn change_counters(metrics: &Metrics, watched: &[String]) -> Vec<[Counter; 5]> {
+    watched
+        .iter()
+        .map(String::as_str)
+        .chain(["other"])
+        .map(|coll| {
+            std::array::from_fn(|i| {
+                let op = COUNTED_OPS.get(i).copied().unwrap_or("other");
+                metrics
+                    .changes_read
+                    .get_or_create(&ChangeLabels {
+                        collection: coll.to_owned(),
+                        op: op.to_owned(),
+                    })
+                    .clone()
+            })
+        })
+        .collect()
+}
 
 /// Normalizes and routes one stream's changes.
 pub struct Mapper {
@@ -32,6 +58,7 @@ pub struct Mapper {
     declared: Declared,
     metrics: Arc<Metrics>,
     watched: Vec<String>,
+    change_counters: Vec<[Counter; 5]>,
     last_warned: HashMap<&'static str, (Instant, u64)>,
     unknown_logged: HashSet<String>,
     book: Option<OwnerBookUse>,
@@ -48,17 +75,19 @@ impl Mapper {
     /// A mapper for `config`.
     pub fn new(config: &Arc<Config>, metrics: Arc<Metrics>) -> Self {
         let c = &config.mongo.collections;
+        let watched: Vec<String> = [&c.orders, &c.payments, &c.settings]
+            .into_iter()
+            .chain(config.streams.iter().map(|s| &s.collection))
+            .cloned()
+            .collect();
         Self {
+            change_counters: change_counters(&metrics, &watched),
+            watched,
             config: config.clone(),
             normalizer: Normalizer::new(config),
             router: Router::new(&config.routing),
             declared: Declared::new(&config.streams, config.normalize.state_cache_docs),
             metrics,
-            watched: [&c.orders, &c.payments, &c.settings]
-                .into_iter()
-                .chain(config.streams.iter().map(|s| &s.collection))
-                .cloned()
-                .collect(),
             last_warned: HashMap::new(),
             unknown_logged: HashSet::new(),
             book: None,
@@ -298,20 +327,14 @@ impl Mapper {
             .get_document("ns")
             .ok()
             .and_then(|ns| ns.get_str("coll").ok())
-            .filter(|c| self.watched.iter().any(|w| w == c))
-            .unwrap_or("other");
+            .and_then(|c| self.watched.iter().position(|w| w == c))
+            .unwrap_or(self.watched.len());
         let op = change
             .get_str("operationType")
             .ok()
-            .filter(|op| matches!(*op, "insert" | "update" | "replace" | "delete"))
-            .unwrap_or("other");
-        self.metrics
-            .changes_read
-            .get_or_create(&ChangeLabels {
-                collection: coll.to_owned(),
-                op: op.to_owned(),
-            })
-            .inc();
+            .and_then(|op| COUNTED_OPS.iter().position(|o| *o == op))
+            .unwrap_or(COUNTED_OPS.len());
+        self.change_counters[coll][op].inc();
     }
 
     fn report(&mut self, issue: &Issue) {
