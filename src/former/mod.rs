@@ -8,3 +8,6 @@
 
 pub(crate) mod normalize;
 pub(crate) mod route;
+
+#[cfg(test)]
+mod prop;
