@@ -852,7 +852,8 @@ pub struct Alias {
     /// Audience room kinds.
     #[serde(serialize_with = "ser_room_kinds")]
     pub rooms: Vec<RoomKind>,
-    /// Only when the normalized status is one of these (canonical names).
+    /// Only when the normalized status is one of these (canonical names: of orders and
+    /// payments, or for a declared stream its `[streams.status]` targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub statuses: Option<Vec<String>>,
 }
@@ -2066,12 +2067,21 @@ impl Config {
                     let mut out = Vec::new();
                     for s in list {
                         let v = s.get_ref();
-                        if OrderStatus::parse(v).is_none() && PaymentStatus::parse(v).is_none() {
-                            return Err(ctx.err(
-                                format!("{key}.statuses"),
-                                &s,
-                                format!("{v:?} is not a canonical order or payment status"),
-                            ));
+                        // A declared stream's statuses are its own table's targets.
+                        let verdict =
+                            match crate::declared::alias_status(&streams, a.event.get_ref(), v) {
+                                Some(verdict) => verdict,
+                                None if OrderStatus::parse(v).is_some()
+                                    || PaymentStatus::parse(v).is_some() =>
+                                {
+                                    Ok(())
+                                }
+                                None => {
+                                    Err(format!("{v:?} is not a canonical order or payment status"))
+                                }
+                            };
+                        if let Err(message) = verdict {
+                            return Err(ctx.err(format!("{key}.statuses"), &s, message));
                         }
                         out.push(v.clone());
                     }

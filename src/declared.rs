@@ -92,6 +92,54 @@ impl StreamStatus {
     }
 }
 
+impl StreamStatus {
+    /// The statuses its payloads can carry besides unknown raw values: the table's
+    /// targets, a `ready` split into its two halves when there is a type field.
+    pub fn targets(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for t in self.map.values() {
+            let split = [
+                OrderStatus::ReadyForPickup.as_str(),
+                OrderStatus::ReadyForDelivery.as_str(),
+            ];
+            let these: &[&str] = if t == READY && self.type_field.is_some() {
+                &split
+            } else {
+                &[t.as_str()]
+            };
+            for s in these {
+                if !out.contains(s) {
+                    out.push(s);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether an alias of `event` may filter on `status` (`[[socketio.aliases]] statuses`):
+/// `None` when `event` is no declared stream's (the built-in tables decide), else
+/// whether `status` is one of that stream's targets, or why not.
+pub fn alias_status(
+    streams: &[StreamDecl],
+    event: &str,
+    status: &str,
+) -> Option<Result<(), String>> {
+    let decl = streams.iter().find(|s| s.events.all().contains(&event))?;
+    Some(match &decl.status {
+        None => Err(format!(
+            "the stream of {:?} has no status table ([streams.status]), so its events carry no status",
+            decl.collection
+        )),
+        Some(st) if st.targets().contains(&status) => Ok(()),
+        Some(st) => Err(format!(
+            "{status:?} is not a status of the stream of {:?}; expected one of: {}",
+            decl.collection,
+            st.targets().join(", ")
+        )),
+    })
+}
+
 /// The target that splits by type (as in `[status.order]`).
 pub const READY: &str = "ready";
 
@@ -1508,6 +1556,33 @@ dropped_off = "delivered"
         assert_eq!(r.deliveries[1].data["status"], "delivered");
         let r = run(&mut e, &rep);
         assert_eq!(r.event.name, "delivery:replaced");
+    }
+
+    #[test]
+    fn aliases_may_filter_on_a_declared_streams_statuses() {
+        let alias = |statuses: &str| {
+            format!(
+                "{WITH_STATUS}\n[[socketio.aliases]]\nevent = \"delivery:status_changed\"\nname = \"deliveryReady\"\nrooms = [\"store\"]\nstatuses = {statuses}\n"
+            )
+        };
+        let c = crate::config::test_config(&alias(r#"["ready_for_pickup", "delivered"]"#), "t")
+            .unwrap();
+        assert_eq!(
+            c.socketio.aliases[0].statuses.as_deref(),
+            Some(&["ready_for_pickup".to_owned(), "delivered".to_owned()][..])
+        );
+        // Not one of this stream's targets (an order status is not enough).
+        let err = crate::config::test_config(&alias(r#"["in_transit"]"#), "t").unwrap_err();
+        assert!(
+            err.to_string().contains("not a status of the stream"),
+            "{err}"
+        );
+        // A stream without a status table has no statuses at all.
+        let text = format!(
+            "{USERS}\n[[socketio.aliases]]\nevent = \"delivery:updated\"\nname = \"d\"\nrooms = [\"store\"]\nstatuses = [\"pending\"]\n"
+        );
+        let err = crate::config::test_config(&text, "t").unwrap_err();
+        assert!(err.to_string().contains("no status table"), "{err}");
     }
 
     #[test]
