@@ -914,17 +914,16 @@ impl Stream {
             let doc = source.filter(|d| !d.is_empty())?;
             Some(Arc::new(extract_owner(doc, &o.customer, &o.store)))
         });
-        let order_key = |keys: &[Option<String>]| {
-            spec.rooms
-                .iter()
-                .find(|(k, _)| *k == RoomKind::Order)
-                .and_then(|(_, i)| keys.get(*i).cloned().flatten())
-        };
+        let order_key = spec
+            .rooms
+            .iter()
+            .find(|(k, _)| *k == RoomKind::Order)
+            .and_then(|(_, i)| keys.get(*i)?.as_deref());
         let order = spec
             .owners
             .as_ref()
-            .and_then(|_| order_key(&keys))
-            .map(|o| (o, op == Op::Delete));
+            .and_then(|_| order_key)
+            .map(|o| (o.to_owned(), op == Op::Delete));
 
         let names = &spec.names;
         let name = match (op, names.status_changed.as_ref(), &names.deleted) {
@@ -947,9 +946,8 @@ impl Stream {
                 settings_deliveries(spec, &touched, &keys, store, full.unwrap_or(&empty), issues)
             }
             Shape::Record { payment } => {
-                let order = order_key(&keys);
                 let extras = Extras {
-                    order: order.as_deref(),
+                    order: order_key,
                     payment: payment.then_some(doc_id.as_deref()).flatten(),
                     status: status_info.as_ref(),
                     progress: !payment,
