@@ -919,10 +919,8 @@ impl Stream {
             .iter()
             .find(|(k, _)| *k == RoomKind::Order)
             .and_then(|(_, i)| keys.get(*i)?.as_deref());
-        let order = spec
-            .owners
-            .as_ref()
-            .and_then(|_| order_key)
+        let order = order_key
+            .filter(|_| spec.owners.is_some())
             .map(|o| (o.to_owned(), op == Op::Delete));
 
         let names = &spec.names;

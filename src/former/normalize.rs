@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bson::{Bson, Document};
 
 use crate::config::{Collections, Config, FieldPaths, SettingsSection, StatusTable};
-use crate::docpath::{get_path, id_string, type_name};
+use crate::docpath::{get_path, id_string, lookup_id, touches, type_name, Lookup};
 use crate::event::{EventId, StatusInfo};
 use crate::normalize::{
     read_status, truncate, ChangeParts, ChangeView, Op, StatusRead, UNHANDLED_OPS,
@@ -349,38 +349,6 @@ pub(crate) struct Normalizer {
 /// a cut id would be a different, possibly valid, room id.
 fn keep(s: &str) -> Option<String> {
     (s.len() <= MAX_KEPT_LEN).then(|| s.to_owned())
-}
-
-/// Outcome of reading an id at the first present of several paths.
-enum Lookup {
-    Found(String),
-    Missing,
-    WrongType(&'static str),
-}
-
-fn lookup_id(doc: &Document, paths: &[String]) -> Lookup {
-    // First present (non-null) path wins; a present value of the wrong type is
-    // reported, never skipped in favour of a later path.
-    for p in paths {
-        match get_path(doc, p) {
-            None | Some(Bson::Null) => continue,
-            Some(v) => {
-                return match id_string(v) {
-                    Ok(s) => Lookup::Found(s),
-                    Err(t) => Lookup::WrongType(t),
-                }
-            }
-        }
-    }
-    Lookup::Missing
-}
-
-/// Whether a changed path touches `target`: equal, an ancestor of it, or inside it.
-fn touches(changed: &str, target: &str) -> bool {
-    fn under(a: &str, b: &str) -> bool {
-        a.len() > b.len() && a.starts_with(b) && a.as_bytes().get(b.len()) == Some(&b'.')
-    }
-    changed == target || under(target, changed) || under(changed, target)
 }
 
 impl Normalizer {

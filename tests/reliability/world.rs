@@ -97,26 +97,10 @@ pub struct Order {
     pub store: String,
 }
 
-/// A declared stream (`[[streams]]`) over the workload's `deliveries` documents, routed to
-/// their customer, their store and admin.
-pub const DELIVERIES_STREAM: &str = r#"
-[[streams]]
-collection = "deliveries"
-module = "delivery"
-[streams.rooms]
-customer = "customerId"
-store = "storeId"
-admin = true
-[streams.allow]
-customer = ["_id", "quantity"]
-store = ["_id", "quantity", "customerId"]
-admin = ["_id", "quantity", "customerId", "storeId"]
-"#;
-
-/// [`DELIVERIES_STREAM`] with a status table: `state` changes are
-/// `delivery:status_changed`, whose status only the store and admin may see (the
-/// customer's allowlist has no `state`, so a change of it alone is not sent there).
-pub const DELIVERIES_STREAM_WITH_STATUS: &str = r#"
+/// The declared `deliveries` stream's table; a macro so that its variant below extends it.
+macro_rules! deliveries_stream {
+    () => {
+        r#"
 [[streams]]
 collection = "deliveries"
 module = "delivery"
@@ -128,13 +112,27 @@ admin = true
 customer = ["_id", "quantity"]
 store = ["_id", "quantity", "customerId", "state"]
 admin = ["_id", "quantity", "customerId", "storeId", "state"]
-[streams.status]
+"#
+    };
+}
+
+/// A declared stream (`[[streams]]`) over the workload's `deliveries` documents, routed to
+/// their customer, their store and admin.
+pub const DELIVERIES_STREAM: &str = deliveries_stream!();
+
+/// [`DELIVERIES_STREAM`] with a status table: `state` changes are
+/// `delivery:status_changed`, whose status only the store and admin may see (the
+/// customer's allowlist has no `state`, so a change of it alone is not sent there).
+pub const DELIVERIES_STREAM_WITH_STATUS: &str = concat!(
+    deliveries_stream!(),
+    r#"[streams.status]
 field = "state"
 [streams.status.map]
 scheduled = "pending"
 loaded = "in_transit"
 dropped_off = "delivered"
-"#;
+"#
+);
 
 /// Orders, payments (one per second order) and one settings document per store; optionally
 /// deliveries of a declared stream ([`DELIVERIES_STREAM`]).
