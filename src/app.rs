@@ -267,6 +267,7 @@ fn pipeline(
             on_history_lost: opts.on_history_lost,
             on_oversize: config.mongo.oversize,
             routing_paths: routing_paths(config),
+            document_fields: Some(document_fields(config)),
             start_override: opts.start_override.clone(),
             max_backoff: MAX_BACKOFF,
         },
@@ -351,6 +352,7 @@ pub async fn start(
         server: server.clone(),
         databases: config.mongo.databases.clone(),
         collections: watched_collections(config),
+        document_fields: Some(document_fields(config)),
         // Replays get metrics of their own: the changes they re-read were counted live.
         mappers: mapper_factory(
             config,
@@ -528,6 +530,53 @@ pub async fn tail(
     .run(stop)
     .await
     .map_err(AppError::from)
+}
+
+/// The top-level fields of the watched documents that mapping reads: routing paths,
+/// status and type fields, every audience's allowlist, settings sections and declared
+/// streams' fields. The server leaves the rest out of the change events (`$project`),
+/// so a wide or large document costs neither transfer nor decoding, nor brings an event
+/// near 16 MiB. Whole top-level fields, never sub-paths: what routing then reads of a
+/// field is exactly what the document held.
+fn document_fields(config: &Config) -> Arc<[String]> {
+    let r = &config.routing;
+    let lists = |a: &crate::config::Allowlists| {
+        [&a.customer, &a.store, &a.order, &a.admin]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let declared = config.streams.iter().flat_map(|s| {
+        let a = &s.allow;
+        [&a.customer, &a.store, &a.order, &a.storefront, &a.admin]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .chain(
+                s.status
+                    .iter()
+                    .flat_map(|st| std::iter::once(st.field.clone()).chain(st.type_field.clone())),
+            )
+            .collect::<Vec<_>>()
+    });
+    let mut top: Vec<String> = routing_paths(config)
+        .into_iter()
+        .chain(lists(&r.orders))
+        .chain(lists(&r.payments))
+        .chain(
+            r.settings_sections
+                .iter()
+                .flat_map(|s| s.fields.iter().cloned()),
+        )
+        .chain(declared)
+        .chain(["_id".to_owned()])
+        .map(|p| p.split('.').next().unwrap_or_default().to_owned())
+        .filter(|f| !f.is_empty())
+        .collect();
+    top.sort();
+    top.dedup();
+    top.into()
 }
 
 /// Every document path routing reads (`[fields]`): what an oversized change keeps of its

@@ -79,6 +79,8 @@ pub struct PipelineConfig {
     /// Paths into the documents that routing reads, kept when an oversized change is
     /// looked at without its documents (see `Source::peek_next`).
     pub routing_paths: Vec<String>,
+    /// The document fields mapping reads (`SourceSpec::fields`); `None`: whole documents.
+    pub document_fields: Option<Arc<[String]>>,
     /// Where to start instead of the stored checkpoint (CLI `--resume-token`, `--start-at`, `--from-now`).
     pub start_override: Option<StartAt>,
     /// Longest wait between reconnect attempts.
@@ -224,7 +226,8 @@ impl Pipeline {
         // Set when history was lost under `resync`: rooms are told once the new stream is
         // open, so a client that refetches on the notice cannot miss a change made after it.
         let mut resync_pending = false;
-        let mut spec = SourceSpec::new(&db, self.cfg.collections.clone(), self.cfg.max_await);
+        let mut spec = SourceSpec::new(&db, self.cfg.collections.clone(), self.cfg.max_await)
+            .with_fields(self.cfg.document_fields.clone());
         // Set while looking for a change over 16 MiB: one change per batch, so the failing
         // `getMore` holds that change alone (see `skip_oversized`).
         let mut careful = false;

@@ -54,6 +54,9 @@ pub struct ReplayConfig {
     pub databases: Vec<String>,
     /// Watched collections.
     pub collections: Vec<String>,
+    /// The document fields mapping reads (`SourceSpec::fields`): a replay asks for what
+    /// the live stream does, so its payloads are the live ones.
+    pub document_fields: Option<Arc<[String]>>,
     /// A fresh mapper per scan.
     pub mappers: MapperFactory,
     /// Most changes one scan may read before the requests it serves give up (resync).
@@ -210,7 +213,8 @@ async fn scan_db(
         by_room.entry(&r.room).or_default().push(i);
     }
     // Short waits: an empty batch means the scan has caught up with the present.
-    let mut spec = SourceSpec::new(database, cfg.collections.clone(), Duration::from_millis(50));
+    let mut spec = SourceSpec::new(database, cfg.collections.clone(), Duration::from_millis(50))
+        .with_fields(cfg.document_fields.clone());
     // A change over 16 MiB fails the scan unless the server splits it: those clients are
     // told to resync (the live stream skipped it the same way, or reassembled it too).
     spec.split_large_events = cfg.server.splits_large_events();

@@ -1,5 +1,6 @@
 //! One change stream per watched database: open, read, resume; knows nothing of events or rooms.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, Document};
@@ -133,6 +134,10 @@ pub struct SourceSpec {
     /// Changes per batch; `Some(1)` while the pipeline looks for an oversized event (the
     /// failing `getMore` then holds that event alone).
     pub batch_size: Option<u32>,
+    /// The top-level fields of `fullDocument` / `fullDocumentBeforeChange` that mapping
+    /// reads (see `app::document_fields`); the server drops the rest before sending the
+    /// event. `None`: whole documents.
+    pub fields: Option<Arc<[String]>>,
 }
 
 impl SourceSpec {
@@ -144,8 +149,49 @@ impl SourceSpec {
             max_await,
             split_large_events: false,
             batch_size: None,
+            fields: None,
         }
     }
+
+    /// The same spec, asking for only `fields` of the documents.
+    pub fn with_fields(mut self, fields: Option<Arc<[String]>>) -> Self {
+        self.fields = fields;
+        self
+    }
+}
+
+/// The parts of a change event that mapping, numbering and resuming read, beside the
+/// documents. A `$project` naming them is an inclusion projection: anything not named
+/// (the apps' large fields, `collectionUUID`, a rename's `to`) stays on the server.
+/// `splitEvent` too: mongod adds it after every user stage, but SecantusDB splits before
+/// them, and an inclusion projection without it strips its fragments' tags, which turns
+/// one split change into several whole ones with parts of its documents.
+const EVENT_FIELDS: [&str; 9] = [
+    "operationType",
+    "clusterTime",
+    "wallTime",
+    "ns",
+    "documentKey",
+    "updateDescription",
+    "txnNumber",
+    "lsid",
+    "splitEvent",
+];
+
+/// `{$project: ...}` keeping the event's own fields and, of its documents, only
+/// `fields` (top-level names: a dotted allowlist path keeps its whole first field, so
+/// what routing reads of it — arrays, scalars where a document was expected — is
+/// exactly what the full document held). `_id` (the resume token) is always kept.
+fn projection(fields: &[String]) -> Document {
+    let mut p = doc! {};
+    for f in EVENT_FIELDS {
+        p.insert(f, 1);
+    }
+    for f in fields {
+        p.insert(format!("fullDocument.{f}"), 1);
+        p.insert(format!("fullDocumentBeforeChange.{f}"), 1);
+    }
+    p
 }
 
 /// The stage that makes the server split an event over 16 MiB (it must come last).
@@ -180,6 +226,9 @@ impl Source {
         // Only the configured collections: the checkpoint collection and the
         // app's other collections never reach normalization.
         let mut pipeline = vec![doc! {"$match": {"ns.coll": {"$in": &spec.collections}}}];
+        if let Some(fields) = &spec.fields {
+            pipeline.push(doc! {"$project": projection(fields)});
+        }
         if spec.split_large_events {
             pipeline.push(doc! {SPLIT_STAGE: {}});
         }

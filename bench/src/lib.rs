@@ -4,10 +4,12 @@
 //! `tracker` (what was sent, what arrived, when), `client` (native and
 //! Socket.IO connections), `sink` (the writers: MongoDB or the raw control
 //! channel), `procstat` (RSS and CPU of the server under test), `load` (one
-//! run against one server), `suite` (every server and size in turn) and
+//! run against one server), `suite` (every server and size in turn), `follow` (the
+//! no-client workload: CPU per change read) and
 //! `report` (BENCHMARKS.md) with `plot` (its SVG figures).
 
 pub mod client;
+pub mod follow;
 pub mod load;
 pub mod plot;
 pub mod procstat;

@@ -88,6 +88,9 @@ struct Args {
     /// A hand-written Markdown file appended to the report (the analysis of a run).
     #[arg(long)]
     appendix: Option<PathBuf>,
+    /// Changes written in workload `follow` (no clients, CPU per change); 0 skips it.
+    #[arg(long, default_value_t = 20_000)]
+    follow_changes: u64,
 }
 
 #[tokio::main]
@@ -151,9 +154,22 @@ async fn run(args: Args) -> std::process::ExitCode {
         smoke: args.smoke,
         notes: args.note,
         appendix: args.appendix,
+        follow_changes: args.follow_changes,
     };
     match suite::run(&cfg).await {
-        Ok(results) => {
+        Ok(all) => {
+            let results = &all.runs;
+            let mut failed_follow = false;
+            for f in all.follow.iter().filter(|f| f.failures() > 0) {
+                failed_follow = true;
+                eprintln!(
+                    "bench: FAILED follow {}: {} of {} changes read; {}",
+                    f.label,
+                    f.seen,
+                    f.changes,
+                    f.errors.join("; ")
+                );
+            }
             let failed: Vec<_> = results.iter().filter(|r| r.failures() > 0).collect();
             for r in &failed {
                 eprintln!(
@@ -165,7 +181,7 @@ async fn run(args: Args) -> std::process::ExitCode {
                 );
             }
             eprintln!("bench: wrote {}", cfg.out.display());
-            if failed.is_empty() {
+            if failed.is_empty() && !failed_follow {
                 std::process::ExitCode::SUCCESS
             } else {
                 std::process::ExitCode::FAILURE

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::follow::FollowResult;
 use crate::load::{PhaseResult, RunResult};
 use crate::suite::{SuiteConfig, Target};
 
@@ -163,6 +164,7 @@ pub fn render(
     cfg: &SuiteConfig,
     facts: &MachineFacts,
     results: &[RunResult],
+    follow: &[FollowResult],
     took: Duration,
 ) -> String {
     let mut md = String::new();
@@ -225,7 +227,12 @@ pub fn render(
          A receipt can beat the driver's reply (counted as *early*, latency 0).\n\
          - Lost = owed − received after a drain ({} s without progress ends it). Server RSS from \
          `/proc/PID/status`, CPU from `/proc/PID/stat` (server process only; mongo-sim and the \
-         load tool are not counted).\n",
+         load tool are not counted).\n\
+         - **Follow** (no clients): K changes, half inserts of ~600-byte orders (items, address), \
+         half one `updateMany` of their status; CPU per change = server CPU from the first write \
+         until the server reports the K-th change read (changecast: `changes_read` on /metrics; \
+         the Node peer: its `/changes` count) ÷ K. Every replica reads every change, so this is \
+         the cost that bounds the write rate one replica can follow.\n",
         cfg.fixed_rate,
         cfg.phase.as_secs(),
         crate::suite::DRAIN_TIMEOUT.as_secs()
@@ -283,6 +290,8 @@ pub fn render(
         }
         let _ = writeln!(w);
     }
+
+    follow_table(w, follow);
 
     let _ = writeln!(w, "## Ratios\n");
     let _ = writeln!(
@@ -415,6 +424,8 @@ pub fn render(
 
     let _ = writeln!(w, "## Targets (issue 8)\n");
     targets(w, cfg, results);
+    let _ = writeln!(w, "## Targets (issue 16)\n");
+    targets_16(w, cfg, results, follow);
 
     let problems: Vec<String> = results
         .iter()
@@ -565,6 +576,106 @@ fn targets(w: &mut String, cfg: &SuiteConfig, results: &[RunResult]) {
             r.dropped_connections,
             verdict(r.failures() == 0 && !r.phases.is_empty())
         );
+    }
+    let _ = writeln!(w);
+}
+
+fn follow_table(w: &mut String, follow: &[FollowResult]) {
+    if follow.is_empty() {
+        return;
+    }
+    let _ = writeln!(w, "## Follow\n");
+    let _ = writeln!(
+        w,
+        "| server | changes | read | CPU s | µs CPU per change | wall s | changes/s | errors |"
+    );
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---|");
+    for f in follow {
+        let rate = if f.wall_secs > 0.0 {
+            f.seen as f64 / f.wall_secs
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            f.label,
+            f.changes,
+            f.seen,
+            num(f.cpu_secs),
+            num(f.cpu_us_per_change),
+            num(f.wall_secs),
+            num(rate),
+            if f.errors.is_empty() {
+                "-".to_owned()
+            } else {
+                f.errors.join("; ")
+            }
+        );
+    }
+    let _ = writeln!(w);
+}
+
+/// Issue 16's acceptance, as ratios of one run.
+fn targets_16(w: &mut String, cfg: &SuiteConfig, results: &[RunResult], follow: &[FollowResult]) {
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let _ = writeln!(
+        w,
+        "| target | server | figure | verdict |\n|---|---|---|---|"
+    );
+    let per_change = |label: &str| {
+        follow
+            .iter()
+            .find(|f| f.label == label && f.seen > 0)
+            .map(|f| f.cpu_us_per_change)
+    };
+    if let (Some(cc), Some(node)) = (
+        per_change(crate::follow::label(Target::Native)),
+        per_change(Target::Node.label()),
+    ) {
+        let share = cc / node;
+        let _ = writeln!(
+            w,
+            "| follow: CPU per change ≤ 1/8 of Node's | changecast | {cc:.1} µs vs {node:.1} µs = 1/{:.1} | {} |",
+            1.0 / share,
+            verdict(share <= 0.125)
+        );
+    }
+    for &c in &cfg.sizes {
+        for cc in [Target::Native, Target::Socketio] {
+            let cpu = |t| {
+                find(results, t, c)
+                    .and_then(|r| phase(r, "T saturation"))
+                    .map(|p| p.cpu_secs_per_million)
+            };
+            if let (Some(a), Some(raw)) = (cpu(cc), cpu(Target::Raw)) {
+                let _ = writeln!(
+                    w,
+                    "| T saturation: CPU per delivery ≤ 2× raw, C={c} | {} | {} of raw | {} |",
+                    cc.label(),
+                    ratio(a, raw),
+                    verdict(raw > 0.0 && a <= 2.0 * raw)
+                );
+            }
+        }
+    }
+    let c10k = cfg
+        .sizes
+        .iter()
+        .copied()
+        .filter(|&c| c <= 10_000)
+        .max()
+        .unwrap_or(0);
+    for (cc, limit) in [(Target::Socketio, 12.0), (Target::Native, 10.0)] {
+        if let Some(r) = find(results, cc, c10k) {
+            let kib = r.rss_per_idle_connection_bytes / 1024.0;
+            let _ = writeln!(
+                w,
+                "| RSS per idle connection ≤ {limit} KiB, C={c10k} | {} | {kib:.1} KiB | {} |",
+                cc.label(),
+                verdict(kib > 0.0 && kib <= limit)
+            );
+        }
     }
     let _ = writeln!(w);
 }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::client::Protocol;
+use crate::follow::{self, FollowResult};
 use crate::load::{self, LoadConfig, RunResult};
 use crate::report;
 use crate::sink::{self, Sink};
@@ -71,6 +72,17 @@ pub struct SuiteConfig {
     pub notes: Vec<String>,
     /// Hand-written Markdown appended to the report.
     pub appendix: Option<PathBuf>,
+    /// Changes written in workload `follow` (no clients); 0 skips it.
+    pub follow_changes: u64,
+}
+
+/// Everything one suite run measured.
+#[derive(Debug, Clone, Default)]
+pub struct SuiteResults {
+    /// One per server and size.
+    pub runs: Vec<RunResult>,
+    /// Workload `follow`, one per server.
+    pub follow: Vec<FollowResult>,
 }
 
 /// How long deliveries may make no progress before the rest count as lost. The smoke
@@ -82,7 +94,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 const SECRET: &str = "changecast-bench-secret-0123456789abcdef";
 
 /// Runs everything; returns the results (also written as JSON, BENCHMARKS.md and its plots).
-pub async fn run(cfg: &SuiteConfig) -> anyhow::Result<Vec<RunResult>> {
+pub async fn run(cfg: &SuiteConfig) -> anyhow::Result<SuiteResults> {
     std::fs::create_dir_all(&cfg.work_dir)?;
     // Servers run in their own directories: every path they get must be absolute.
     let absolute = |p: &Path| {
@@ -118,7 +130,16 @@ pub async fn run(cfg: &SuiteConfig) -> anyhow::Result<Vec<RunResult>> {
             results.push(result);
         }
     }
-    let mut markdown = report::render(cfg, &facts, &results, started.elapsed());
+    let follow = if cfg.follow_changes > 0 {
+        follow::run_all(cfg, cfg.follow_changes).await
+    } else {
+        Vec::new()
+    };
+    std::fs::write(
+        cfg.work_dir.join("follow.json"),
+        serde_json::to_vec_pretty(&follow)?,
+    )?;
+    let mut markdown = report::render(cfg, &facts, &results, &follow, started.elapsed());
     if let Some(path) = &cfg.appendix {
         // Read at the end so an analysis edited during a long run is the one included;
         // a missing file must not cost the figures of a whole run.
@@ -132,7 +153,10 @@ pub async fn run(cfg: &SuiteConfig) -> anyhow::Result<Vec<RunResult>> {
     }
     std::fs::write(&cfg.out, markdown).with_context(|| format!("writing {}", cfg.out.display()))?;
     crate::plot::write_all(&cfg.out, &crate::plot::points_from_results(&results))?;
-    Ok(results)
+    Ok(SuiteResults {
+        runs: results,
+        follow,
+    })
 }
 
 fn failed_run(target: Target, size: u32, error: String) -> RunResult {
@@ -210,6 +234,62 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
         return result;
     }
 
+    let stores = (size / 100).max(1);
+    let mut backed = start(cfg, target, &tag, |uri| async move {
+        sink::seed(&uri, size, stores)
+            .await
+            .context("seeding mongo-sim")
+    })
+    .await?;
+    let addr = backed.addr;
+    load.server = addr;
+    load.server_pid = backed.server.id();
+    load.db_pid = backed.mongo.id();
+    (load.protocol, load.url) = match target {
+        Target::Native => (Protocol::Native, format!("ws://{addr}/ws")),
+        _ => (
+            Protocol::SocketIo,
+            format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
+        ),
+    };
+    let sink = Arc::new(Sink::mongo(&backed.uri, load.concurrency).await?);
+    let result = load::run(&load, sink).await;
+    backed.stop().await;
+    result
+}
+
+/// A server under test with its own fresh mongo-sim; both die with it.
+pub(crate) struct Backed {
+    pub(crate) mongo: Child,
+    pub(crate) server: Child,
+    /// mongo-sim's connection string.
+    pub(crate) uri: String,
+    /// The server's client listener.
+    pub(crate) addr: SocketAddr,
+    /// changecast's operations listener (`/metrics`, `/readyz`); the Node peer's one port.
+    pub(crate) ops_addr: SocketAddr,
+}
+
+impl Backed {
+    pub(crate) async fn stop(&mut self) {
+        stop(&mut self.server).await;
+        stop(&mut self.mongo).await;
+    }
+}
+
+/// Starts a fresh mongo-sim, runs `prepare` against it (seeding), then starts `target`
+/// (changecast or the Node peer) on it and waits until it answers `/readyz`.
+pub(crate) async fn start<F, Fut>(
+    cfg: &SuiteConfig,
+    target: Target,
+    tag: &str,
+    prepare: F,
+) -> anyhow::Result<Backed>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let log = |name: &str| cfg.work_dir.join(format!("{tag}-{name}.log"));
     let mut mongo = spawn(
         {
             let mut c = Command::new(cfg.bin_dir.join("mongo-sim"));
@@ -227,10 +307,10 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
         .trim()
         .to_owned();
     let uri = format!("mongodb://{mongo_addr}/?replicaSet=rs0");
-    let stores = (size / 100).max(1);
-    sink::seed(&uri, size, stores)
-        .await
-        .context("seeding mongo-sim")?;
+    if let Err(e) = prepare(uri.clone()).await {
+        stop(&mut mongo).await;
+        return Err(e);
+    }
 
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -242,7 +322,7 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
     };
     let mut server = match target {
         Target::Native | Target::Socketio => {
-            let run_dir = cfg.work_dir.join(&tag);
+            let run_dir = cfg.work_dir.join(tag);
             let _ = std::fs::remove_dir_all(&run_dir);
             std::fs::create_dir_all(&run_dir)?;
             let template = std::fs::read_to_string(&cfg.changecast_config)
@@ -284,21 +364,13 @@ async fn one(cfg: &SuiteConfig, target: Target, size: u32) -> anyhow::Result<Run
         stop(&mut mongo).await;
         return Err(e);
     }
-    load.server = addr;
-    load.server_pid = server.id();
-    load.db_pid = mongo.id();
-    (load.protocol, load.url) = match target {
-        Target::Native => (Protocol::Native, format!("ws://{addr}/ws")),
-        _ => (
-            Protocol::SocketIo,
-            format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
-        ),
-    };
-    let sink = Arc::new(Sink::mongo(&uri, load.concurrency).await?);
-    let result = load::run(&load, sink).await;
-    stop(&mut server).await;
-    stop(&mut mongo).await;
-    result
+    Ok(Backed {
+        mongo,
+        server,
+        uri,
+        addr,
+        ops_addr: ready_addr,
+    })
 }
 
 fn unreachable_raw() -> anyhow::Result<Child> {

@@ -80,6 +80,7 @@ fn config(out: PathBuf, targets: Vec<Target>, sizes: Vec<u32>) -> SuiteConfig {
         smoke: true,
         notes: Vec::new(),
         appendix: None,
+        follow_changes: 0,
     }
 }
 
@@ -119,7 +120,7 @@ fn a_written_report_embeds_plots_that_match_its_tables() {
         }
     }
     let cfg = config(out.clone(), targets, vec![60, 600]);
-    let md = report::render(&cfg, &facts(), &results, Duration::from_secs(1));
+    let md = report::render(&cfg, &facts(), &results, &[], Duration::from_secs(1));
     std::fs::write(&out, &md).unwrap();
     let points = plot::points_from_results(&results);
     plot::write_all(&out, &points).unwrap();

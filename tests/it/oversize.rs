@@ -10,26 +10,28 @@ use crate::support::*;
 
 const MIB: usize = 1024 * 1024;
 
-/// An order of customer `cb` at store `sb` carrying `mib` MiB in `attachment`, a field
-/// no audience's allowlist names.
+/// An order of customer `cb` at store `sb` carrying `mib` MiB in `notes`, a field the
+/// store's allowlist names (so the stream asks for it: a field no allowlist names stays
+/// on the server, see `a_large_field_no_audience_sees_never_makes_an_event_too_large`)
+/// and the customer's does not.
 async fn big_order(db: &Db, id: &str, mib: usize) {
     db.coll("orders")
         .insert_one(doc! {
             "_id": id, "customerId": "cb", "storeId": "sb", "status": "new",
-            "orderNumber": 7, "attachment": "a".repeat(mib * MIB),
+            "orderNumber": 7, "notes": "a".repeat(mib * MIB),
         })
         .await
         .unwrap();
 }
 
-/// Replaces the attachment with 9 MiB and moves the status on: the update's event carries
+/// Replaces the notes with 9 MiB and moves the status on: the update's event carries
 /// the 9 MiB in `updateDescription` and again in the looked-up `fullDocument`, about
 /// 18 MiB in all.
 async fn big_update(db: &Db, id: &str) {
     db.coll("orders")
         .update_one(
             doc! {"_id": id},
-            doc! {"$set": {"status": "accepted", "attachment": "b".repeat(9 * MIB)}},
+            doc! {"$set": {"status": "accepted", "notes": "b".repeat(9 * MIB)}},
         )
         .await
         .unwrap();
@@ -73,7 +75,7 @@ async fn an_event_over_16_mib_is_delivered_through_split_events() {
     assert_eq!(changed["event"], "order:status_changed", "{changed}");
     assert_eq!(changed["data"]["status"], "processing");
     assert_eq!(changed["data"]["orderNumber"], 7);
-    assert!(changed["data"].get("attachment").is_none());
+    assert!(changed["data"].get("notes").is_none());
     let (_, metrics) = server.get("/metrics").await;
     assert_eq!(
         metric(
@@ -345,4 +347,61 @@ async fn with_fail_an_oversized_event_stops_with_exit_code_4() {
         .lines()
         .iter()
         .all(|l| l["event"] != "order:status_changed"));
+}
+
+/// A 10 MiB `attachment` that no audience's allowlist names, then a 9 MiB `$set` of it
+/// with a status change: the stream asks the server for only the fields mapping reads
+/// (`$project`), so the event carries the 9 MiB once (in its update description), not
+/// again in the looked-up document, and stays under 16 MiB on a server that cannot split
+/// events: the status change is delivered, nothing is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_field_no_audience_sees_never_makes_an_event_too_large() {
+    if skip_unless_sim(
+        "a_large_field_no_audience_sees_never_makes_an_event_too_large",
+        "a server that enforces the 16 MiB limit and cannot split (mongo-sim no_split_stage; SecantusDB has no limit, a real mongod would split)",
+    ) {
+        return;
+    }
+    let db = Db::start_with(mongo_sim::SimConfig {
+        no_split_stage: true,
+        ..Default::default()
+    })
+    .await;
+    let server = Server::start(&db, "").await;
+    let (mut c, _) = Client::connect(&server, &customer_token("cb")).await;
+    let orders = db.coll("orders");
+    orders
+        .insert_one(doc! {
+            "_id": "att1", "customerId": "cb", "storeId": "sb", "status": "new",
+            "orderNumber": 9, "attachment": "a".repeat(10 * MIB),
+        })
+        .await
+        .unwrap();
+    let created = next_in(&mut c, "customer:cb", Duration::from_secs(20))
+        .await
+        .expect("order:created");
+    assert_eq!(created["event"], "order:created", "{created}");
+    orders
+        .update_one(
+            doc! {"_id": "att1"},
+            doc! {"$set": {"status": "accepted", "attachment": "b".repeat(9 * MIB)}},
+        )
+        .await
+        .unwrap();
+    let changed = next_in(&mut c, "customer:cb", Duration::from_secs(20))
+        .await
+        .expect("the status change");
+    assert_eq!(changed["type"], "event", "{changed}");
+    assert_eq!(changed["event"], "order:status_changed", "{changed}");
+    assert_eq!(changed["data"]["status"], "processing");
+    assert_eq!(changed["data"]["orderNumber"], 9);
+    let (_, metrics) = server.get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "changecast_events_dropped_total{reason=\"oversize\"}"
+        ),
+        0.0,
+        "{metrics}"
+    );
 }

@@ -79,10 +79,14 @@ function pick(doc, fields) {
 }
 
 let ready = false;
+// Change events read from the stream, whatever they became: the follow workload's count.
+let changesRead = 0;
 
 const httpServer = http.createServer((req, res) => {
   if (req.url === '/healthz') {
     res.writeHead(200).end('ok');
+  } else if (req.url === '/changes') {
+    res.writeHead(200).end(String(changesRead));
   } else if (req.url === '/readyz') {
     res.writeHead(ready ? 200 : 503).end(ready ? 'ready' : 'starting');
   } else {
@@ -189,6 +193,7 @@ async function main() {
     { fullDocument: 'updateLookup' },
   );
   stream.on('change', (change) => {
+    changesRead += 1;
     try {
       switch (change.ns && change.ns.coll) {
         case 'orders': return onOrder(change);
