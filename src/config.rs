@@ -718,8 +718,8 @@ pub fn default_payment_map() -> BTreeMap<String, PaymentStatus> {
 /// `[normalize]`: memory normalization may use.
 #[derive(Debug, Clone, Serialize)]
 pub struct NormalizeConfig {
-    /// Most documents whose last-seen status and owners are remembered (for
-    /// `previousStatus` and for routing deletes without a pre-image); oldest
+    /// Most documents per stream whose last-seen status and owners are remembered
+    /// (for `previousStatus` and for routing deletes without a pre-image); oldest
     /// evicted first. About 200 bytes each. Default 100000; 0 disables.
     pub state_cache_docs: usize,
 }
