@@ -20,13 +20,13 @@ use crate::authz::{Authorizer, CachedOrderOwners, MongoOrderOwners, OrderOwners}
 use crate::checkpoint::CheckpointStore;
 use crate::config::{CheckpointStoreConfig, Config};
 use crate::declared::StreamDecl;
+use crate::declared::{OwnerBook, OwnerBookUse};
 use crate::gateway::{self, Gateway};
 use crate::health::Health;
 use crate::hub::Hub;
 use crate::idcodec::IdCodec;
 use crate::mapper::{Mapper, MapperFactory};
 use crate::metrics::Metrics;
-use crate::normalize::{OwnerBook, OwnerBookUse};
 use crate::pipeline::{HistoryLostPolicy, Output, Pipeline, PipelineConfig, PipelineError, WarmUp};
 use crate::replay::{OplogReplayer, ReplayConfig};
 use crate::source::ServerTraits;
@@ -191,7 +191,7 @@ async fn warn_unsampled_rooms(client: Client, databases: Vec<String>, streams: V
     for db in &databases {
         for s in &streams {
             let mut projection = bson::Document::new();
-            for (_, path) in s.rooms.keyed().filter(|(_, p)| *p != "_id") {
+            for (_, path) in crate::declared::relied_on(s) {
                 projection.insert(path, 1);
             }
             if projection.is_empty() {
@@ -211,14 +211,14 @@ async fn warn_unsampled_rooms(client: Client, databases: Vec<String>, streams: V
                     continue;
                 }
             };
-            for (kind, field) in crate::declared::unsampled_rooms(s, &sample) {
+            for (key, field) in crate::declared::unsampled_fields(s, &sample) {
                 tracing::warn!(
                     database = %db,
                     collection = %s.collection,
-                    room = kind.as_str(),
+                    declared = key,
                     field,
                     sampled = sample.len(),
-                    "no sampled document has this declared room's field; check [streams.rooms]"
+                    "no sampled document has this declared field; check [[streams]]"
                 );
             }
         }

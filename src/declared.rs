@@ -1,29 +1,33 @@
-//! Declared streams (`[[streams]]`): a change of one of the app's own collections → one named event, routed to the declared rooms with per-audience allowlists and tracked fields; no I/O, knows nothing of sockets or of who may join.
+//! The one stream engine: a change of a watched collection → at most one named event, routed to the rooms its [`Spec`] names with per-audience payloads; no I/O, knows nothing of sockets or of who may join.
 //!
-//! The built-in orders, payments and settings still go through `normalize` and
-//! `route`; a declared stream reuses their vocabulary (rooms, [`RoutedEvent`],
-//! allowlist projection) and the mapper's numbering, so ids, recovery, aliases and
-//! authorization are the same for both.
+//! Every watched collection is a [`Spec`]: each `[[streams]]` declaration, and
+//! orders, payments and settings, which are presets the code builds from their
+//! config sections (`presets`). One path reads every change (`normalize`: operation,
+//! documents, key, status) and addresses it (`route`: rooms, allowlist projections);
+//! a spec's [`Shape`] decides only what its payloads carry beyond the projection.
 //!
 //! A tracked field's previous value comes from the change's pre-image when the
 //! collection records them, else from a bounded per-stream memory of the last value
 //! this process saw, else it is unknown and the payload says so (`known: false`).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bson::{doc, Bson, Document};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::event::{Delivery, Event, EventId, RoutedEvent};
+use crate::authz::extract_owner;
+use crate::config::{Config, SettingsSection};
+use crate::docpath::{get_path, id_string, is_under, lookup_id, touches, Lookup};
+use crate::event::{Delivery, Event, EventId, Issue, RoutedEvent};
 use crate::normalize::{
-    get_path, id_string, read_status, truncate, ChangeParts, ChangeView, Op, OwnerBookUse,
-    StatusRead, UNHANDLED_OPS,
+    read_status, truncate, ChangeParts, ChangeView, Op, StatusRead, UNHANDLED_OPS,
 };
 use crate::room::{Room, RoomKind};
-use crate::route::{bson_to_json, insert_status, is_under, project, visible_changes};
-use crate::status::{is_pickup_type, OrderStatus};
+use crate::route::{bson_to_json, insert_status, project, project_paths, visible_changes};
+use crate::status::{is_pickup_type, OrderStatus, StatusTable};
 
 /// Longest id or string value remembered; longer ones are forgotten, never cut.
 const MAX_KEPT_LEN: usize = 128;
@@ -31,24 +35,24 @@ const MAX_KEPT_LEN: usize = 128;
 /// The key under which tracked fields travel in every payload of a declared stream.
 pub(crate) const TRACKED_KEY: &str = "tracked";
 
-/// One `[[streams]]` table, validated (see `config/streams.rs`). Serializes in the input's shape.
+/// One `[[streams]]` table, validated (see `config.rs`). Serializes in the input's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct StreamDecl {
     /// The collection, in every watched database.
-    pub(crate) collection: String,
+    pub collection: String,
     /// The prefix of the default event names, e.g. `balance`.
-    pub(crate) module: String,
+    pub module: String,
     /// Event name per operation.
-    pub(crate) events: EventNames,
+    pub events: EventNames,
     /// Which document fields give which rooms.
-    pub(crate) rooms: StreamRooms,
+    pub rooms: StreamRooms,
     /// What each audience may see of the document.
-    pub(crate) allow: StreamAllow,
+    pub allow: StreamAllow,
     /// Fields whose previous value, new value and difference the payloads carry.
-    pub(crate) tracked: Vec<String>,
+    pub tracked: Vec<String>,
     /// `[streams.status]`: a status field normalized through a table of its own.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) status: Option<StreamStatus>,
+    pub status: Option<StreamStatus>,
 }
 
 /// `[streams.status]`: raw values of one field → canonical statuses, as `[status.order]`
@@ -57,16 +61,16 @@ pub(crate) struct StreamDecl {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct StreamStatus {
     /// Dotted path of the raw status.
-    pub(crate) field: String,
+    pub field: String,
     /// Dotted path of the document's type; when set, a `ready` target splits into
     /// `ready_for_pickup` / `ready_for_delivery` as orders' `ready` does.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) type_field: Option<String>,
+    pub type_field: Option<String>,
     /// Type values (lower case) meaning pickup; set only with `type_field`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub(crate) pickup_types: Vec<String>,
+    pub pickup_types: Vec<String>,
     /// Raw value (trimmed, lower case) → canonical status.
-    pub(crate) map: BTreeMap<String, String>,
+    pub map: BTreeMap<String, String>,
 }
 
 impl StreamStatus {
@@ -89,6 +93,54 @@ impl StreamStatus {
     }
 }
 
+impl StreamStatus {
+    /// The statuses its payloads can carry besides unknown raw values: the table's
+    /// targets, a `ready` split into its two halves when there is a type field.
+    pub(crate) fn targets(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for t in self.map.values() {
+            let split = [
+                OrderStatus::ReadyForPickup.as_str(),
+                OrderStatus::ReadyForDelivery.as_str(),
+            ];
+            let these: &[&str] = if t == READY && self.type_field.is_some() {
+                &split
+            } else {
+                &[t.as_str()]
+            };
+            for s in these {
+                if !out.contains(s) {
+                    out.push(s);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether an alias of `event` may filter on `status` (`[[socketio.aliases]] statuses`):
+/// `None` when `event` is no declared stream's (the built-in tables decide), else
+/// whether `status` is one of that stream's targets, or why not.
+pub(crate) fn alias_status(
+    streams: &[StreamDecl],
+    event: &str,
+    status: &str,
+) -> Option<Result<(), String>> {
+    let decl = streams.iter().find(|s| s.events.all().contains(&event))?;
+    Some(match &decl.status {
+        None => Err(format!(
+            "the stream of {:?} has no status table ([streams.status]), so its events carry no status",
+            decl.collection
+        )),
+        Some(st) if st.targets().contains(&status) => Ok(()),
+        Some(st) => Err(format!(
+            "{status:?} is not a status of the stream of {:?}; expected one of: {}",
+            decl.collection,
+            st.targets().join(", ")
+        )),
+    })
+}
+
 /// The target that splits by type (as in `[status.order]`).
 pub(crate) const READY: &str = "ready";
 
@@ -96,16 +148,16 @@ pub(crate) const READY: &str = "ready";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct EventNames {
     /// For inserts.
-    pub(crate) created: String,
+    pub created: String,
     /// For updates.
-    pub(crate) updated: String,
+    pub updated: String,
     /// For replaces.
-    pub(crate) replaced: String,
+    pub replaced: String,
     /// For deletes.
-    pub(crate) deleted: String,
+    pub deleted: String,
     /// For a change of the `[streams.status]` field (only with one).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) status_changed: Option<String>,
+    pub status_changed: Option<String>,
 }
 
 impl EventNames {
@@ -125,18 +177,18 @@ impl EventNames {
 pub(crate) struct StreamRooms {
     /// `customer:{value}`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) customer: Option<String>,
+    pub customer: Option<String>,
     /// `store:{value}`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) store: Option<String>,
+    pub store: Option<String>,
     /// `order:{value}` (joined by whoever owns that order, as for payments).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) order: Option<String>,
+    pub order: Option<String>,
     /// `storefront:{value}`: any authenticated client may join, so its allowlist is public.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) storefront: Option<String>,
+    pub storefront: Option<String>,
     /// The `admin` room.
-    pub(crate) admin: bool,
+    pub admin: bool,
 }
 
 impl StreamRooms {
@@ -158,19 +210,19 @@ impl StreamRooms {
 pub(crate) struct StreamAllow {
     /// `customer:` rooms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub(crate) customer: Vec<String>,
+    pub customer: Vec<String>,
     /// `store:` rooms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub(crate) store: Vec<String>,
+    pub store: Vec<String>,
     /// `order:` rooms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub(crate) order: Vec<String>,
+    pub order: Vec<String>,
     /// `storefront:` rooms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub(crate) storefront: Vec<String>,
+    pub storefront: Vec<String>,
     /// The `admin` room.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub(crate) admin: Vec<String>,
+    pub admin: Vec<String>,
 }
 
 impl StreamAllow {
@@ -182,63 +234,6 @@ impl StreamAllow {
             RoomKind::Order => &self.order,
             RoomKind::Storefront => &self.storefront,
             RoomKind::Admin => &self.admin,
-        }
-    }
-}
-
-/// Something in a declared stream's change that could not be used; counted and
-/// logged (rate-limited) by the mapper under the same reasons as the built-ins.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum DeclaredIssue {
-    /// An operation that carries no document change (`drop`, `rename`, DDL…).
-    UnhandledOperation,
-    /// `operationType` missing or unknown.
-    UnknownOperation,
-    /// A room's field is absent from the document: that room is skipped.
-    MissingField {
-        /// The room kind.
-        room: RoomKind,
-    },
-    /// A room's field holds a value that is no id (e.g. an array).
-    WrongType {
-        /// The room kind.
-        room: RoomKind,
-        /// The BSON type found.
-        found: &'static str,
-    },
-    /// The id is not a valid room id.
-    InvalidRoomId {
-        /// The room kind.
-        room: RoomKind,
-    },
-    /// A delete without pre-image of a document this process never saw: only the
-    /// rooms that need no document (admin, `"_id"`) are known.
-    NoOwnerForDelete,
-    /// The `[streams.status]` field holds no string; the event carries no status.
-    StatusWrongType {
-        /// The BSON type found.
-        found: &'static str,
-    },
-    /// A raw status not in the stream's table: passed through marked `unknown: true`,
-    /// counted and logged once per value like orders' (not a drop).
-    UnknownStatus {
-        /// The raw value, at most 128 bytes.
-        value: String,
-    },
-}
-
-impl DeclaredIssue {
-    /// A bounded label for `events_dropped_total{reason}` (the built-ins' reasons).
-    pub(crate) fn reason(&self) -> &'static str {
-        match self {
-            Self::UnhandledOperation => "unhandled_operation",
-            Self::UnknownOperation => "unknown_operation",
-            Self::MissingField { .. } => "missing_field",
-            Self::WrongType { .. } => "wrong_type",
-            Self::InvalidRoomId { .. } => "invalid_room_id",
-            Self::NoOwnerForDelete => "no_owner_for_delete",
-            Self::StatusWrongType { .. } => "wrong_type",
-            Self::UnknownStatus { .. } => "unknown_status",
         }
     }
 }
@@ -309,18 +304,18 @@ impl MemoCache {
     }
 }
 
-/// The rooms of the declared streams' documents as the live stream saw them, kept
-/// after their deletion, consulted by oplog replays: a replay starts at a client's
-/// `since`, so a change to a document deleted since (no lookup, no pre-image) would
-/// otherwise have no rooms there (the reason `normalize::OwnerBook`, which holds this
-/// one, exists). Bound: `normalize.state_cache_docs` documents over all declared
-/// streams, least recently written evicted first.
+/// The rooms of every stream's documents as the live stream saw them, kept after
+/// their deletion, consulted by oplog replays: a replay starts at a client's `since`,
+/// so a change to a document written before that point and deleted since (the lookup
+/// finds nothing, no pre-image) would otherwise have no rooms there and be dropped — a
+/// silent gap the live clients never had. Bound: `normalize.state_cache_docs` documents
+/// over all streams (~150 bytes each), least recently written evicted first.
 #[derive(Debug)]
-pub(crate) struct DeclaredBook {
+pub(crate) struct OwnerBook {
     rooms: Mutex<MemoCache>,
 }
 
-impl DeclaredBook {
+impl OwnerBook {
     /// A book of at most `cap` documents (0 disables it).
     pub(crate) fn new(cap: usize) -> Self {
         Self {
@@ -345,10 +340,19 @@ impl DeclaredBook {
         self.lock().put(&Self::key(collection, id), memo);
     }
 
-    /// Rooms only: a tracked value from the book would be the latest, not the one before.
+    /// Rooms only: a status or tracked value from the book would be the latest, not the one before.
     fn rooms(&self, collection: &str, id: &str) -> Option<Memo> {
         self.lock().get(&Self::key(collection, id)).cloned()
     }
+}
+
+/// How an engine uses an [`OwnerBook`].
+#[derive(Debug, Clone)]
+pub(crate) enum OwnerBookUse {
+    /// The live stream: records every document's rooms.
+    Record(Arc<OwnerBook>),
+    /// An oplog replay: falls back to the book for documents it has not seen itself.
+    Consult(Arc<OwnerBook>),
 }
 
 /// A value worth remembering: scalars only (an array or sub-document could be
@@ -399,21 +403,184 @@ fn delta(old: &Bson, new: &Bson) -> Value {
     }
 }
 
-/// Whether a changed path touches `target`: equal, an ancestor of it, or inside it.
-fn touches(changed: &str, target: &str) -> bool {
-    changed == target || is_under(target, changed) || is_under(changed, target)
+/// Event names per operation of one stream, as the engine uses them.
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    pub(crate) created: String,
+    pub(crate) updated: String,
+    pub(crate) replaced: String,
+    /// `None`: a delete is no event of this stream (settings).
+    pub(crate) deleted: Option<String>,
+    /// A change of the status field (only with a status table).
+    pub(crate) status_changed: Option<String>,
 }
 
-/// One declared stream and its memory.
+/// Where one room id comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum KeyAt {
+    /// The document's own id (always known, even for a delete without pre-image).
+    DocId,
+    /// The first present (non-null) of these dotted paths.
+    Paths(Vec<String>),
+}
+
+/// One room id of a stream's documents.
+#[derive(Debug, Clone)]
+pub(crate) struct Key {
+    /// Named by issues (`missing_field`, `wrong_type`).
+    pub(crate) label: &'static str,
+    pub(crate) at: KeyAt,
+}
+
+/// A status field and the table its raw values go through.
+#[derive(Debug, Clone)]
+pub(crate) struct StatusRule {
+    pub(crate) field: String,
+    /// The document's type, which splits a `ready` target by pickup or delivery.
+    pub(crate) type_field: Option<String>,
+    pub(crate) table: Table,
+}
+
+/// A status table.
+#[derive(Debug, Clone)]
+pub(crate) enum Table {
+    /// `[streams.status]`.
+    Declared(StreamStatus),
+    /// `[status.order]` with the pickup/delivery split (payloads carry `progress`).
+    Order(StatusTable),
+    /// `[status.payment]`.
+    Payment(StatusTable),
+}
+
+impl Table {
+    /// (status to show, progress, unknown); an unknown raw value passes through as itself.
+    fn canonical(&self, raw: &str, kind: Option<&str>) -> (String, Option<u8>, bool) {
+        match self {
+            Self::Declared(st) => st.canonical(raw, kind),
+            Self::Order(t) => match t.order_status(raw, kind) {
+                Some(s) => (s.as_str().to_owned(), s.progress(), false),
+                None => (raw.to_owned(), None, true),
+            },
+            Self::Payment(t) => match t.payment_status(raw) {
+                Some(s) => (s.as_str().to_owned(), None, false),
+                None => (raw.to_owned(), None, true),
+            },
+        }
+    }
+}
+
+/// What a stream's payloads carry beyond the allowlisted projection: the one thing
+/// the presets and the declarations differ in.
+#[derive(Debug, Clone)]
+pub(crate) enum Shape {
+    /// `[[streams]]`: tracked fields and the status go only to audiences whose
+    /// allowlist shows them; an update no audience field changed is not sent to it;
+    /// a delete whose rooms are unknown still reaches those that need no document.
+    Declared,
+    /// Orders and payments as the Node apps sent them: every audience gets the status
+    /// (orders with `progress`), `orderId`, for payments `paymentId`; a replace counts
+    /// as a change of every top-level field and, unless it moves the status, as an
+    /// update; a delete whose rooms are unknown is dropped.
+    Record {
+        /// Payments: `paymentId` is the document's id.
+        payment: bool,
+    },
+    /// Settings: a change is news only for the sections it touches; each audience
+    /// gets the fields of its sections (`storefront:` the public ones only).
+    Settings(Vec<SettingsSection>),
+}
+
+/// Whose `order:` room a change belongs to (orders): read from the same document the
+/// payloads come from, by the ownership lookup's own rule (`authz::extract_owner`).
+#[derive(Debug, Clone)]
+pub(crate) struct OwnerPaths {
+    pub(crate) customer: Vec<String>,
+    pub(crate) store: Vec<String>,
+}
+
+/// One watched collection as the engine runs it: a `[[streams]]` declaration
+/// ([`Spec::declared`]) or a preset (`presets`).
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    pub(crate) collection: String,
+    pub(crate) names: Names,
+    pub(crate) keys: Vec<Key>,
+    /// Room kind → index in `keys`, in delivery order; `admin` comes last.
+    pub(crate) rooms: Vec<(RoomKind, usize)>,
+    pub(crate) admin: bool,
+    pub(crate) allow: StreamAllow,
+    pub(crate) tracked: Vec<String>,
+    pub(crate) status: Option<StatusRule>,
+    pub(crate) shape: Shape,
+    /// Set for a stream whose `order:` rooms follow the document's owners.
+    pub(crate) owners: Option<OwnerPaths>,
+    /// The field a change with neither document nor memory is reported missing.
+    pub(crate) missing: &'static str,
+}
+
+impl Spec {
+    /// The spec of a `[[streams]]` declaration.
+    pub(crate) fn declared(d: &StreamDecl) -> Self {
+        let keyed: Vec<(RoomKind, &str)> = d.rooms.keyed().collect();
+        Self {
+            collection: d.collection.clone(),
+            names: Names {
+                created: d.events.created.clone(),
+                updated: d.events.updated.clone(),
+                replaced: d.events.replaced.clone(),
+                deleted: Some(d.events.deleted.clone()),
+                status_changed: d.events.status_changed.clone(),
+            },
+            keys: keyed
+                .iter()
+                .map(|(kind, path)| Key {
+                    label: kind.as_str(),
+                    at: if *path == "_id" {
+                        KeyAt::DocId
+                    } else {
+                        KeyAt::Paths(vec![(*path).to_owned()])
+                    },
+                })
+                .collect(),
+            rooms: keyed
+                .iter()
+                .enumerate()
+                .map(|(i, (k, _))| (*k, i))
+                .collect(),
+            admin: d.rooms.admin,
+            allow: d.allow.clone(),
+            tracked: d.tracked.clone(),
+            status: d.status.as_ref().map(|s| StatusRule {
+                field: s.field.clone(),
+                type_field: s.type_field.clone(),
+                table: Table::Declared(s.clone()),
+            }),
+            shape: Shape::Declared,
+            owners: None,
+            missing: keyed.first().map_or(RoomKind::Admin, |k| k.0).as_str(),
+        }
+    }
+}
+
+/// What one change produced.
+#[derive(Debug)]
+pub(crate) struct Mapped {
+    /// The event; its deliveries may be empty when no room could be named.
+    pub event: RoutedEvent,
+    /// For an order: its id and whether the change deleted it, for the ownership cache
+    /// (the owners as of this change are `event.owner`).
+    pub order: Option<(String, bool)>,
+}
+
+/// One stream and its memory.
 #[derive(Debug)]
 struct Stream {
-    decl: StreamDecl,
-    keyed: Vec<(RoomKind, String)>,
+    spec: Spec,
     memo: MemoCache,
 }
 
-/// Every declared stream of a configuration; one per mapper (so per live stream
-/// and per oplog replay, like the normalizer's state).
+/// Every stream of a configuration, presets and declarations; one per mapper (so
+/// per live stream and per oplog replay).
 #[derive(Debug)]
 pub(crate) struct Declared {
     streams: Vec<Stream>,
@@ -422,14 +589,27 @@ pub(crate) struct Declared {
 }
 
 impl Declared {
-    /// The engine for `decls`; each stream remembers at most `memo_docs` documents.
+    /// The engine of a configuration: orders, payments and settings, then `[[streams]]`;
+    /// each stream remembers at most `normalize.state_cache_docs` documents.
+    pub(crate) fn for_config(cfg: &Config) -> Self {
+        let specs = crate::presets::presets(cfg)
+            .into_iter()
+            .chain(cfg.streams.iter().map(Spec::declared));
+        Self::from_specs(specs, cfg.normalize.state_cache_docs)
+    }
+
+    /// The engine of `decls` alone (no presets); each stream remembers at most `memo_docs` documents.
+    #[cfg(test)]
     pub(crate) fn new(decls: &[StreamDecl], memo_docs: usize) -> Self {
+        Self::from_specs(decls.iter().map(Spec::declared), memo_docs)
+    }
+
+    pub(crate) fn from_specs(specs: impl IntoIterator<Item = Spec>, memo_docs: usize) -> Self {
         Self {
-            streams: decls
-                .iter()
-                .map(|d| Stream {
-                    keyed: d.rooms.keyed().map(|(k, p)| (k, p.to_owned())).collect(),
-                    decl: d.clone(),
+            streams: specs
+                .into_iter()
+                .map(|spec| Stream {
+                    spec,
                     memo: MemoCache::new(memo_docs),
                 })
                 .collect(),
@@ -444,11 +624,6 @@ impl Declared {
         self
     }
 
-    /// Whether `collection` is a declared stream's.
-    pub(crate) fn handles(&self, collection: &str) -> bool {
-        self.streams.iter().any(|s| s.decl.collection == collection)
-    }
-
     /// Forgets every remembered document (after a gap in the stream).
     pub(crate) fn forget(&mut self) {
         for s in &mut self.streams {
@@ -456,46 +631,72 @@ impl Declared {
         }
     }
 
-    /// Maps one change of a declared collection, numbered `id` by the caller.
-    /// `None` when the operation carries no document change; an event with no
-    /// deliveries when no room could be named.
+    /// Maps one change, numbered `id` by the caller. `None` when it is no event (an
+    /// operation that changes no document, an unwatched collection, a delete of an
+    /// unknown order or of settings, a settings change outside every section).
+    /// Never panics, whatever the document holds.
     pub(crate) fn map(
         &mut self,
         change: &Document,
         id: EventId,
-        issues: &mut Vec<DeclaredIssue>,
-    ) -> Option<RoutedEvent> {
-        let coll = change.get_document("ns").ok()?.get_str("coll").ok()?;
-        let stream = self
-            .streams
-            .iter_mut()
-            .find(|s| s.decl.collection == coll)?;
-        stream.map(change, id, self.book.as_ref(), issues)
+        issues: &mut Vec<Issue>,
+    ) -> Option<Mapped> {
+        let op = operation(change, issues)?;
+        let coll = match change.get("ns") {
+            Some(Bson::Document(ns)) => match ns.get("coll") {
+                Some(Bson::String(c)) => Some(c.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(stream) =
+            coll.and_then(|c| self.streams.iter_mut().find(|s| s.spec.collection == c))
+        else {
+            issues.push(Issue::UnknownCollection {
+                collection: truncate(coll.unwrap_or("<missing>")),
+            });
+            return None;
+        };
+        stream.map(op, change, id, self.book.as_ref(), issues)
     }
+}
+
+/// The change's operation, or why it is none the engine maps.
+fn operation(change: &Document, issues: &mut Vec<Issue>) -> Option<Op> {
+    let issue = match change.get("operationType") {
+        Some(Bson::String(s)) => match s.as_str() {
+            "insert" => return Some(Op::Insert),
+            "update" => return Some(Op::Update),
+            "replace" => return Some(Op::Replace),
+            "delete" => return Some(Op::Delete),
+            other if UNHANDLED_OPS.contains(&other) => Issue::UnhandledOperation {
+                op: other.to_owned(),
+            },
+            other => Issue::UnknownOperation {
+                op: truncate(other),
+            },
+        },
+        Some(other) => Issue::UnknownOperation {
+            op: format!("<{}>", crate::docpath::type_name(other)),
+        },
+        None => Issue::UnknownOperation {
+            op: "<missing>".into(),
+        },
+    };
+    issues.push(issue);
+    None
 }
 
 impl Stream {
     fn map(
         &mut self,
+        op: Op,
         change: &Document,
         id: EventId,
         book: Option<&OwnerBookUse>,
-        issues: &mut Vec<DeclaredIssue>,
-    ) -> Option<RoutedEvent> {
-        let op = match change.get_str("operationType") {
-            Ok("insert") => Op::Insert,
-            Ok("update") => Op::Update,
-            Ok("replace") => Op::Replace,
-            Ok("delete") => Op::Delete,
-            Ok(other) if UNHANDLED_OPS.contains(&other) => {
-                issues.push(DeclaredIssue::UnhandledOperation);
-                return None;
-            }
-            _ => {
-                issues.push(DeclaredIssue::UnknownOperation);
-                return None;
-            }
-        };
+        issues: &mut Vec<Issue>,
+    ) -> Option<Mapped> {
+        let Self { spec, memo } = self;
         let ChangeParts {
             ts_ms,
             full,
@@ -503,7 +704,33 @@ impl Stream {
             id: key,
         } = ChangeParts::of(change, op);
         let id_bson = key.filter(|b| !matches!(b, Bson::Null));
-        let doc_id = id_bson.and_then(|b| id_string(b).ok());
+        let doc_id = match id_bson {
+            None => {
+                issues.push(Issue::MissingField { field: "_id" });
+                None
+            }
+            Some(b) => match id_string(b) {
+                Ok(s) => Some(s),
+                Err(found) => {
+                    issues.push(Issue::WrongType {
+                        field: "_id",
+                        found,
+                    });
+                    None
+                }
+            },
+        };
+        if op == Op::Delete && spec.names.deleted.is_none() {
+            // Deleting a settings document changes no section a client shows.
+            if let Some(i) = &doc_id {
+                memo.remove(i);
+            }
+            issues.push(Issue::UnhandledOperation {
+                op: "delete".into(),
+            });
+            return None;
+        }
+
         let (updated, removed): (Option<&Document>, Vec<&str>) =
             match change.get_document("updateDescription") {
                 Ok(u) if op == Op::Update => (
@@ -514,64 +741,86 @@ impl Stream {
                 ),
                 _ => (None, Vec::new()),
             };
-        let changed: Vec<String> = if op == Op::Update {
-            updated
+        let record = matches!(spec.shape, Shape::Record { .. });
+        let changed: Vec<String> = match op {
+            Op::Update => updated
                 .iter()
                 .flat_map(|d| d.keys().cloned())
                 .chain(removed.iter().map(|s| (*s).to_owned()))
-                .collect()
-        } else {
-            Vec::new()
+                .collect(),
+            // A replace carries no update description: to a record any field may have
+            // changed, so every field of the new document counts.
+            Op::Replace if record => full
+                .iter()
+                .flat_map(|d| d.keys())
+                .filter(|k| k.as_str() != "_id")
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
         };
         let source = if op == Op::Delete { pre } else { full };
-        let coll = &self.decl.collection;
-        let remembered = doc_id.as_deref().and_then(|i| {
-            self.memo.get(i).cloned().or_else(|| match book {
-                Some(OwnerBookUse::Consult(b)) => b.declared().rooms(coll, i),
-                _ => None,
-            })
-        });
+        let consulted: Option<Memo>;
+        let remembered: Option<&Memo> = match doc_id.as_deref() {
+            None => None,
+            Some(i) => match memo.get(i) {
+                Some(m) => Some(m),
+                None => {
+                    consulted = match book {
+                        Some(OwnerBookUse::Consult(b)) => b.rooms(&spec.collection, i),
+                        _ => None,
+                    };
+                    consulted.as_ref()
+                }
+            },
+        };
 
         // Room ids: from the document, else (a delete without pre-image, a lookup that
-        // found nothing) from memory; `"_id"` is always the document key.
-        let mut keys: Vec<Option<String>> = Vec::with_capacity(self.keyed.len());
+        // found nothing) from memory; the document's own id is always known.
+        let mut keys: Vec<Option<String>> = Vec::with_capacity(spec.keys.len());
         let mut owner_unknown = false;
-        for (i, (kind, path)) in self.keyed.iter().enumerate() {
-            let key = if path == "_id" {
-                doc_id.clone()
-            } else if let Some(doc) = source {
-                match get_path(doc, path) {
-                    None | Some(Bson::Null) => {
-                        issues.push(DeclaredIssue::MissingField { room: *kind });
+        for (i, k) in spec.keys.iter().enumerate() {
+            let v = match (&k.at, source) {
+                (KeyAt::DocId, _) => doc_id.clone(),
+                (KeyAt::Paths(paths), Some(doc)) => match lookup_id(doc, paths) {
+                    Lookup::Found(s) => Some(s),
+                    Lookup::Missing => {
+                        issues.push(Issue::MissingField { field: k.label });
                         None
                     }
-                    Some(v) => match id_string(v) {
-                        Ok(s) => Some(s),
-                        Err(found) => {
-                            issues.push(DeclaredIssue::WrongType { room: *kind, found });
-                            None
-                        }
-                    },
-                }
-            } else if let Some(k) = remembered.as_ref().and_then(|m| m.keys.get(i).cloned()) {
-                k
-            } else {
-                owner_unknown = true;
-                None
+                    Lookup::WrongType(found) => {
+                        issues.push(Issue::WrongType {
+                            field: k.label,
+                            found,
+                        });
+                        None
+                    }
+                },
+                (KeyAt::Paths(_), None) => match remembered.and_then(|m| m.keys.get(i)) {
+                    Some(known) => known.clone(),
+                    None => {
+                        owner_unknown = true;
+                        None
+                    }
+                },
             };
-            keys.push(key);
+            keys.push(v);
         }
         if owner_unknown && op == Op::Delete {
-            issues.push(DeclaredIssue::NoOwnerForDelete);
+            issues.push(Issue::NoOwnerForDelete);
+            if record {
+                if let Some(i) = &doc_id {
+                    memo.remove(i);
+                }
+                return None;
+            }
         } else if owner_unknown {
-            issues.push(DeclaredIssue::MissingField {
-                room: self.keyed.first().map_or(RoomKind::Admin, |k| k.0),
+            issues.push(Issue::MissingField {
+                field: spec.missing,
             });
         }
 
         // Tracked values: (old, new), `None` = unknown, `Some(Null)` = absent.
-        let tracked: Vec<(Option<Bson>, Option<Bson>)> = self
-            .decl
+        let tracked: Vec<(Option<Bson>, Option<Bson>)> = spec
             .tracked
             .iter()
             .enumerate()
@@ -586,11 +835,7 @@ impl Stream {
                 };
                 let before = || {
                     pre.map(|p| get_path(p, path).cloned().unwrap_or(Bson::Null))
-                        .or_else(|| {
-                            remembered
-                                .as_ref()
-                                .and_then(|m| m.tracked.get(i).cloned().flatten())
-                        })
+                        .or_else(|| remembered.and_then(|m| m.tracked.get(i).cloned().flatten()))
                 };
                 match op {
                     Op::Insert => (Some(Bson::Null), new),
@@ -606,7 +851,7 @@ impl Stream {
             })
             .collect();
 
-        let status = self.decl.status.as_ref().map(|st| {
+        let status = spec.status.as_ref().map(|st| {
             let read = read_status(
                 &ChangeView {
                     op,
@@ -617,16 +862,17 @@ impl Stream {
                 },
                 &st.field,
                 st.type_field.as_deref(),
-                remembered
-                    .as_ref()
-                    .map(|m| (m.status.as_deref(), m.kind.as_deref())),
-                |raw, kind| st.canonical(raw, kind),
+                remembered.map(|m| (m.status.as_deref(), m.kind.as_deref())),
+                |raw, kind| st.table.canonical(raw, kind),
             );
             if let Some(found) = read.wrong_type {
-                issues.push(DeclaredIssue::StatusWrongType { found });
+                issues.push(Issue::WrongType {
+                    field: "status",
+                    found,
+                });
             }
             if let Some(info) = read.info.as_ref().filter(|i| i.unknown) {
-                issues.push(DeclaredIssue::UnknownStatus {
+                issues.push(Issue::UnknownStatus {
                     value: truncate(&info.raw),
                 });
             }
@@ -635,18 +881,15 @@ impl Stream {
         let status_moved = status.as_ref().is_some_and(|s| s.touched);
 
         if let Some(i) = doc_id.as_deref().filter(|i| i.len() <= MAX_KEPT_LEN) {
-            let kept: Vec<Option<String>> = keys
-                .iter()
-                .map(|k| k.clone().filter(|s| s.len() <= MAX_KEPT_LEN))
-                .collect();
+            let short = |v: &Option<String>| v.clone().filter(|s| s.len() <= MAX_KEPT_LEN);
+            let kept: Vec<Option<String>> = keys.iter().map(short).collect();
             if let (Some(OwnerBookUse::Record(b)), true) = (book, op != Op::Delete) {
-                b.declared().record(&self.decl.collection, i, &kept);
+                b.record(&spec.collection, i, &kept);
             }
             if op == Op::Delete {
-                self.memo.remove(i);
+                memo.remove(i);
             } else {
-                let short = |v: &Option<String>| v.clone().filter(|s| s.len() <= MAX_KEPT_LEN);
-                let memo = Memo {
+                let next = Memo {
                     keys: kept,
                     tracked: tracked
                         .iter()
@@ -655,116 +898,318 @@ impl Stream {
                     status: status.as_ref().and_then(|s| short(&s.raw)),
                     kind: status.as_ref().and_then(|s| short(&s.kind)),
                 };
-                self.memo.put(i, memo);
+                memo.put(i, next);
             }
         }
 
-        let events = &self.decl.events;
-        let name = match (op, events.status_changed.as_ref()) {
-            (Op::Update | Op::Replace, Some(moved)) if status_moved => moved,
-            (Op::Insert, _) => &events.created,
-            (Op::Update, _) => &events.updated,
-            (Op::Replace, _) => &events.replaced,
-            (Op::Delete, _) => &events.deleted,
+        let owner = spec.owners.as_ref().and_then(|o| {
+            let doc = source.filter(|d| !d.is_empty())?;
+            Some(Arc::new(extract_owner(doc, &o.customer, &o.store)))
+        });
+        let order_key = spec
+            .rooms
+            .iter()
+            .find(|(k, _)| *k == RoomKind::Order)
+            .and_then(|(_, i)| keys.get(*i)?.as_deref());
+        let order = order_key
+            .filter(|_| spec.owners.is_some())
+            .map(|o| (o.to_owned(), op == Op::Delete));
+
+        let names = &spec.names;
+        let name = match (op, names.status_changed.as_ref(), &names.deleted) {
+            (Op::Update | Op::Replace, Some(moved), _) if status_moved => moved,
+            (Op::Insert, ..) => &names.created,
+            (Op::Update, ..) => &names.updated,
+            (Op::Replace, ..) => &names.replaced,
+            (Op::Delete, _, Some(deleted)) => deleted,
+            (Op::Delete, _, None) => return None,
         };
         let status_info = status.and_then(|s: StatusRead| s.info);
-        // Deletes without a pre-image still show their `_id` to audiences allowed to see it.
-        let only_id;
-        let doc = match source {
-            Some(d) => d,
-            None => {
-                only_id = id_bson.map_or_else(Document::new, |b| doc! {"_id": b.clone()});
-                &only_id
+        let empty = Document::new();
+        let deliveries = match &spec.shape {
+            Shape::Settings(sections) => {
+                let store = keys.first().and_then(Option::as_deref);
+                let touched = settings_sections(sections, op, &changed, full, pre);
+                if touched.is_empty() {
+                    return None;
+                }
+                settings_deliveries(spec, &touched, &keys, store, full.unwrap_or(&empty), issues)
+            }
+            Shape::Record { payment } => {
+                let extras = Extras {
+                    order: order_key,
+                    payment: payment.then_some(doc_id.as_deref()).flatten(),
+                    status: status_info.as_ref(),
+                    progress: !payment,
+                };
+                let plain = matches!(op, Op::Update | Op::Replace) && !status_moved;
+                deliveries(
+                    spec,
+                    &keys,
+                    source.unwrap_or(&empty),
+                    &changed,
+                    plain,
+                    |_, data| extras.add(data),
+                    issues,
+                )
+            }
+            Shape::Declared => {
+                // Deletes without a pre-image still show their `_id` to audiences allowed to see it.
+                let doc = match source {
+                    Some(d) => Cow::Borrowed(d),
+                    None => {
+                        Cow::Owned(id_bson.map_or_else(Document::new, |b| doc! {"_id": b.clone()}))
+                    }
+                };
+                let status_field = spec.status.as_ref().map(|s| s.field.as_str());
+                deliveries(
+                    spec,
+                    &keys,
+                    &doc,
+                    &changed,
+                    op == Op::Update,
+                    |allow, data| {
+                        let shows =
+                            |path: &str| allow.iter().any(|a| a == path || is_under(path, a));
+                        let mut tracked_out = Map::new();
+                        for (path, (old, new)) in spec.tracked.iter().zip(&tracked) {
+                            // A tracked field reaches only the audiences whose allowlist shows it.
+                            if shows(path) {
+                                tracked_out.insert(
+                                    path.clone(),
+                                    tracked_value(old.as_ref(), new.as_ref()),
+                                );
+                            }
+                        }
+                        if !tracked_out.is_empty() {
+                            data.insert(TRACKED_KEY.into(), Value::Object(tracked_out));
+                        }
+                        // Like a tracked field, the status reaches only the audiences that may see it.
+                        if let (Some(info), Some(field)) = (&status_info, status_field) {
+                            if shows(field) {
+                                insert_status(data, info, false);
+                            }
+                        }
+                    },
+                    issues,
+                )
             }
         };
-        let admin = self
-            .decl
-            .rooms
-            .admin
-            .then_some((RoomKind::Admin, String::new()));
-        let targets = self
-            .keyed
-            .iter()
-            .map(|(k, _)| *k)
-            .zip(keys)
-            .filter_map(|(k, key)| Some((k, key?)))
-            .chain(admin);
-        let mut deliveries = Vec::new();
-        for (kind, key) in targets {
-            let Ok(room) = Room::new(kind, &key) else {
-                issues.push(DeclaredIssue::InvalidRoomId { room: kind });
-                continue;
-            };
-            let allow = self.decl.allow.of(kind);
-            let visible = visible_changes(&changed, allow);
-            // Updates that touch nothing an audience may see are not news to it.
-            if op == Op::Update && visible.is_empty() {
-                continue;
-            }
-            let mut data = project(doc, allow);
-            let mut tracked_out = Map::new();
-            for (path, (old, new)) in self.decl.tracked.iter().zip(&tracked) {
-                // A tracked field reaches only the audiences whose allowlist shows it.
-                if !allow.iter().any(|a| a == path || is_under(path, a)) {
-                    continue;
-                }
-                tracked_out.insert(path.clone(), tracked_value(old.as_ref(), new.as_ref()));
-            }
-            if !tracked_out.is_empty() {
-                data.insert(TRACKED_KEY.into(), Value::Object(tracked_out));
-            }
-            // Like a tracked field, the status reaches only the audiences that may see it.
-            if let (Some(info), Some(st)) = (&status_info, &self.decl.status) {
-                if allow
-                    .iter()
-                    .any(|a| a == &st.field || is_under(&st.field, a))
-                {
-                    insert_status(&mut data, info, false);
-                }
-            }
-            if op == Op::Update {
-                data.insert(
-                    "changedFields".into(),
-                    Value::Array(visible.into_iter().map(Value::String).collect()),
-                );
-            }
-            deliveries.push(Delivery {
-                room,
-                data: Value::Object(data),
-            });
-        }
-        Some(RoutedEvent {
-            event: Event {
-                id,
-                name: name.clone(),
-                ts_ms,
+        Some(Mapped {
+            event: RoutedEvent {
+                event: Event {
+                    id,
+                    name: name.clone(),
+                    ts_ms,
+                },
+                deliveries,
+                // Only orders re-check ownership per change; a declared stream's `order:`
+                // rooms work as a payment's do (whoever owns the order may be in the room).
+                owner,
+                database: None,
             },
-            deliveries,
-            // No ownership re-check: `order:` rooms of a declared stream work as a
-            // payment's do (whoever owns the order may be in the room).
-            owner: None,
-            database: None,
+            order,
         })
     }
 }
 
-/// The declared rooms whose field no sampled document holds: a typo in
-/// `[streams.rooms]` would route nothing there, silently. `"_id"` always exists;
-/// an empty sample says nothing.
-pub(crate) fn unsampled_rooms<'a>(
+/// What a record's payloads carry besides the projection.
+struct Extras<'a> {
+    order: Option<&'a str>,
+    payment: Option<&'a str>,
+    status: Option<&'a crate::event::StatusInfo>,
+    progress: bool,
+}
+
+impl Extras<'_> {
+    fn add(&self, data: &mut Map<String, Value>) {
+        if let Some(order) = self.order {
+            data.insert("orderId".into(), Value::String(order.to_owned()));
+        }
+        if let Some(id) = self.payment {
+            data.insert("paymentId".into(), Value::String(id.to_owned()));
+        }
+        if let Some(st) = self.status {
+            insert_status(data, st, self.progress);
+        }
+    }
+}
+
+/// One payload per room of `keys` (and admin): the allowlisted projection of `doc`,
+/// what `extra` adds, and the changed paths the audience may know of. With
+/// `skip_unseen`, an audience none of whose fields changed is not sent the event.
+fn deliveries(
+    spec: &Spec,
+    keys: &[Option<String>],
+    doc: &Document,
+    changed: &[String],
+    skip_unseen: bool,
+    extra: impl Fn(&[String], &mut Map<String, Value>),
+    issues: &mut Vec<Issue>,
+) -> Vec<Delivery> {
+    let targets = spec
+        .rooms
+        .iter()
+        .filter_map(|(kind, i)| Some((*kind, keys.get(*i)?.as_deref()?)))
+        .chain(spec.admin.then_some((RoomKind::Admin, "")));
+    let mut out = Vec::with_capacity(spec.rooms.len() + 1);
+    for (kind, key) in targets {
+        let Ok(room) = Room::new(kind, key) else {
+            issues.push(Issue::InvalidRoomId { kind });
+            continue;
+        };
+        let allow = spec.allow.of(kind);
+        let visible = visible_changes(changed, allow);
+        // Updates that touch nothing an audience may see are not news to it.
+        if skip_unseen && visible.is_empty() {
+            continue;
+        }
+        let mut data = project(doc, allow);
+        extra(allow, &mut data);
+        if !changed.is_empty() {
+            data.insert(
+                "changedFields".into(),
+                Value::Array(visible.into_iter().map(Value::String).collect()),
+            );
+        }
+        out.push(Delivery {
+            room,
+            data: Value::Object(data),
+        });
+    }
+    out
+}
+
+/// The settings sections a change touches, with the fields of each it changed.
+fn settings_sections<'a>(
+    sections: &'a [SettingsSection],
+    op: Op,
+    changed: &[String],
+    full: Option<&Document>,
+    pre: Option<&Document>,
+) -> Vec<(&'a SettingsSection, Vec<&'a str>)> {
+    sections
+        .iter()
+        .filter_map(|sec| {
+            let fields: Vec<&str> = sec
+                .fields
+                .iter()
+                .filter(|f| match op {
+                    Op::Update => changed.iter().any(|c| touches(c, f)),
+                    // Insert/replace: with a pre-image only the fields that differ; else all present.
+                    _ => {
+                        let now = full.and_then(|d| get_path(d, f));
+                        match pre.filter(|_| op == Op::Replace) {
+                            Some(pre) => get_path(pre, f) != now,
+                            None => now.is_some(),
+                        }
+                    }
+                })
+                .map(String::as_str)
+                .collect();
+            (!fields.is_empty()).then_some((sec, fields))
+        })
+        .collect()
+}
+
+/// Settings payloads: `store:` and admin get every touched section, `storefront:` the
+/// public ones only (publicity from the spec, never from the document).
+fn settings_deliveries(
+    spec: &Spec,
+    touched: &[(&SettingsSection, Vec<&str>)],
+    keys: &[Option<String>],
+    store: Option<&str>,
+    doc: &Document,
+    issues: &mut Vec<Issue>,
+) -> Vec<Delivery> {
+    let targets = spec
+        .rooms
+        .iter()
+        .map(|(kind, i)| (*kind, keys.get(*i).and_then(Option::as_deref)))
+        .chain(spec.admin.then_some((RoomKind::Admin, Some(""))));
+    let mut out = Vec::new();
+    for (kind, key) in targets {
+        let Some(key) = key else { continue };
+        let public = kind == RoomKind::Storefront;
+        let shown = || touched.iter().filter(move |(d, _)| !public || d.public);
+        if shown().next().is_none() {
+            continue;
+        }
+        let Ok(room) = Room::new(kind, key) else {
+            issues.push(Issue::InvalidRoomId { kind });
+            continue;
+        };
+        let mut data = project_paths(
+            doc,
+            shown().flat_map(|(d, _)| d.fields.iter().map(String::as_str)),
+        );
+        if let Some(s) = store {
+            data.insert("storeId".into(), Value::String(s.to_owned()));
+        }
+        data.insert(
+            "sections".into(),
+            Value::Array(
+                shown()
+                    .map(|(d, _)| Value::String(d.name.clone()))
+                    .collect(),
+            ),
+        );
+        // Only the configured field names of visible sections, never the raw paths.
+        data.insert(
+            "changedFields".into(),
+            Value::Array(
+                shown()
+                    .flat_map(|(_, changed)| changed.iter().map(|f| Value::String((*f).to_owned())))
+                    .collect(),
+            ),
+        );
+        out.push(Delivery {
+            room,
+            data: Value::Object(data),
+        });
+    }
+    out
+}
+
+/// The document fields a declaration relies on, as (key in the declaration, path): its
+/// rooms' fields (`"_id"` always exists, so it is left out) and its status field.
+pub(crate) fn relied_on(decl: &StreamDecl) -> impl Iterator<Item = (&'static str, &str)> {
+    decl.rooms
+        .keyed()
+        .filter(|(_, path)| *path != "_id")
+        .map(|(kind, path)| (room_key(kind), path))
+        .chain(
+            decl.status
+                .as_ref()
+                .map(|s| ("status.field", s.field.as_str())),
+        )
+}
+
+fn room_key(kind: RoomKind) -> &'static str {
+    match kind {
+        RoomKind::Customer => "rooms.customer",
+        RoomKind::Store => "rooms.store",
+        RoomKind::Order => "rooms.order",
+        RoomKind::Storefront => "rooms.storefront",
+        RoomKind::Admin => "rooms.admin",
+    }
+}
+
+/// The fields a declaration relies on ([`relied_on`]) that no sampled document holds:
+/// a typo in `[streams.rooms]` would route nothing there, one in `[streams.status]`
+/// would make every change a plain update, silently. An empty sample says nothing.
+pub(crate) fn unsampled_fields<'a>(
     decl: &'a StreamDecl,
     sample: &[Document],
-) -> Vec<(RoomKind, &'a str)> {
+) -> Vec<(&'static str, &'a str)> {
     if sample.is_empty() {
         return Vec::new();
     }
-    decl.rooms
-        .keyed()
+    relied_on(decl)
         .filter(|(_, path)| {
-            *path != "_id"
-                && !sample
-                    .iter()
-                    .any(|d| get_path(d, path).is_some_and(|v| !matches!(v, Bson::Null)))
+            !sample
+                .iter()
+                .any(|d| get_path(d, path).is_some_and(|v| !matches!(v, Bson::Null)))
         })
         .collect()
 }
@@ -829,7 +1274,7 @@ store = ["status", "notes"]
 
     fn run(e: &mut Declared, d: &Document) -> RoutedEvent {
         let mut issues = Vec::new();
-        let r = e.map(d, EventId::new("x"), &mut issues).unwrap();
+        let r = e.map(d, EventId::new("x"), &mut issues).unwrap().event;
         assert!(issues.is_empty(), "{issues:?}");
         r
     }
@@ -945,9 +1390,9 @@ store = ["status", "notes"]
         assert_eq!(rooms(&r), ["customer:c1", "store:s1"]);
         // Forgotten after the delete: a second delete has no owner.
         let mut issues = Vec::new();
-        let r = e.map(&del, EventId::new("y"), &mut issues).unwrap();
+        let r = e.map(&del, EventId::new("y"), &mut issues).unwrap().event;
         assert!(r.deliveries.is_empty());
-        assert_eq!(issues, [DeclaredIssue::NoOwnerForDelete]);
+        assert_eq!(issues, [Issue::NoOwnerForDelete]);
     }
 
     #[test]
@@ -959,12 +1404,19 @@ store = ["status", "notes"]
             doc! {"customerId": null},
         ];
         assert_eq!(
-            unsampled_rooms(deliveries, &sample),
-            [(RoomKind::Store, "storeId")]
+            unsampled_fields(deliveries, &sample),
+            [("rooms.store", "storeId")]
         );
-        assert!(unsampled_rooms(deliveries, &[]).is_empty());
+        assert!(unsampled_fields(deliveries, &[]).is_empty());
         // "_id" needs no sample.
-        assert!(unsampled_rooms(&c.streams[0], &[doc! {}]).is_empty());
+        assert!(unsampled_fields(&c.streams[0], &[doc! {}]).is_empty());
+        // The status field is relied on too.
+        let c = crate::config::test_config(WITH_STATUS, "t").unwrap();
+        let sample = [doc! {"customerId": "c1", "storeId": "s1", "status": "x"}];
+        assert_eq!(
+            unsampled_fields(&c.streams[0], &sample),
+            [("status.field", "state")]
+        );
     }
 
     #[test]
@@ -1095,6 +1547,33 @@ dropped_off = "delivered"
     }
 
     #[test]
+    fn aliases_may_filter_on_a_declared_streams_statuses() {
+        let alias = |statuses: &str| {
+            format!(
+                "{WITH_STATUS}\n[[socketio.aliases]]\nevent = \"delivery:status_changed\"\nname = \"deliveryReady\"\nrooms = [\"store\"]\nstatuses = {statuses}\n"
+            )
+        };
+        let c = crate::config::test_config(&alias(r#"["ready_for_pickup", "delivered"]"#), "t")
+            .unwrap();
+        assert_eq!(
+            c.socketio.aliases[0].statuses.as_deref(),
+            Some(&["ready_for_pickup".to_owned(), "delivered".to_owned()][..])
+        );
+        // Not one of this stream's targets (an order status is not enough).
+        let err = crate::config::test_config(&alias(r#"["in_transit"]"#), "t").unwrap_err();
+        assert!(
+            err.to_string().contains("not a status of the stream"),
+            "{err}"
+        );
+        // A stream without a status table has no statuses at all.
+        let text = format!(
+            "{USERS}\n[[socketio.aliases]]\nevent = \"delivery:updated\"\nname = \"d\"\nrooms = [\"store\"]\nstatuses = [\"pending\"]\n"
+        );
+        let err = crate::config::test_config(&text, "t").unwrap_err();
+        assert!(err.to_string().contains("no status table"), "{err}");
+    }
+
+    #[test]
     fn an_unknown_raw_status_passes_through_marked_and_is_reported() {
         let mut e = status_engine();
         let ins = change(
@@ -1104,10 +1583,10 @@ dropped_off = "delivered"
             Some(delivery("d2", "Lost", "delivery")),
         );
         let mut issues = Vec::new();
-        let r = e.map(&ins, EventId::new("x"), &mut issues).unwrap();
+        let r = e.map(&ins, EventId::new("x"), &mut issues).unwrap().event;
         assert_eq!(
             issues,
-            [DeclaredIssue::UnknownStatus {
+            [Issue::UnknownStatus {
                 value: "Lost".into()
             }]
         );
@@ -1124,8 +1603,14 @@ dropped_off = "delivered"
             Some(doc! {"_id": "d3", "customerId": "c1", "storeId": "s1", "state": 3}),
         );
         let mut issues = Vec::new();
-        let r = e.map(&ins, EventId::new("y"), &mut issues).unwrap();
-        assert_eq!(issues, [DeclaredIssue::StatusWrongType { found: "int" }]);
+        let r = e.map(&ins, EventId::new("y"), &mut issues).unwrap().event;
+        assert_eq!(
+            issues,
+            [Issue::WrongType {
+                field: "status",
+                found: "int"
+            }]
+        );
         assert!(r.deliveries[1].data.get("status").is_none());
     }
 

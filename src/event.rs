@@ -1,4 +1,4 @@
-//! The domain event: what normalization produces, routing addresses and the hub fans out; knows nothing of sockets or MongoDB.
+//! The event vocabulary: ids, events and their per-room payloads, statuses, and what a change could not be used for; knows nothing of sockets or MongoDB.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::room::Room;
+use crate::room::{Room, RoomKind};
 
 /// An event id: the change's cluster time, its index at that time and its resume
 /// token (see `sequence`).
@@ -108,4 +108,88 @@ pub struct RoutedEvent {
     /// The database the change came from, when several are watched: rooms are then
     /// per database (a tenant's `customer:c1` is not another tenant's).
     pub database: Option<Arc<str>>,
+}
+
+/// The normalized status of a document at one change (orders, payments, and
+/// declared streams with a `[streams.status]` table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusInfo {
+    /// Canonical status, or the raw value when it is unknown.
+    pub status: String,
+    /// The value as stored in the document.
+    pub raw: String,
+    /// The canonical (or unknown raw) status before this change, when known
+    /// from the pre-image or from the last state this process saw.
+    pub previous: Option<String>,
+    /// Position on the order flow, 0..=100 (see `config::OrderStatus::progress`);
+    /// `None` for cancelled, unknown statuses and other tables.
+    pub progress: Option<u8>,
+    /// The raw value is not in the status table.
+    pub unknown: bool,
+}
+
+/// Something in a change that could not be used; counted under [`Issue::reason`] and
+/// logged (rate-limited) by the mapper. Carried strings are at most 128 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Issue {
+    /// The change has no usable `_id._data` resume token; the change is dropped.
+    MissingEventId,
+    /// `operationType` is missing or not one MongoDB documents.
+    UnknownOperation {
+        /// The value, or `<missing>`, or `<type>`.
+        op: String,
+    },
+    /// A valid operation changecast does not turn into events (`drop`, `rename`,
+    /// `invalidate`, DDL, or a delete of a stream that has no delete event).
+    UnhandledOperation {
+        /// The operation.
+        op: String,
+    },
+    /// `ns.coll` is missing or not a watched collection.
+    UnknownCollection {
+        /// The value, or `<missing>`.
+        collection: String,
+    },
+    /// A routing field is absent: that route is skipped.
+    MissingField {
+        /// Which key (`customer`, `store`, `order_id`, `_id`, or a declared room kind).
+        field: &'static str,
+    },
+    /// A field has a type that cannot be used (e.g. an id that is an array).
+    WrongType {
+        /// Which key (as for `MissingField`, or `status`).
+        field: &'static str,
+        /// The BSON type found, e.g. `array`.
+        found: &'static str,
+    },
+    /// A status value not in the table; passed through with `unknown: true` (not a drop).
+    UnknownStatus {
+        /// The raw value.
+        value: String,
+    },
+    /// A delete whose owners are unknown (no pre-image, not seen before): dropped, or
+    /// for a declared stream sent only to the rooms that need no document.
+    NoOwnerForDelete,
+    /// The id for this room kind is not a valid room id (empty, too long, odd characters).
+    InvalidRoomId {
+        /// The room kind that was skipped.
+        kind: RoomKind,
+    },
+}
+
+impl Issue {
+    /// A bounded label for metrics (`events_dropped_total{reason=…}` and the like).
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Issue::MissingEventId => "missing_event_id",
+            Issue::UnknownOperation { .. } => "unknown_operation",
+            Issue::UnhandledOperation { .. } => "unhandled_operation",
+            Issue::UnknownCollection { .. } => "unknown_collection",
+            Issue::MissingField { .. } => "missing_field",
+            Issue::WrongType { .. } => "wrong_type",
+            Issue::UnknownStatus { .. } => "unknown_status",
+            Issue::NoOwnerForDelete => "no_owner_for_delete",
+            Issue::InvalidRoomId { .. } => "invalid_room_id",
+        }
+    }
 }

@@ -1,13 +1,14 @@
 //! changecast: MongoDB change streams → normalized events → authenticated WebSocket and Socket.IO rooms.
 //!
 //! Modules in reading order: `config` (the TOML file, one file per section),
-//! `status` (canonical statuses and the status table), `event` and `room`
-//! (the vocabulary), `normalize` (change → domain events), `route` (rooms and
-//! payload allowlists), `declared` (the app's own collections, declared in
-//! `[[streams]]`), `hub` (fan-out and history), `source` (change
-//! streams), `checkpoint` (the durable resume token), `pipeline` (source →
-//! hub), `auth` (JWT → principal), `gateway` (HTTP, `/ws`, `/socket.io/`),
-//! `metrics`, `cli`.
+//! `status` (canonical statuses and the status table), `event` and `room` (the
+//! vocabulary), `docpath` (dotted paths into BSON), `normalize` (reading a change
+//! and its status) and `route` (rooms and payload allowlists), `declared` (the one
+//! stream engine) with `presets` (orders, payments and settings as streams of it),
+//! `mapper` (change → numbered, counted events), `hub` (fan-out and history),
+//! `source` (change streams), `checkpoint` (the durable resume token), `pipeline`
+//! (source → hub), `auth` (JWT → principal), `gateway` (HTTP, `/ws`,
+//! `/socket.io/`), `metrics`, `cli`.
 
 pub mod app;
 pub mod auth;
@@ -17,15 +18,19 @@ pub mod cli;
 pub mod config;
 pub(crate) mod declared;
 pub mod demo;
+pub(crate) mod docpath;
 pub mod event;
+#[cfg(test)]
+mod former;
 pub mod gateway;
 pub mod health;
 pub mod hub;
 pub mod idcodec;
 pub mod mapper;
 pub mod metrics;
-pub mod normalize;
+pub(crate) mod normalize;
 pub mod pipeline;
+mod presets;
 pub(crate) mod replay;
 pub mod room;
 pub(crate) mod route;

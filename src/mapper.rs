@@ -1,4 +1,4 @@
-//! Change document → routed events: normalization + routing, with counting and rate-limited logging of data problems.
+//! Change document → routed events through the stream engine (`declared`), with numbering, counting and rate-limited logging of data problems.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -6,13 +6,11 @@ use std::time::{Duration, Instant};
 
 use bson::Document;
 
-use crate::authz::{extract_owner, OrderOwner, OrderOwners};
+use crate::authz::OrderOwners;
 use crate::config::Config;
-use crate::declared::{Declared, DeclaredIssue};
-use crate::event::RoutedEvent;
+use crate::declared::{Declared, Mapped, OwnerBookUse};
+use crate::event::{Issue, RoutedEvent};
 use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
-use crate::normalize::{CollectionKind, DomainEvent, EventName, Issue, Normalizer, OwnerBookUse};
-use crate::route::Router;
 use crate::sequence::{OrderError, Sequencer};
 use prometheus_client::metrics::counter::Counter;
 
@@ -49,13 +47,11 @@ fn change_counters(metrics: &Metrics, watched: &[String]) -> Vec<[Counter; 5]> {
         .collect()
 }
 
-/// Normalizes and routes one stream's changes.
+/// Maps one stream's changes.
 pub struct Mapper {
     config: Arc<Config>,
-    normalizer: Normalizer,
-    router: Router,
-    /// The `[[streams]]` collections, mapped apart from the built-in three.
-    declared: Declared,
+    /// Orders, payments and settings (presets) and the `[[streams]]` collections.
+    engine: Declared,
     metrics: Arc<Metrics>,
     watched: Vec<String>,
     change_counters: Vec<[Counter; 5]>,
@@ -84,9 +80,7 @@ impl Mapper {
             change_counters: change_counters(&metrics, &watched),
             watched,
             config: config.clone(),
-            normalizer: Normalizer::new(config),
-            router: Router::new(&config.routing),
-            declared: Declared::new(&config.streams, config.normalize.state_cache_docs),
+            engine: Declared::for_config(config),
             metrics,
             last_warned: HashMap::new(),
             unknown_logged: HashSet::new(),
@@ -124,12 +118,10 @@ impl Mapper {
         self
     }
 
-    /// A mapper whose normalizer records owners in, or consults, a shared owner book.
+    /// A mapper whose engine records owners in, or consults, a shared owner book.
     pub(crate) fn with_owner_book(mut self, book: OwnerBookUse) -> Self {
-        self.normalizer = Normalizer::new(&self.config).with_owner_book(book.clone());
-        self.declared = Declared::new(&self.config.streams, self.config.normalize.state_cache_docs)
-            .with_owner_book(book.clone());
         self.book = Some(book);
+        self.engine = self.fresh_engine();
         self
     }
 
@@ -143,7 +135,7 @@ impl Mapper {
             Ok(id) => id,
             Err(OrderError::NoToken) => {
                 // The driver refuses such a change before we see it; counted, not fatal.
-                self.report(&Issue::MissingEventId);
+                self.report(change, &Issue::MissingEventId);
                 return Ok(Vec::new());
             }
             Err(e) => return Err(e),
@@ -157,111 +149,40 @@ impl Mapper {
         } else {
             None
         };
-        let coll = change
-            .get_document("ns")
-            .ok()
-            .and_then(|ns| ns.get_str("coll").ok());
-        if coll.is_some_and(|c| self.declared.handles(c)) {
-            return Ok(self.map_declared(change, id, database));
-        }
-        let mut normalized = self.normalizer.normalize(change);
-        for ev in &mut normalized.events {
-            ev.id = id.clone();
-        }
-        for issue in &normalized.issues {
-            self.report(issue);
-        }
-        let mut out = Vec::with_capacity(normalized.events.len());
-        for ev in &normalized.events {
-            let owner = self.order_owner(ev, database.as_deref());
-            let (mut routed, issues) = self.router.route(ev);
-            if let Some(r) = &mut routed {
-                r.owner = owner;
-                r.database = database.clone();
-            }
-            for i in issues {
-                self.drop_reason(i.reason());
-                self.warn(i.reason(), || format!("{i:?}"));
-            }
-            match routed {
-                Some(r) if !r.deliveries.is_empty() => out.push(r),
-                _ => self.drop_reason("no_rooms"),
-            }
-        }
-        Ok(out)
-    }
-
-    /// A change of a declared stream: the same numbering, counting and rate-limited
-    /// warnings as the built-ins, its own mapping.
-    fn map_declared(
-        &mut self,
-        change: &Document,
-        id: crate::event::EventId,
-        database: Option<Arc<str>>,
-    ) -> Vec<RoutedEvent> {
         let mut issues = Vec::new();
-        let routed = self.declared.map(change, id, &mut issues);
-        for i in &issues {
-            match i {
-                DeclaredIssue::UnknownStatus { value } => {
-                    let coll = change
-                        .get_document("ns")
-                        .ok()
-                        .and_then(|ns| ns.get_str("coll").ok())
-                        .unwrap_or("");
-                    self.unknown_status(coll, value);
-                }
-                DeclaredIssue::UnhandledOperation => self.drop_reason(i.reason()),
-                other => {
-                    self.drop_reason(other.reason());
-                    self.warn(other.reason(), || format!("{other:?}"));
-                }
-            }
+        let mapped = self.engine.map(change, id, &mut issues);
+        for issue in &issues {
+            self.report(change, issue);
         }
-        match routed {
-            None => Vec::new(),
-            Some(r) if r.deliveries.is_empty() => {
-                self.drop_reason("no_rooms");
-                Vec::new()
-            }
-            Some(mut r) => {
-                r.database = database;
-                vec![r]
-            }
-        }
-    }
-
-    /// An order change's owners, read from its document by the same `[fields]` rule
-    /// as the ownership lookup; `None` for other collections and for deletes whose
-    /// document is unknown (they reach the rooms the owner book remembers).
-    fn order_owner(&self, ev: &DomainEvent, database: Option<&str>) -> Option<Arc<OrderOwner>> {
-        if ev.collection != CollectionKind::Orders {
-            return None;
-        }
-        let deleted = ev.name == EventName::OrderDeleted;
-        let owner = (!ev.document.is_empty()).then(|| {
-            let f = &self.config.fields;
-            Arc::new(extract_owner(&ev.document, &f.customer, &f.store))
-        });
-        if let (Some(observer), Some(id)) = (&self.owners, &ev.keys.order) {
+        let Some(Mapped { mut event, order }) = mapped else {
+            return Ok(Vec::new());
+        };
+        if let (Some(observer), Some((id, deleted))) = (&self.owners, order) {
+            // Rights follow the data: the ownership cache learns each order's owners
+            // as the stream sees them (a delete forgets them).
             let now = if deleted {
                 None
             } else {
-                owner.as_deref().cloned()
+                event.owner.as_deref().cloned()
             };
             if deleted || now.is_some() {
-                observer.observe(id, database, now);
+                observer.observe(&id, database.as_deref(), now);
             }
         }
-        owner
+        if event.deliveries.is_empty() {
+            self.drop_reason("no_rooms");
+            return Ok(Vec::new());
+        }
+        event.database = database;
+        Ok(vec![event])
     }
 
     /// Takes a change the server could not return whole (over 16 MiB, see
     /// `Source::peek_next`) out of the stream: it is numbered like any other change, so
     /// the ids after it are the same in every process, counted as dropped (`oversize`),
     /// and routed from what `reduced` holds (its document key and the routing fields of
-    /// its documents) so that its rooms can be told to resync. The routing uses a
-    /// normalizer of its own: the reduced documents must not become remembered statuses.
+    /// its documents) so that its rooms can be told to resync. The routing uses an
+    /// engine of its own: the reduced documents must not become remembered statuses.
     pub(crate) fn skip(&mut self, reduced: &Document) -> Result<Vec<RoutedEvent>, OrderError> {
         // Rooms follow the document's owners, not what changed (the update description
         // stayed on the server): a change that still has its document is routed as the
@@ -272,10 +193,10 @@ impl Mapper {
         {
             probe.insert("operationType", "insert");
         }
-        let throwaway = self.fresh_normalizer();
-        let kept = std::mem::replace(&mut self.normalizer, throwaway);
+        let throwaway = self.fresh_engine();
+        let kept = std::mem::replace(&mut self.engine, throwaway);
         let routed = self.map(&probe);
-        self.normalizer = kept;
+        self.engine = kept;
         self.drop_reason("oversize");
         let mut routed = routed?;
         if routed.iter().all(|r| r.deliveries.is_empty()) {
@@ -303,23 +224,18 @@ impl Mapper {
         Ok(routed)
     }
 
-    fn fresh_normalizer(&self) -> Normalizer {
-        let mut n = Normalizer::new(&self.config);
-        if let Some(book) = &self.book {
-            n = n.with_owner_book(book.clone());
+    fn fresh_engine(&self) -> Declared {
+        let e = Declared::for_config(&self.config);
+        match &self.book {
+            Some(book) => e.with_owner_book(book.clone()),
+            None => e,
         }
-        n
     }
 
     /// Forgets remembered document state (after a gap in the stream).
     pub(crate) fn forget(&mut self) {
-        self.declared.forget();
         // The owner book stays: owners outlive a gap in the stream far better than statuses.
-        let mut n = Normalizer::new(&self.config);
-        if let Some(book) = &self.book {
-            n = n.with_owner_book(book.clone());
-        }
-        self.normalizer = n;
+        self.engine.forget();
     }
 
     fn count_change(&self, change: &Document) {
@@ -337,10 +253,15 @@ impl Mapper {
         self.change_counters[coll][op].inc();
     }
 
-    fn report(&mut self, issue: &Issue) {
+    fn report(&mut self, change: &Document, issue: &Issue) {
         match issue {
-            Issue::UnknownStatus { value, collection } => {
-                self.unknown_status(collection.as_str(), value);
+            Issue::UnknownStatus { value } => {
+                let coll = change
+                    .get_document("ns")
+                    .ok()
+                    .and_then(|ns| ns.get_str("coll").ok())
+                    .unwrap_or("");
+                self.unknown_status(coll, value);
             }
             Issue::UnhandledOperation { .. } => self.drop_reason(issue.reason()),
             other => {

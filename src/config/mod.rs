@@ -32,7 +32,9 @@ pub use checkpoint::{CheckpointConfig, CheckpointStoreConfig};
 pub use errors::{ConfigError, Location};
 pub(crate) use fields::FieldPaths;
 pub use log::{LogConfig, LogFormat};
-pub(crate) use mongodb::{Collections, MongoConfig};
+#[cfg(test)]
+pub(crate) use mongodb::Collections;
+pub(crate) use mongodb::MongoConfig;
 pub(crate) use normalize::NormalizeConfig;
 pub(crate) use routing::{Allowlists, RoutingConfig, SettingsSection};
 pub(crate) use server::ServerConfig;

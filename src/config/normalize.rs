@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 /// `[normalize]`: memory normalization may use.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct NormalizeConfig {
-    /// Most documents whose last-seen status and owners are remembered (for
-    /// `previousStatus` and for routing deletes without a pre-image); oldest
+    /// Most documents per stream whose last-seen status and owners are remembered
+    /// (for `previousStatus` and for routing deletes without a pre-image); oldest
     /// evicted first. About 200 bytes each. Default 100000; 0 disables.
     pub(crate) state_cache_docs: usize,
 }

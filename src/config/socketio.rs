@@ -44,7 +44,8 @@ pub(crate) struct Alias {
     /// Audience room kinds.
     #[serde(serialize_with = "ser_room_kinds")]
     pub(crate) rooms: Vec<RoomKind>,
-    /// Only when the normalized status is one of these (canonical names).
+    /// Only when the normalized status is one of these (canonical names: of orders and
+    /// payments, or for a declared stream its `[streams.status]` targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) statuses: Option<Vec<String>>,
 }
@@ -184,12 +185,19 @@ pub(super) fn convert(
                 let mut out = Vec::new();
                 for s in list {
                     let v = s.get_ref();
-                    if OrderStatus::parse(v).is_none() && PaymentStatus::parse(v).is_none() {
-                        return Err(ctx.err(
-                            format!("{key}.statuses"),
-                            &s,
-                            format!("{v:?} is not a canonical order or payment status"),
-                        ));
+                    // A declared stream's statuses are its own table's targets.
+                    let verdict = match crate::declared::alias_status(streams, a.event.get_ref(), v)
+                    {
+                        Some(verdict) => verdict,
+                        None if OrderStatus::parse(v).is_some()
+                            || PaymentStatus::parse(v).is_some() =>
+                        {
+                            Ok(())
+                        }
+                        None => Err(format!("{v:?} is not a canonical order or payment status")),
+                    };
+                    if let Err(message) = verdict {
+                        return Err(ctx.err(format!("{key}.statuses"), &s, message));
                     }
                     out.push(v.clone());
                 }

@@ -63,6 +63,8 @@ struct Tally {
     deliveries: u64,
     /// Of which from the declared stream.
     declared: u64,
+    /// Of which its status changes.
+    declared_status: u64,
     outside_rooms: u64,
     outside_rights: u64,
     cross_room: u64,
@@ -81,6 +83,7 @@ impl Tally {
     fn add(&mut self, o: &Tally) {
         self.deliveries += o.deliveries;
         self.declared += o.declared;
+        self.declared_status += o.declared_status;
         self.outside_rooms += o.outside_rooms;
         self.outside_rights += o.outside_rights;
         self.cross_room += o.cross_room;
@@ -261,6 +264,15 @@ async fn actor(
                     let s = Seen::from_message(&v).unwrap();
                     if s.key.starts_with("delivery/") {
                         t.declared += 1;
+                        if v["event"] == "delivery:status_changed" {
+                            t.declared_status += 1;
+                            // Only the store and admin may see `state`.
+                            if s.room.starts_with("customer:") {
+                                t.outside_rooms += 1;
+                                t.examples
+                                    .push(format!("a status change reached {}", s.room));
+                            }
+                        }
                     }
                     if !cn.joined.contains(&s.room) {
                         t.outside_rooms += 1;
@@ -338,14 +350,29 @@ async fn actor(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_no_delivery_outside_a_connections_rooms_or_rights() {
+    // The declared stream has no status table: its changes are plain updates.
+    rights_model(DELIVERIES_STREAM, false).await;
+}
+
+/// The same with a declared stream that has a status table: a change of its status field
+/// is `delivery:status_changed`, sent only to the audiences that may see the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_no_delivery_outside_rooms_or_rights_with_a_status_table() {
+    rights_model(DELIVERIES_STREAM_WITH_STATUS, true).await;
+}
+
+async fn rights_model(stream: &str, states: bool) {
     let actors = size("MODEL_ACTORS", 60, 300) as usize;
     let secs = size("MODEL_SECS", 10, 120);
     let db = Arc::new(Db::start().await);
-    let work = Workload::new(50, 20, 100).with_deliveries(60);
+    let mut work = Workload::new(50, 20, 100).with_deliveries(60);
+    if states {
+        work = work.with_delivery_states();
+    }
     work.seed(&db).await;
     let server = Server::start(
         &db,
-        &format!("leeway = \"1s\"\n[server]\nmax_messages_per_second = 1000\n{DELIVERIES_STREAM}"),
+        &format!("leeway = \"1s\"\n[server]\nmax_messages_per_second = 1000\n{stream}"),
     )
     .await;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -396,14 +423,24 @@ async fn model_no_delivery_outside_a_connections_rooms_or_rights() {
     let writes = writer.await.unwrap();
     let t = tally.lock().unwrap().clone();
     figure(
-        "hostile.model",
+        if states {
+            "hostile.model_status"
+        } else {
+            "hostile.model"
+        },
         format!(
-            "{actors} actors over {secs}s (50 customers, 20 stores, {writes} changes; {} connects, {} subscribes, {} token refreshes of which {} dropped stores, {} expiries): {} deliveries ({} of a declared stream), outside joined rooms {}, outside current rights {}, cross-room {}, subscriptions wrongly granted {}, after expiry {}, (refused though allowed {})",
-            t.connects, t.subscribes, t.refreshes, t.reduced_refreshes, t.expiries, t.deliveries, t.declared, t.outside_rooms, t.outside_rights, t.cross_room, t.wrongly_granted, t.after_expiry, t.refused_by_server_allowed_by_model
+            "{actors} actors over {secs}s (50 customers, 20 stores, {writes} changes; {} connects, {} subscribes, {} token refreshes of which {} dropped stores, {} expiries): {} deliveries ({} of a declared stream, {} of its status changes), outside joined rooms {}, outside current rights {}, cross-room {}, subscriptions wrongly granted {}, after expiry {}, (refused though allowed {})",
+            t.connects, t.subscribes, t.refreshes, t.reduced_refreshes, t.expiries, t.deliveries, t.declared, t.declared_status, t.outside_rooms, t.outside_rights, t.cross_room, t.wrongly_granted, t.after_expiry, t.refused_by_server_allowed_by_model
         ),
     );
     assert!(t.deliveries > 0);
     assert!(t.declared > 0, "no declared-stream delivery was seen");
+    assert_eq!(
+        states,
+        t.declared_status > 0,
+        "status changes seen: {}",
+        t.declared_status
+    );
     assert_eq!(
         t.outside_rooms + t.cross_room + t.wrongly_granted + t.after_expiry,
         0,

@@ -97,9 +97,10 @@ pub struct Order {
     pub store: String,
 }
 
-/// A declared stream (`[[streams]]`) over the workload's `deliveries` documents, routed to
-/// their customer, their store and admin.
-pub const DELIVERIES_STREAM: &str = r#"
+/// The declared `deliveries` stream's table; a macro so that its variant below extends it.
+macro_rules! deliveries_stream {
+    () => {
+        r#"
 [[streams]]
 collection = "deliveries"
 module = "delivery"
@@ -109,9 +110,29 @@ store = "storeId"
 admin = true
 [streams.allow]
 customer = ["_id", "quantity"]
-store = ["_id", "quantity", "customerId"]
-admin = ["_id", "quantity", "customerId", "storeId"]
-"#;
+store = ["_id", "quantity", "customerId", "state"]
+admin = ["_id", "quantity", "customerId", "storeId", "state"]
+"#
+    };
+}
+
+/// A declared stream (`[[streams]]`) over the workload's `deliveries` documents, routed to
+/// their customer, their store and admin.
+pub const DELIVERIES_STREAM: &str = deliveries_stream!();
+
+/// [`DELIVERIES_STREAM`] with a status table: `state` changes are
+/// `delivery:status_changed`, whose status only the store and admin may see (the
+/// customer's allowlist has no `state`, so a change of it alone is not sent there).
+pub const DELIVERIES_STREAM_WITH_STATUS: &str = concat!(
+    deliveries_stream!(),
+    r#"[streams.status]
+field = "state"
+[streams.status.map]
+scheduled = "pending"
+loaded = "in_transit"
+dropped_off = "delivered"
+"#
+);
 
 /// Orders, payments (one per second order) and one settings document per store; optionally
 /// deliveries of a declared stream ([`DELIVERIES_STREAM`]).
@@ -123,6 +144,9 @@ pub struct Workload {
     pub payments: Vec<(ObjectId, Order)>,
     /// Documents of the declared `deliveries` stream (`id` is the delivery's); none by default.
     pub deliveries: Vec<Order>,
+    /// Whether every other write to a delivery changes its `state` (serve
+    /// [`DELIVERIES_STREAM_WITH_STATUS`]) rather than its `quantity`.
+    pub delivery_states: bool,
     pub ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -182,6 +206,7 @@ impl Workload {
             orders,
             payments,
             deliveries: Vec::new(),
+            delivery_states: false,
             ledger: Arc::new(Mutex::new(ledger)),
         }
     }
@@ -207,6 +232,12 @@ impl Workload {
             self.deliveries.push(d);
         }
         drop(ledger);
+        self
+    }
+
+    /// Every other write to a delivery moves its `state` (see [`DELIVERIES_STREAM_WITH_STATUS`]).
+    pub fn with_delivery_states(mut self) -> Workload {
+        self.delivery_states = true;
         self
     }
 
@@ -237,7 +268,7 @@ impl Workload {
         let deliveries: Vec<_> = self
             .deliveries
             .iter()
-            .map(|d| doc! {"_id": d.id, "customerId": &d.customer, "storeId": &d.store, "quantity": -1i64})
+            .map(|d| doc! {"_id": d.id, "customerId": &d.customer, "storeId": &d.store, "quantity": -1i64, "state": "scheduled"})
             .collect();
         if !deliveries.is_empty() {
             db.coll("deliveries").insert_many(deliveries).await.unwrap();
@@ -251,8 +282,14 @@ impl Workload {
         let pick = (seq / 10) as usize;
         let key = if !self.deliveries.is_empty() && seq % 4 == 3 {
             let d = &self.deliveries[pick % self.deliveries.len()];
+            let set = if self.delivery_states && seq % 8 == 7 {
+                let states = ["scheduled", "loaded", "dropped_off", "lost"];
+                doc! {"state": states[(seq / 8) as usize % states.len()]}
+            } else {
+                doc! {"quantity": seq as i64}
+            };
             db.coll("deliveries")
-                .update_one(doc! {"_id": d.id}, doc! {"$set": {"quantity": seq as i64}})
+                .update_one(doc! {"_id": d.id}, doc! {"$set": set})
                 .await
                 .unwrap();
             format!("delivery/{}", d.id.to_hex())
