@@ -14,7 +14,7 @@ use crate::room::{Room, RoomKind};
 /// Ids sort in commit order as strings, whatever the server's tokens look like, and
 /// are identical in every process watching the same stream, which is what makes
 /// recovery work across reconnects and across replicas.
-#[derive(Clone, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct EventId(Arc<str>);
 
@@ -23,6 +23,13 @@ impl PartialEq for EventId {
         // The hub compares an event's id with its own messages' copies, which share
         // the text: pointer equality settles those without reading ~100 bytes.
         Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl std::hash::Hash for EventId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The text, as equality compares it (the pointer is only a shortcut).
+        self.0.hash(state);
     }
 }
 
