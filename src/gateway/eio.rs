@@ -517,11 +517,15 @@ impl PollLink {
         self.poll.readable.notify_one();
     }
 
-    /// Ends the session with a close packet for the next GET.
+    /// Ends the session. Its last frames (an `error`, a DISCONNECT) and a close packet
+    /// wait for the next GET, as does a GET already waiting; a session with nothing left
+    /// to say is forgotten at once, and a later GET is told its `sid` is unknown.
     pub(crate) fn close(&mut self) {
         {
             let mut st = self.poll.state();
-            st.out.push_back(Utf8Bytes::from_static("1"));
+            if st.polling || !st.out.is_empty() {
+                st.out.push_back(Utf8Bytes::from_static("1"));
+            }
             st.closed = true;
         }
         self.poll.readable.notify_one();
@@ -688,14 +692,20 @@ mod tests {
             .unwrap();
         assert!(link.feed(WsMessage::Text("y".into())).is_err());
         let _ = poll.clone().get(&polls, Duration::from_secs(1)).await;
+        link.feed(WsMessage::Text("41".into())).unwrap();
         link.close();
         drop(link);
         let last = poll.clone().get(&polls, Duration::from_secs(1)).await;
         let last = axum::body::to_bytes(last.into_body(), usize::MAX)
             .await
             .unwrap();
-        assert_eq!(&last[..], b"1");
+        assert_eq!(&last[..], b"41\x1e1");
         assert_eq!(polls.len(), 0);
+        // Nothing left to say: forgotten at once.
+        let (mut link, sid) = PollLink::open(&polls);
+        link.close();
+        drop(link);
+        assert!(polls.get(&sid).is_none());
     }
 
     #[tokio::test]
