@@ -88,6 +88,8 @@ pub(crate) enum In {
 }
 
 /// The transport under a connection.
+// The WebSocket stays inline: it is what almost every connection holds for its life.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Link {
     /// A WebSocket (`/ws`, or Engine.IO's websocket transport).
     Ws(WebSocket),
@@ -118,7 +120,7 @@ impl Link {
             Err(ws) => {
                 // Synchronous from here on: a cancelled `recv` cannot lose the socket.
                 let left = poll.retire();
-                *self = Link::Ws(ws);
+                *self = Link::Ws(*ws);
                 In::Resend(left)
             }
         }

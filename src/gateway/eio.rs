@@ -279,7 +279,8 @@ struct PollState {
 
 enum Inbound {
     Payload(Bytes),
-    Upgrade(WebSocket),
+    /// Boxed: the channel's slots are allocated up front.
+    Upgrade(Box<WebSocket>),
     Refused(Exit),
 }
 
@@ -402,7 +403,7 @@ impl Poll {
         })
         .await;
         if matches!(upgraded, Ok(Some(()))) {
-            if let Ok(()) = self.inbound.send(Inbound::Upgrade(ws)).await {
+            if let Ok(()) = self.inbound.send(Inbound::Upgrade(Box::new(ws))).await {
                 return;
             }
         }
@@ -462,7 +463,7 @@ impl PollLink {
     }
 
     /// The next packet; `Err` with the socket that has taken the session over.
-    pub(crate) async fn recv(&mut self) -> Result<In, WebSocket> {
+    pub(crate) async fn recv(&mut self) -> Result<In, Box<WebSocket>> {
         loop {
             if !self.pending.is_empty() {
                 let at = self.pending.iter().position(|&b| b == SEPARATOR as u8);
