@@ -353,7 +353,7 @@ async fn run(shared: Arc<Shared>, link: Link, handshake: Handshake, open: Option
     // Boxed: what waiting for CONNECT holds is freed once it is done.
     let connected = match Box::pin(conn.await_connect(handshake)).await {
         Ok(c) => c,
-        Err(exit) => return conn.finish(exit).await,
+        Err(exit) => return conn.finish(exit, false).await,
     };
     let Connected {
         mut session,
@@ -378,7 +378,7 @@ async fn run(shared: Arc<Shared>, link: Link, handshake: Handshake, open: Option
     drop(session);
     drop(rx);
     drop(permits);
-    conn.finish(exit).await;
+    conn.finish(exit, true).await;
 }
 
 impl Conn<Sio> {
@@ -595,7 +595,8 @@ impl Conn<Sio> {
     /// retry blindly (slow consumer, expired token, flood) is a Socket.IO DISCONNECT
     /// (`io server disconnect`), after an `error` event saying why; shutdown and transport
     /// failures just close the transport, so clients reconnect (to another replica).
-    async fn finish(&mut self, exit: Option<Exit>) {
+    /// Before CONNECT there is no Socket.IO session to disconnect: the transport closes.
+    async fn finish(&mut self, exit: Option<Exit>, connected: bool) {
         tracing::info!(reason = exit.map(|e| e.1), "closing");
         let say: Option<Value> = match exit {
             Some(Exit(close::TOKEN_EXPIRED, _)) => Some(
@@ -606,13 +607,14 @@ impl Conn<Sio> {
             }
             _ => None,
         };
-        let disconnect = matches!(
-            exit,
-            Some(Exit(
-                close::TOKEN_EXPIRED | close::RATE_LIMITED | close::SLOW_CONSUMER,
-                _
-            ))
-        );
+        let disconnect = connected
+            && matches!(
+                exit,
+                Some(Exit(
+                    close::TOKEN_EXPIRED | close::RATE_LIMITED | close::SLOW_CONSUMER,
+                    _
+                ))
+            );
         if disconnect {
             // A fresh deadline: the write that failed may have been cut by the kick.
             self.kicked = CancellationToken::new();
@@ -627,24 +629,27 @@ impl Conn<Sio> {
 
     /// Answers one Socket.IO packet.
     async fn socket_io(&mut self, session: &mut Session, text: &str) -> Result<(), Option<Exit>> {
-        let p = match parse_packet(text) {
+        let parsed = parse_packet(text);
+        // Malformed packets count too: each costs a reply.
+        match driver::rate(&self.gw, &mut self.dialect.rate) {
+            Rate::Allowed => {}
+            Rate::Refused { first } => {
+                if first {
+                    let ack = parsed.as_ref().ok().and_then(|p| p.ack);
+                    let msg = "too many messages per second; message dropped";
+                    self.reply_error(ack, "rate_limited", msg, None).await;
+                }
+                return Ok(());
+            }
+            Rate::Abusive => return Err(Some(Exit(close::RATE_LIMITED, "rate_limited"))),
+        }
+        let p = match parsed {
             Ok(p) => p,
             Err(e) => {
                 self.reply_error(None, e.code(), &e.to_string(), None).await;
                 return Ok(());
             }
         };
-        match driver::rate(&self.gw, &mut self.dialect.rate) {
-            Rate::Allowed => {}
-            Rate::Refused { first } => {
-                if first {
-                    let msg = "too many messages per second; message dropped";
-                    self.reply_error(p.ack, "rate_limited", msg, None).await;
-                }
-                return Ok(());
-            }
-            Rate::Abusive => return Err(Some(Exit(close::RATE_LIMITED, "rate_limited"))),
-        }
         if p.nsp != "/" {
             if p.kind == Kind::Connect {
                 self.count_error("bad_namespace");
@@ -796,13 +801,9 @@ impl Conn<Sio> {
     }
 }
 
-/// Refusal codes counted in `client_errors` by [`Conn::reply_error`].
-const COUNTED: [&str; 4] = [
-    "bad_request",
-    "unknown_event",
-    "binary_not_supported",
-    "rate_limited",
-];
+/// Refusal codes counted in `client_errors` by [`Conn::reply_error`] (`rate_limited`
+/// is counted where the rate is checked).
+const COUNTED: [&str; 3] = ["bad_request", "unknown_event", "binary_not_supported"];
 
 impl Dialect for Sio {
     const WIRE: Wire = Wire::SocketIo;
