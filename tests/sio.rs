@@ -1628,6 +1628,11 @@ async fn garbage_packets_get_clear_errors() {
     // A refused event with an ack id is refused in the ack as well.
     c.send("4212[\"nope\"]".into()).await;
     let seen = [c.next().await, c.next().await];
+    assert!(
+        seen.iter()
+            .any(|s| matches!(s, Seen::Ack(12, a) if a[0]["code"] == "unknown_event")),
+        "{seen:?}"
+    );
     // Another namespace is refused by name, the session stays.
     c.send("40/admin,{}".into()).await;
     assert_eq!(
