@@ -131,11 +131,6 @@ fn wire_library_cap() -> tracing_subscriber::filter::Targets {
     let held = [
         "tungstenite",
         "tokio_tungstenite",
-        "socketioxide",
-        "socketioxide_core",
-        "socketioxide_parser_common",
-        "engineioxide",
-        "engineioxide_core",
         "hyper",
         "hyper_util",
         "h2",

@@ -1451,3 +1451,323 @@ async fn ws_and_socket_io_get_the_same_order_update_from_mongo_sim() {
     );
     srv.stop().await;
 }
+
+/// A polling session: handshake, then requests with its `sid`.
+struct Polling {
+    addr: SocketAddr,
+    path: String,
+}
+
+impl Polling {
+    async fn open(addr: SocketAddr) -> Polling {
+        let sid = eio_handshake(addr).await.unwrap();
+        Polling {
+            addr,
+            path: format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+        }
+    }
+
+    async fn post(&self, body: &str) -> (u16, String) {
+        http(self.addr, "POST", &self.path, Some(body)).await
+    }
+
+    async fn get(&self) -> (u16, String) {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            http(self.addr, "GET", &self.path, None),
+        )
+        .await
+        .expect("a poll answers within 10 s")
+    }
+
+    /// Polls until a packet satisfying `want` arrives (answering pings); returns the packets seen.
+    async fn until(&self, want: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let (status, body) = self.get().await;
+            assert_eq!(status, 200, "{body}");
+            for p in body.split('\x1e') {
+                if p == "2" {
+                    self.post("3").await;
+                }
+                seen.push(p.to_owned());
+                if want(p) {
+                    return seen;
+                }
+            }
+        }
+        panic!("never saw the packet; got {seen:?}")
+    }
+}
+
+/// Engine.IO's error JSON and status for every malformed request, and never a session for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_engine_io_requests_get_engine_io_errors() {
+    let srv = HubServer::start("[server]\nmax_message_bytes = 4096\n").await;
+    let sid = "0123456789abcdef0123456789abcdef";
+    let cases = [
+        (
+            "GET",
+            "/socket.io/?EIO=3&transport=polling".to_owned(),
+            400,
+            5,
+        ),
+        ("GET", "/socket.io/?transport=polling".to_owned(), 400, 5),
+        (
+            "GET",
+            "/socket.io/?EIO=4&transport=flashsocket".to_owned(),
+            400,
+            0,
+        ),
+        ("GET", "/socket.io/?EIO=4".to_owned(), 400, 0),
+        (
+            "POST",
+            "/socket.io/?EIO=4&transport=polling".to_owned(),
+            400,
+            2,
+        ),
+        (
+            "GET",
+            format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+            400,
+            1,
+        ),
+        (
+            "GET",
+            "/socket.io/?EIO=4&transport=polling&sid=../x".to_owned(),
+            400,
+            1,
+        ),
+        // A WebSocket transport without the upgrade headers.
+        (
+            "GET",
+            "/socket.io/?EIO=4&transport=websocket".to_owned(),
+            400,
+            3,
+        ),
+    ];
+    for (method, path, status, code) in cases {
+        let (got, body) = http(srv.addr, method, &path, None).await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: {body}"));
+        assert_eq!(v["code"], code, "{method} {path}: {body}");
+        assert!(v["message"].is_string(), "{body}");
+    }
+    // A payload over maxPayload: 413, and the session is closed.
+    let p = Polling::open(srv.addr).await;
+    let (status, _) = p.post(&"4".repeat(5000)).await;
+    assert_eq!(status, 413);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = p.get().await;
+        if status == 400 || body.ends_with('1') {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status} {body}");
+    }
+    // Two GETs at once: the second is refused, the first keeps its turn.
+    let p = Polling::open(srv.addr).await;
+    let first = tokio::spawn({
+        let (addr, path) = (p.addr, p.path.clone());
+        async move { http(addr, "GET", &path, None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, body) = p.get().await;
+    assert_eq!((status, body.contains("\"code\":3")), (400, true), "{body}");
+    p.post(&format!("40{}", json!({"token": customer_token("c1")})))
+        .await;
+    let (status, body) = first.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.starts_with("40{"), "{body}");
+    // No session was made for any of the refused handshakes.
+    let text = srv.metrics_text().await;
+    assert_eq!(
+        metric(&text, "changecast_unauthenticated_connections"),
+        0.0,
+        "{text}"
+    );
+}
+
+/// Garbage at every layer: Engine.IO garbage closes the session, Socket.IO garbage is
+/// answered with an `error` event (and the ack, when one was asked), and nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_packets_get_clear_errors() {
+    let srv = HubServer::start("").await;
+    let (mut c, _) = SioClient::connect(srv.addr, json!({"token": customer_token("c1")}), &[])
+        .await
+        .unwrap();
+    c.event().await; // welcome
+    let cases: [(&str, &str); 8] = [
+        ("4zzz", "bad_request"),
+        ("42", "bad_request"),
+        ("42{\"a\":1}", "bad_request"),
+        ("42[1,2]", "bad_request"),
+        ("4299999999999999999999[\"ping\"]", "bad_request"),
+        (
+            "451-[\"x\",{\"_placeholder\":true,\"num\":0}]",
+            "binary_not_supported",
+        ),
+        ("42/admin,[\"ping\"]", "bad_request"),
+        ("43[]", "bad_request"),
+    ];
+    for (packet, code) in cases {
+        c.send(packet.to_owned()).await;
+        let (name, args) = c.event().await;
+        assert_eq!(
+            (name.as_str(), &args[0]["code"]),
+            ("error", &json!(code)),
+            "{packet}: {args:?}"
+        );
+    }
+    // A binary frame too.
+    c.ws.send(WsMsg::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    let (name, args) = c.event().await;
+    assert_eq!(args[0]["code"], "binary_not_supported", "{name}");
+    // A refused event with an ack id is refused in the ack as well.
+    c.send("4212[\"nope\"]".into()).await;
+    let seen = [c.next().await, c.next().await];
+    assert!(
+        seen.iter()
+            .any(|s| matches!(s, Seen::Ack(12, a) if a[0]["code"] == "unknown_event")),
+        "{seen:?}"
+    );
+    // Another namespace is refused by name, the session stays.
+    c.send("40/admin,{}".into()).await;
+    assert_eq!(
+        c.frame().await.unwrap(),
+        "44/admin,{\"message\":\"Invalid namespace\"}"
+    );
+    let (ack, _) = c.call("ping", json!(null)).await;
+    assert!(ack["ts"].is_i64(), "{ack}");
+    // Engine.IO garbage ends the transport.
+    c.send("9garbage".into()).await;
+    assert!(matches!(c.next().await, Seen::Closed));
+    let text = srv.metrics_text().await;
+    assert!(
+        metric(
+            &text,
+            "changecast_client_errors_total{reason=\"bad_request\"}"
+        ) >= 6.0,
+        "{text}"
+    );
+}
+
+/// A CONNECT to another namespace before authenticating is refused by name; a bad
+/// token can be retried on the same Engine.IO session until the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_errors_name_the_namespace_and_the_code() {
+    let srv = HubServer::start("").await;
+    let p = Polling::open(srv.addr).await;
+    p.post("40/admin,{}").await;
+    let seen = p.until(|s| s.starts_with("44")).await;
+    assert_eq!(
+        seen.last().unwrap(),
+        "44/admin,{\"message\":\"Invalid namespace\"}"
+    );
+    p.post("40{\"token\":\"nope\"}").await;
+    let seen = p.until(|s| s.starts_with("44")).await;
+    let err: Value = serde_json::from_str(&seen.last().unwrap()[2..]).unwrap();
+    assert_eq!(err["data"]["code"], "token_malformed", "{err}");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("token_malformed: "));
+    p.post(&format!("40{}", json!({"token": customer_token("c1")})))
+        .await;
+    let seen = p.until(|s| s.contains("\"welcome\"")).await;
+    assert!(
+        seen.iter().any(|s| s.starts_with("40{\"sid\":")),
+        "{seen:?}"
+    );
+}
+
+/// Anonymous polling floods: a burst of events before CONNECT is cut off by the rate
+/// limit, and a session that never polls again is closed by the heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_polling_sessions_are_cut_off() {
+    let srv = HubServer::start(
+        "[server]\nmax_messages_per_second = 20\nping_interval = \"200ms\"\npong_timeout = \"300ms\"\nauth_deadline = \"30s\"\n",
+    )
+    .await;
+    // 300 events in one POST before CONNECT: far over the rate, the session is closed.
+    let flood = Polling::open(srv.addr).await;
+    let batch = vec!["42[\"x\"]"; 300].join("\x1e");
+    assert_eq!(flood.post(&batch).await.0, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = flood.get().await;
+        if status == 400 || body.ends_with('1') {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status} {body}");
+    }
+    // Connected, then never polling again: its pings go unanswered and it is closed.
+    let quiet = Polling::open(srv.addr).await;
+    quiet
+        .post(&format!("40{}", json!({"token": customer_token("c1")})))
+        .await;
+    quiet.until(|s| s.contains("\"welcome\"")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = srv.metrics_text().await;
+        if metric(&text, "changecast_connections{wire=\"socketio\"}") == 0.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = srv.metrics_text().await;
+    assert!(
+        metric(
+            &text,
+            "changecast_client_errors_total{reason=\"rate_limited\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "changecast_unauthenticated_connections"),
+        0.0,
+        "{text}"
+    );
+}
+
+/// A WebSocket that starts the upgrade and never finishes it is dropped after the
+/// probe deadline; the session goes on polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_upgrade_leaves_the_session_polling() {
+    let srv = HubServer::start("[server]\npong_timeout = \"500ms\"\n").await;
+    let p = Polling::open(srv.addr).await;
+    p.post(&format!("40{}", json!({"token": customer_token("c1")})))
+        .await;
+    p.until(|s| s.contains("\"welcome\"")).await;
+    let sid = p.path.rsplit('=').next().unwrap().to_owned();
+    let url = format!(
+        "ws://{}/socket.io/?EIO=4&transport=websocket&sid={sid}",
+        srv.addr
+    );
+    let (mut probe, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    probe.send(WsMsg::Text("2probe".into())).await.unwrap();
+    let reply = probe.next().await.unwrap().unwrap();
+    assert_eq!(reply.to_text().unwrap(), "3probe");
+    // A second prober is refused while the first holds its turn.
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 400),
+        other => panic!("expected a 400, got {:?}", other.map(|_| ())),
+    }
+    // No "5": the probe is dropped at its deadline.
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match probe.next().await {
+                Some(Ok(WsMsg::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the probe stayed open");
+    let id = srv.publish("order:updated", &["customer:c1"], json!({"n": 1}));
+    let seen = p.until(|s| s.contains("order:updated")).await;
+    assert!(seen.last().unwrap().contains(&id), "{seen:?}");
+}

@@ -1,5 +1,7 @@
 //! The client listener (`/ws`, `/socket.io/`, `/healthz`) and the operations listener's routes; owns client sessions, not the hub.
 
+pub(crate) mod driver;
+pub(crate) mod eio;
 pub(crate) mod limits;
 pub mod ops;
 pub mod protocol;
@@ -104,26 +106,19 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     router_with(gw, None)
 }
 
-/// [`router`] with `extra` routes (the demo page) merged in first: the
-/// Socket.IO layer wraps only what the router holds when it is added, and a
-/// later `merge` swaps in an unlayered fallback, so `/socket.io/` would 404.
+/// [`router`] with `extra` routes (the demo page).
 pub(crate) fn router_with(gw: Arc<Gateway>, extra: Option<Router>) -> Router {
-    let sio = gw.sio.enabled.then(|| sio::layer(gw.clone()));
     let mut router = Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(ops::healthz))
         .with_state(gw.clone());
+    if gw.sio.enabled {
+        router = router.merge(sio::router(gw));
+    }
     if let Some(extra) = extra {
         router = router.merge(extra);
     }
-    match sio {
-        // socketioxide answers `/socket.io/` and passes every other request through;
-        // CORS wraps it so cross-origin long-polling works.
-        Some(layer) => router
-            .layer(layer)
-            .layer(axum::middleware::from_fn_with_state(gw, sio::cors)),
-        None => router,
-    }
+    router
 }
 
 /// Serves `app` on `listener` until `stop` fires, then waits up to `grace` for

@@ -1,203 +1,92 @@
-//! The Socket.IO endpoint at `/socket.io/`: handshake auth, client events and legacy event names over the shared session core; Engine.IO/Socket.IO framing is socketioxide's.
+//! The Socket.IO endpoint at `/socket.io/`: Socket.IO v5 packets over our Engine.IO (`eio.rs`), handshake auth, client events and legacy event names over the shared session core and loop (`session.rs`, `driver.rs`).
 //!
-//! One connection is one [`Session`] (the same rooms, rules, recovery and
-//! limits as `/ws`) driven by one `select!` loop. socketioxide runs a task per
-//! inbound event; those handlers only parse and forward a [`Cmd`] to the loop,
-//! so joins, replays and live events are written in one order by one owner.
+//! One connection is one task: the Engine.IO session, then, after CONNECT, one
+//! [`Session`] (the same rooms, rules, recovery and limits as `/ws`) driven by the
+//! same loop as `/ws`. Only the default namespace is served; binary packets are refused.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
-use serde::ser::SerializeTuple;
-use serde::{Serialize, Serializer};
-use serde_json::value::RawValue;
+use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use bytes::Bytes;
 use serde_json::{json, Value};
-use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
-use socketioxide::handler::ConnectHandler;
-use socketioxide::layer::SocketIoLayer;
-use socketioxide::socket::{DisconnectReason, Sid};
-use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::driver::{self, Conn, Dialect, Exit, Flow, In, Link, Rate, WriteError};
+use super::eio::{self, EioError, Packet, PollLink, Polls, Transport};
 use super::limits::{RateWindow, SubjectPermit, TotalPermit, UnauthPermit, UnauthRefused};
+use super::protocol::close;
 use super::session::{Joined, Session};
-use super::ws::{expiry_in, observe_latency};
 use super::Gateway;
 use crate::auth::{normalize_id, AuthError};
 use crate::config::Alias;
-use crate::event::EventId;
-use crate::hub::{Body, Message};
+use crate::hub::{Body, Message, WireFormat};
 use crate::metrics::{ReasonLabels, Wire, WireLabels};
 #[cfg(test)]
 use crate::room::Room;
 use crate::room::RoomKind;
 
-/// Packets socketioxide may hold for one client before `emit` fails; the
-/// Socket.IO counterpart of the hub mailbox (the loop drains the mailbox into
-/// it at once, so this is where a slow client's backlog sits).
-/// Overflow policy: the client is disconnected and counted as a slow consumer.
-const SIO_BUFFER_PACKETS: usize = 1024;
+/// The longest namespace a packet may name (ours is `/`; others are refused by name).
+const MAX_NAMESPACE: usize = 128;
 
-/// Bytes tungstenite reads per call on a Socket.IO WebSocket, and the read buffer
-/// every connection holds from the start (engineioxide's default, 4096, is 3 KiB
-/// more per idle connection). Clients send pongs, acks and `subscribe`s of a few
-/// hundred bytes; a larger frame still arrives whole: tungstenite reserves its full
-/// length (at most `server.max_message_bytes`) and reads it 1 KiB at a time.
-const SIO_WS_READ_BUFFER: usize = 1024;
+/// The largest ack id socket.io-client makes (a JavaScript safe integer).
+const MAX_ACK_ID: u64 = (1 << 53) - 1;
 
-/// Client commands waiting for the session loop. socketioxide runs one task per
-/// inbound event; a client that outpaces its loop by this much is flooding.
-/// Commands travel boxed: tokio allocates a channel's first block of 32 slots up
-/// front, so 32 pointers rather than 32 commands stay resident per connection.
-/// Overflow policy: the command is refused with `rate_limited`, never queued.
-const CMD_QUEUE: usize = 32;
+/// What every Socket.IO connection shares.
+pub(crate) struct Shared {
+    gw: Arc<Gateway>,
+    aliases: AliasTable,
+    polls: Arc<Polls>,
+    params: eio::Params,
+}
 
-/// Most hub messages emitted per loop turn, so commands and shutdown are not starved.
-const EMIT_BATCH: usize = 64;
-
-/// How long an authenticated handshake may wait for socketioxide to call the
-/// connect handler; past it the pending session is dropped (its CONNECT failed).
-const PENDING_TTL: Duration = Duration::from_secs(30);
-
-/// How often a disconnect is retried while the client's buffer is full.
-const DISCONNECT_RETRY: Duration = Duration::from_millis(50);
-
-/// Builds the Socket.IO layer for `gw` and starts the task that closes every
-/// Socket.IO transport when `gw.stop` fires.
-pub(crate) fn layer(gw: Arc<Gateway>) -> SocketIoLayer {
-    let cfg = &gw.cfg;
-    let max_msg = cfg.max_message_bytes.get();
-    let (layer, io) = SocketIo::builder()
-        .ping_interval(cfg.ping_interval)
-        .ping_timeout(cfg.pong_timeout)
-        .connect_timeout(cfg.auth_deadline)
-        .max_payload(max_msg as u64)
-        .ws_max_message_size(max_msg)
-        .ws_max_frame_size(max_msg)
-        .max_buffer_size(SIO_BUFFER_PACKETS)
-        .ws_read_buffer_size(SIO_WS_READ_BUFFER)
-        .build_layer();
+/// The `/socket.io/` routes (both transports, GET and POST), CORS around them.
+pub(crate) fn router(gw: Arc<Gateway>) -> Router {
+    let params = eio::Params {
+        ping_interval: gw.cfg.ping_interval,
+        ping_timeout: gw.cfg.pong_timeout,
+        max_payload: gw.cfg.max_message_bytes.get(),
+    };
     let shared = Arc::new(Shared {
         aliases: AliasTable::new(&gw.sio.aliases),
-        pending: Mutex::new(HashMap::new()),
+        polls: Arc::default(),
+        params,
         gw: gw.clone(),
     });
-    let on_connect = {
-        let shared = shared.clone();
-        move |s: SocketRef| {
-            let shared = shared.clone();
-            async move { shared.connected(s) }
-        }
-    };
-    let authenticate = {
-        let shared = shared.clone();
-        move |s: SocketRef, TryData(auth): TryData<Value>| {
-            let shared = shared.clone();
-            async move { shared.authenticate(&s, auth.ok()).await }
-        }
-    };
-    io.ns("/", on_connect.with(authenticate));
-
-    // Shutdown closes the transports rather than sending DISCONNECT: clients
-    // then see "transport close" and reconnect (to another replica), as /ws's 1001 asks.
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        let stop = gw.stop.clone();
-        rt.spawn(gw.tracker.track_future(async move {
-            stop.cancelled().await;
-            io.close().await;
-        }));
-    }
-    layer
+    Router::new()
+        .route("/socket.io/", any(endpoint))
+        .route("/socket.io", any(endpoint))
+        .with_state(shared)
+        .layer(axum::middleware::from_fn_with_state(gw, cors))
 }
 
-/// The request with its head copied out of hyper's read buffer.
-///
-/// hyper hands the URI and header values out as slices of the 8 KiB buffer it
-/// read the request into (and axum's `OriginalUri` is one more), and engineioxide
-/// keeps the handshake request's head for the socket's whole life
-/// (`SocketRef::req_parts`). Those slices kept that buffer resident per
-/// connection, and with it a second 8 KiB buffer hyper allocated for its next
-/// read because the first was still shared: 16 KiB of heap per idle connection,
-/// 7.6 KiB of RSS at C = 10000. The copies are the size of the head. Headers nothing
-/// reads ([`UNREAD_HEADERS`]) are left out; otherwise nothing changes: same method,
-/// version, URI, other headers (and their sensitivity), extensions.
-fn detach(req: axum::extract::Request) -> axum::extract::Request {
-    use axum::http::{HeaderMap, HeaderValue, Uri};
-    let (mut parts, body) = req.into_parts();
-    let mut headers = HeaderMap::with_capacity(parts.headers.len());
-    for (name, value) in &parts.headers {
-        if unread(name) {
-            continue;
-        }
-        let copy = match HeaderValue::from_bytes(value.as_bytes()) {
-            Ok(mut v) => {
-                v.set_sensitive(value.is_sensitive());
-                v
-            }
-            Err(_) => value.clone(),
-        };
-        headers.append(name.clone(), copy);
-    }
-    parts.headers = headers;
-    if let Ok(uri) = Uri::try_from(parts.uri.to_string()) {
-        parts.uri = uri;
-    }
-    if let Some(o) = parts.extensions.get_mut::<axum::extract::OriginalUri>() {
-        o.0 = parts.uri.clone();
-    }
-    axum::extract::Request::from_parts(parts, body)
-}
-
-/// Request headers that neither changecast nor the Socket.IO engine reads (the engine
-/// reads `Content-Type` and `Sec-WebSocket-Key`; changecast `Origin`, `Authorization`
-/// and `Sec-WebSocket-Protocol`), yet the engine would keep for the socket's life: a
-/// browser's cookies, user agent and client hints are 1–3 KB per connection.
-const UNREAD_HEADERS: [axum::http::HeaderName; 8] = [
-    axum::http::header::COOKIE,
-    axum::http::header::USER_AGENT,
-    axum::http::header::ACCEPT,
-    axum::http::header::ACCEPT_LANGUAGE,
-    axum::http::header::ACCEPT_ENCODING,
-    axum::http::header::REFERER,
-    axum::http::header::CACHE_CONTROL,
-    axum::http::header::PRAGMA,
-];
-
-fn unread(name: &axum::http::HeaderName) -> bool {
-    let n = name.as_str();
-    UNREAD_HEADERS.contains(name) || n.starts_with("sec-ch-") || n.starts_with("sec-fetch-")
-}
-
-/// The middleware in front of socketioxide: every `/socket.io/` request is
-/// [`detach`]ed first, and one that opens an Engine.IO session is counted in the
-/// unauthenticated pool ([`admit`]; refused past its caps). Then CORS for the long-polling transport, which a browser
-/// dashboard on another origin reaches with XHR (WebSockets need none). Only `/socket.io/` answers;
-/// the origin must pass `server.allowed_origins` (any origin when it is empty),
-/// and is echoed rather than `*` because socket.io-client may send credentials.
-pub(crate) async fn cors(
-    axum::extract::State(gw): axum::extract::State<Arc<Gateway>>,
+/// CORS for the long-polling transport, which a browser dashboard on another origin
+/// reaches with XHR (WebSockets need none). The origin must pass
+/// `server.allowed_origins` (any origin when it is empty), and is echoed rather than
+/// `*` because socket.io-client may send credentials.
+async fn cors(
+    State(gw): State<Arc<Gateway>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::http::{header, HeaderValue, Method, StatusCode};
-    use axum::response::IntoResponse;
-
-    let scoped = req.uri().path().starts_with("/socket.io/");
-    let req = if scoped { detach(req) } else { req };
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    let origin = origin.filter(|_| scoped && gw.origin_allowed(req.headers()));
+) -> Response {
+    use axum::http::{header, HeaderValue};
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .cloned()
+        .filter(|_| gw.origin_allowed(req.headers()));
     let preflight = req.method() == Method::OPTIONS;
     let mut resp = if origin.is_some() && preflight {
         StatusCode::NO_CONTENT.into_response()
-    } else if scoped {
-        let mut req = req;
-        match admit(&gw, &mut req) {
-            Ok(()) => next.run(req).await,
-            Err(why) => unauth_refusal(why),
-        }
     } else {
         next.run(req).await
     };
@@ -228,7 +117,108 @@ pub(crate) async fn cors(
     resp
 }
 
-/// What one Engine.IO session counts against until its Socket.IO CONNECT succeeds.
+/// Every `/socket.io/` request: a handshake (GET without `sid`, either transport), a
+/// long-polling GET or POST, or a WebSocket taking a long-polling session over.
+async fn endpoint(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    body: axum::body::Body,
+) -> Response {
+    let gw = &shared.gw;
+    let q = match eio::parse_query(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => {
+            count(gw, "bad_request");
+            return e.response();
+        }
+    };
+    let max = gw.cfg.max_message_bytes.get();
+    if let Some(sid) = q.sid {
+        let Some(poll) = shared.polls.get(sid) else {
+            return EioError::UnknownSid.response();
+        };
+        return match (q.transport, method) {
+            (Transport::Polling, Method::GET) => {
+                let wait = gw.cfg.ping_interval + gw.cfg.pong_timeout;
+                poll.get(&shared.polls, wait).await
+            }
+            (Transport::Polling, Method::POST) => poll.post(body, max).await,
+            (Transport::WebSocket, Method::GET) => {
+                let Ok(ws) = ws else {
+                    return EioError::BadRequest.response();
+                };
+                if !poll.start_probe() {
+                    return EioError::BadRequest.response();
+                }
+                let (tracker, deadline) = (gw.tracker.clone(), gw.cfg.pong_timeout);
+                driver::websocket(ws, max)
+                    .on_upgrade(move |socket| tracker.track_future(poll.probe(socket, deadline)))
+            }
+            _ => EioError::BadRequest.response(),
+        };
+    }
+    if method != Method::GET {
+        return EioError::BadHandshakeMethod.response();
+    }
+    if gw.stop.is_cancelled() {
+        return refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
+    }
+    let ws = match (q.transport, ws) {
+        (Transport::WebSocket, Ok(ws)) => Some(ws),
+        (Transport::WebSocket, Err(_)) => return EioError::BadRequest.response(),
+        (Transport::Polling, _) => None,
+    };
+    let handshake = match admit(gw, &headers, query.as_deref(), peer) {
+        Ok(h) => h,
+        Err(why) => {
+            let status = match why {
+                UnauthRefused::Total => StatusCode::SERVICE_UNAVAILABLE,
+                UnauthRefused::PerIp => StatusCode::TOO_MANY_REQUESTS,
+            };
+            return refusal(status, why.code(), why.message());
+        }
+    };
+    let shared = shared.clone();
+    match ws {
+        None => {
+            let (link, sid) = PollLink::open(&shared.polls);
+            let open = eio::open(&sid, true, &shared.params);
+            let span = tracing::info_span!("sio", peer = %peer, transport = "polling");
+            let tracker = shared.gw.tracker.clone();
+            tracker.spawn(run(shared, Link::Poll(link), handshake, None).instrument(span));
+            eio::open_response(open)
+        }
+        Some(ws) => {
+            let open = eio::open(&eio::new_sid(), false, &shared.params);
+            let tracker = shared.gw.tracker.clone();
+            driver::websocket(ws, max).on_upgrade(move |socket| {
+                let span = tracing::info_span!("sio", peer = %peer, transport = "websocket");
+                tracker.track_future(
+                    run(shared, Link::Ws(socket), handshake, Some(open)).instrument(span),
+                )
+            })
+        }
+    }
+}
+
+/// `{"error","message"}` with `status`, as `/ws` refusals are.
+fn refusal(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": code, "message": message})),
+    )
+        .into_response()
+}
+
+/// What an Engine.IO session counts against until its Socket.IO CONNECT succeeds.
 enum Admission {
     /// The unauthenticated pool (held for its release on drop).
     Anonymous { _permit: UnauthPermit },
@@ -241,66 +231,34 @@ enum Admission {
     },
 }
 
-/// The [`Admission`] of one Engine.IO session, carried in its handshake request's
-/// extensions: engineioxide keeps that request head for the session's life, so
-/// the slot is freed when the session closes (by the client, the heartbeat, or
-/// socketioxide's `connect_timeout` = `server.auth_deadline`), or when its CONNECT
-/// succeeds ([`Shared::authenticate`] takes it over).
-#[derive(Clone)]
-struct HandshakeSlot(Arc<Mutex<Option<Admission>>>);
-
-impl HandshakeSlot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Admission>> {
-        // Only whole values are swapped under the lock; a panic cannot leave one half-made.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The `max_connections` (and subject) slots taken at the handshake, if that is what it holds.
-    fn take_total(&self) -> Option<(TotalPermit, Option<SubjectPermit>)> {
-        let mut held = self.lock();
-        match held.take() {
-            Some(Admission::Authenticated { total, subject }) => Some((total, subject)),
-            other => {
-                *held = other;
-                None
-            }
-        }
-    }
-
-    fn put_back(&self, a: Admission) {
-        *self.lock() = Some(a);
-    }
-
-    /// Frees what it holds (the session has its own slot now).
-    fn release(&self) {
-        // Taken out and dropped outside the lock.
-        let held = self.lock().take();
-        drop(held);
-    }
+/// What the handshake request leaves for CONNECT; dropped once it succeeds.
+struct Handshake {
+    /// `None` while CONNECT holds its slots (and after it succeeded: the anonymous
+    /// slot is freed, the session counts in `max_connections`).
+    admission: Option<Admission>,
+    origin_ok: bool,
+    /// The token of the handshake's `Authorization` (or `?token=`), CONNECT's fallback.
+    token: Option<String>,
 }
 
-/// Counts a request that opens an Engine.IO session (a GET without `sid`: the
-/// polling handshake, or a WebSocket opened directly) against the unauthenticated
-/// pool; past a cap the caller answers it ([`unauth_refusal`]) and it never reaches
-/// the engine. Requests of an existing session pass untouched.
-fn admit(gw: &Gateway, req: &mut axum::extract::Request) -> Result<(), UnauthRefused> {
-    let has_sid = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("sid")));
-    if req.method() != axum::http::Method::GET || has_sid {
-        return Ok(());
-    }
-    // A valid token on the handshake itself (Authorization, or `?token=` when allowed)
-    // takes a `max_connections` slot instead. A bad or missing one is not refused here:
-    // CONNECT's `auth.token` comes first and is checked there.
-    let found =
-        crate::auth::token_from_headers(req.headers(), gw.allow_query_token, req.uri().query());
-    // Over `max_connections` or its subject's cap, the token holder is anonymous here
-    // and is refused at CONNECT.
-    let principal = found
+/// Counts a request that opens an Engine.IO session against the unauthenticated pool,
+/// or, when it carries a valid token, against `max_connections` and its subject.
+fn admit(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    peer: SocketAddr,
+) -> Result<Handshake, UnauthRefused> {
+    let token = crate::auth::token_from_headers(headers, gw.allow_query_token, query)
         .token
-        .and_then(|(_, t)| gw.verifier.verify(t.expose(), SystemTime::now()).ok());
+        .map(|(_, t)| t.expose().to_owned());
+    let origin_ok = gw.origin_allowed(headers);
+    // A bad or missing token is not refused here: CONNECT's `auth.token` comes first
+    // and is checked there. Over `max_connections` or its subject's cap, the token
+    // holder is anonymous here and is refused at CONNECT.
+    let principal = token
+        .as_deref()
+        .and_then(|t| gw.verifier.verify(t, SystemTime::now()).ok());
     if let Some(p) = principal {
         let subject = match p.subject.as_deref() {
             Some(sub) => gw
@@ -311,93 +269,45 @@ fn admit(gw: &Gateway, req: &mut axum::extract::Request) -> Result<(), UnauthRef
         };
         let total = gw.limits.acquire_total(gw.cfg.max_connections.get());
         if let (Some(subject), Some(total)) = (subject, total) {
-            req.extensions_mut()
-                .insert(HandshakeSlot(Arc::new(Mutex::new(Some(
-                    Admission::Authenticated { total, subject },
-                )))));
-            return Ok(());
+            return Ok(Handshake {
+                admission: Some(Admission::Authenticated { total, subject }),
+                origin_ok,
+                token,
+            });
         }
     }
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
     let permit = gw
         .limits
         .acquire_unauth(
-            peer,
+            Some(peer.ip()),
             gw.cfg.max_unauthenticated.get(),
             gw.cfg.max_unauthenticated_per_ip,
         )
-        .inspect_err(|why| {
-            gw.metrics
-                .client_errors
-                .get_or_create(&ReasonLabels { reason: why.code() })
-                .inc();
-        })?;
-    req.extensions_mut()
-        .insert(HandshakeSlot(Arc::new(Mutex::new(Some(
-            Admission::Anonymous { _permit: permit },
-        )))));
-    Ok(())
+        .inspect_err(|why| count(gw, why.code()))?;
+    Ok(Handshake {
+        admission: Some(Admission::Anonymous { _permit: permit }),
+        origin_ok,
+        token,
+    })
 }
 
-/// 503 `unauthenticated_overloaded` or 429 `unauthenticated_per_ip`, with the
-/// `{"error","message"}` body `/ws` refusals have.
-fn unauth_refusal(why: UnauthRefused) -> axum::response::Response {
-    use axum::http::StatusCode;
-    use axum::response::IntoResponse;
-    let status = match why {
-        UnauthRefused::Total => StatusCode::SERVICE_UNAVAILABLE,
-        UnauthRefused::PerIp => StatusCode::TOO_MANY_REQUESTS,
-    };
-    (
-        status,
-        axum::Json(json!({"error": why.code(), "message": why.message()})),
-    )
-        .into_response()
-}
-
-/// What the middleware hands to the connect handler for one socket.
-struct Pending {
-    at: Instant,
-    session: Session,
-    rx: mpsc::Receiver<Arc<Message>>,
-    joined: Vec<Joined>,
-    recover: bool,
-    _total: TotalPermit,
-    _subject: Option<SubjectPermit>,
-}
-
-struct Shared {
-    gw: Arc<Gateway>,
-    aliases: AliasTable,
-    /// Sessions authenticated by the middleware, taken by the connect handler.
-    /// Both run in one socketioxide connect future, so an entry outlives it only
-    /// when the CONNECT packet could not be sent; `PENDING_TTL` sweeps those.
-    /// Bounded by `max_connections`: every entry holds a `TotalPermit` (no entry is
-    /// made without one, so the overflow policy is the CONNECT refusal `overloaded`).
-    pending: Mutex<HashMap<Sid, Pending>>,
-}
-
-/// A refused handshake. socketioxide's CONNECT_ERROR carries only `{message}`,
-/// so the code leads the message: `"token_expired: token has expired"`.
+/// A refused CONNECT: `44{"message":"<code>: <text>","data":{"code"}}`.
 #[derive(Debug)]
 struct Refused {
     code: &'static str,
     message: String,
 }
 
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
 fn refused(code: &'static str, message: impl Into<String>) -> Refused {
     Refused {
         code,
         message: message.into(),
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
     }
 }
 
@@ -410,41 +320,187 @@ struct HandshakeAuth {
     since: Option<String>,
 }
 
-impl Shared {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Sid, Pending>> {
-        // Entries are inserted or removed whole; a panic elsewhere cannot leave one half-made.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+/// A successful CONNECT.
+struct Connected {
+    session: Session,
+    rx: mpsc::Receiver<Arc<Message>>,
+    joined: Vec<Joined>,
+    recover: bool,
+    permits: (TotalPermit, Option<SubjectPermit>),
+}
+
+/// The Socket.IO dialect of the shared loop.
+struct Sio {
+    shared: Arc<Shared>,
+    rate: RateWindow,
+}
+
+/// One connection from its Engine.IO open packet to its close.
+async fn run(shared: Arc<Shared>, link: Link, handshake: Handshake, open: Option<String>) {
+    let gw = shared.gw.clone();
+    let rate = driver::rate_window(&gw);
+    let mut conn = Conn {
+        gw: gw.clone(),
+        link,
+        kicked: CancellationToken::new(),
+        dialect: Sio { shared, rate },
+    };
+    if let Some(open) = open {
+        if conn.send_text(open).await.is_err() {
+            return;
+        }
+    }
+    // Boxed: what waiting for CONNECT holds is freed once it is done.
+    let connected = match Box::pin(conn.await_connect(handshake)).await {
+        Ok(c) => c,
+        Err(exit) => return conn.finish(exit, false).await,
+    };
+    let Connected {
+        mut session,
+        mut rx,
+        joined,
+        recover,
+        permits,
+    } = connected;
+    conn.kicked = session.mailbox().kicked().clone();
+    let wire = WireLabels {
+        wire: Wire::SocketIo,
+    };
+    gw.metrics.connections.get_or_create(&wire).inc();
+    // The last position this client was told (or event id it was sent): see `tell_position`.
+    let told = joined.first().and_then(|j| j.position.clone());
+    let exit = match Box::pin(conn.greet(&mut session, joined, recover)).await {
+        Ok(()) => conn.drive(&mut session, &mut rx, told).await,
+        Err(e) => conn.write_failed(e),
+    };
+    gw.metrics.connections.get_or_create(&wire).dec();
+    // Leave the rooms first: nothing more is queued for a client on its way out.
+    drop(session);
+    drop(rx);
+    drop(permits);
+    conn.finish(exit, true).await;
+}
+
+impl Conn<Sio> {
+    /// The Engine.IO session before CONNECT: pings, and CONNECT within `server.auth_deadline`
+    /// (a refused CONNECT does not stop that clock).
+    async fn await_connect(&mut self, mut hs: Handshake) -> Result<Connected, Option<Exit>> {
+        let gw = self.gw.clone();
+        let deadline = tokio::time::sleep(gw.cfg.auth_deadline);
+        let ping = tokio::time::sleep(gw.cfg.ping_interval);
+        tokio::pin!(deadline, ping);
+        let mut awaiting_pong: Option<Instant> = None;
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = gw.stop.cancelled() => return Err(Some(Exit(close::GOING_AWAY, "shutting_down"))),
+                _ = &mut deadline => return Err(Some(Exit(close::AUTH_TIMEOUT, "auth_timeout"))),
+                _ = &mut ping => {
+                    if awaiting_pong.is_some_and(|at| at.elapsed() >= gw.cfg.pong_timeout) {
+                        return Err(Some(Exit(close::PING_TIMEOUT, "ping_timeout")));
+                    }
+                    awaiting_pong.get_or_insert_with(Instant::now);
+                    self.send_text("2").await.map_err(|e| self.write_failed(e))?;
+                    ping.as_mut().reset(tokio::time::Instant::now() + gw.cfg.ping_interval);
+                    continue;
+                }
+                i = self.link.recv() => i,
+            };
+            let text = match frame {
+                In::Closed => return Err(None),
+                In::Refused(exit) => return Err(Some(exit)),
+                In::Pong => continue,
+                In::Resend(frames) => {
+                    for f in frames {
+                        self.feed(WsMessage::Text(f))
+                            .await
+                            .map_err(|e| self.write_failed(e))?;
+                    }
+                    self.flush().await.map_err(|e| self.write_failed(e))?;
+                    continue;
+                }
+                In::Binary => {
+                    self.count_error("binary_not_supported");
+                    continue;
+                }
+                In::Text(t) => t,
+            };
+            let packet = match eio::parse(&text) {
+                Ok(p) => p,
+                Err(_) => {
+                    self.count_error("bad_request");
+                    return Err(Some(Exit(close::PROTOCOL_ERROR, "bad_packet")));
+                }
+            };
+            let data = match packet {
+                Packet::Pong(_) => {
+                    awaiting_pong = None;
+                    continue;
+                }
+                Packet::Close => return Err(None),
+                Packet::Noop => continue,
+                Packet::Binary => {
+                    self.count_error("binary_not_supported");
+                    continue;
+                }
+                Packet::Ping(_) | Packet::Upgrade => {
+                    self.count_error("bad_request");
+                    return Err(Some(Exit(close::PROTOCOL_ERROR, "bad_packet")));
+                }
+                Packet::Message(m) => m,
+            };
+            // The rate limit holds before CONNECT too: an anonymous peer must not get
+            // unlimited parsing for the whole deadline.
+            match driver::rate(&self.gw, &mut self.dialect.rate) {
+                Rate::Allowed => {}
+                Rate::Refused { .. } => continue,
+                Rate::Abusive => return Err(Some(Exit(close::RATE_LIMITED, "rate_limited"))),
+            }
+            let reply = match parse_packet(data) {
+                Ok(p) if p.kind == Kind::Connect && p.nsp == "/" => {
+                    match self.authenticate(&mut hs, p.data).await {
+                        Ok(c) => return Ok(c),
+                        Err(r) => {
+                            json!({"message": r.to_string(), "data": {"code": r.code}}).to_string()
+                        }
+                    }
+                }
+                Ok(p) if p.kind == Kind::Connect => {
+                    self.count_error("bad_namespace");
+                    format!("{},{}", p.nsp, json!({"message": "Invalid namespace"}))
+                }
+                Ok(_) | Err(_) => {
+                    // Nothing but CONNECT has a namespace to go to yet.
+                    self.count_error("unauthenticated");
+                    continue;
+                }
+            };
+            self.send_text(format!("44{reply}"))
+                .await
+                .map_err(|e| self.write_failed(e))?;
+        }
     }
 
-    /// The connect middleware: token, origin and limits, then the session and its
-    /// auto-joins — before CONNECT is acknowledged, so a client that saw `connect`
+    /// CONNECT's token (else the handshake's), origin and limits, then the session and
+    /// its auto-joins, before CONNECT is acknowledged: a client that saw `connect`
     /// misses no event published after it.
-    async fn authenticate(&self, s: &SocketRef, auth: Option<Value>) -> Result<(), Refused> {
-        let gw = &self.gw;
+    async fn authenticate(&mut self, hs: &mut Handshake, auth: &str) -> Result<Connected, Refused> {
+        let gw = self.gw.clone();
         if gw.stop.is_cancelled() {
             return Err(refused("shutting_down", "server is shutting down"));
         }
-        let parts = s.req_parts();
-        if !gw.origin_allowed(&parts.headers) {
+        if !hs.origin_ok {
             self.count_error("origin_not_allowed");
             return Err(refused(
                 "origin_not_allowed",
                 "origin is not in server.allowed_origins",
             ));
         }
-        let auth: HandshakeAuth = auth
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default();
-        let token = match auth.token.filter(|t| !t.trim().is_empty()) {
-            Some(t) => Some(t),
-            None => crate::auth::token_from_headers(
-                &parts.headers,
-                gw.allow_query_token,
-                parts.uri.query(),
-            )
+        let auth: HandshakeAuth = serde_json::from_str(auth).unwrap_or_default();
+        let token = auth
             .token
-            .map(|(_, t)| t.expose().to_owned()),
-        };
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| hs.token.clone());
         let principal = match token {
             Some(t) => gw.verifier.verify(&t, SystemTime::now()),
             None => Err(AuthError::Missing),
@@ -453,49 +509,43 @@ impl Shared {
             e.record(&gw.metrics);
             refused(e.code(), e.to_string())
         })?;
-        let slot = parts.extensions.get::<HandshakeSlot>();
-        let from_handshake = slot.and_then(HandshakeSlot::take_total);
-        let reused = from_handshake.is_some();
-        let (total, held_subject) = match from_handshake {
-            Some(held) => held,
-            // A refusal leaves the session counted where it was until the deadline closes it.
-            None => (
-                gw.limits
+        let (total, held_subject) = match hs.admission.take() {
+            Some(Admission::Authenticated { total, subject }) => (total, subject),
+            anonymous => {
+                hs.admission = anonymous;
+                // A refusal leaves the session counted where it was until the deadline closes it.
+                let total = gw
+                    .limits
                     .acquire_total(gw.cfg.max_connections.get())
-                    .ok_or_else(|| refused("overloaded", "too many connections"))?,
-                None,
-            ),
+                    .ok_or_else(|| refused("overloaded", "too many connections"))?;
+                (total, None)
+            }
         };
+        let reused = hs.admission.is_none();
         // CONNECT's `auth.token` may name another subject than the handshake's.
         let held_subject =
             held_subject.filter(|p| Some(p.subject()) == principal.subject.as_deref());
         let subject = match principal.subject.as_deref() {
-            Some(sub) => {
-                match held_subject.or_else(|| {
-                    gw.limits
-                        .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
-                }) {
-                    Some(p) => Some(p),
-                    None => {
-                        if let (true, Some(slot)) = (reused, slot) {
-                            slot.put_back(Admission::Authenticated {
-                                total,
-                                subject: None,
-                            });
-                        }
-                        return Err(refused(
-                            "too_many_connections",
-                            "too many connections for this subject",
-                        ));
+            Some(sub) => match held_subject.or_else(|| {
+                gw.limits
+                    .acquire_subject(sub, gw.cfg.max_connections_per_subject.get())
+            }) {
+                Some(p) => Some(p),
+                None => {
+                    if reused {
+                        hs.admission = Some(Admission::Authenticated {
+                            total,
+                            subject: None,
+                        });
                     }
+                    return Err(refused(
+                        "too_many_connections",
+                        "too many connections for this subject",
+                    ));
                 }
-            }
+            },
             None => None,
         };
-        // Authenticated and counted in `max_connections`: out of the anonymous pool.
-        if let Some(slot) = slot {
-            slot.release();
-        }
         let since = auth
             .since
             .filter(|s| valid_event_id(s))
@@ -503,75 +553,496 @@ impl Shared {
         let (mailbox, rx) = gw.hub.mailbox();
         let mut session = Session::new(gw.clone(), mailbox, principal);
         let joined = session.join_auto(since.as_ref()).await;
-        let pending = Pending {
-            at: Instant::now(),
+        Ok(Connected {
             session,
             rx,
             joined,
             recover: since.is_some(),
-            _total: total,
-            _subject: subject,
-        };
-        let mut map = self.pending();
-        map.retain(|_, p| p.at.elapsed() < PENDING_TTL);
-        map.insert(s.id, pending);
-        Ok(())
+            permits: (total, subject),
+        })
     }
 
-    /// The connect handler: registers the client events and starts the session loop.
-    fn connected(self: &Arc<Self>, s: SocketRef) {
-        let Some(p) = self.pending().remove(&s.id) else {
-            // The middleware always leaves an entry; without one there is nothing to serve.
-            let _ = s.disconnect();
-            return;
-        };
-        let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
-        let gone = CancellationToken::new();
-        let abuse = CancellationToken::new();
-        register_events(&s, cmd_tx, &self.gw, abuse.clone());
-        {
-            let gone = gone.clone();
-            s.on_disconnect(move |_: DisconnectReason| {
-                gone.cancel();
-                async {}
-            });
+    /// CONNECT's answer `40{sid}`, `welcome`, then the auto-joins' replays when the
+    /// client asked to recover.
+    async fn greet(
+        &mut self,
+        session: &mut Session,
+        joined: Vec<Joined>,
+        recover: bool,
+    ) -> Result<(), WriteError> {
+        let connect = format!("40{}", json!({"sid": eio::new_sid()}));
+        self.feed(WsMessage::Text(connect.into())).await?;
+        let rooms: Vec<&str> = session.rooms().map(|r| r.as_str()).collect();
+        // The `since` to use before any event has arrived (see `Joined::position`).
+        let position = joined.first().and_then(|j| j.position.as_ref());
+        let welcome = json!({
+            "session": session.mailbox().id(),
+            "subject": session.principal().subject,
+            "rooms": rooms,
+            "position": position.map(|p| self.gw.wire_id(p)),
+        });
+        self.feed(WsMessage::Text(event("welcome", &welcome)))
+            .await?;
+        if recover {
+            for j in joined {
+                self.replay(session, j).await?;
+            }
         }
-        let conn = Conn {
-            shared: self.clone(),
-            socket: s.clone(),
-            gone,
-            abuse,
-        };
-        let span = tracing::info_span!("sio", sid = %s.id, transport = ?s.transport_type());
-        self.gw.tracker.spawn(conn.run(p, cmd_rx).instrument(span));
+        self.flush().await
     }
 
-    fn count_error(&self, reason: &'static str) {
-        self.gw
-            .metrics
-            .client_errors
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
+    /// Tells the peer why, and closes the transport. A disconnect the client must not
+    /// retry blindly (slow consumer, expired token, flood) is a Socket.IO DISCONNECT
+    /// (`io server disconnect`), after an `error` event saying why; shutdown and transport
+    /// failures just close the transport, so clients reconnect (to another replica).
+    /// Before CONNECT there is no Socket.IO session to disconnect: the transport closes.
+    async fn finish(&mut self, exit: Option<Exit>, connected: bool) {
+        tracing::info!(reason = exit.map(|e| e.1), "closing");
+        let say: Option<Value> = match exit {
+            Some(Exit(close::TOKEN_EXPIRED, _)) => Some(
+                json!({"code": "token_expired", "message": "token has expired; reconnect with a fresh one"}),
+            ),
+            Some(Exit(close::RATE_LIMITED, _)) => {
+                Some(json!({"code": "rate_limited", "message": "too many messages per second"}))
+            }
+            _ => None,
+        };
+        let disconnect = connected
+            && matches!(
+                exit,
+                Some(Exit(
+                    close::TOKEN_EXPIRED | close::RATE_LIMITED | close::SLOW_CONSUMER,
+                    _
+                ))
+            );
+        if disconnect {
+            // A fresh deadline: the write that failed may have been cut by the kick.
+            self.kicked = CancellationToken::new();
+            if let Some(body) = say {
+                let _ = self.feed(WsMessage::Text(event("error", &body))).await;
+            }
+            let _ = self.send_text("41").await;
+        }
+        let timeout = self.gw.cfg.write_timeout;
+        self.link.close(exit, timeout).await;
     }
+
+    /// Answers one Socket.IO packet.
+    async fn socket_io(&mut self, session: &mut Session, text: &str) -> Result<(), Option<Exit>> {
+        let parsed = parse_packet(text);
+        // Malformed packets count too: each costs a reply.
+        match driver::rate(&self.gw, &mut self.dialect.rate) {
+            Rate::Allowed => {}
+            Rate::Refused { first } => {
+                if first {
+                    let ack = parsed.as_ref().ok().and_then(|p| p.ack);
+                    let msg = "too many messages per second; message dropped";
+                    self.reply_error(ack, "rate_limited", msg, None).await;
+                }
+                return Ok(());
+            }
+            Rate::Abusive => return Err(Some(Exit(close::RATE_LIMITED, "rate_limited"))),
+        }
+        let p = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                self.reply_error(None, e.code(), &e.to_string(), None).await;
+                return Ok(());
+            }
+        };
+        if p.nsp != "/" {
+            if p.kind == Kind::Connect {
+                self.count_error("bad_namespace");
+                let reply = format!("44{},{}", p.nsp, json!({"message": "Invalid namespace"}));
+                self.send_text(reply)
+                    .await
+                    .map_err(|e| self.write_failed(e))?;
+            } else if p.kind != Kind::Disconnect {
+                let msg = format!("namespace {:?} is not connected", truncate(p.nsp, 64));
+                self.reply_error(p.ack, "bad_request", &msg, None).await;
+            }
+            return Ok(());
+        }
+        match p.kind {
+            Kind::Disconnect => Err(None),
+            Kind::Event => {
+                let (name, arg) = match event_args(p.data) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.reply_error(p.ack, e.code(), &e.to_string(), None)
+                            .await;
+                        return Ok(());
+                    }
+                };
+                self.on_event(session, &name, arg, p.ack).await
+            }
+            Kind::Connect => {
+                self.reply_error(p.ack, "bad_request", "already connected", None)
+                    .await;
+                Ok(())
+            }
+            Kind::Ack | Kind::ConnectError => {
+                let msg = "the server asks for no acks and sends CONNECT_ERROR only itself";
+                self.reply_error(None, "bad_request", msg, None).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// One client event: the legacy join/leave names, `subscribe`/`unsubscribe`, `ping`;
+    /// anything else is refused as `unknown_event`.
+    async fn on_event(
+        &mut self,
+        session: &mut Session,
+        event_name: &str,
+        arg: Value,
+        ack: Option<u64>,
+    ) -> Result<(), Option<Exit>> {
+        let (room, since, join) = match event_name {
+            "subscribe" | "unsubscribe" => {
+                let Some(room) = arg.get("room").and_then(Value::as_str) else {
+                    self.reply_error(ack, "bad_request", "expected {\"room\": …}", None)
+                        .await;
+                    return Ok(());
+                };
+                let since = arg.get("since").and_then(Value::as_str).map(str::to_owned);
+                (room.to_owned(), since, event_name == "subscribe")
+            }
+            "ping" => {
+                let pong = json!({ "ts": now_ms() });
+                let r = async {
+                    self.feed(WsMessage::Text(event("pong", &pong))).await?;
+                    if let Some(id) = ack {
+                        self.feed(WsMessage::Text(ack_frame(id, &pong))).await?;
+                    }
+                    self.flush().await
+                };
+                return r.await.map_err(|e| self.write_failed(e));
+            }
+            _ => {
+                let Some(&(_, kind, field, join)) = ROOM_EVENTS.iter().find(|e| e.0 == event_name)
+                else {
+                    let msg = format!("unknown event {:?}", truncate(event_name, 64));
+                    self.reply_error(ack, "unknown_event", &msg, None).await;
+                    return Ok(());
+                };
+                let Some(id) = legacy_id(&arg, field) else {
+                    let msg = format!("expected {{\"{field}\": <id>}} or the id itself");
+                    self.reply_error(ack, "bad_request", &msg, None).await;
+                    return Ok(());
+                };
+                let since = arg.get("since").and_then(Value::as_str).map(str::to_owned);
+                (format!("{}:{}", kind.as_str(), id), since, join)
+            }
+        };
+        if !join {
+            if session.leave(&room) {
+                if let Some(id) = ack {
+                    let r = self
+                        .send_text(ack_frame(id, &json!({ "ok": true, "room": room })))
+                        .await;
+                    r.map_err(|e| self.write_failed(e))?;
+                }
+            } else {
+                let msg = "not subscribed to this room";
+                self.reply_error(ack, "not_subscribed", msg, Some(&room))
+                    .await;
+            }
+            return Ok(());
+        }
+        let since = since.filter(|s| valid_event_id(s));
+        match session.join(&room, since.as_deref()).await {
+            Ok(j) => {
+                let r = async {
+                    if let Some(id) = ack {
+                        let body = json!({
+                            "ok": true,
+                            "room": j.room.as_str(),
+                            "recovered": j.recovered,
+                            "position": j.position.as_ref().map(|p| self.gw.wire_id(p)),
+                        });
+                        self.feed(WsMessage::Text(ack_frame(id, &body))).await?;
+                    }
+                    self.replay(session, j).await
+                };
+                r.await.map_err(|e| self.write_failed(e))
+            }
+            Err(e) => {
+                self.reply_error(ack, e.code, &e.message, Some(&room)).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// A refusal: an `error` event `{message, code, room?}`, and the same (with `ok:false`)
+    /// as the ack when one was asked; counted in `client_errors` unless it is a join's
+    /// (those count in `subscriptions_refused`). A write that fails here shows at the
+    /// loop's next write.
+    async fn reply_error(
+        &mut self,
+        ack: Option<u64>,
+        code: &str,
+        message: &str,
+        room: Option<&str>,
+    ) {
+        if let Some(reason) = COUNTED.iter().find(|c| **c == code) {
+            self.count_error(reason);
+        }
+        let mut body = json!({ "message": message, "code": code });
+        if let Some(r) = room {
+            body["room"] = Value::from(r);
+        }
+        let _ = self.feed(WsMessage::Text(event("error", &body))).await;
+        if let Some(id) = ack {
+            body["ok"] = Value::Bool(false);
+            let _ = self.feed(WsMessage::Text(ack_frame(id, &body))).await;
+        }
+        let _ = self.flush().await;
+    }
+}
+
+/// Refusal codes counted in `client_errors` by [`Conn::reply_error`] (`rate_limited`
+/// is counted where the rate is checked).
+const COUNTED: [&str; 3] = ["bad_request", "unknown_event", "binary_not_supported"];
+
+impl Dialect for Sio {
+    const WIRE: Wire = Wire::SocketIo;
+
+    fn ping(&self) -> WsMessage {
+        WsMessage::Text(Utf8Bytes::from_static("2"))
+    }
+
+    fn frames<'a>(&'a self, m: &'a Message) -> impl Iterator<Item = Utf8Bytes> + Send + 'a {
+        let (names, tail, resync) = match &m.body {
+            Body::Event { name, status, .. } => (
+                Some(
+                    self.shared
+                        .aliases
+                        .names(name, m.room.kind(), status.as_deref()),
+                ),
+                Some(m.encoded(WireFormat::SocketIo, encode_tail)),
+                None,
+            ),
+            Body::Resync { reason } => (
+                None,
+                None,
+                Some(event(
+                    "resync",
+                    &json!({"room": m.room.as_str(), "reason": &**reason}),
+                )),
+            ),
+        };
+        names
+            .into_iter()
+            .flatten()
+            .map(move |n| event_frame(n, tail.as_ref()))
+            .chain(resync)
+    }
+
+    fn lost(&self, room: &str) -> Utf8Bytes {
+        event(
+            "unsubscribed",
+            &json!({"room": room, "reason": "ownership_changed"}),
+        )
+    }
+
+    fn resync(&self, room: &str) -> Utf8Bytes {
+        event(
+            "resync",
+            &json!({"room": room, "reason": "history_unavailable"}),
+        )
+    }
+
+    fn position(&self, wire: &str) -> Utf8Bytes {
+        event("position", &json!({ "position": wire }))
+    }
+
+    async fn handle(
+        conn: &mut Conn<Self>,
+        session: &mut Session,
+        frame: Option<Utf8Bytes>,
+    ) -> Result<Flow, Option<Exit>> {
+        let Some(text) = frame else {
+            conn.binary_refused().await;
+            return Ok(Flow::Continue);
+        };
+        let packet = match eio::parse(&text) {
+            Ok(p) => p,
+            Err(_) => {
+                conn.count_error("bad_request");
+                return Err(Some(Exit(close::PROTOCOL_ERROR, "bad_packet")));
+            }
+        };
+        match packet {
+            Packet::Pong(_) => Ok(Flow::Pong),
+            Packet::Close => Err(None),
+            Packet::Noop => Ok(Flow::Continue),
+            Packet::Binary => {
+                conn.binary_refused().await;
+                Ok(Flow::Continue)
+            }
+            // A v4 client never pings, and upgrades only on a probing socket.
+            Packet::Ping(_) | Packet::Upgrade => {
+                conn.count_error("bad_request");
+                Err(Some(Exit(close::PROTOCOL_ERROR, "bad_packet")))
+            }
+            Packet::Message(m) => conn.socket_io(session, m).await.map(|()| Flow::Continue),
+        }
+    }
+}
+
+impl Conn<Sio> {
+    /// A binary frame or packet: refused with an `error` event (attachments that follow
+    /// a binary packet are refused the same way, each counting against the rate).
+    async fn binary_refused(&mut self) {
+        match driver::rate(&self.gw, &mut self.dialect.rate) {
+            Rate::Allowed => {
+                let msg = "binary packets are not supported; send JSON";
+                self.reply_error(None, "binary_not_supported", msg, None)
+                    .await;
+            }
+            Rate::Refused { .. } | Rate::Abusive => {}
+        }
+    }
+}
+
+/// `42["name",<data>]`.
+fn event(name: &str, data: &Value) -> Utf8Bytes {
+    format!("42{}", json!([name, data])).into()
+}
+
+/// `43<id>[<data>]`.
+fn ack_frame(id: u64, data: &Value) -> Utf8Bytes {
+    format!("43{id}{}", json!([data])).into()
+}
+
+/// The part of an event's frame after its name, `,<data>,"<id>"]`: encoded once per
+/// message and shared by every recipient and alias. The id goes last, as Socket.IO's
+/// recovery offsets do; `data` is the raw bytes the hub serialized.
+fn encode_tail(m: &Message) -> Bytes {
+    let data = match &m.body {
+        Body::Event { data, .. } => data.get(),
+        Body::Resync { .. } => "null",
+    };
+    let id = Value::from(m.wire_id.as_deref().unwrap_or(""));
+    Bytes::from(format!(",{data},{id}]"))
+}
+
+/// `42["<name>"` + tail.
+fn event_frame(name: &str, tail: Option<&Bytes>) -> Utf8Bytes {
+    let tail = tail
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .unwrap_or("]");
+    let name = Value::from(name).to_string();
+    let mut s = String::with_capacity(3 + name.len() + tail.len());
+    s.push_str("42[");
+    s.push_str(&name);
+    s.push_str(tail);
+    s.into()
+}
+
+/// Socket.IO v5 packet types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Connect,
+    Disconnect,
+    Event,
+    Ack,
+    ConnectError,
+}
+
+/// A Socket.IO packet: `<type>[<namespace>,][<ack id>][<JSON>]`.
+#[derive(Debug, PartialEq, Eq)]
+struct SioPacket<'a> {
+    kind: Kind,
+    nsp: &'a str,
+    ack: Option<u64>,
+    data: &'a str,
+}
+
+/// Why a Socket.IO packet was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum SioError {
+    #[error("not a socket.io packet")]
+    BadType,
+    #[error("malformed or overlong namespace")]
+    BadNamespace,
+    #[error("ack id is not an integer below 2^53")]
+    BadAckId,
+    #[error("an event is a JSON array starting with its name")]
+    BadEvent,
+    #[error("binary packets are not supported; send JSON")]
+    Binary,
+}
+
+impl SioError {
+    fn code(self) -> &'static str {
+        match self {
+            SioError::Binary => "binary_not_supported",
+            _ => "bad_request",
+        }
+    }
+}
+
+/// Parses a Socket.IO packet's header; the JSON is read by whoever needs it.
+fn parse_packet(s: &str) -> Result<SioPacket<'_>, SioError> {
+    let kind = match s.as_bytes().first() {
+        Some(b'0') => Kind::Connect,
+        Some(b'1') => Kind::Disconnect,
+        Some(b'2') => Kind::Event,
+        Some(b'3') => Kind::Ack,
+        Some(b'4') => Kind::ConnectError,
+        Some(b'5' | b'6') => return Err(SioError::Binary),
+        _ => return Err(SioError::BadType),
+    };
+    let mut rest = &s[1..];
+    let nsp = if rest.starts_with('/') {
+        let end = rest.find(',').unwrap_or(rest.len());
+        let nsp = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or("");
+        if nsp.len() > MAX_NAMESPACE || nsp.chars().any(|c| c.is_control() || c == '"') {
+            return Err(SioError::BadNamespace);
+        }
+        nsp
+    } else {
+        "/"
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let ack = if digits == 0 {
+        None
+    } else {
+        let id: u64 = rest[..digits].parse().map_err(|_| SioError::BadAckId)?;
+        if id > MAX_ACK_ID {
+            return Err(SioError::BadAckId);
+        }
+        rest = &rest[digits..];
+        Some(id)
+    };
+    if kind == Kind::Ack && ack.is_none() {
+        return Err(SioError::BadAckId);
+    }
+    Ok(SioPacket {
+        kind,
+        nsp,
+        ack,
+        data: rest,
+    })
+}
+
+/// An EVENT's name and first argument (`null` when none).
+fn event_args(data: &str) -> Result<(String, Value), SioError> {
+    let v: Vec<Value> = serde_json::from_str(data).map_err(|_| SioError::BadEvent)?;
+    let mut args = v.into_iter();
+    let Some(Value::String(name)) = args.next() else {
+        return Err(SioError::BadEvent);
+    };
+    Ok((name, args.next().unwrap_or(Value::Null)))
 }
 
 /// A `since` as a client may send it: non-empty and bounded (same rule as `/ws?since=`);
 /// whether it opens is `Gateway::since`'s call.
 fn valid_event_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= crate::idcodec::MAX_WIRE_LEN
-}
-
-/// A client request, parsed by the event handler and executed by the loop.
-enum Cmd {
-    Join {
-        room: String,
-        since: Option<String>,
-        ack: AckSender,
-    },
-    Leave {
-        room: String,
-        ack: AckSender,
-    },
 }
 
 /// The legacy join/leave events: name, room kind, the id field of their payload, join or leave.
@@ -586,106 +1057,6 @@ const ROOM_EVENTS: [(&str, RoomKind, &str, bool); 8] = [
     ("leave-storefront", RoomKind::Storefront, "storeId", false),
 ];
 
-/// Registers the client events on `s`: one fallback handler that dispatches on the
-/// event name. socketioxide keeps a `HashMap` of boxed handlers per socket, so one
-/// registration per name cost about 1 KiB per connection for these eleven names.
-fn register_events(
-    s: &SocketRef,
-    cmd_tx: mpsc::Sender<Box<Cmd>>,
-    gw: &Arc<Gateway>,
-    abuse: CancellationToken,
-) {
-    let gw = gw.clone();
-    // Every inbound event counts, answered here or forwarded: `ping` and unknown
-    // names are cheap to send and cost a reply each, so they must not bypass the limit.
-    let rate = Arc::new(Mutex::new(RateWindow::new(
-        u32::try_from(gw.cfg.max_messages_per_second.get()).unwrap_or(u32::MAX),
-    )));
-    s.on_fallback(
-        move |s: SocketRef, Event(event): Event, TryData(arg): TryData<Value>, ack: AckSender| {
-            let (tx, gw, rate, abuse) = (cmd_tx.clone(), gw.clone(), rate.clone(), abuse.clone());
-            async move {
-                let verdict = {
-                    let mut w = rate.lock().unwrap_or_else(|e| e.into_inner());
-                    if w.allow() {
-                        None
-                    } else {
-                        Some((w.abusive(), w.first_refusal()))
-                    }
-                };
-                match verdict {
-                    None => on_event(&s, &tx, &gw, &event, arg.ok(), ack),
-                    // Far over the limit: the loop disconnects with `rate_limited`, as `/ws` closes with 4002.
-                    Some((true, _)) => abuse.cancel(),
-                    // Over the limit: one `error` per window, then dropped silently (as on `/ws`).
-                    Some((false, first)) => {
-                        count(&gw, "rate_limited");
-                        if first {
-                            let msg = "too many messages per second; message dropped";
-                            reply_error(&s, ack, "rate_limited", msg, None);
-                        }
-                    }
-                }
-            }
-        },
-    );
-}
-
-/// One client event: the legacy join/leave names, `subscribe`/`unsubscribe`, `ping`;
-/// anything else is refused as `unknown_event`.
-fn on_event(
-    s: &SocketRef,
-    tx: &mpsc::Sender<Box<Cmd>>,
-    gw: &Gateway,
-    event: &str,
-    arg: Option<Value>,
-    ack: AckSender,
-) {
-    let arg = arg.unwrap_or(Value::Null);
-    match event {
-        "subscribe" | "unsubscribe" => {
-            let Some(room) = arg.get("room").and_then(Value::as_str) else {
-                count(gw, "bad_request");
-                return reply_error(s, ack, "bad_request", "expected {\"room\": …}", None);
-            };
-            let room = room.to_owned();
-            let cmd = if event == "subscribe" {
-                let since = arg.get("since").and_then(Value::as_str).map(str::to_owned);
-                Cmd::Join { room, since, ack }
-            } else {
-                Cmd::Leave { room, ack }
-            };
-            forward(s, tx, gw, cmd);
-        }
-        // Answered here, not by the loop: a health check must not queue behind joins.
-        "ping" => {
-            let pong = json!({ "ts": now_ms() });
-            let _ = s.emit("pong", &pong);
-            let _ = ack.send(&pong);
-        }
-        _ => {
-            let Some(&(_, kind, field, join)) = ROOM_EVENTS.iter().find(|e| e.0 == event) else {
-                count(gw, "unknown_event");
-                let msg = format!("unknown event {:?}", truncate(event, 64));
-                return reply_error(s, ack, "unknown_event", &msg, None);
-            };
-            let Some(id) = legacy_id(&arg, field) else {
-                count(gw, "bad_request");
-                let msg = format!("expected {{\"{field}\": <id>}} or the id itself");
-                return reply_error(s, ack, "bad_request", &msg, None);
-            };
-            let room = format!("{}:{}", kind.as_str(), id);
-            let cmd = if join {
-                let since = arg.get("since").and_then(Value::as_str).map(str::to_owned);
-                Cmd::Join { room, since, ack }
-            } else {
-                Cmd::Leave { room, ack }
-            };
-            forward(s, tx, gw, cmd);
-        }
-    }
-}
-
 /// The id a legacy event names: the payload itself (string or number) or its `field`.
 fn legacy_id(arg: &Value, field: &str) -> Option<String> {
     let v = match arg {
@@ -699,37 +1070,11 @@ fn legacy_id(arg: &Value, field: &str) -> Option<String> {
     }
 }
 
-fn forward(s: &SocketRef, tx: &mpsc::Sender<Box<Cmd>>, gw: &Gateway, cmd: Cmd) {
-    match tx.try_send(Box::new(cmd)) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(cmd)) => {
-            count(gw, "rate_limited");
-            let ack = match *cmd {
-                Cmd::Join { ack, .. } | Cmd::Leave { ack, .. } => ack,
-            };
-            reply_error(s, ack, "rate_limited", "too many requests in flight", None);
-        }
-        // The loop has ended: the socket is being disconnected.
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
-    }
-}
-
 fn count(gw: &Gateway, reason: &'static str) {
     gw.metrics
         .client_errors
         .get_or_create(&ReasonLabels { reason })
         .inc();
-}
-
-/// A refusal: an `error` event `{message, code, room?}`, and the same (with `ok:false`) as the ack when one was asked.
-fn reply_error(s: &SocketRef, ack: AckSender, code: &str, message: &str, room: Option<&str>) {
-    let mut body = json!({ "message": message, "code": code });
-    if let Some(r) = room {
-        body["room"] = Value::from(r);
-    }
-    let _ = s.emit("error", &body);
-    body["ok"] = Value::Bool(false);
-    let _ = ack.send(&body);
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -764,7 +1109,7 @@ impl AliasTable {
         event: &'a str,
         kind: RoomKind,
         status: Option<&'a str>,
-    ) -> impl Iterator<Item = &'a str> {
+    ) -> impl Iterator<Item = &'a str> + Send + 'a {
         let aliases = self.0.get(event).map(Vec::as_slice).unwrap_or_default();
         std::iter::once(event).chain(
             aliases
@@ -779,370 +1124,6 @@ impl AliasTable {
                 // An alias equal to the canonical name (listed "for clarity") is not sent twice.
                 .filter(move |n| *n != event),
         )
-    }
-}
-
-/// The arguments of an event packet: `(data, id)`; the id last, as Socket.IO's
-/// recovery offsets are. `data` is written as the raw bytes the hub serialized.
-struct EventArgs<'a> {
-    data: &'a RawValue,
-    id: &'a str,
-}
-
-impl Serialize for EventArgs<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut t = s.serialize_tuple(2)?;
-        t.serialize_element(self.data)?;
-        t.serialize_element(self.id)?;
-        t.end()
-    }
-}
-
-/// Why the loop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Exit {
-    /// The client disconnected or the transport died.
-    Gone,
-    /// Server shutdown: the shutdown task closes the transport.
-    Shutdown,
-    /// The hub cut the session off: its mailbox was full (the hub counted it).
-    Kicked,
-    /// The client's socketioxide buffer was full.
-    BufferFull,
-    /// The token expired.
-    TokenExpired,
-    /// The client kept exceeding its message rate.
-    RateLimited,
-}
-
-struct Conn {
-    shared: Arc<Shared>,
-    socket: SocketRef,
-    gone: CancellationToken,
-    /// Fired by the event handler when the client floods far past its rate.
-    abuse: CancellationToken,
-}
-
-/// An emit the client's buffer could not take.
-struct Full;
-
-impl Conn {
-    async fn run(self, p: Pending, mut cmd_rx: mpsc::Receiver<Box<Cmd>>) {
-        let gw = self.shared.gw.clone();
-        let wire = WireLabels {
-            wire: Wire::SocketIo,
-        };
-        gw.metrics.connections.get_or_create(&wire).inc();
-        let Pending {
-            mut session,
-            mut rx,
-            joined,
-            recover,
-            _total,
-            _subject,
-            ..
-        } = p;
-        let exit = self
-            .serve(&mut session, &mut rx, &mut cmd_rx, joined, recover)
-            .await;
-        gw.metrics.connections.get_or_create(&wire).dec();
-        // Leave the rooms first: nothing more is queued for a client on its way out.
-        drop(session);
-        drop(rx);
-        tracing::info!(reason = ?exit, "closing");
-        match exit {
-            Exit::Gone | Exit::Shutdown => {}
-            Exit::Kicked => self.disconnect(&gw).await,
-            Exit::BufferFull => {
-                gw.metrics.slow_consumer_disconnects.inc();
-                self.disconnect(&gw).await;
-            }
-            Exit::TokenExpired => {
-                let _ = self.socket.emit(
-                    "error",
-                    &json!({"code": "token_expired", "message": "token has expired; reconnect with a fresh one"}),
-                );
-                self.disconnect(&gw).await;
-            }
-            Exit::RateLimited => {
-                let _ = self.socket.emit(
-                    "error",
-                    &json!({"code": "rate_limited", "message": "too many messages per second"}),
-                );
-                self.disconnect(&gw).await;
-            }
-        }
-    }
-
-    async fn serve(
-        &self,
-        session: &mut Session,
-        rx: &mut mpsc::Receiver<Arc<Message>>,
-        cmd_rx: &mut mpsc::Receiver<Box<Cmd>>,
-        joined: Vec<Joined>,
-        recover: bool,
-    ) -> Exit {
-        let gw = self.shared.gw.clone();
-        let kicked = session.mailbox().kicked().clone();
-        // The last position this client was told (or event id it was sent): see `tell_position`.
-        let mut told = joined.first().and_then(|j| j.position.clone());
-        if self.greet(session, joined, recover).is_err() {
-            return Exit::BufferFull;
-        }
-        // Made once, as on `/ws`: per turn they would cost a timer-wheel insert and
-        // removal and three waiter-list locks per delivery. The principal never changes
-        // on this endpoint (no in-band refresh), so neither does the expiry. One timer
-        // serves the expiry and the position tick (Engine.IO pings on its own).
-        let stopping = gw.stop.cancelled();
-        let going = self.gone.cancelled();
-        let kicking = kicked.cancelled();
-        let flooding = self.abuse.cancelled();
-        let tick_every = gw.cfg.ping_interval;
-        let now = tokio::time::Instant::now();
-        let expires = now + expiry_in(session.principal(), gw.verifier.leeway());
-        let mut next_tick = now + tick_every;
-        // Whether an event was emitted since the last tick: only an idle client is told
-        // the position.
-        let mut delivered = false;
-        let timer = tokio::time::sleep_until(next_tick.min(expires));
-        tokio::pin!(stopping, going, kicking, flooding, timer);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut stopping => return Exit::Shutdown,
-                _ = &mut going => return Exit::Gone,
-                _ = &mut kicking => return Exit::Kicked,
-                _ = &mut flooding => return Exit::RateLimited,
-                _ = &mut timer => {
-                    let now = tokio::time::Instant::now();
-                    if now >= expires {
-                        // Counted apart from refused tokens, as on `/ws`.
-                        gw.metrics
-                            .auth_failures
-                            .get_or_create(&ReasonLabels { reason: "expired_in_session" })
-                            .inc();
-                        return Exit::TokenExpired;
-                    }
-                    if now >= next_tick {
-                        next_tick = now + tick_every;
-                        if !std::mem::take(&mut delivered) && self.tell_position(rx, &mut told).is_err() {
-                            return Exit::BufferFull;
-                        }
-                    }
-                    timer.as_mut().reset(next_tick.min(expires));
-                }
-                cmd = cmd_rx.recv() => {
-                    let Some(cmd) = cmd else { return Exit::Gone };
-                    // Boxed: a join (authorization, replay) is the largest future the loop
-                    // awaits; inline, it sized every idle session's task (256 B more).
-                    if Box::pin(self.handle(session, *cmd)).await.is_err() {
-                        return Exit::BufferFull;
-                    }
-                }
-                msg = rx.recv() => {
-                    let mut next = msg;
-                    if next.is_none() {
-                        return Exit::Gone;
-                    }
-                    let mut n = 0;
-                    // The last event emitted (kept whole: its id is cloned once per batch).
-                    let mut last: Option<Arc<Message>> = None;
-                    while let Some(m) = next.take() {
-                        // A refused message may have cost the room (ownership moved):
-                        // the notice goes out in its place, before anything later.
-                        let accepted = session.accept(&m);
-                        let sent = if accepted {
-                            self.emit_message(&m)
-                        } else {
-                            self.emit_lost(session)
-                        };
-                        if sent.is_err() {
-                            return Exit::BufferFull;
-                        }
-                        if accepted && m.id.is_some() {
-                            last = Some(m);
-                        }
-                        n += 1;
-                        if n < EMIT_BATCH {
-                            next = rx.try_recv().ok();
-                        }
-                    }
-                    if let Some(m) = last {
-                        told = m.id.clone();
-                        delivered = true;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Emits `position` `{position}` to an idle client, as `/ws` sends its `position`
-    /// message (see `ws.rs`): the position is read first and emitted only when the
-    /// mailbox is empty after that, so every event of this session's rooms up to it has
-    /// already been emitted; nothing when the client was last told the same.
-    fn tell_position(
-        &self,
-        rx: &mpsc::Receiver<Arc<Message>>,
-        told: &mut Option<EventId>,
-    ) -> Result<(), Full> {
-        let Some(p) = self.shared.gw.hub.position() else {
-            return Ok(());
-        };
-        if !rx.is_empty() || told.as_ref() == Some(&p) {
-            return Ok(());
-        }
-        self.emit_raw("position", &json!({"position": self.shared.gw.wire_id(&p)}))?;
-        *told = Some(p);
-        Ok(())
-    }
-
-    /// `welcome`, then the auto-joins' replays when the client asked to recover. Not
-    /// async: what it builds is freed on return, not kept in the loop's future for the
-    /// connection's life.
-    fn greet(&self, session: &mut Session, joined: Vec<Joined>, recover: bool) -> Result<(), Full> {
-        let rooms: Vec<&str> = session.rooms().map(|r| r.as_str()).collect();
-        // The `since` to use before any event has arrived (see `Joined::position`).
-        let position = joined.first().and_then(|j| j.position.as_ref());
-        let welcome = json!({
-            "session": session.mailbox().id(),
-            "subject": session.principal().subject,
-            "rooms": rooms,
-            "position": position.map(|p| self.shared.gw.wire_id(p)),
-        });
-        self.emit_raw("welcome", &welcome)?;
-        if recover {
-            for j in joined {
-                self.send_joined(session, j)?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn handle(&self, session: &mut Session, cmd: Cmd) -> Result<(), Full> {
-        match cmd {
-            Cmd::Join { room, since, ack } => {
-                let since = since.filter(|s| valid_event_id(s));
-                match session.join(&room, since.as_deref()).await {
-                    Ok(j) => {
-                        let _ = ack.send(&json!({
-                            "ok": true,
-                            "room": j.room.as_str(),
-                            "recovered": j.recovered,
-                            "position": j.position.as_ref().map(|p| self.shared.gw.wire_id(p)),
-                        }));
-                        self.send_joined(session, j)
-                    }
-                    Err(e) => {
-                        reply_error(&self.socket, ack, e.code, &e.message, Some(&room));
-                        Ok(())
-                    }
-                }
-            }
-            Cmd::Leave { room, ack } => {
-                if session.leave(&room) {
-                    let _ = ack.send(&json!({ "ok": true, "room": room }));
-                } else {
-                    reply_error(
-                        &self.socket,
-                        ack,
-                        "not_subscribed",
-                        "not subscribed to this room",
-                        Some(&room),
-                    );
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// A join's resync notice or replay, before any live message of that room.
-    fn send_joined(&self, session: &mut Session, j: Joined) -> Result<(), Full> {
-        if j.resync {
-            self.emit_raw(
-                "resync",
-                &json!({"room": j.room.as_str(), "reason": "history_unavailable"}),
-            )?;
-        }
-        for m in j.replay {
-            if session.accept_replayed(&m) {
-                self.emit_message(&m)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Tells the client about order rooms it lost to an ownership change.
-    fn emit_lost(&self, session: &mut Session) -> Result<(), Full> {
-        for room in session.take_lost() {
-            self.emit_raw(
-                "unsubscribed",
-                &json!({"room": room.as_str(), "reason": "ownership_changed"}),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Emits one hub message under its canonical name and every matching alias.
-    fn emit_message(&self, m: &Message) -> Result<(), Full> {
-        let gw = &self.shared.gw;
-        match &m.body {
-            Body::Event {
-                name,
-                ts_ms,
-                data,
-                status,
-            } => {
-                let id = m.wire_id.as_deref().unwrap_or("");
-                let args = EventArgs { data, id };
-                for event in self
-                    .shared
-                    .aliases
-                    .names(name, m.room.kind(), status.as_deref())
-                {
-                    self.emit_raw(event, &args)?;
-                }
-                observe_latency(gw, *ts_ms);
-            }
-            Body::Resync { reason } => {
-                self.emit_raw(
-                    "resync",
-                    &json!({"room": m.room.as_str(), "reason": &**reason}),
-                )?;
-            }
-        }
-        gw.metrics.delivered(Wire::SocketIo);
-        Ok(())
-    }
-
-    /// `emit`, mapping a full buffer to [`Full`]; a closed socket is left to `gone`.
-    fn emit_raw<T: ?Sized + Serialize>(&self, event: &str, data: &T) -> Result<(), Full> {
-        match self.socket.emit(event, data) {
-            Ok(()) => Ok(()),
-            Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(Full),
-            Err(e) => {
-                tracing::debug!(error = %e, "emit failed");
-                Ok(())
-            }
-        }
-    }
-
-    /// Sends DISCONNECT, retrying while the buffer is full. A client that never
-    /// drains it is closed by Engine.IO's heartbeat (`ping_interval + pong_timeout`).
-    async fn disconnect(&self, gw: &Gateway) {
-        let deadline = tokio::time::sleep(gw.cfg.write_timeout);
-        tokio::pin!(deadline);
-        loop {
-            match self.socket.clone().disconnect() {
-                Err(SocketError::InternalChannelFull) => {}
-                Ok(()) | Err(_) => return,
-            }
-            tokio::select! {
-                _ = self.gone.cancelled() => return,
-                _ = gw.stop.cancelled() => return,
-                _ = &mut deadline => return,
-                _ = tokio::time::sleep(DISCONNECT_RETRY) => {}
-            }
-        }
     }
 }
 
@@ -1165,36 +1146,112 @@ mod tests {
         }
     }
 
+    fn packet<'a>(kind: Kind, nsp: &'a str, ack: Option<u64>, data: &'a str) -> SioPacket<'a> {
+        SioPacket {
+            kind,
+            nsp,
+            ack,
+            data,
+        }
+    }
+
     #[test]
-    fn detach_keeps_what_is_read_and_drops_what_is_not() {
-        let req = axum::http::Request::builder()
-            .uri("/socket.io/?EIO=4&transport=websocket&token=t")
-            .header("origin", "https://shop.example")
-            .header("authorization", "Bearer abc")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .header("sec-websocket-protocol", "changecast.v1")
-            .header("content-type", "text/plain")
-            .header("cookie", "session=".to_owned() + &"x".repeat(2000))
-            .header("user-agent", "Mozilla/5.0")
-            .header("accept-language", "en")
-            .header("sec-ch-ua", "\"Chromium\"")
-            .header("sec-fetch-mode", "websocket")
-            .body(axum::body::Body::empty())
-            .expect("request");
-        let out = detach(req);
-        let names: Vec<&str> = out.headers().keys().map(|n| n.as_str()).collect();
+    fn parses_socket_io_packets() {
+        assert_eq!(parse_packet("0"), Ok(packet(Kind::Connect, "/", None, "")));
         assert_eq!(
-            names,
-            [
-                "origin",
-                "authorization",
-                "sec-websocket-key",
-                "sec-websocket-protocol",
-                "content-type"
-            ]
+            parse_packet("0{\"token\":\"t\"}"),
+            Ok(packet(Kind::Connect, "/", None, "{\"token\":\"t\"}"))
         );
-        assert_eq!(out.headers()["authorization"], "Bearer abc");
-        assert_eq!(out.uri().query(), Some("EIO=4&transport=websocket&token=t"));
+        assert_eq!(
+            parse_packet("0/admin,{}"),
+            Ok(packet(Kind::Connect, "/admin", None, "{}"))
+        );
+        assert_eq!(
+            parse_packet("1/admin"),
+            Ok(packet(Kind::Disconnect, "/admin", None, ""))
+        );
+        assert_eq!(
+            parse_packet("212[\"ping\"]"),
+            Ok(packet(Kind::Event, "/", Some(12), "[\"ping\"]"))
+        );
+        assert_eq!(
+            parse_packet("2/x,7[\"a\"]"),
+            Ok(packet(Kind::Event, "/x", Some(7), "[\"a\"]"))
+        );
+        assert_eq!(
+            parse_packet("33[]"),
+            Ok(packet(Kind::Ack, "/", Some(3), "[]"))
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_packets_with_codes() {
+        let cases = [
+            ("", SioError::BadType),
+            ("9", SioError::BadType),
+            ("x[]", SioError::BadType),
+            (
+                "51-[\"a\",{\"_placeholder\":true,\"num\":0}]",
+                SioError::Binary,
+            ),
+            ("61-0[{\"_placeholder\":true,\"num\":0}]", SioError::Binary),
+            ("299999999999999999999[\"a\"]", SioError::BadAckId),
+            ("29007199254740992[\"a\"]", SioError::BadAckId),
+            ("3[]", SioError::BadAckId),
+            ("2/a\"b,[\"a\"]", SioError::BadNamespace),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_packet(text), Err(want), "{text}");
+        }
+        let long = format!("2/{},[\"a\"]", "n".repeat(MAX_NAMESPACE));
+        assert_eq!(parse_packet(&long), Err(SioError::BadNamespace));
+        assert_eq!(SioError::Binary.code(), "binary_not_supported");
+        assert_eq!(SioError::BadAckId.code(), "bad_request");
+        // The largest safe ack id is fine.
+        assert!(parse_packet("29007199254740991[\"a\"]").is_ok());
+    }
+
+    #[test]
+    fn event_args_need_a_name_first() {
+        assert_eq!(
+            event_args("[\"join-order-room\",{\"orderId\":\"o1\"}]"),
+            Ok(("join-order-room".into(), json!({"orderId": "o1"})))
+        );
+        assert_eq!(event_args("[\"ping\"]"), Ok(("ping".into(), Value::Null)));
+        for bad in ["", "[]", "[1]", "{}", "[\"a\"", "null", "\"a\""] {
+            assert_eq!(event_args(bad), Err(SioError::BadEvent), "{bad}");
+        }
+    }
+
+    #[test]
+    fn frames_put_the_name_first_and_the_id_last() {
+        let tail = Bytes::from_static(b",{\"a\":1},\"ID\"]");
+        assert_eq!(
+            event_frame("orderStatusUpdated", Some(&tail)).as_str(),
+            "42[\"orderStatusUpdated\",{\"a\":1},\"ID\"]"
+        );
+        assert_eq!(
+            event_frame("we\"ird", Some(&tail)).as_str(),
+            "42[\"we\\\"ird\",{\"a\":1},\"ID\"]"
+        );
+        assert_eq!(
+            ack_frame(4, &json!({"ok": true})).as_str(),
+            "434[{\"ok\":true}]"
+        );
+        assert_eq!(
+            event("pong", &json!({"ts": 1})).as_str(),
+            "42[\"pong\",{\"ts\":1}]"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn packet_parsing_never_panics(s in ".{0,200}") {
+            if let Ok(p) = parse_packet(&s) {
+                let _ = event_args(p.data);
+            }
+            let _ = eio::parse(&s);
+        }
     }
 
     #[test]
