@@ -273,6 +273,9 @@ struct PollState {
     closed: bool,
     /// A GET is waiting (Engine.IO allows one at a time).
     polling: bool,
+    /// A POST body is being read (one at a time too: each holds a connection and up
+    /// to `max_message_bytes`, and without the rule one session could hold thousands).
+    posting: bool,
     /// A WebSocket is probing to take this session over.
     probing: bool,
 }
@@ -319,6 +322,11 @@ impl Poll {
             let notified = self.readable.notified();
             {
                 let mut st = self.state();
+                if st.probing && st.out.is_empty() && !st.closed {
+                    // An upgrade is under way: every GET is answered at once, so the
+                    // client can pause polling whichever GET took the probe's noop.
+                    return text_response("6".into());
+                }
                 if !st.out.is_empty() || st.closed {
                     let mut body = String::with_capacity(st.bytes + st.out.len());
                     for (i, f) in st.out.drain(..).enumerate() {
@@ -345,12 +353,39 @@ impl Poll {
         }
     }
 
-    /// `POST ?sid=`: hands the payload (at most `max` bytes) to the session.
-    pub(crate) async fn post(&self, body: axum::body::Body, max: usize) -> Response {
-        if self.state().closed {
-            return EioError::UnknownSid.response();
+    /// `POST ?sid=`: hands the payload (at most `max` bytes, read within `within`) to
+    /// the session. One POST at a time, as Engine.IO asks: a second one meanwhile gets 400.
+    pub(crate) async fn post(
+        &self,
+        body: axum::body::Body,
+        max: usize,
+        within: Duration,
+    ) -> Response {
+        {
+            let mut st = self.state();
+            if st.closed {
+                return EioError::UnknownSid.response();
+            }
+            if st.posting {
+                return EioError::BadRequest.response();
+            }
+            st.posting = true;
         }
-        let bytes = match axum::body::to_bytes(body, max).await {
+        // Cleared however this request ends (the client may drop the connection).
+        struct Posting<'a>(&'a Poll);
+        impl Drop for Posting<'_> {
+            fn drop(&mut self) {
+                self.0.state().posting = false;
+            }
+        }
+        let _posting = Posting(self);
+        // A body trickled in slowly would hold the connection and its buffer for as long
+        // as the client likes (hyper's header timeout covers only the head).
+        let read = tokio::time::timeout(within, axum::body::to_bytes(body, max)).await;
+        let Ok(read) = read else {
+            return EioError::BadRequest.response();
+        };
+        let bytes = match read {
             Ok(b) => b,
             Err(_) => {
                 // Over maxPayload (or a broken body): Engine.IO closes such a session.
@@ -384,6 +419,11 @@ impl Poll {
         }
         st.probing = true;
         true
+    }
+
+    /// A probe that never got its socket (the HTTP upgrade failed): another may start.
+    pub(crate) fn end_probe(&self) {
+        self.state().probing = false;
     }
 
     /// The upgrade (runs on the new WebSocket, beside the session's task, until it hands
@@ -715,7 +755,11 @@ mod tests {
         let (mut link, sid) = PollLink::open(&polls);
         let poll = polls.get(&sid).unwrap();
         let r = poll
-            .post(axum::body::Body::from("3\x1e42[\"ping\"]"), 100)
+            .post(
+                axum::body::Body::from("3\x1e42[\"ping\"]"),
+                100,
+                Duration::from_secs(5),
+            )
             .await;
         assert_eq!(r.status(), StatusCode::OK);
         let mut got = Vec::new();
@@ -728,7 +772,11 @@ mod tests {
         assert_eq!(got, ["3", "42[\"ping\"]"]);
         // Over maxPayload: 413, and the session is told to close.
         let r = poll
-            .post(axum::body::Body::from("4".repeat(101)), 100)
+            .post(
+                axum::body::Body::from("4".repeat(101)),
+                100,
+                Duration::from_secs(5),
+            )
             .await;
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert!(matches!(
@@ -737,13 +785,72 @@ mod tests {
         ));
         // Not UTF-8: 400, and closed.
         let r = poll
-            .post(axum::body::Body::from(vec![0x34, 0xff, 0xfe]), 100)
+            .post(
+                axum::body::Body::from(vec![0x34, 0xff, 0xfe]),
+                100,
+                Duration::from_secs(5),
+            )
             .await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         assert!(matches!(
             link.recv().await,
             Ok(In::Refused(Exit(close::INVALID_DATA, _)))
         ));
+    }
+
+    #[tokio::test]
+    async fn one_post_at_a_time_and_a_trickled_body_is_cut_off() {
+        let polls = Arc::new(Polls::default());
+        let (_link, sid) = PollLink::open(&polls);
+        let poll = polls.get(&sid).unwrap();
+        // A body that never ends: its first chunk, then nothing.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        tx.send(Ok(Bytes::from_static(b"4"))).await.unwrap();
+        let stalled = axum::body::Body::from_stream(tokio_stream_of(rx));
+        let first = tokio::spawn({
+            let poll = poll.clone();
+            async move { poll.post(stalled, 100, Duration::from_millis(300)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A second POST while the first is read: refused, the session's one slot is taken.
+        let second = poll
+            .post(axum::body::Body::from("3"), 100, Duration::from_secs(5))
+            .await;
+        assert_eq!(second.status(), StatusCode::BAD_REQUEST);
+        // The trickled one is cut off at its deadline, and the slot is free again.
+        let first = first.await.unwrap();
+        assert_eq!(first.status(), StatusCode::BAD_REQUEST);
+        drop(tx);
+        let third = poll
+            .post(axum::body::Body::from("3"), 100, Duration::from_secs(5))
+            .await;
+        assert_eq!(third.status(), StatusCode::OK);
+    }
+
+    /// The receiving half of a channel as a body stream.
+    fn tokio_stream_of(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test]
+    async fn while_probing_every_get_is_answered_at_once() {
+        let polls = Arc::new(Polls::default());
+        let (_link, sid) = PollLink::open(&polls);
+        let poll = polls.get(&sid).unwrap();
+        assert!(poll.start_probe());
+        let started = std::time::Instant::now();
+        let r = poll.clone().get(&polls, Duration::from_secs(5)).await;
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"6");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // A probe that never got its socket frees the way for another.
+        assert!(!poll.start_probe());
+        poll.end_probe();
+        assert!(poll.start_probe());
     }
 
     #[tokio::test]

@@ -146,7 +146,7 @@ async fn endpoint(
                 let wait = gw.cfg.ping_interval + gw.cfg.pong_timeout;
                 poll.get(&shared.polls, wait).await
             }
-            (Transport::Polling, Method::POST) => poll.post(body, max).await,
+            (Transport::Polling, Method::POST) => poll.post(body, max, gw.cfg.write_timeout).await,
             (Transport::WebSocket, Method::GET) => {
                 let Ok(ws) = ws else {
                     return EioError::BadRequest.response();
@@ -155,7 +155,9 @@ async fn endpoint(
                     return EioError::BadRequest.response();
                 }
                 let (tracker, deadline) = (gw.tracker.clone(), gw.cfg.pong_timeout);
+                let failed = poll.clone();
                 driver::websocket(ws, max)
+                    .on_failed_upgrade(move |_| failed.end_probe())
                     .on_upgrade(move |socket| tracker.track_future(poll.probe(socket, deadline)))
             }
             _ => EioError::BadRequest.response(),
@@ -421,6 +423,7 @@ impl Conn<Sio> {
                 }
                 In::Binary => {
                     self.count_error("binary_not_supported");
+                    self.count_frame()?;
                     continue;
                 }
                 In::Text(t) => t,
@@ -438,9 +441,13 @@ impl Conn<Sio> {
                     continue;
                 }
                 Packet::Close => return Err(None),
-                Packet::Noop => continue,
+                Packet::Noop => {
+                    self.count_frame()?;
+                    continue;
+                }
                 Packet::Binary => {
                     self.count_error("binary_not_supported");
+                    self.count_frame()?;
                     continue;
                 }
                 Packet::Ping(_) | Packet::Upgrade => {
@@ -863,7 +870,7 @@ impl Dialect for Sio {
         frame: Option<Utf8Bytes>,
     ) -> Result<Flow, Option<Exit>> {
         let Some(text) = frame else {
-            conn.binary_refused().await;
+            conn.binary_refused().await?;
             return Ok(Flow::Continue);
         };
         let packet = match eio::parse(&text) {
@@ -876,9 +883,13 @@ impl Dialect for Sio {
         match packet {
             Packet::Pong(_) => Ok(Flow::Pong),
             Packet::Close => Err(None),
-            Packet::Noop => Ok(Flow::Continue),
+            Packet::Noop => {
+                // Cheap, but not free: a stream of noops counts like any message.
+                conn.count_frame()?;
+                Ok(Flow::Continue)
+            }
             Packet::Binary => {
-                conn.binary_refused().await;
+                conn.binary_refused().await?;
                 Ok(Flow::Continue)
             }
             // A v4 client never pings, and upgrades only on a probing socket.
@@ -894,14 +905,25 @@ impl Dialect for Sio {
 impl Conn<Sio> {
     /// A binary frame or packet: refused with an `error` event (attachments that follow
     /// a binary packet are refused the same way, each counting against the rate).
-    async fn binary_refused(&mut self) {
+    async fn binary_refused(&mut self) -> Result<(), Option<Exit>> {
         match driver::rate(&self.gw, &mut self.dialect.rate) {
             Rate::Allowed => {
                 let msg = "binary packets are not supported; send JSON";
                 self.reply_error(None, "binary_not_supported", msg, None)
                     .await;
+                Ok(())
             }
-            Rate::Refused { .. } | Rate::Abusive => {}
+            Rate::Refused { .. } => Ok(()),
+            Rate::Abusive => Err(Some(Exit(close::RATE_LIMITED, "rate_limited"))),
+        }
+    }
+
+    /// Counts a frame that needs no answer (a noop, or anything before CONNECT) against
+    /// the rate limit: every frame costs a wake-up, so each one counts, as on `/ws`.
+    fn count_frame(&mut self) -> Result<(), Option<Exit>> {
+        match driver::rate(&self.gw, &mut self.dialect.rate) {
+            Rate::Abusive => Err(Some(Exit(close::RATE_LIMITED, "rate_limited"))),
+            Rate::Allowed | Rate::Refused { .. } => Ok(()),
         }
     }
 }
