@@ -769,20 +769,22 @@ async fn a_client_that_stops_reading_is_cut_off_as_a_slow_consumer() {
             .await
             .unwrap();
     control.event().await;
-    // Chunks the control reads before the next, so only the stuck client falls behind.
+    // Chunks the control reads before the next, so only the stuck client falls behind
+    // (by bytes: 1,500 events of 1 KiB each, more than its 1 MiB).
+    let pad = "x".repeat(1024);
     for chunk in 0..15 {
         for i in 0..100 {
             srv.publish(
                 "order:updated",
                 &["customer:c1"],
-                json!({"n": chunk * 100 + i}),
+                json!({"n": chunk * 100 + i, "pad": pad}),
             );
         }
         for i in 0..100 {
             let (name, args) = control.event().await;
             assert_eq!(
                 (name.as_str(), &args[0]),
-                ("order:updated", &json!({"n": chunk * 100 + i}))
+                ("order:updated", &json!({"n": chunk * 100 + i, "pad": pad}))
             );
         }
     }
@@ -795,6 +797,58 @@ async fn a_client_that_stops_reading_is_cut_off_as_a_slow_consumer() {
         assert!(tokio::time::Instant::now() < deadline, "{text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Its next poll is told why and disconnected, in place of the backlog (a poll made
+    // as it was being cut off may still take one body of it).
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = http(srv.addr, "GET", &path, None).await;
+        assert_eq!(status, 200, "{body}");
+        let last = body.ends_with("\x1e1");
+        bodies.push(body);
+        if last {
+            break;
+        }
+    }
+    let last = bodies.last().unwrap();
+    let frames: Vec<&str> = last.split('\x1e').collect();
+    assert_eq!(frames.len(), 3, "{:?}", &last[..last.len().min(300)]);
+    let error: Value = serde_json::from_str(frames[0].strip_prefix("42").unwrap()).unwrap();
+    assert_eq!(
+        (&error[0], &error[1]["code"]),
+        (&json!("error"), &json!("slow_consumer"))
+    );
+    assert_eq!(&frames[1..], ["41", "1"]);
+    assert!(bodies.iter().all(|b| b.len() <= 64 * 1024 + 2048));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ping_schedule_runs_on_from_the_open_packet_across_connect() {
+    let srv = HubServer::start("[server]\nping_interval = \"2s\"\n").await;
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", srv.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let open = ws.next().await.unwrap().unwrap();
+    let opened = tokio::time::Instant::now();
+    assert!(open.to_text().unwrap().starts_with('0'), "{open:?}");
+    // CONNECT late in the first ping interval: the first ping still comes one interval
+    // after the open packet, not one after CONNECT.
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let auth = format!("40{}", json!({"token": customer_token("c1")}));
+    ws.send(WsMsg::Text(auth.into())).await.unwrap();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a ping within 5s")
+            .unwrap()
+            .unwrap();
+        if m.to_text().unwrap() == "2" {
+            break;
+        }
+    }
+    let first = opened.elapsed();
+    assert!(
+        first < Duration::from_millis(2700),
+        "first ping {first:?} after the open packet"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

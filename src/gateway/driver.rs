@@ -143,6 +143,15 @@ impl Link {
         }
     }
 
+    /// Drops what a long-polling client has not polled (it is cut off as a slow
+    /// consumer: its last frames must reach it, and nothing else be kept for it).
+    /// A WebSocket's buffer is tungstenite's, and its close has a deadline.
+    pub(crate) fn shed(&mut self) {
+        if let Link::Poll(p) = self {
+            p.shed();
+        }
+    }
+
     /// Tells the peer why (a close frame, or an Engine.IO close packet) and closes.
     /// A WebSocket waits for the peer's close reply (RFC 6455 §7.1.1), so a peer that
     /// writes after we closed does not reset the connection and lose our close frame.
@@ -237,12 +246,18 @@ pub(crate) trait Dialect: Send + Sized {
 
 impl<D: Dialect> Conn<D> {
     /// Runs the session until it ends; returns why (`None`: the peer left).
-    /// `told` is the last position the client was given (see [`Conn::tell_position`]).
+    /// `told` is the last position the client was given (see [`Conn::tell_position`]);
+    /// `next_ping`, when the first ping is due (at once if it is past). Socket.IO carries
+    /// its schedule over from before CONNECT: its client expects a ping within
+    /// `pingInterval` (+ `pingTimeout`) of the last, however long CONNECT and its
+    /// replays took. A ping still unanswered then is not held against the client: its
+    /// pong may be unread behind CONNECT, and the next tick checks again.
     pub(crate) async fn drive(
         &mut self,
         session: &mut Session,
         rx: &mut mpsc::Receiver<Arc<Message>>,
         mut told: Option<EventId>,
+        mut next_ping: tokio::time::Instant,
     ) -> Option<Exit> {
         let kicked = self.kicked.clone();
         // Whether an event was written since the last ping tick: an idle session is told
@@ -251,7 +266,6 @@ impl<D: Dialect> Conn<D> {
         let mut awaiting_pong: Option<Instant> = None;
         let leeway = self.gw.verifier.leeway();
         let ping_every = self.gw.cfg.ping_interval;
-        let mut next_ping = tokio::time::Instant::now() + ping_every;
         let mut expires = tokio::time::Instant::now() + expiry_in(session.principal(), leeway);
         // Made once and kept across turns of the loop: a fresh sleep and two fresh
         // cancellation waiters per turn cost a timer-wheel insert and removal and two

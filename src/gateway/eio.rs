@@ -21,13 +21,24 @@ use super::protocol::close;
 /// The record separator between packets of one long-polling payload.
 const SEPARATOR: char = '\x1e';
 
-/// Frames a long-polling session may hold for its next GET, and their bytes. The
-/// long-polling counterpart of a WebSocket's write timeout: a client that stops
-/// polling while events arrive fills it. Overflow policy: the frame is refused and the
-/// session closed as a slow consumer (counted), never buffered further. One frame
-/// larger than the byte bound is still taken into an empty queue.
-const POLL_BUFFER_FRAMES: usize = 1024;
+/// Bytes a long-polling session may hold for its next GET, each frame counted with
+/// [`POLL_FRAME_OVERHEAD`]. The long-polling counterpart of a WebSocket's write
+/// timeout: a client that stops polling while events arrive fills it. Bounded by bytes,
+/// not frames: an event goes out once per alias name (1–4 frames), and a replay of a
+/// few hundred events between two polls is not a slow consumer. Overflow policy: the
+/// frame is refused and the session closed as a slow consumer (counted); its backlog is
+/// then dropped for the closing frames ([`PollLink::shed`]). One frame larger than the
+/// bound is still taken into an empty queue.
 const POLL_BUFFER_BYTES: usize = 1 << 20;
+
+/// What a queued frame costs beyond its text (its slot in the queue), so that many
+/// tiny frames cannot hold more memory than the byte bound says.
+const POLL_FRAME_OVERHEAD: usize = std::mem::size_of::<Utf8Bytes>();
+
+/// The most one GET's body carries: whole frames up to this many bytes (at least one
+/// frame), the rest left for the next GET, which Engine.IO clients send at once. A
+/// response has no write deadline; this bounds what a client that stops reading one holds.
+const POLL_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// POST payloads handed to a long-polling session's task and not yet read. Clients
 /// send one at a time (socket.io-client waits for each POST's answer). Overflow policy:
@@ -209,13 +220,16 @@ pub(crate) fn open(sid: &str, upgrades: bool, p: &Params) -> String {
     )
 }
 
-/// A long-polling response body.
+/// A long-polling response body. Never cached: every answer is a session's own.
 fn text_response(body: String) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=UTF-8"),
-        )],
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=UTF-8"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
         body,
     )
         .into_response()
@@ -280,6 +294,14 @@ struct PollState {
     probing: bool,
 }
 
+impl PollState {
+    /// Queues a frame past the bound (the bound is checked by [`PollLink::feed`]).
+    fn push(&mut self, f: Utf8Bytes) {
+        self.bytes += f.len() + POLL_FRAME_OVERHEAD;
+        self.out.push_back(f);
+    }
+}
+
 enum Inbound {
     Payload(Bytes),
     /// Boxed: the channel's slots are allocated up front.
@@ -293,7 +315,8 @@ impl Poll {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `GET ?sid=`: the queued frames, waiting up to `max_wait` for one (then a noop).
+    /// `GET ?sid=`: the queued frames (up to [`POLL_RESPONSE_BYTES`]), waiting up to
+    /// `max_wait` for one (then a noop).
     pub(crate) async fn get(self: Arc<Self>, polls: &Polls, max_wait: Duration) -> Response {
         {
             let mut st = self.state();
@@ -328,15 +351,19 @@ impl Poll {
                     return text_response("6".into());
                 }
                 if !st.out.is_empty() || st.closed {
-                    let mut body = String::with_capacity(st.bytes + st.out.len());
-                    for (i, f) in st.out.drain(..).enumerate() {
-                        if i > 0 {
+                    let mut body = String::new();
+                    while let Some(f) = st.out.front() {
+                        if !body.is_empty() && body.len() + 1 + f.len() > POLL_RESPONSE_BYTES {
+                            break;
+                        }
+                        if !body.is_empty() {
                             body.push(SEPARATOR);
                         }
                         body.push_str(f.as_str());
+                        st.bytes -= f.len() + POLL_FRAME_OVERHEAD;
+                        st.out.pop_front();
                     }
-                    st.bytes = 0;
-                    if st.closed {
+                    if st.closed && st.out.is_empty() {
                         if body.is_empty() {
                             body.push('1');
                         }
@@ -436,7 +463,7 @@ impl Poll {
             ws.send(WsMessage::Text("3probe".into())).await.ok()?;
             {
                 let mut st = self.state();
-                st.out.push_back(Utf8Bytes::from_static("6"));
+                st.push(Utf8Bytes::from_static("6"));
             }
             self.readable.notify_one();
             expect(&mut ws, "5").await
@@ -543,14 +570,22 @@ impl PollLink {
         if st.closed {
             return Err(WriteError::Failed);
         }
-        let full = st.out.len() >= POLL_BUFFER_FRAMES
-            || (!st.out.is_empty() && st.bytes + t.len() > POLL_BUFFER_BYTES);
-        if full {
+        if !st.out.is_empty() && st.bytes + t.len() + POLL_FRAME_OVERHEAD > POLL_BUFFER_BYTES {
             return Err(WriteError::TimedOut);
         }
-        st.bytes += t.len();
-        st.out.push_back(t);
+        st.push(t);
         Ok(())
+    }
+
+    /// Drops the frames no GET took, for a client cut off as a slow consumer: its
+    /// closing frames then fit, and the backlog is not kept while the session lingers.
+    pub(crate) fn shed(&mut self) {
+        let dropped = {
+            let mut st = self.poll.state();
+            st.bytes = 0;
+            std::mem::take(&mut st.out)
+        };
+        drop(dropped);
     }
 
     /// Wakes the pending GET.
@@ -565,7 +600,7 @@ impl PollLink {
         {
             let mut st = self.poll.state();
             if st.polling || !st.out.is_empty() {
-                st.out.push_back(Utf8Bytes::from_static("1"));
+                st.push(Utf8Bytes::from_static("1"));
             }
             st.closed = true;
         }
@@ -711,41 +746,100 @@ mod tests {
         assert!(valid_sid(&new_sid()));
     }
 
+    async fn body_of(r: Response) -> Bytes {
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
-    async fn a_polling_queue_is_bounded_and_closes_with_a_close_packet() {
+    async fn a_polling_queue_is_bounded_by_bytes_and_closes_with_a_close_packet() {
         let polls = Arc::new(Polls::default());
         let (mut link, sid) = PollLink::open(&polls);
         let poll = polls.get(&sid).unwrap();
-        for _ in 0..POLL_BUFFER_FRAMES {
-            link.feed(WsMessage::Text("42[\"x\"]".into())).unwrap();
+        // Many small frames fit (a replay burst, each event under every alias name):
+        // the bound is bytes, not frames.
+        let frame = "42[\"x\"]";
+        let fits = POLL_BUFFER_BYTES / (frame.len() + POLL_FRAME_OVERHEAD);
+        assert!(fits > 4096, "{fits}");
+        for _ in 0..fits {
+            link.feed(WsMessage::Text(frame.into())).unwrap();
         }
         assert!(matches!(
-            link.feed(WsMessage::Text("42[\"x\"]".into())),
+            link.feed(WsMessage::Text(frame.into())),
             Err(WriteError::TimedOut)
         ));
-        let body = poll.clone().get(&polls, Duration::from_secs(1)).await;
-        let body = axum::body::to_bytes(body.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        assert_eq!(body.split(|&b| b == 0x1e).count(), POLL_BUFFER_FRAMES);
-        // One oversized frame still goes into an empty queue.
-        link.feed(WsMessage::Text("x".repeat(POLL_BUFFER_BYTES + 1).into()))
-            .unwrap();
+        // GETs take them in bodies of whole frames up to POLL_RESPONSE_BYTES each.
+        let mut got = 0;
+        let mut gets = 0;
+        while got < fits {
+            let body = body_of(poll.clone().get(&polls, Duration::from_secs(1)).await).await;
+            assert!(body.len() <= POLL_RESPONSE_BYTES, "{}", body.len());
+            assert!(body.split(|&b| b == 0x1e).all(|f| f == frame.as_bytes()));
+            got += body.split(|&b| b == 0x1e).count();
+            gets += 1;
+        }
+        assert_eq!((got, poll.state().bytes), (fits, 0));
+        assert!(gets > 1);
+        // One oversized frame still goes into an empty queue, and out whole in one body.
+        let big = "x".repeat(POLL_BUFFER_BYTES + 1);
+        link.feed(WsMessage::Text(big.clone().into())).unwrap();
         assert!(link.feed(WsMessage::Text("y".into())).is_err());
-        let _ = poll.clone().get(&polls, Duration::from_secs(1)).await;
+        let body = body_of(poll.clone().get(&polls, Duration::from_secs(1)).await).await;
+        assert_eq!(&body[..], big.as_bytes());
         link.feed(WsMessage::Text("41".into())).unwrap();
         link.close();
         drop(link);
-        let last = poll.clone().get(&polls, Duration::from_secs(1)).await;
-        let last = axum::body::to_bytes(last.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let last = body_of(poll.clone().get(&polls, Duration::from_secs(1)).await).await;
         assert_eq!(&last[..], b"41\x1e1");
         assert_eq!(polls.len(), 0);
         // Nothing left to say: forgotten at once.
         let (mut link, sid) = PollLink::open(&polls);
         link.close();
         drop(link);
+        assert!(polls.get(&sid).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_closed_session_keeps_its_sid_until_a_capped_backlog_is_polled() {
+        let polls = Arc::new(Polls::default());
+        let (mut link, sid) = PollLink::open(&polls);
+        let poll = polls.get(&sid).unwrap();
+        let frame = "4".repeat(1000);
+        for _ in 0..100 {
+            link.feed(WsMessage::Text(frame.as_str().into())).unwrap();
+        }
+        link.close();
+        drop(link);
+        let first = body_of(poll.clone().get(&polls, Duration::from_secs(1)).await).await;
+        assert_eq!(
+            first.split(|&b| b == 0x1e).count(),
+            POLL_RESPONSE_BYTES / 1001
+        );
+        assert!(polls.get(&sid).is_some());
+        let rest = body_of(poll.clone().get(&polls, Duration::from_secs(1)).await).await;
+        assert!(rest.ends_with(b"\x1e1"));
+        assert_eq!(
+            rest.split(|&b| b == 0x1e).count(),
+            100 - POLL_RESPONSE_BYTES / 1001 + 1
+        );
+        assert!(polls.get(&sid).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_sheds_its_backlog_for_its_closing_frames() {
+        let polls = Arc::new(Polls::default());
+        let (mut link, sid) = PollLink::open(&polls);
+        let poll = polls.get(&sid).unwrap();
+        let frame = "4".repeat(1000);
+        while link.feed(WsMessage::Text(frame.as_str().into())).is_ok() {}
+        link.shed();
+        link.feed(WsMessage::Text("42[\"error\"]".into())).unwrap();
+        link.feed(WsMessage::Text("41".into())).unwrap();
+        link.close();
+        drop(link);
+        let last = body_of(poll.clone().get(&polls, Duration::from_secs(1)).await).await;
+        assert_eq!(&last[..], b"42[\"error\"]\x1e41\x1e1");
         assert!(polls.get(&sid).is_none());
     }
 
@@ -866,9 +960,7 @@ mod tests {
         let second = poll.clone().get(&polls, Duration::from_millis(300)).await;
         assert_eq!(second.status(), StatusCode::BAD_REQUEST);
         let first = first.await.unwrap();
-        let body = axum::body::to_bytes(first.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        assert_eq!(&body[..], b"6");
+        assert_eq!(first.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(&body_of(first).await[..], b"6");
     }
 }

@@ -353,7 +353,7 @@ async fn run(shared: Arc<Shared>, link: Link, handshake: Handshake, open: Option
         }
     }
     // Boxed: what waiting for CONNECT holds is freed once it is done.
-    let connected = match Box::pin(conn.await_connect(handshake)).await {
+    let (connected, next_ping) = match Box::pin(conn.await_connect(handshake)).await {
         Ok(c) => c,
         Err(exit) => return conn.finish(exit, false).await,
     };
@@ -372,7 +372,7 @@ async fn run(shared: Arc<Shared>, link: Link, handshake: Handshake, open: Option
     // The last position this client was told (or event id it was sent): see `tell_position`.
     let told = joined.first().and_then(|j| j.position.clone());
     let exit = match Box::pin(conn.greet(&mut session, joined, recover)).await {
-        Ok(()) => conn.drive(&mut session, &mut rx, told).await,
+        Ok(()) => conn.drive(&mut session, &mut rx, told, next_ping).await,
         Err(e) => conn.write_failed(e),
     };
     gw.metrics.connections.get_or_create(&wire).dec();
@@ -385,8 +385,12 @@ async fn run(shared: Arc<Shared>, link: Link, handshake: Handshake, open: Option
 
 impl Conn<Sio> {
     /// The Engine.IO session before CONNECT: pings, and CONNECT within `server.auth_deadline`
-    /// (a refused CONNECT does not stop that clock).
-    async fn await_connect(&mut self, mut hs: Handshake) -> Result<Connected, Option<Exit>> {
+    /// (a refused CONNECT does not stop that clock). Returns when the next ping is due,
+    /// for the connected loop to go on from.
+    async fn await_connect(
+        &mut self,
+        mut hs: Handshake,
+    ) -> Result<(Connected, tokio::time::Instant), Option<Exit>> {
         let gw = self.gw.clone();
         let deadline = tokio::time::sleep(gw.cfg.auth_deadline);
         let ping = tokio::time::sleep(gw.cfg.ping_interval);
@@ -466,7 +470,7 @@ impl Conn<Sio> {
             let reply = match parse_packet(data) {
                 Ok(p) if p.kind == Kind::Connect && p.nsp == "/" => {
                     match self.authenticate(&mut hs, p.data).await {
-                        Ok(c) => return Ok(c),
+                        Ok(c) => return Ok((c, ping.deadline())),
                         Err(r) => {
                             json!({"message": r.to_string(), "data": {"code": r.code}}).to_string()
                         }
@@ -612,6 +616,9 @@ impl Conn<Sio> {
             Some(Exit(close::RATE_LIMITED, _)) => {
                 Some(json!({"code": "rate_limited", "message": "too many messages per second"}))
             }
+            Some(Exit(close::SLOW_CONSUMER, _)) => Some(
+                json!({"code": "slow_consumer", "message": "too far behind; reconnect with since"}),
+            ),
             _ => None,
         };
         let disconnect = connected
@@ -625,10 +632,20 @@ impl Conn<Sio> {
         if disconnect {
             // A fresh deadline: the write that failed may have been cut by the kick.
             self.kicked = CancellationToken::new();
-            if let Some(body) = say {
-                let _ = self.feed(WsMessage::Text(event("error", &body))).await;
+            if matches!(exit, Some(Exit(close::SLOW_CONSUMER, _))) {
+                // Over long-polling its backlog is what filled the queue: the last
+                // frames go in its place, and are all that lingers for it.
+                self.link.shed();
             }
-            let _ = self.send_text("41").await;
+            // A write that times out here is not retried: a stalled peer costs one
+            // `write_timeout` before its transport is closed, not one per frame.
+            let said = match say {
+                Some(body) => self.feed(WsMessage::Text(event("error", &body))).await,
+                None => Ok(()),
+            };
+            if said.is_ok() {
+                let _ = self.send_text("41").await;
+            }
         }
         let timeout = self.gw.cfg.write_timeout;
         self.link.close(exit, timeout).await;

@@ -307,7 +307,8 @@ async fn serve(
     if let Err(e) = Box::pin(greet(conn, &mut session, joined, since.is_some())).await {
         return conn.write_failed(e);
     }
-    conn.drive(&mut session, &mut rx, told).await
+    let first_ping = tokio::time::Instant::now() + gw.cfg.ping_interval;
+    conn.drive(&mut session, &mut rx, told, first_ping).await
 }
 
 /// `welcome`, then the auto-joins' replays when the client asked to recover.
