@@ -1052,13 +1052,21 @@ fn deliveries(
         .iter()
         .filter_map(|(kind, i)| Some((*kind, keys.get(*i)?.as_deref()?)))
         .chain(spec.admin.then_some((RoomKind::Admin, "")));
-    let mut out = Vec::with_capacity(spec.rooms.len() + 1);
+    let mut out: Vec<Delivery> = Vec::with_capacity(spec.rooms.len() + 1);
+    // Audiences with the same allowlist get the same payload (by default the customer
+    // and `order:` rooms, and the store and admin): built once, copied after.
+    let mut built: Vec<(&[String], usize)> = Vec::new();
     for (kind, key) in targets {
         let Ok(room) = Room::new(kind, key) else {
             issues.push(Issue::InvalidRoomId { kind });
             continue;
         };
         let allow = spec.allow.of(kind);
+        if let Some(&(_, i)) = built.iter().find(|(a, _)| *a == allow) {
+            let data = out[i].data.clone();
+            out.push(Delivery { room, data });
+            continue;
+        }
         let visible = visible_changes(changed, allow);
         // Updates that touch nothing an audience may see are not news to it.
         if skip_unseen && visible.is_empty() {
@@ -1072,6 +1080,7 @@ fn deliveries(
                 Value::Array(visible.into_iter().map(Value::String).collect()),
             );
         }
+        built.push((allow, out.len()));
         out.push(Delivery {
             room,
             data: Value::Object(data),

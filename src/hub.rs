@@ -485,15 +485,23 @@ impl Hub {
 /// One shared message per delivery of `ev` (payloads serialized once here, the id sealed once).
 pub fn messages_for(ev: &RoutedEvent, ids: &IdCodec) -> Vec<Arc<Message>> {
     let wire_id: Arc<str> = ids.seal(&ev.event.id).into();
+    // Audiences with the same allowlist have equal payloads: serialized once.
+    let mut serialized: Vec<(&serde_json::Value, Box<RawValue>)> = Vec::new();
     ev.deliveries
         .iter()
         .filter_map(|d| {
-            let data = match serde_json::value::to_raw_value(&d.data) {
-                Ok(raw) => raw,
-                Err(e) => {
-                    tracing::warn!(event = %ev.event.name, error = %e, "payload not serializable, dropped");
-                    return None;
-                }
+            let data = match serialized.iter().find(|(v, _)| **v == d.data) {
+                Some((_, raw)) => raw.clone(),
+                None => match serde_json::value::to_raw_value(&d.data) {
+                    Ok(raw) => {
+                        serialized.push((&d.data, raw.clone()));
+                        raw
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = %ev.event.name, error = %e, "payload not serializable, dropped");
+                        return None;
+                    }
+                },
             };
             let status = d.data.get("status").and_then(|s| s.as_str()).map(Arc::from);
             let mut msg = Message::new(
