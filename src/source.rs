@@ -178,16 +178,17 @@ const EVENT_FIELDS: [&str; 9] = [
     "splitEvent",
 ];
 
-/// `{$project: ...}` keeping the event's own fields and, of its documents, only
-/// `fields` (top-level names: a dotted allowlist path keeps its whole first field, so
-/// what routing reads of it — arrays, scalars where a document was expected — is
-/// exactly what the full document held). `_id` (the resume token) is always kept.
-fn projection(fields: &[String]) -> Document {
+/// `{$project: ...}` keeping `event` (the event's own fields) and, of its documents,
+/// only `paths` (top-level names on the live stream: a dotted allowlist path keeps its
+/// whole first field, so what routing reads of it — arrays, scalars where a document was
+/// expected — is exactly what the full document held). `_id` (the resume token) is
+/// always kept.
+fn projection(event: &[&str], paths: &[String]) -> Document {
     let mut p = doc! {};
-    for f in EVENT_FIELDS {
-        p.insert(f, 1);
+    for f in event {
+        p.insert(*f, 1);
     }
-    for f in fields {
+    for f in paths {
         p.insert(format!("fullDocument.{f}"), 1);
         p.insert(format!("fullDocumentBeforeChange.{f}"), 1);
     }
@@ -229,7 +230,7 @@ impl Source {
         // app's other collections never reach normalization.
         let mut pipeline = vec![doc! {"$match": {"ns.coll": {"$in": &spec.collections}}}];
         if let Some(fields) = &spec.fields {
-            pipeline.push(doc! {"$project": projection(fields)});
+            pipeline.push(doc! {"$project": projection(&EVENT_FIELDS, fields)});
         }
         if spec.split_large_events {
             pipeline.push(doc! {SPLIT_STAGE: {}});
@@ -308,14 +309,13 @@ impl Source {
         start: &StartAt,
         keep: &[String],
     ) -> Result<Option<Document>, SourceError> {
-        let mut projection = doc! {
-            "operationType": 1, "clusterTime": 1, "wallTime": 1, "ns": 1, "documentKey": 1,
-            "txnNumber": 1, "lsid": 1,
-        };
-        for path in keep {
-            projection.insert(format!("fullDocument.{path}"), 1);
-            projection.insert(format!("fullDocumentBeforeChange.{path}"), 1);
-        }
+        // Without the update description (it may be what made the change too large) and
+        // without `splitEvent` (this stream does not ask for splitting).
+        let event: Vec<&str> = EVENT_FIELDS
+            .into_iter()
+            .filter(|f| !matches!(*f, "updateDescription" | "splitEvent"))
+            .collect();
+        let projection = projection(&event, keep);
         let spec = SourceSpec {
             batch_size: Some(1),
             split_large_events: false,

@@ -489,15 +489,26 @@ fn scaling_rss(r: &RunResult) -> String {
     format!("{:.1}", r.rss_idle_kib as f64 / 1024.0)
 }
 
-fn targets(w: &mut String, cfg: &SuiteConfig, results: &[RunResult]) {
-    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
-    let c10k = cfg
-        .sizes
+/// The largest C of the run not above `limit` (the targets name C = 10000), 0 if none.
+fn largest_size_up_to(cfg: &SuiteConfig, limit: u32) -> u32 {
+    cfg.sizes
         .iter()
         .copied()
-        .filter(|&c| c <= 10_000)
+        .filter(|&c| c <= limit)
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+fn targets(w: &mut String, cfg: &SuiteConfig, results: &[RunResult]) {
+    let c10k = largest_size_up_to(cfg, 10_000);
     let _ = writeln!(
         w,
         "| target | server | figure | verdict |\n|---|---|---|---|"
@@ -618,7 +629,6 @@ fn follow_table(w: &mut String, follow: &[FollowResult]) {
 
 /// Issue 16's acceptance, as ratios of one run.
 fn targets_16(w: &mut String, cfg: &SuiteConfig, results: &[RunResult], follow: &[FollowResult]) {
-    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
     let _ = writeln!(
         w,
         "| target | server | figure | verdict |\n|---|---|---|---|"
@@ -659,13 +669,7 @@ fn targets_16(w: &mut String, cfg: &SuiteConfig, results: &[RunResult], follow: 
             }
         }
     }
-    let c10k = cfg
-        .sizes
-        .iter()
-        .copied()
-        .filter(|&c| c <= 10_000)
-        .max()
-        .unwrap_or(0);
+    let c10k = largest_size_up_to(cfg, 10_000);
     for (cc, limit) in [(Target::Socketio, 12.0), (Target::Native, 10.0)] {
         if let Some(r) = find(results, cc, c10k) {
             let kib = r.rss_per_idle_connection_bytes / 1024.0;
