@@ -25,8 +25,9 @@ use crate::event::{Delivery, Event, EventId, Issue, RoutedEvent};
 use crate::normalize::{
     read_status, truncate, ChangeParts, ChangeView, Op, StatusRead, UNHANDLED_OPS,
 };
+use crate::payload::{Obj, Plan};
 use crate::room::{Room, RoomKind};
-use crate::route::{bson_to_json, insert_status, project, project_paths, visible_changes};
+use crate::route::{bson_to_json, visible_changes, write_status, STATUS_KEYS};
 use crate::status::{is_pickup_type, OrderStatus, StatusTable};
 
 /// Longest id or string value remembered; longer ones are forgotten, never cut.
@@ -577,6 +578,31 @@ pub(crate) struct Mapped {
 struct Stream {
     spec: Spec,
     memo: MemoCache,
+    /// The spec's allowlists compiled, per audience.
+    plans: Plans,
+}
+
+/// Each audience's allowlist as a [`Plan`], compiled once per stream.
+#[derive(Debug)]
+struct Plans([Plan; 5]);
+
+impl Plans {
+    const KINDS: [RoomKind; 5] = [
+        RoomKind::Customer,
+        RoomKind::Store,
+        RoomKind::Order,
+        RoomKind::Storefront,
+        RoomKind::Admin,
+    ];
+
+    fn of(allow: &StreamAllow) -> Self {
+        Self(Self::KINDS.map(|k| Plan::new(allow.of(k).iter().map(String::as_str))))
+    }
+
+    fn get(&self, kind: RoomKind) -> &Plan {
+        let i = Self::KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        &self.0[i]
+    }
 }
 
 /// Every stream of a configuration, presets and declarations; one per mapper (so
@@ -609,6 +635,7 @@ impl Declared {
             streams: specs
                 .into_iter()
                 .map(|spec| Stream {
+                    plans: Plans::of(&spec.allow),
                     spec,
                     memo: MemoCache::new(memo_docs),
                 })
@@ -696,7 +723,7 @@ impl Stream {
         book: Option<&OwnerBookUse>,
         issues: &mut Vec<Issue>,
     ) -> Option<Mapped> {
-        let Self { spec, memo } = self;
+        let Self { spec, memo, plans } = self;
         let ChangeParts {
             ts_ms,
             full,
@@ -941,15 +968,17 @@ impl Stream {
                     payment: payment.then_some(doc_id.as_deref()).flatten(),
                     status: status_info.as_ref(),
                     progress: !payment,
+                    tracked: None,
                 };
                 let plain = matches!(op, Op::Update | Op::Replace) && !status_moved;
                 deliveries(
                     spec,
+                    plans,
                     &keys,
                     source.unwrap_or(&empty),
                     &changed,
                     plain,
-                    |_, data| extras.add(data),
+                    |_| extras.clone(),
                     issues,
                 )
             }
@@ -964,11 +993,12 @@ impl Stream {
                 let status_field = spec.status.as_ref().map(|s| s.field.as_str());
                 deliveries(
                     spec,
+                    plans,
                     &keys,
                     &doc,
                     &changed,
                     op == Op::Update,
-                    |allow, data| {
+                    |allow| {
                         let shows =
                             |path: &str| allow.iter().any(|a| a == path || is_under(path, a));
                         let mut tracked_out = Map::new();
@@ -981,14 +1011,15 @@ impl Stream {
                                 );
                             }
                         }
-                        if !tracked_out.is_empty() {
-                            data.insert(TRACKED_KEY.into(), Value::Object(tracked_out));
-                        }
-                        // Like a tracked field, the status reaches only the audiences that may see it.
-                        if let (Some(info), Some(field)) = (&status_info, status_field) {
-                            if shows(field) {
-                                insert_status(data, info, false);
-                            }
+                        Extras {
+                            order: None,
+                            payment: None,
+                            // Like a tracked field, the status reaches only the audiences that may see it.
+                            status: status_info
+                                .as_ref()
+                                .filter(|_| status_field.is_some_and(shows)),
+                            progress: false,
+                            tracked: (!tracked_out.is_empty()).then(|| Value::Object(tracked_out)),
                         }
                     },
                     issues,
@@ -1013,24 +1044,49 @@ impl Stream {
     }
 }
 
-/// What a record's payloads carry besides the projection.
+/// What a payload carries besides the projection; its fields override document fields
+/// of the same name.
+#[derive(Clone)]
 struct Extras<'a> {
     order: Option<&'a str>,
     payment: Option<&'a str>,
     status: Option<&'a crate::event::StatusInfo>,
     progress: bool,
+    /// A declared stream's `tracked` object.
+    tracked: Option<Value>,
 }
 
 impl Extras<'_> {
-    fn add(&self, data: &mut Map<String, Value>) {
+    /// The top-level keys these fields take (and `changedFields` when `changes`).
+    fn keys(&self, changes: bool) -> impl Iterator<Item = &'static str> + '_ {
+        let status = self.status.map_or(&[][..], |_| {
+            if self.progress {
+                &STATUS_KEYS[..]
+            } else {
+                &STATUS_KEYS[..STATUS_KEYS.len() - 1]
+            }
+        });
+        self.order
+            .map(|_| "orderId")
+            .into_iter()
+            .chain(self.payment.map(|_| "paymentId"))
+            .chain(status.iter().copied())
+            .chain(self.tracked.as_ref().map(|_| TRACKED_KEY))
+            .chain(changes.then_some("changedFields"))
+    }
+
+    fn write(&self, data: &mut Obj) {
         if let Some(order) = self.order {
-            data.insert("orderId".into(), Value::String(order.to_owned()));
+            data.str("orderId", order);
         }
         if let Some(id) = self.payment {
-            data.insert("paymentId".into(), Value::String(id.to_owned()));
+            data.str("paymentId", id);
         }
         if let Some(st) = self.status {
-            insert_status(data, st, self.progress);
+            write_status(data, st, self.progress);
+        }
+        if let Some(t) = &self.tracked {
+            data.value(TRACKED_KEY, t);
         }
     }
 }
@@ -1038,13 +1094,15 @@ impl Extras<'_> {
 /// One payload per room of `keys` (and admin): the allowlisted projection of `doc`,
 /// what `extra` adds, and the changed paths the audience may know of. With
 /// `skip_unseen`, an audience none of whose fields changed is not sent the event.
-fn deliveries(
+#[allow(clippy::too_many_arguments)]
+fn deliveries<'a>(
     spec: &Spec,
+    plans: &Plans,
     keys: &[Option<String>],
     doc: &Document,
     changed: &[String],
     skip_unseen: bool,
-    extra: impl Fn(&[String], &mut Map<String, Value>),
+    extra: impl Fn(&[String]) -> Extras<'a>,
     issues: &mut Vec<Issue>,
 ) -> Vec<Delivery> {
     let targets = spec
@@ -1054,7 +1112,7 @@ fn deliveries(
         .chain(spec.admin.then_some((RoomKind::Admin, "")));
     let mut out: Vec<Delivery> = Vec::with_capacity(spec.rooms.len() + 1);
     // Audiences with the same allowlist get the same payload (by default the customer
-    // and `order:` rooms, and the store and admin): built once, copied after.
+    // and `order:` rooms, and the store and admin): written once, shared after.
     let mut built: Vec<(&[String], usize)> = Vec::new();
     for (kind, key) in targets {
         let Ok(room) = Room::new(kind, key) else {
@@ -1072,18 +1130,18 @@ fn deliveries(
         if skip_unseen && visible.is_empty() {
             continue;
         }
-        let mut data = project(doc, allow);
-        extra(allow, &mut data);
+        let extras = extra(allow);
+        let skip: Vec<&str> = extras.keys(!changed.is_empty()).collect();
+        let mut data = Obj::new();
+        data.project(doc, plans.get(kind), &skip);
+        extras.write(&mut data);
         if !changed.is_empty() {
-            data.insert(
-                "changedFields".into(),
-                Value::Array(visible.into_iter().map(Value::String).collect()),
-            );
+            data.strs("changedFields", visible.iter().map(String::as_str));
         }
         built.push((allow, out.len()));
         out.push(Delivery {
             room,
-            data: Value::Object(data),
+            data: data.finish(),
         });
     }
     out
@@ -1148,33 +1206,26 @@ fn settings_deliveries(
             issues.push(Issue::InvalidRoomId { kind });
             continue;
         };
-        let mut data = project_paths(
-            doc,
-            shown().flat_map(|(d, _)| d.fields.iter().map(String::as_str)),
-        );
+        let plan = Plan::new(shown().flat_map(|(d, _)| d.fields.iter().map(String::as_str)));
+        let mut data = Obj::new();
+        let skip: &[&str] = if store.is_some() {
+            &["storeId", "sections", "changedFields"]
+        } else {
+            &["sections", "changedFields"]
+        };
+        data.project(doc, &plan, skip);
         if let Some(s) = store {
-            data.insert("storeId".into(), Value::String(s.to_owned()));
+            data.str("storeId", s);
         }
-        data.insert(
-            "sections".into(),
-            Value::Array(
-                shown()
-                    .map(|(d, _)| Value::String(d.name.clone()))
-                    .collect(),
-            ),
-        );
+        data.strs("sections", shown().map(|(d, _)| d.name.as_str()));
         // Only the configured field names of visible sections, never the raw paths.
-        data.insert(
-            "changedFields".into(),
-            Value::Array(
-                shown()
-                    .flat_map(|(_, changed)| changed.iter().map(|f| Value::String((*f).to_owned())))
-                    .collect(),
-            ),
+        data.strs(
+            "changedFields",
+            shown().flat_map(|(_, changed)| changed.iter().copied()),
         );
         out.push(Delivery {
             room,
-            data: Value::Object(data),
+            data: data.finish(),
         });
     }
     out
@@ -1305,10 +1356,10 @@ store = ["status", "notes"]
         assert_eq!(r.event.name, "balance:created");
         assert_eq!(rooms(&r), ["customer:u1", "admin"]);
         assert_eq!(
-            r.deliveries[0].data,
+            r.deliveries[0].data.value(),
             json!({"_id": "u1", "balance": 10, "tracked": {"balance": {"old": null, "new": 10, "delta": null, "known": true}}})
         );
-        assert_eq!(r.deliveries[1].data["email"], "a@b");
+        assert_eq!(r.deliveries[1].data.value()["email"], "a@b");
 
         let upd = update(
             "users",
@@ -1319,10 +1370,13 @@ store = ["status", "notes"]
         let r = run(&mut e, &upd);
         assert_eq!(r.event.name, "balance:updated");
         assert_eq!(
-            r.deliveries[0].data["tracked"]["balance"],
+            r.deliveries[0].data.value()["tracked"]["balance"],
             json!({"old": 10, "new": 25, "delta": 15, "known": true})
         );
-        assert_eq!(r.deliveries[0].data["changedFields"], json!(["balance"]));
+        assert_eq!(
+            r.deliveries[0].data.value()["changedFields"],
+            json!(["balance"])
+        );
 
         // The pre-image wins over memory (here they disagree on purpose).
         let mut upd = update(
@@ -1337,7 +1391,7 @@ store = ["status", "notes"]
         );
         let r = run(&mut e, &upd);
         assert_eq!(
-            r.deliveries[0].data["tracked"]["balance"],
+            r.deliveries[0].data.value()["tracked"]["balance"],
             json!({"old": 20, "new": 30.5, "delta": 10.5, "known": true})
         );
     }
@@ -1353,7 +1407,7 @@ store = ["status", "notes"]
         );
         let r = run(&mut e, &upd);
         assert_eq!(
-            r.deliveries[0].data["tracked"]["balance"],
+            r.deliveries[0].data.value()["tracked"]["balance"],
             json!({"old": null, "new": 5, "delta": null, "known": false})
         );
         // An update that does not touch the field: it is known not to have moved.
@@ -1367,7 +1421,7 @@ store = ["status", "notes"]
         // Only admin may see `email`: the customer hears nothing of it.
         assert_eq!(rooms(&r), ["admin"]);
         assert_eq!(
-            r.deliveries[0].data["tracked"]["balance"],
+            r.deliveries[0].data.value()["tracked"]["balance"],
             json!({"old": 5, "new": 5, "delta": 0, "known": true})
         );
     }
@@ -1386,9 +1440,9 @@ store = ["status", "notes"]
         let r = run(&mut e, &ins);
         assert_eq!(r.event.name, "delivery:created");
         assert_eq!(rooms(&r), ["customer:c1", "store:s1"]);
-        assert_eq!(r.deliveries[0].data, json!({"status": "scheduled"}));
+        assert_eq!(r.deliveries[0].data.value(), json!({"status": "scheduled"}));
         assert_eq!(
-            r.deliveries[1].data,
+            r.deliveries[1].data.value(),
             json!({"status": "scheduled", "notes": "gate code 12"})
         );
 
@@ -1448,7 +1502,7 @@ store = ["status", "notes"]
         // Only admin may see `email`.
         assert_eq!(rooms(&r), ["admin"]);
         assert_eq!(
-            r.deliveries[0].data["tracked"]["balance"],
+            r.deliveries[0].data.value()["tracked"]["balance"],
             json!({"old": 7, "new": 7, "delta": 0, "known": true})
         );
         let upd = update(
@@ -1458,7 +1512,7 @@ store = ["status", "notes"]
             doc! {"balance": 9},
         );
         let r = run(&mut e, &upd);
-        assert_eq!(r.deliveries[0].data["tracked"]["balance"]["old"], 7);
+        assert_eq!(r.deliveries[0].data.value()["tracked"]["balance"]["old"], 7);
     }
 
     const WITH_STATUS: &str = r#"
@@ -1501,9 +1555,9 @@ dropped_off = "delivered"
         let r = run(&mut e, &ins);
         assert_eq!(r.event.name, "delivery:created");
         // The customer may not see `state`: no status for them, as for a tracked field.
-        assert_eq!(r.deliveries[0].data, json!({"_id": "d1"}));
+        assert_eq!(r.deliveries[0].data.value(), json!({"_id": "d1"}));
         assert_eq!(
-            r.deliveries[1].data,
+            r.deliveries[1].data.value(),
             json!({"_id": "d1", "state": "scheduled", "status": "pending", "rawStatus": "scheduled",
                    "previousStatus": null, "unknown": false})
         );
@@ -1518,7 +1572,7 @@ dropped_off = "delivered"
         let r = run(&mut e, &upd);
         assert_eq!(r.event.name, "delivery:status_changed");
         assert_eq!(rooms(&r), ["store:s1"]);
-        let d = &r.deliveries[0].data;
+        let d = &r.deliveries[0].data.value();
         assert_eq!(
             (&d["status"], &d["previousStatus"], &d["rawStatus"]),
             (
@@ -1539,7 +1593,10 @@ dropped_off = "delivered"
         );
         let r = run(&mut e, &upd);
         assert_eq!(r.event.name, "delivery:updated");
-        assert_eq!(r.deliveries[0].data["previousStatus"], "ready_for_pickup");
+        assert_eq!(
+            r.deliveries[0].data.value()["previousStatus"],
+            "ready_for_pickup"
+        );
 
         // A replace that changes the raw value is a status change too.
         let rep = change(
@@ -1550,7 +1607,7 @@ dropped_off = "delivered"
         );
         let r = run(&mut e, &rep);
         assert_eq!(r.event.name, "delivery:status_changed");
-        assert_eq!(r.deliveries[1].data["status"], "delivered");
+        assert_eq!(r.deliveries[1].data.value()["status"], "delivered");
         let r = run(&mut e, &rep);
         assert_eq!(r.event.name, "delivery:replaced");
     }
@@ -1599,7 +1656,7 @@ dropped_off = "delivered"
                 value: "Lost".into()
             }]
         );
-        let d = &r.deliveries[1].data;
+        let d = &r.deliveries[1].data.value();
         assert_eq!(
             (&d["status"], &d["unknown"]),
             (&json!("Lost"), &json!(true))
@@ -1620,7 +1677,7 @@ dropped_off = "delivered"
                 found: "int"
             }]
         );
-        assert!(r.deliveries[1].data.get("status").is_none());
+        assert!(r.deliveries[1].data.value().get("status").is_none());
     }
 
     #[test]
@@ -1642,7 +1699,7 @@ dropped_off = "delivered"
         let r = run(&mut e, &upd);
         assert_eq!(r.event.name, "delivery:updated");
         assert_eq!(
-            r.deliveries[0].data,
+            r.deliveries[0].data.value(),
             json!({"status": "done", "changedFields": ["status"]})
         );
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::payload::Payload;
 use crate::room::{Room, RoomKind};
 
 /// An event id: the change's cluster time, its index at that time and its resume
@@ -88,8 +89,9 @@ pub struct Event {
 pub struct Delivery {
     /// Where it goes.
     pub room: Room,
-    /// What that audience may see: an allowlisted projection, never the raw document.
-    pub data: serde_json::Value,
+    /// What that audience may see: an allowlisted projection, never the raw document;
+    /// JSON text shared by every room of the same audience.
+    pub data: Payload,
 }
 
 /// Who owns an order: the ids `order:{id}` is open to.

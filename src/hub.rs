@@ -11,11 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{EventId, OrderOwner, RoutedEvent};
+use crate::event::{EventId, OrderOwner, Payload, RoutedEvent};
 use crate::idcodec::IdCodec;
 use crate::metrics::Metrics;
 use crate::room::{Room, RoomKind};
@@ -50,10 +49,9 @@ pub(crate) enum Body {
         name: Arc<str>,
         /// Commit wall time, Unix ms.
         ts_ms: i64,
-        /// The audience's payload, serialized once.
-        data: Box<RawValue>,
-        /// The payload's `status` field when it has one (Socket.IO aliases branch on it).
-        status: Option<Arc<str>>,
+        /// The audience's payload, written once and shared by its rooms (its `status`
+        /// is what Socket.IO aliases branch on).
+        data: Payload,
     },
     /// The room's history has a hole: refetch state.
     Resync {
@@ -482,36 +480,20 @@ impl Hub {
     }
 }
 
-/// One shared message per delivery of `ev` (payloads serialized once here, the id sealed once).
+/// One shared message per delivery of `ev` (payloads are shared, the id sealed once).
 pub fn messages_for(ev: &RoutedEvent, ids: &IdCodec) -> Vec<Arc<Message>> {
     let wire_id: Arc<str> = ids.seal(&ev.event.id).into();
-    // Audiences with the same allowlist have equal payloads: serialized once.
-    let mut serialized: Vec<(&serde_json::Value, Box<RawValue>)> = Vec::new();
+    let name: Arc<str> = ev.event.name.as_str().into();
     ev.deliveries
         .iter()
-        .filter_map(|d| {
-            let data = match serialized.iter().find(|(v, _)| **v == d.data) {
-                Some((_, raw)) => raw.clone(),
-                None => match serde_json::value::to_raw_value(&d.data) {
-                    Ok(raw) => {
-                        serialized.push((&d.data, raw.clone()));
-                        raw
-                    }
-                    Err(e) => {
-                        tracing::warn!(event = %ev.event.name, error = %e, "payload not serializable, dropped");
-                        return None;
-                    }
-                },
-            };
-            let status = d.data.get("status").and_then(|s| s.as_str()).map(Arc::from);
+        .map(|d| {
             let mut msg = Message::new(
                 Some(ev.event.id.clone()),
                 d.room.clone(),
                 Body::Event {
-                    name: ev.event.name.as_str().into(),
+                    name: name.clone(),
                     ts_ms: ev.event.ts_ms,
-                    data,
-                    status,
+                    data: d.data.clone(),
                 },
             );
             if d.room.kind() == RoomKind::Order {
@@ -519,7 +501,7 @@ pub fn messages_for(ev: &RoutedEvent, ids: &IdCodec) -> Vec<Arc<Message>> {
             }
             msg.database = ev.database.clone();
             msg.wire_id = Some(wire_id.clone());
-            Some(Arc::new(msg))
+            Arc::new(msg)
         })
         .collect()
 }
@@ -551,7 +533,9 @@ mod tests {
                 .iter()
                 .map(|r| Delivery {
                     room: r.parse().unwrap(),
-                    data: serde_json::json!({"status": "processing", "r": r}),
+                    data: crate::event::Payload::from_value(
+                        &serde_json::json!({"status": "processing", "r": r}),
+                    ),
                 })
                 .collect(),
         }

@@ -3,7 +3,7 @@
 //! Modules in reading order: `config` (the TOML file, one file per section),
 //! `status` (canonical statuses and the status table), `event` and `room` (the
 //! vocabulary), `docpath` (dotted paths into BSON), `normalize` (reading a change
-//! and its status) and `route` (rooms and payload allowlists), `declared` (the one
+//! and its status) and `route` (rooms and payload allowlists) with `payload` (payloads written as JSON text), `declared` (the one
 //! stream engine) with `presets` (orders, payments and settings as streams of it),
 //! `mapper` (change → numbered, counted events), `hub` (fan-out and history),
 //! `source` (change streams), `checkpoint` (the durable resume token), `pipeline`
@@ -28,7 +28,9 @@ pub mod hub;
 pub mod idcodec;
 pub mod mapper;
 pub mod metrics;
+
 pub(crate) mod normalize;
+pub mod payload;
 pub mod pipeline;
 mod presets;
 pub(crate) mod replay;

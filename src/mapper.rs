@@ -210,7 +210,7 @@ impl Mapper {
                     },
                     deliveries: vec![crate::event::Delivery {
                         room: crate::room::Room::admin(),
-                        data: serde_json::Value::Null,
+                        data: crate::event::Payload::from_value(&serde_json::Value::Null),
                     }],
                     owner: None,
                     database: self

@@ -704,7 +704,7 @@ pub(crate) fn tail_json(ev: &RoutedEvent) -> serde_json::Value {
         "token": sequence::token_of(&ev.event.id),
         "event": ev.event.name,
         "ts": ev.event.ts_ms,
-        "deliveries": ev.deliveries.iter().map(|d| serde_json::json!({"room": d.room, "data": d.data})).collect::<Vec<_>>(),
+        "deliveries": ev.deliveries.iter().map(|d| serde_json::json!({"room": d.room, "data": d.data.value()})).collect::<Vec<_>>(),
     })
 }
 

@@ -4,11 +4,12 @@
 //! fields, never the raw document. `normalize` is its sibling that reads the
 //! change; the engine (`declared`) uses both.
 
-use bson::{Bson, Document};
-use serde_json::{Map, Value};
+use bson::Bson;
+use serde_json::Value;
 
-use crate::docpath::{get_path, is_under};
+use crate::docpath::is_under;
 use crate::event::StatusInfo;
+use crate::payload::Obj;
 
 /// Deepest nesting converted to JSON; deeper values become `null` so a hostile
 /// document cannot exhaust the stack.
@@ -32,21 +33,24 @@ pub(crate) const EVENT_FIELDS: [&str; 10] = [
 
 /// A status's event fields (`status`, `rawStatus`, `previousStatus`, `unknown`, and for
 /// orders `progress`), the same for every collection that has a status table.
-pub(crate) fn insert_status(data: &mut Map<String, Value>, st: &StatusInfo, progress: bool) {
-    data.insert("status".into(), Value::String(st.status.clone()));
-    data.insert("rawStatus".into(), Value::String(st.raw.clone()));
-    data.insert(
-        "previousStatus".into(),
-        st.previous.clone().map_or(Value::Null, Value::String),
-    );
+pub(crate) fn write_status(data: &mut Obj, st: &StatusInfo, progress: bool) {
+    data.str("status", &st.status);
+    data.str("rawStatus", &st.raw);
+    data.opt_str("previousStatus", st.previous.as_deref());
     if progress {
-        data.insert(
-            "progress".into(),
-            st.progress.map_or(Value::Null, Value::from),
-        );
+        data.opt_u8("progress", st.progress);
     }
-    data.insert("unknown".into(), Value::Bool(st.unknown));
+    data.bool("unknown", st.unknown);
 }
+
+/// The keys [`write_status`] writes.
+pub(crate) const STATUS_KEYS: [&str; 5] = [
+    "status",
+    "rawStatus",
+    "previousStatus",
+    "progress",
+    "unknown",
+];
 
 /// Changed paths an audience may know about: those inside an allowlisted path
 /// as written, and for an ancestor of allowlisted paths, those paths.
@@ -67,45 +71,6 @@ pub(crate) fn visible_changes(changed: &[String], allow: &[String]) -> Vec<Strin
         }
     }
     out
-}
-
-/// The allowlisted paths of `doc` as a JSON object (nested for dotted paths).
-pub(crate) fn project(doc: &Document, allow: &[String]) -> Map<String, Value> {
-    project_paths(doc, allow.iter().map(String::as_str))
-}
-
-/// [`project`] over any sequence of paths (settings project several sections' lists).
-pub(crate) fn project_paths<'a>(
-    doc: &Document,
-    paths: impl IntoIterator<Item = &'a str>,
-) -> Map<String, Value> {
-    let mut out = Map::new();
-    for path in paths {
-        let Some(v) = get_path(doc, path) else {
-            continue;
-        };
-        let segs: Vec<&str> = path.split('.').collect();
-        insert_path(&mut out, &segs, bson_to_json(v));
-    }
-    out
-}
-
-/// Inserts `value` at `segs`, creating objects; an ancestor already included whole wins.
-fn insert_path(map: &mut Map<String, Value>, segs: &[&str], value: Value) {
-    match segs {
-        [] => {}
-        [last] => {
-            map.insert((*last).to_owned(), value);
-        }
-        [first, rest @ ..] => {
-            let entry = map
-                .entry((*first).to_owned())
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(m) = entry {
-                insert_path(m, rest, value);
-            }
-        }
-    }
 }
 
 /// BSON → the JSON clients see: ObjectId as hex, dates as RFC 3339, decimals as
@@ -151,23 +116,21 @@ fn to_json(b: &Bson, depth: usize) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::{doc, spec::BinarySubtype, Binary};
+    use bson::doc;
 
     #[test]
-    fn projection_and_json() {
-        let d = doc! {"a": {"b": 1, "c": 2}, "x": f64::NAN, "bin": Binary{subtype: BinarySubtype::Generic, bytes: vec![1]}, "dec": "1"};
-        let p = project(
-            &d,
-            &["a.b".into(), "x".into(), "bin".into(), "missing".into()],
-        );
-        assert_eq!(
-            Value::Object(p),
-            serde_json::json!({"a": {"b": 1}, "x": null, "bin": null})
-        );
+    fn deep_values_end_in_null() {
         let mut deep = Bson::Int32(1);
         for _ in 0..200 {
             deep = Bson::Document(doc! {"d": deep});
         }
-        let _ = bson_to_json(&deep);
+        assert!(bson_to_json(&deep).is_object());
+    }
+
+    #[test]
+    fn visible_changes_follow_the_allowlist() {
+        let allow = vec!["a.b".to_owned(), "c".to_owned()];
+        let changed = vec!["a".to_owned(), "c.d".to_owned(), "e".to_owned()];
+        assert_eq!(visible_changes(&changed, &allow), ["a.b", "c.d"]);
     }
 }

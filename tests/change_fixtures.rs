@@ -404,7 +404,12 @@ fn adapted_fixtures_route_to_their_owners_rooms() {
         if let Some(status) = expect.get("status").and_then(|s| s.as_str()) {
             // Every audience of a record is told its normalized status.
             for d in &ev.deliveries {
-                assert_eq!(d.data["status"].as_str(), Some(status), "{}", f.name);
+                assert_eq!(
+                    d.data.value()["status"].as_str(),
+                    Some(status),
+                    "{}",
+                    f.name
+                );
             }
         }
         assert_eq!(dropped_total(&metrics), 0, "{}", f.name);

@@ -217,7 +217,7 @@ impl HubServer {
                 .iter()
                 .map(|r| Delivery {
                     room: r.parse::<Room>().unwrap(),
-                    data: data.clone(),
+                    data: changecast::event::Payload::from_value(&data),
                 })
                 .collect(),
         });

@@ -8,7 +8,12 @@ use super::normalize::{CollectionKind, DomainEvent, EventName};
 use crate::config::{Allowlists, RoutingConfig, SettingsSection};
 use crate::event::{Delivery, Event, RoutedEvent};
 use crate::room::{Room, RoomKind};
-use crate::route::{insert_status, project, visible_changes};
+use bson::Document;
+use serde_json::Map;
+
+use crate::docpath::get_path;
+use crate::event::StatusInfo;
+use crate::route::{bson_to_json, visible_changes};
 
 /// A route that was skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +132,7 @@ impl Router {
             }
             out.push(Delivery {
                 room,
-                data: Value::Object(data),
+                data: crate::event::Payload::from_value(&Value::Object(data)),
             });
         }
         out
@@ -195,7 +200,7 @@ impl Router {
             );
             out.push(Delivery {
                 room,
-                data: Value::Object(data),
+                data: crate::event::Payload::from_value(&Value::Object(data)),
             });
         }
         out
@@ -212,8 +217,86 @@ fn room(kind: RoomKind, id: &str, issues: &mut Vec<RouteIssue>) -> Option<Room> 
     }
 }
 
+// The projection into `Value` trees the payload writer (`payload`) replaced.
+
+/// A status's event fields (`status`, `rawStatus`, `previousStatus`, `unknown`, and for
+/// orders `progress`), the same for every collection that has a status table.
+pub(crate) fn insert_status(data: &mut Map<String, Value>, st: &StatusInfo, progress: bool) {
+    data.insert("status".into(), Value::String(st.status.clone()));
+    data.insert("rawStatus".into(), Value::String(st.raw.clone()));
+    data.insert(
+        "previousStatus".into(),
+        st.previous.clone().map_or(Value::Null, Value::String),
+    );
+    if progress {
+        data.insert(
+            "progress".into(),
+            st.progress.map_or(Value::Null, Value::from),
+        );
+    }
+    data.insert("unknown".into(), Value::Bool(st.unknown));
+}
+
+/// The allowlisted paths of `doc` as a JSON object (nested for dotted paths).
+pub(crate) fn project(doc: &Document, allow: &[String]) -> Map<String, Value> {
+    project_paths(doc, allow.iter().map(String::as_str))
+}
+
+/// [`project`] over any sequence of paths (settings project several sections' lists).
+pub(crate) fn project_paths<'a>(
+    doc: &Document,
+    paths: impl IntoIterator<Item = &'a str>,
+) -> Map<String, Value> {
+    let mut out = Map::new();
+    for path in paths {
+        let Some(v) = get_path(doc, path) else {
+            continue;
+        };
+        let segs: Vec<&str> = path.split('.').collect();
+        insert_path(&mut out, &segs, bson_to_json(v));
+    }
+    out
+}
+
+/// Inserts `value` at `segs`, creating objects; an ancestor already included whole wins.
+fn insert_path(map: &mut Map<String, Value>, segs: &[&str], value: Value) {
+    match segs {
+        [] => {}
+        [last] => {
+            map.insert((*last).to_owned(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = map
+                .entry((*first).to_owned())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(m) = entry {
+                insert_path(m, rest, value);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
+
+    #[test]
+    fn projection_and_json() {
+        let d = doc! {"a": {"b": 1, "c": 2}, "x": f64::NAN, "bin": Binary{subtype: BinarySubtype::Generic, bytes: vec![1]}, "dec": "1"};
+        let p = project(
+            &d,
+            &["a.b".into(), "x".into(), "bin".into(), "missing".into()],
+        );
+        assert_eq!(
+            Value::Object(p),
+            serde_json::json!({"a": {"b": 1}, "x": null, "bin": null})
+        );
+        let mut deep = Bson::Int32(1);
+        for _ in 0..200 {
+            deep = Bson::Document(doc! {"d": deep});
+        }
+        let _ = bson_to_json(&deep);
+    }
+
     use super::super::normalize::Normalizer;
     use super::*;
     use crate::config::Config;
@@ -268,7 +351,7 @@ pub(super) mod tests {
                 "admin"
             ]
         );
-        let customer = &r.deliveries[0].data;
+        let customer = &r.deliveries[0].data.value();
         assert_eq!(customer["_id"], oid.to_hex());
         assert_eq!(customer["status"], "pending");
         assert_eq!(customer["rawStatus"], "new");
@@ -278,7 +361,7 @@ pub(super) mod tests {
         assert!(customer.get("notes").is_none());
         assert!(customer.get("customerPhone").is_none());
         assert!(customer.get("paymentIntent").is_none());
-        let store = &r.deliveries[1].data;
+        let store = &r.deliveries[1].data.value();
         assert_eq!(store["notes"], "ring twice");
         assert!(store.get("paymentIntent").is_none());
     }
@@ -300,7 +383,7 @@ pub(super) mod tests {
         // notes is store-only: customer and order rooms hear nothing.
         assert_eq!(rooms(&r), ["store:s1", "admin"]);
         assert_eq!(
-            r.deliveries[0].data["changedFields"],
+            r.deliveries[0].data.value()["changedFields"],
             serde_json::json!(["notes"])
         );
 
@@ -322,12 +405,12 @@ pub(super) mod tests {
         );
         let r = route_one(&mut n, &router, &upd);
         assert_eq!(rooms(&r), ["store:s1", "storefront:s1", "admin"]);
-        let front = &r.deliveries[1].data;
+        let front = &r.deliveries[1].data.value();
         assert_eq!(
             *front,
             serde_json::json!({"storeId": "s1", "sections": ["branding"], "changedFields": ["storeLogo"], "storeLogo": "l.png"})
         );
-        let store = &r.deliveries[0].data;
+        let store = &r.deliveries[0].data.value();
         assert_eq!(
             store["sections"],
             serde_json::json!(["branding", "tax_settings"])
@@ -666,7 +749,7 @@ storefront = ["username"]
         for d in &routed.deliveries {
             let allow = decl.allow.of(d.room.kind());
             let top: HashSet<&str> = allow.iter().map(|f| f.split('.').next().unwrap()).collect();
-            for (k, _) in d.data.as_object().unwrap() {
+            for (k, _) in d.data.value().as_object().unwrap() {
                 prop_assert!(
                     top.contains(k.as_str()) || k == "tracked" || k == "changedFields",
                     "{} in {}",
@@ -674,7 +757,7 @@ storefront = ["username"]
                     d.room
                 );
             }
-            if let Some(t) = d.data.get("tracked") {
+            if let Some(t) = d.data.value().get("tracked") {
                 for (k, _) in t.as_object().unwrap() {
                     prop_assert!(allow.contains(k), "tracked {} in {}", k, d.room);
                 }
@@ -698,7 +781,7 @@ storefront = ["username"]
                         .filter(|s| d.room.kind() != RoomKind::Storefront || s.public)
                         .collect();
                     if d.room.kind() == RoomKind::Storefront {
-                        for s in d.data["sections"].as_array().unwrap() {
+                        for s in d.data.value()["sections"].as_array().unwrap() {
                             let s = s.as_str().unwrap();
                             prop_assert!(
                                 sections.iter().any(|p| p.name == s),
@@ -736,7 +819,7 @@ storefront = ["username"]
                         .collect()
                 }
             };
-            for k in d.data.as_object().unwrap().keys() {
+            for k in d.data.value().as_object().unwrap().keys() {
                 prop_assert!(
                     allowed.contains(k) || EVENT_FIELDS.contains(&k.as_str()),
                     "{} leaked to {}",
@@ -814,10 +897,10 @@ storefront = ["username"]
                     check_allowlisted(&c, &r, CollectionKind::Settings)?;
                     let public: HashSet<&str> = c.routing.settings_sections.iter().filter(|s| s.public).flat_map(|s| s.fields.iter().map(String::as_str)).collect();
                     for d in r.deliveries.iter().filter(|d| d.room.kind() == RoomKind::Storefront) {
-                        for (k, _) in d.data.as_object().unwrap() {
+                        for (k, _) in d.data.value().as_object().unwrap() {
                             prop_assert!(public.contains(k.as_str()) || ["storeId", "sections", "changedFields"].contains(&k.as_str()), "{} on storefront", k);
                         }
-                        for f in d.data["changedFields"].as_array().unwrap() {
+                        for f in d.data.value()["changedFields"].as_array().unwrap() {
                             prop_assert!(public.contains(f.as_str().unwrap()));
                         }
                     }

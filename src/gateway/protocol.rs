@@ -162,7 +162,7 @@ pub fn encode_message(m: &Message) -> Bytes {
                 json_str(name),
                 json_str(room),
                 ts_ms,
-                data.get()
+                data.as_str()
             )
         }
         Body::Resync { reason } => {

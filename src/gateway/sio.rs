@@ -838,11 +838,11 @@ impl Dialect for Sio {
 
     fn frames<'a>(&'a self, m: &'a Message) -> impl Iterator<Item = Utf8Bytes> + Send + 'a {
         let (names, tail, resync) = match &m.body {
-            Body::Event { name, status, .. } => (
+            Body::Event { name, data, .. } => (
                 Some(
                     self.shared
                         .aliases
-                        .names(name, m.room.kind(), status.as_deref()),
+                        .names(name, m.room.kind(), data.status().map(|s| &**s)),
                 ),
                 Some(m.encoded(WireFormat::SocketIo, encode_tail)),
                 None,
@@ -957,10 +957,10 @@ fn ack_frame(id: u64, data: &Value) -> Utf8Bytes {
 
 /// The part of an event's frame after its name, `,<data>,"<id>"]`: encoded once per
 /// message and shared by every recipient and alias. The id goes last, as Socket.IO's
-/// recovery offsets do; `data` is the raw bytes the hub serialized.
+/// recovery offsets do; `data` is the payload's JSON text.
 fn encode_tail(m: &Message) -> Bytes {
     let data = match &m.body {
-        Body::Event { data, .. } => data.get(),
+        Body::Event { data, .. } => data.as_str(),
         Body::Resync { .. } => "null",
     };
     let id = Value::from(m.wire_id.as_deref().unwrap_or(""));

@@ -1,0 +1,489 @@
+//! Per-audience payloads as JSON text: allowlist plans, BSON written straight to JSON, and the shared [`Payload`]; no knowledge of rooms, collections or sockets.
+//!
+//! A payload is written once per audience, directly from the document's BSON into
+//! one `String`, and shared (an `Arc`) by every room with the same allowlist and by
+//! both wires' framing, which splice the text in: no `serde_json::Value` tree per
+//! audience, no second serialization (issue 16).
+
+use std::fmt;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use bson::{Bson, Document};
+
+/// Deepest nesting written as JSON; deeper values become `null` so that a hostile
+/// document cannot exhaust the stack.
+const MAX_JSON_DEPTH: usize = 32;
+
+/// One audience's payload: a JSON object as text, cheap to clone and to share.
+#[derive(Clone)]
+pub struct Payload {
+    json: Arc<str>,
+    /// The top-level `status` string, when there is one (Socket.IO aliases branch on it).
+    status: Option<Arc<str>>,
+}
+
+impl Payload {
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.json
+    }
+
+    /// The top-level `status` field when it is a string.
+    pub fn status(&self) -> Option<&Arc<str>> {
+        self.status.as_ref()
+    }
+
+    /// The payload parsed (tests, debugging; the event path never parses).
+    pub fn value(&self) -> serde_json::Value {
+        // The text is written by this module or serialized from a `Value`: valid JSON.
+        serde_json::from_str(&self.json).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A payload from a JSON value (notices with no document behind them, tests).
+    pub fn from_value(v: &serde_json::Value) -> Self {
+        let status = v.get("status").and_then(|s| s.as_str()).map(Arc::from);
+        Self {
+            json: v.to_string().into(),
+            status,
+        }
+    }
+}
+
+impl PartialEq for Payload {
+    /// The same JSON value: equal text, or texts that parse to equal values (key order
+    /// is not part of a JSON object's meaning).
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.json, &other.json)
+            || self.json == other.json
+            || self.value() == other.value()
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.json)
+    }
+}
+
+/// An allowlist compiled into a tree of keys: dotted paths share their ancestors, and
+/// an ancestor included whole covers its descendants.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Plan {
+    nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Node {
+    key: String,
+    /// `None`: the whole value; else only these keys of a sub-document.
+    sub: Option<Plan>,
+}
+
+impl Plan {
+    /// The plan of `paths`, in their order of first mention.
+    pub(crate) fn new<'a>(paths: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut plan = Plan::default();
+        for p in paths {
+            plan.add(&p.split('.').collect::<Vec<_>>());
+        }
+        plan
+    }
+
+    fn add(&mut self, segs: &[&str]) {
+        let Some((first, rest)) = segs.split_first() else {
+            return;
+        };
+        let i = match self.nodes.iter().position(|n| n.key == *first) {
+            Some(i) => i,
+            None => {
+                self.nodes.push(Node {
+                    key: (*first).to_owned(),
+                    sub: Some(Plan::default()),
+                });
+                self.nodes.len() - 1
+            }
+        };
+        let node = &mut self.nodes[i];
+        if rest.is_empty() {
+            node.sub = None;
+        } else if let Some(sub) = node.sub.as_mut() {
+            sub.add(rest);
+        }
+    }
+}
+
+/// Writes one JSON object; fields are added once each, by the caller's rules.
+pub(crate) struct Obj {
+    buf: String,
+    empty: bool,
+    status: Option<Arc<str>>,
+}
+
+impl Obj {
+    /// An empty object, with room for a typical payload.
+    pub(crate) fn new() -> Self {
+        let mut buf = String::with_capacity(256);
+        buf.push('{');
+        Self {
+            buf,
+            empty: true,
+            status: None,
+        }
+    }
+
+    fn key(&mut self, key: &str) {
+        if !self.empty {
+            self.buf.push(',');
+        }
+        self.empty = false;
+        write_str(&mut self.buf, key);
+        self.buf.push(':');
+    }
+
+    /// The fields of `doc` that `plan` names, leaving out the top-level keys in `skip`
+    /// (the event fields the caller writes itself override document fields).
+    pub(crate) fn project(&mut self, doc: &Document, plan: &Plan, skip: &[&str]) {
+        for node in &plan.nodes {
+            if skip.contains(&node.key.as_str()) {
+                continue;
+            }
+            let Some(v) = doc.get(&node.key) else {
+                continue;
+            };
+            let mark = (self.buf.len(), self.empty);
+            self.key(&node.key);
+            let wrote = match &node.sub {
+                None => {
+                    if node.key == "status" {
+                        self.status = v.as_str().map(Arc::from);
+                    }
+                    write_bson(&mut self.buf, v, 1);
+                    true
+                }
+                Some(sub) => match v {
+                    Bson::Document(d) => write_projection(&mut self.buf, d, sub, 1),
+                    _ => false,
+                },
+            };
+            if !wrote {
+                // No path under this key is present: the key is not shown at all.
+                self.buf.truncate(mark.0);
+                self.empty = mark.1;
+            }
+        }
+    }
+
+    /// `key: "s"`.
+    pub(crate) fn str(&mut self, key: &str, s: &str) {
+        if key == "status" {
+            self.status = Some(Arc::from(s));
+        }
+        self.key(key);
+        write_str(&mut self.buf, s);
+    }
+
+    /// `key: "s"` or `key: null`.
+    pub(crate) fn opt_str(&mut self, key: &str, s: Option<&str>) {
+        match s {
+            Some(s) => self.str(key, s),
+            None => self.raw(key, "null"),
+        }
+    }
+
+    /// `key: true|false`.
+    pub(crate) fn bool(&mut self, key: &str, b: bool) {
+        self.raw(key, if b { "true" } else { "false" });
+    }
+
+    /// `key: n` or `key: null`.
+    pub(crate) fn opt_u8(&mut self, key: &str, n: Option<u8>) {
+        self.key(key);
+        match n {
+            Some(n) => {
+                let _ = write!(self.buf, "{n}");
+            }
+            None => self.buf.push_str("null"),
+        }
+    }
+
+    /// `key: ["a", …]`.
+    pub(crate) fn strs<'a>(&mut self, key: &str, items: impl IntoIterator<Item = &'a str>) {
+        self.key(key);
+        self.buf.push('[');
+        for (i, s) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.buf.push(',');
+            }
+            write_str(&mut self.buf, s);
+        }
+        self.buf.push(']');
+    }
+
+    /// `key: <json>`, where `json` is valid JSON text.
+    pub(crate) fn raw(&mut self, key: &str, json: &str) {
+        self.key(key);
+        self.buf.push_str(json);
+    }
+
+    /// `key: <value>`.
+    pub(crate) fn value(&mut self, key: &str, v: &serde_json::Value) {
+        if key == "status" {
+            self.status = v.as_str().map(Arc::from);
+        }
+        self.key(key);
+        // Writing a `Value` into a `String` cannot fail.
+        let _ = write!(self.buf, "{v}");
+    }
+
+    /// The finished payload.
+    pub(crate) fn finish(mut self) -> Payload {
+        self.buf.push('}');
+        Payload {
+            json: self.buf.into(),
+            status: self.status,
+        }
+    }
+}
+
+/// `{…}` of the `plan` fields of `doc`; false (and nothing meaningful written) when
+/// none is present, as a caller then removes the key.
+fn write_projection(buf: &mut String, doc: &Document, plan: &Plan, depth: usize) -> bool {
+    if depth > MAX_JSON_DEPTH {
+        buf.push_str("null");
+        return true;
+    }
+    buf.push('{');
+    let mut any = false;
+    for node in &plan.nodes {
+        let Some(v) = doc.get(&node.key) else {
+            continue;
+        };
+        let mark = buf.len();
+        if any {
+            buf.push(',');
+        }
+        write_str(buf, &node.key);
+        buf.push(':');
+        let wrote = match &node.sub {
+            None => {
+                write_bson(buf, v, depth + 1);
+                true
+            }
+            Some(sub) => match v {
+                Bson::Document(d) => write_projection(buf, d, sub, depth + 1),
+                _ => false,
+            },
+        };
+        if wrote {
+            any = true;
+        } else {
+            buf.truncate(mark);
+        }
+    }
+    buf.push('}');
+    any
+}
+
+/// BSON → the JSON clients see: ObjectId as hex, dates as RFC 3339, decimals as
+/// strings, non-finite doubles and BSON-only types (binary, regex, code…) as `null`.
+pub(crate) fn write_bson(buf: &mut String, b: &Bson, depth: usize) {
+    if depth > MAX_JSON_DEPTH {
+        buf.push_str("null");
+        return;
+    }
+    match b {
+        Bson::Double(f) if f.is_finite() => {
+            // As serde_json writes a finite f64 (shortest round-trip form).
+            let mut r = ryu::Buffer::new();
+            let s = r.format_finite(*f);
+            buf.push_str(s);
+        }
+        Bson::String(s) | Bson::Symbol(s) => write_str(buf, s),
+        Bson::Array(a) => {
+            buf.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    buf.push(',');
+                }
+                write_bson(buf, v, depth + 1);
+            }
+            buf.push(']');
+        }
+        Bson::Document(d) => {
+            buf.push('{');
+            for (i, (k, v)) in d.iter().enumerate() {
+                if i > 0 {
+                    buf.push(',');
+                }
+                write_str(buf, k);
+                buf.push(':');
+                write_bson(buf, v, depth + 1);
+            }
+            buf.push('}');
+        }
+        Bson::Boolean(x) => buf.push_str(if *x { "true" } else { "false" }),
+        Bson::Int32(i) => {
+            let _ = write!(buf, "{i}");
+        }
+        Bson::Int64(i) => {
+            let _ = write!(buf, "{i}");
+        }
+        Bson::ObjectId(o) => {
+            buf.push('"');
+            for byte in o.bytes() {
+                buf.push(HEX[usize::from(byte >> 4)] as char);
+                buf.push(HEX[usize::from(byte & 0xf)] as char);
+            }
+            buf.push('"');
+        }
+        Bson::DateTime(d) => match d.try_to_rfc3339_string() {
+            Ok(s) => write_str(buf, &s),
+            Err(_) => {
+                let _ = write!(buf, "{}", d.timestamp_millis());
+            }
+        },
+        Bson::Decimal128(d) => write_str(buf, &d.to_string()),
+        Bson::Timestamp(t) => {
+            let _ = write!(buf, "{}", t.time);
+        }
+        Bson::Double(_)
+        | Bson::Null
+        | Bson::Undefined
+        | Bson::RegularExpression(_)
+        | Bson::JavaScriptCode(_)
+        | Bson::JavaScriptCodeWithScope(_)
+        | Bson::Binary(_)
+        | Bson::MaxKey
+        | Bson::MinKey
+        | Bson::DbPointer(_) => buf.push_str("null"),
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// A JSON string literal, escaped as serde_json escapes (quote, backslash, controls).
+pub(crate) fn write_str(buf: &mut String, s: &str) {
+    buf.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        buf.push_str(&s[start..i]);
+        if esc.is_empty() {
+            let _ = write!(buf, "\\u{b:04x}");
+        } else {
+            buf.push_str(esc);
+        }
+        start = i + 1;
+    }
+    buf.push_str(&s[start..]);
+    buf.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary};
+    use serde_json::json;
+
+    fn projected(d: &Document, paths: &[&str], skip: &[&str]) -> serde_json::Value {
+        let mut o = Obj::new();
+        o.project(d, &Plan::new(paths.iter().copied()), skip);
+        o.finish().value()
+    }
+
+    #[test]
+    fn projection_nests_dotted_paths_and_an_ancestor_wins() {
+        let d = doc! {"a": {"b": 1, "c": 2, "d": {"e": 3}}, "x": f64::NAN, "s": "q\"\\\n\u{1}é",
+        "bin": Binary{subtype: BinarySubtype::Generic, bytes: vec![1]}};
+        assert_eq!(
+            projected(&d, &["a.b", "x", "bin", "missing", "s"], &[]),
+            json!({"a": {"b": 1}, "x": null, "bin": null, "s": "q\"\\\n\u{1}é"})
+        );
+        assert_eq!(
+            projected(&d, &["a.b", "a"], &[]),
+            json!({"a": {"b": 1, "c": 2, "d": {"e": 3}}})
+        );
+        assert_eq!(
+            projected(&d, &["a", "a.b"], &[]),
+            json!({"a": {"b": 1, "c": 2, "d": {"e": 3}}})
+        );
+        assert_eq!(
+            projected(&d, &["a.d.e", "a.z"], &[]),
+            json!({"a": {"d": {"e": 3}}})
+        );
+        // A path whose parts are absent or not documents shows nothing, not an empty object.
+        assert_eq!(
+            projected(&d, &["a.z", "s.t", "x.y", "a.b.c"], &[]),
+            json!({})
+        );
+        assert_eq!(
+            projected(&d, &["a", "s"], &["s"]),
+            json!({"a": {"b": 1, "c": 2, "d": {"e": 3}}})
+        );
+    }
+
+    #[test]
+    fn values_are_written_as_serde_json_would_write_them() {
+        let oid = ObjectId::new();
+        let d = doc! {
+            "f": 1.5, "g": 1e300, "h": -0.0, "i": 7_i64, "j": -3, "t": true, "n": null,
+            "o": oid, "dt": bson::DateTime::from_millis(1_700_000_000_123),
+            "arr": [1, "x", {"k": [2.0]}], "ts": bson::Timestamp{time: 9, increment: 1},
+            "inf": f64::INFINITY,
+        };
+        let mut o = Obj::new();
+        o.project(&d, &Plan::new(d.keys().map(String::as_str)), &[]);
+        let p = o.finish();
+        let mut reference = serde_json::Map::new();
+        for (k, v) in &d {
+            reference.insert(k.clone(), crate::route::bson_to_json(v));
+        }
+        assert_eq!(p.value(), serde_json::Value::Object(reference));
+        assert!(p.as_str().contains(&format!("\"{}\"", oid.to_hex())));
+    }
+
+    #[test]
+    fn deep_documents_end_in_null_and_status_is_seen() {
+        let mut deep = Bson::Int32(1);
+        for _ in 0..200 {
+            deep = Bson::Document(doc! {"d": deep});
+        }
+        let d = doc! {"deep": deep, "status": "ready"};
+        let mut o = Obj::new();
+        o.project(&d, &Plan::new(["deep", "status"]), &[]);
+        o.strs("changedFields", ["a", "b"]);
+        o.opt_u8("progress", Some(40));
+        let p = o.finish();
+        assert!(p.value().is_object());
+        assert_eq!(p.status().map(|s| &**s), Some("ready"));
+        let mut o = Obj::new();
+        o.str("status", "delivered");
+        o.opt_str("previousStatus", None);
+        assert_eq!(
+            o.finish().value(),
+            json!({"status": "delivered", "previousStatus": null})
+        );
+    }
+
+    #[test]
+    fn equality_is_by_json_value() {
+        let a = Payload::from_value(&json!({"a": 1, "b": [true]}));
+        let mut o = Obj::new();
+        o.raw("b", "[true]");
+        o.raw("a", "1");
+        assert_eq!(a, o.finish());
+        assert_ne!(a, Payload::from_value(&json!({"a": 2, "b": [true]})));
+    }
+}
