@@ -5,11 +5,13 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bson::{doc, Bson, Document};
+use bson::raw::{RawBsonRef, RawDocument};
+use bson::{doc, Bson, Document, RawDocumentBuf};
 use futures::future::BoxFuture;
 use mongodb::Collection;
 
 use crate::auth::{normalize_id, Principal};
+use crate::docpath::raw_path;
 use crate::room::{Room, RoomKind};
 
 pub use crate::event::OrderOwner;
@@ -292,7 +294,9 @@ impl MongoOrderOwners {
             .iter()
             .filter(|c| database.is_none_or(|d| c.namespace().db == d));
         for coll in colls {
+            // Read in place, by the same rule the change stream reads its documents with.
             let found = coll
+                .clone_with_type::<RawDocumentBuf>()
                 .find_one(filter.clone())
                 .projection(self.projection.clone())
                 .await
@@ -368,31 +372,26 @@ fn owner_projection(customer_paths: &[String], store_paths: &[String]) -> Docume
     proj
 }
 
-fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
-    let mut parts = path.split('.');
-    let mut cur = doc.get(parts.next()?)?;
-    for p in parts {
-        cur = cur.as_document()?.get(p)?;
-    }
-    Some(cur)
-}
-
 /// An id as routing names rooms: ObjectId hex, a non-empty string, or an integer.
-fn bson_id(b: &Bson) -> Option<String> {
+fn bson_id(b: RawBsonRef<'_>) -> Option<String> {
     match b {
-        Bson::ObjectId(oid) => Some(oid.to_hex()),
-        Bson::String(s) if !s.is_empty() => Some(normalize_id(s)),
-        Bson::Int32(n) => Some(n.to_string()),
-        Bson::Int64(n) => Some(n.to_string()),
+        RawBsonRef::ObjectId(oid) => Some(oid.to_hex()),
+        RawBsonRef::String(s) if !s.is_empty() => Some(normalize_id(s)),
+        RawBsonRef::Int32(n) => Some(n.to_string()),
+        RawBsonRef::Int64(n) => Some(n.to_string()),
         _ => None,
     }
 }
 
 /// The ids at the first of `paths` that yields any (arrays give several).
-fn first_ids(doc: &Document, paths: &[String]) -> Vec<String> {
+fn first_ids(doc: &RawDocument, paths: &[String]) -> Vec<String> {
     for path in paths {
-        let mut ids: Vec<String> = match get_path(doc, path) {
-            Some(Bson::Array(items)) => items.iter().filter_map(bson_id).collect(),
+        let mut ids: Vec<String> = match raw_path(doc, path) {
+            Some(RawBsonRef::Array(items)) => items
+                .into_iter()
+                .map_while(Result::ok)
+                .filter_map(bson_id)
+                .collect(),
             Some(b) => bson_id(b).into_iter().collect(),
             None => Vec::new(),
         };
@@ -408,7 +407,7 @@ fn first_ids(doc: &Document, paths: &[String]) -> Vec<String> {
 /// The owners an order document names, by the `[fields]` paths: the one rule the
 /// ownership lookup and the change stream both use.
 pub(crate) fn extract_owner(
-    doc: &Document,
+    doc: &RawDocument,
     customer_paths: &[String],
     store_paths: &[String],
 ) -> OrderOwner {
@@ -416,7 +415,7 @@ pub(crate) fn extract_owner(
         // A customer is one person: an array here is not an owner.
         customer: customer_paths
             .iter()
-            .find_map(|p| get_path(doc, p).and_then(bson_id)),
+            .find_map(|p| raw_path(doc, p).and_then(bson_id)),
         stores: first_ids(doc, store_paths),
     }
 }
@@ -822,6 +821,7 @@ mod tests {
             "seller": { "ids": [7_i32, "s9", "", true, 7_i64] },
             "sellerId": "never-reached",
         };
+        let d = bson::RawDocumentBuf::from_document(&d).unwrap();
         let o = extract_owner(
             &d,
             &paths(&["userId", "customerId"]),
@@ -831,6 +831,7 @@ mod tests {
         assert_eq!(o.stores, vec!["7", "s9"]);
 
         let upper = doc! { "storeId": "AAAAAAAAAAAAAAAAAAAAAAAA", "sellerId": "s2" };
+        let upper = bson::RawDocumentBuf::from_document(&upper).unwrap();
         let o = extract_owner(
             &upper,
             &paths(&["customerId"]),
@@ -840,7 +841,7 @@ mod tests {
         assert_eq!(o.stores, vec!["aaaaaaaaaaaaaaaaaaaaaaaa"]);
 
         let empty = extract_owner(
-            &doc! { "customerId": ["a", "b"] },
+            &bson::RawDocumentBuf::from_document(&doc! { "customerId": ["a", "b"] }).unwrap(),
             &paths(&["customerId"]),
             &paths(&["storeId"]),
         );

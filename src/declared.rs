@@ -14,13 +14,18 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use bson::{doc, Bson, Document};
+use bson::raw::{RawBsonRef, RawDocument, RawDocumentBuf};
+use bson::{Bson, Document};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::authz::extract_owner;
+use crate::bsonscan;
 use crate::config::{Config, SettingsSection};
-use crate::docpath::{get_path, id_string, is_under, lookup_id, touches, Lookup};
+use crate::docpath::{
+    get_path, is_under, raw_doc, raw_id_string, raw_lookup_id, raw_path, raw_str, raw_type_name,
+    to_bson, touches, Lookup,
+};
 use crate::event::{Delivery, Event, EventId, Issue, RoutedEvent};
 use crate::normalize::{
     read_status, truncate, ChangeParts, ChangeView, Op, StatusRead, UNHANDLED_OPS,
@@ -254,12 +259,15 @@ struct Memo {
 /// Document id → [`Memo`], at most `cap` entries; the least recently written is
 /// evicted first (its next change then has an unknown previous value, or, for a
 /// delete without pre-image, only the rooms that need no document).
+///
+/// Keyed by foldhash (seeded per process: the ids come from documents, so a fixed
+/// hash could be flooded), the id's text shared by the map and the queue.
 #[derive(Debug)]
 struct MemoCache {
     cap: usize,
     gen: u64,
-    map: HashMap<String, (u64, Memo)>,
-    order: VecDeque<(u64, String)>,
+    map: HashMap<Arc<str>, (u64, Memo), foldhash::fast::RandomState>,
+    order: VecDeque<(u64, Arc<str>)>,
 }
 
 impl MemoCache {
@@ -267,7 +275,7 @@ impl MemoCache {
         Self {
             cap,
             gen: 0,
-            map: HashMap::new(),
+            map: HashMap::default(),
             order: VecDeque::new(),
         }
     }
@@ -282,8 +290,22 @@ impl MemoCache {
             return;
         }
         self.gen += 1;
-        self.map.insert(id.to_owned(), (self.gen, memo));
-        self.order.push_back((self.gen, id.to_owned()));
+        let gen = self.gen;
+        match self.map.get_mut(id) {
+            // A rewrite keeps the key; its old queue entry goes stale.
+            Some(slot) => {
+                *slot = (gen, memo);
+                let key = self.map.get_key_value(id).map(|(k, _)| k.clone());
+                if let Some(key) = key {
+                    self.order.push_back((gen, key));
+                }
+            }
+            None => {
+                let key: Arc<str> = Arc::from(id);
+                self.map.insert(key.clone(), (gen, memo));
+                self.order.push_back((gen, key));
+            }
+        }
         while self.map.len() > self.cap {
             let Some((g, k)) = self.order.pop_front() else {
                 break;
@@ -664,18 +686,12 @@ impl Declared {
     /// Never panics, whatever the document holds.
     pub(crate) fn map(
         &mut self,
-        change: &Document,
+        change: &RawDocument,
         id: EventId,
         issues: &mut Vec<Issue>,
     ) -> Option<Mapped> {
         let op = operation(change, issues)?;
-        let coll = match change.get("ns") {
-            Some(Bson::Document(ns)) => match ns.get("coll") {
-                Some(Bson::String(c)) => Some(c.as_str()),
-                _ => None,
-            },
-            _ => None,
-        };
+        let coll = raw_doc(change, "ns").and_then(|ns| raw_str(ns, "coll"));
         let Some(stream) =
             coll.and_then(|c| self.streams.iter_mut().find(|s| s.spec.collection == c))
         else {
@@ -688,10 +704,29 @@ impl Declared {
     }
 }
 
+#[cfg(test)]
+impl Declared {
+    /// [`Declared::map`] of an owned document (tests build their changes with `doc!`).
+    pub(crate) fn map_doc(
+        &mut self,
+        change: &Document,
+        id: EventId,
+        issues: &mut Vec<Issue>,
+    ) -> Option<Mapped> {
+        let raw = RawDocumentBuf::from_document(change).expect("a test change encodes");
+        self.map(&raw, id, issues)
+    }
+}
+
+/// The keys of a document, read in place (a key that is not UTF-8 is left out).
+fn keys_of(d: &RawDocument) -> impl Iterator<Item = &str> {
+    bsonscan::elements(d.as_bytes()).filter_map(|e| e.key_str())
+}
+
 /// The change's operation, or why it is none the engine maps.
-fn operation(change: &Document, issues: &mut Vec<Issue>) -> Option<Op> {
-    let issue = match change.get("operationType") {
-        Some(Bson::String(s)) => match s.as_str() {
+fn operation(change: &RawDocument, issues: &mut Vec<Issue>) -> Option<Op> {
+    let issue = match bsonscan::get(change, "operationType") {
+        Some(RawBsonRef::String(s)) => match s {
             "insert" => return Some(Op::Insert),
             "update" => return Some(Op::Update),
             "replace" => return Some(Op::Replace),
@@ -704,7 +739,7 @@ fn operation(change: &Document, issues: &mut Vec<Issue>) -> Option<Op> {
             },
         },
         Some(other) => Issue::UnknownOperation {
-            op: format!("<{}>", crate::docpath::type_name(other)),
+            op: format!("<{}>", raw_type_name(other)),
         },
         None => Issue::UnknownOperation {
             op: "<missing>".into(),
@@ -718,7 +753,7 @@ impl Stream {
     fn map(
         &mut self,
         op: Op,
-        change: &Document,
+        change: &RawDocument,
         id: EventId,
         book: Option<&OwnerBookUse>,
         issues: &mut Vec<Issue>,
@@ -730,13 +765,13 @@ impl Stream {
             pre,
             id: key,
         } = ChangeParts::of(change, op);
-        let id_bson = key.filter(|b| !matches!(b, Bson::Null));
+        let id_bson = key.filter(|b| !matches!(b, RawBsonRef::Null));
         let doc_id = match id_bson {
             None => {
                 issues.push(Issue::MissingField { field: "_id" });
                 None
             }
-            Some(b) => match id_string(b) {
+            Some(b) => match raw_id_string(b) {
                 Ok(s) => Some(s),
                 Err(found) => {
                     issues.push(Issue::WrongType {
@@ -758,12 +793,17 @@ impl Stream {
             return None;
         }
 
-        let (updated, removed): (Option<&Document>, Vec<&str>) =
-            match change.get_document("updateDescription") {
-                Ok(u) if op == Op::Update => (
-                    u.get_document("updatedFields").ok(),
-                    u.get_array("removedFields")
-                        .map(|a| a.iter().filter_map(Bson::as_str).collect())
+        let (updated, removed): (Option<&RawDocument>, Vec<&str>) =
+            match raw_doc(change, "updateDescription") {
+                Some(u) if op == Op::Update => (
+                    raw_doc(u, "updatedFields"),
+                    bsonscan::find(u.as_bytes(), "removedFields")
+                        .filter(|e| e.kind == bsonscan::kind::ARRAY)
+                        .map(|a| {
+                            bsonscan::elements(a.value)
+                                .filter_map(|v| v.str())
+                                .collect()
+                        })
                         .unwrap_or_default(),
                 ),
                 _ => (None, Vec::new()),
@@ -771,17 +811,17 @@ impl Stream {
         let record = matches!(spec.shape, Shape::Record { .. });
         let changed: Vec<String> = match op {
             Op::Update => updated
-                .iter()
-                .flat_map(|d| d.keys().cloned())
+                .into_iter()
+                .flat_map(|d| keys_of(d).map(str::to_owned))
                 .chain(removed.iter().map(|s| (*s).to_owned()))
                 .collect(),
             // A replace carries no update description: to a record any field may have
             // changed, so every field of the new document counts.
             Op::Replace if record => full
-                .iter()
-                .flat_map(|d| d.keys())
-                .filter(|k| k.as_str() != "_id")
-                .cloned()
+                .into_iter()
+                .flat_map(keys_of)
+                .filter(|k| *k != "_id")
+                .map(str::to_owned)
                 .collect(),
             _ => Vec::new(),
         };
@@ -808,7 +848,7 @@ impl Stream {
         for (i, k) in spec.keys.iter().enumerate() {
             let v = match (&k.at, source) {
                 (KeyAt::DocId, _) => doc_id.clone(),
-                (KeyAt::Paths(paths), Some(doc)) => match lookup_id(doc, paths) {
+                (KeyAt::Paths(paths), Some(doc)) => match raw_lookup_id(doc, paths) {
                     Lookup::Found(s) => Some(s),
                     Lookup::Missing => {
                         issues.push(Issue::MissingField { field: k.label });
@@ -857,11 +897,11 @@ impl Stream {
                     // The update's own value first: the looked-up document may be newer.
                     Op::Update if removed.iter().any(|r| touches(r, path)) => Some(Bson::Null),
                     _ => updated
-                        .and_then(|u| u.get(path.as_str()).cloned())
-                        .or_else(|| full.map(|d| get_path(d, path).cloned().unwrap_or(Bson::Null))),
+                        .and_then(|u| bsonscan::get(u, path).map(to_bson))
+                        .or_else(|| full.map(|d| raw_path(d, path).map_or(Bson::Null, to_bson))),
                 };
                 let before = || {
-                    pre.map(|p| get_path(p, path).cloned().unwrap_or(Bson::Null))
+                    pre.map(|p| raw_path(p, path).map_or(Bson::Null, to_bson))
                         .or_else(|| remembered.and_then(|m| m.tracked.get(i).cloned().flatten()))
                 };
                 match op {
@@ -952,7 +992,7 @@ impl Stream {
             (Op::Delete, _, None) => return None,
         };
         let status_info = status.and_then(|s: StatusRead| s.info);
-        let empty = Document::new();
+        let empty = RawDocumentBuf::new();
         let deliveries = match &spec.shape {
             Shape::Settings(sections) => {
                 let store = keys.first().and_then(Option::as_deref);
@@ -987,7 +1027,11 @@ impl Stream {
                 let doc = match source {
                     Some(d) => Cow::Borrowed(d),
                     None => {
-                        Cow::Owned(id_bson.map_or_else(Document::new, |b| doc! {"_id": b.clone()}))
+                        let mut d = RawDocumentBuf::new();
+                        if let Some(b) = id_bson {
+                            d.append("_id", b.to_raw_bson());
+                        }
+                        Cow::Owned(d)
                     }
                 };
                 let status_field = spec.status.as_ref().map(|s| s.field.as_str());
@@ -1099,7 +1143,7 @@ fn deliveries<'a>(
     spec: &Spec,
     plans: &Plans,
     keys: &[Option<String>],
-    doc: &Document,
+    doc: &RawDocument,
     changed: &[String],
     skip_unseen: bool,
     extra: impl Fn(&[String]) -> Extras<'a>,
@@ -1152,8 +1196,8 @@ fn settings_sections<'a>(
     sections: &'a [SettingsSection],
     op: Op,
     changed: &[String],
-    full: Option<&Document>,
-    pre: Option<&Document>,
+    full: Option<&RawDocument>,
+    pre: Option<&RawDocument>,
 ) -> Vec<(&'a SettingsSection, Vec<&'a str>)> {
     sections
         .iter()
@@ -1165,9 +1209,9 @@ fn settings_sections<'a>(
                     Op::Update => changed.iter().any(|c| touches(c, f)),
                     // Insert/replace: with a pre-image only the fields that differ; else all present.
                     _ => {
-                        let now = full.and_then(|d| get_path(d, f));
+                        let now = full.and_then(|d| raw_path(d, f));
                         match pre.filter(|_| op == Op::Replace) {
-                            Some(pre) => get_path(pre, f) != now,
+                            Some(pre) => raw_path(pre, f) != now,
                             None => now.is_some(),
                         }
                     }
@@ -1186,7 +1230,7 @@ fn settings_deliveries(
     touched: &[(&SettingsSection, Vec<&str>)],
     keys: &[Option<String>],
     store: Option<&str>,
-    doc: &Document,
+    doc: &RawDocument,
     issues: &mut Vec<Issue>,
 ) -> Vec<Delivery> {
     let targets = spec
@@ -1293,6 +1337,7 @@ fn tracked_value(old: Option<&Bson>, new: Option<&Bson>) -> Value {
 mod tests {
     use super::*;
     use crate::normalize::testing::change;
+    use bson::doc;
     use serde_json::json;
 
     const USERS: &str = r#"
@@ -1334,7 +1379,7 @@ store = ["status", "notes"]
 
     fn run(e: &mut Declared, d: &Document) -> RoutedEvent {
         let mut issues = Vec::new();
-        let r = e.map(d, EventId::new("x"), &mut issues).unwrap().event;
+        let r = e.map_doc(d, EventId::new("x"), &mut issues).unwrap().event;
         assert!(issues.is_empty(), "{issues:?}");
         r
     }
@@ -1453,7 +1498,10 @@ store = ["status", "notes"]
         assert_eq!(rooms(&r), ["customer:c1", "store:s1"]);
         // Forgotten after the delete: a second delete has no owner.
         let mut issues = Vec::new();
-        let r = e.map(&del, EventId::new("y"), &mut issues).unwrap().event;
+        let r = e
+            .map_doc(&del, EventId::new("y"), &mut issues)
+            .unwrap()
+            .event;
         assert!(r.deliveries.is_empty());
         assert_eq!(issues, [Issue::NoOwnerForDelete]);
     }
@@ -1649,7 +1697,10 @@ dropped_off = "delivered"
             Some(delivery("d2", "Lost", "delivery")),
         );
         let mut issues = Vec::new();
-        let r = e.map(&ins, EventId::new("x"), &mut issues).unwrap().event;
+        let r = e
+            .map_doc(&ins, EventId::new("x"), &mut issues)
+            .unwrap()
+            .event;
         assert_eq!(
             issues,
             [Issue::UnknownStatus {
@@ -1669,7 +1720,10 @@ dropped_off = "delivered"
             Some(doc! {"_id": "d3", "customerId": "c1", "storeId": "s1", "state": 3}),
         );
         let mut issues = Vec::new();
-        let r = e.map(&ins, EventId::new("y"), &mut issues).unwrap().event;
+        let r = e
+            .map_doc(&ins, EventId::new("y"), &mut issues)
+            .unwrap()
+            .event;
         assert_eq!(
             issues,
             [Issue::WrongType {

@@ -1,32 +1,10 @@
 //! Dotted paths into BSON documents and the ids found there; no knowledge of collections, rooms or events.
 
-use bson::{Bson, Document};
+use bson::raw::{RawBsonRef, RawDocument};
+use bson::spec::ElementType;
 
-/// The BSON type name, for issues.
-pub(crate) fn type_name(b: &Bson) -> &'static str {
-    match b {
-        Bson::Double(_) => "double",
-        Bson::String(_) => "string",
-        Bson::Array(_) => "array",
-        Bson::Document(_) => "object",
-        Bson::Boolean(_) => "bool",
-        Bson::Null => "null",
-        Bson::RegularExpression(_) => "regex",
-        Bson::JavaScriptCode(_) | Bson::JavaScriptCodeWithScope(_) => "javascript",
-        Bson::Int32(_) => "int",
-        Bson::Int64(_) => "long",
-        Bson::Timestamp(_) => "timestamp",
-        Bson::Binary(_) => "binData",
-        Bson::ObjectId(_) => "objectId",
-        Bson::DateTime(_) => "date",
-        Bson::Symbol(_) => "symbol",
-        Bson::Decimal128(_) => "decimal",
-        Bson::Undefined => "undefined",
-        Bson::MaxKey => "maxKey",
-        Bson::MinKey => "minKey",
-        Bson::DbPointer(_) => "dbPointer",
-    }
-}
+use crate::bsonscan;
+use bson::{Bson, Document};
 
 /// The value at a dotted path; does not descend into arrays (an index would be a guess).
 pub(crate) fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
@@ -45,18 +23,6 @@ pub(crate) fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
     None
 }
 
-/// An id usable in a room name: ObjectId → hex, string as is, int/long → decimal.
-/// Anything else is refused (a double or a date as an id would be a guess).
-pub(crate) fn id_string(b: &Bson) -> Result<String, &'static str> {
-    match b {
-        Bson::ObjectId(o) => Ok(o.to_hex()),
-        Bson::String(s) => Ok(s.clone()),
-        Bson::Int32(i) => Ok(i.to_string()),
-        Bson::Int64(i) => Ok(i.to_string()),
-        other => Err(type_name(other)),
-    }
-}
-
 /// Outcome of reading an id at the first present of several paths.
 pub(crate) enum Lookup {
     /// An id usable in a room name.
@@ -67,14 +33,78 @@ pub(crate) enum Lookup {
     WrongType(&'static str),
 }
 
-/// The id at the first present (non-null) path; a present value of the wrong type is
-/// reported, never skipped in favour of a later path.
-pub(crate) fn lookup_id(doc: &Document, paths: &[String]) -> Lookup {
+/// The value at a dotted path of a raw document, as [`get_path`]; a part that is not
+/// valid BSON counts as absent (the server sends none; a hostile byte never panics).
+pub(crate) fn raw_path<'a>(doc: &'a RawDocument, path: &str) -> Option<RawBsonRef<'a>> {
+    let mut cur = doc;
+    let mut segs = path.split('.').peekable();
+    while let Some(seg) = segs.next() {
+        if segs.peek().is_none() {
+            return bsonscan::get(cur, seg);
+        }
+        cur = raw_doc(cur, seg)?;
+    }
+    None
+}
+
+/// The sub-document at `key`, when it is one.
+pub(crate) fn raw_doc<'a>(doc: &'a RawDocument, key: &str) -> Option<&'a RawDocument> {
+    let e = bsonscan::find(doc.as_bytes(), key)?;
+    if e.kind != bsonscan::kind::DOCUMENT {
+        return None;
+    }
+    RawDocument::from_bytes(e.value).ok()
+}
+
+/// The string at `key`, when it is one.
+pub(crate) fn raw_str<'a>(doc: &'a RawDocument, key: &str) -> Option<&'a str> {
+    bsonscan::find(doc.as_bytes(), key)?.str()
+}
+
+/// The type name of a raw value, as [`type_name`] names it.
+pub(crate) fn raw_type_name(b: RawBsonRef<'_>) -> &'static str {
+    match b.element_type() {
+        ElementType::Double => "double",
+        ElementType::String => "string",
+        ElementType::Array => "array",
+        ElementType::EmbeddedDocument => "object",
+        ElementType::Boolean => "bool",
+        ElementType::Null => "null",
+        ElementType::RegularExpression => "regex",
+        ElementType::JavaScriptCode | ElementType::JavaScriptCodeWithScope => "javascript",
+        ElementType::Int32 => "int",
+        ElementType::Int64 => "long",
+        ElementType::Timestamp => "timestamp",
+        ElementType::Binary => "binData",
+        ElementType::ObjectId => "objectId",
+        ElementType::DateTime => "date",
+        ElementType::Symbol => "symbol",
+        ElementType::Decimal128 => "decimal",
+        ElementType::Undefined => "undefined",
+        ElementType::MaxKey => "maxKey",
+        ElementType::MinKey => "minKey",
+        ElementType::DbPointer => "dbPointer",
+    }
+}
+
+/// [`id_string`] of a raw value.
+pub(crate) fn raw_id_string(b: RawBsonRef<'_>) -> Result<String, &'static str> {
+    match b {
+        RawBsonRef::ObjectId(o) => Ok(o.to_hex()),
+        RawBsonRef::String(s) => Ok(s.to_owned()),
+        RawBsonRef::Int32(i) => Ok(i.to_string()),
+        RawBsonRef::Int64(i) => Ok(i.to_string()),
+        other => Err(raw_type_name(other)),
+    }
+}
+
+/// [`lookup_id`] in a raw document.
+pub(crate) fn raw_lookup_id(doc: &RawDocument, paths: &[String]) -> Lookup {
     for p in paths {
-        match get_path(doc, p) {
-            None | Some(Bson::Null) => continue,
+        match raw_path(doc, p) {
+            None | Some(RawBsonRef::Null) => continue,
             Some(v) => {
-                return match id_string(v) {
+                return match raw_id_string(v) {
                     Ok(s) => Lookup::Found(s),
                     Err(t) => Lookup::WrongType(t),
                 }
@@ -82,6 +112,12 @@ pub(crate) fn lookup_id(doc: &Document, paths: &[String]) -> Lookup {
         }
     }
     Lookup::Missing
+}
+
+/// A raw value as an owned one (values the engine remembers or compares); a part
+/// that is not valid BSON becomes `Null`.
+pub(crate) fn to_bson(v: RawBsonRef<'_>) -> Bson {
+    v.to_raw_bson().try_into().unwrap_or(Bson::Null)
 }
 
 /// Whether `path` lies strictly inside `ancestor` (`a.b` is under `a`, `ab` is not).

@@ -2,7 +2,7 @@
 //!
 //! Modules in reading order: `config` (the TOML file, one file per section),
 //! `status` (canonical statuses and the status table), `event` and `room` (the
-//! vocabulary), `docpath` (dotted paths into BSON), `normalize` (reading a change
+//! vocabulary), `docpath` (dotted paths into BSON) over `bsonscan` (BSON bytes read in place), `normalize` (reading a change
 //! and its status) and `route` (rooms and payload allowlists) with `payload` (payloads written as JSON text), `declared` (the one
 //! stream engine) with `presets` (orders, payments and settings as streams of it),
 //! `mapper` (change → numbered, counted events), `hub` (fan-out and history),
@@ -13,6 +13,7 @@
 pub mod app;
 pub mod auth;
 pub mod authz;
+pub(crate) mod bsonscan;
 pub(crate) mod checkpoint;
 pub mod cli;
 pub mod config;

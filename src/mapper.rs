@@ -4,11 +4,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bson::Document;
+use bson::raw::RawDocument;
+use bson::{Document, RawDocumentBuf};
 
 use crate::authz::OrderOwners;
 use crate::config::Config;
 use crate::declared::{Declared, Mapped, OwnerBookUse};
+use crate::docpath::{raw_doc, raw_str};
 use crate::event::{Issue, RoutedEvent};
 use crate::metrics::{ChangeLabels, Metrics, ReasonLabels};
 use crate::sequence::{OrderError, Sequencer};
@@ -103,7 +105,10 @@ impl Mapper {
     }
 
     /// The id `change` would get if mapped next, without mapping it.
-    pub(crate) fn peek_id(&self, change: &Document) -> Result<crate::event::EventId, OrderError> {
+    pub(crate) fn peek_id(
+        &self,
+        change: &RawDocument,
+    ) -> Result<crate::event::EventId, OrderError> {
         self.sequence.clone().next(change)
     }
 
@@ -130,6 +135,19 @@ impl Mapper {
     /// `Err` when the change cannot be ordered (no `clusterTime`, or one older than the
     /// previous change's): the stream must stop rather than publish out of order.
     pub fn map(&mut self, change: &Document) -> Result<Vec<RoutedEvent>, OrderError> {
+        match RawDocumentBuf::from_document(change) {
+            Ok(raw) => self.map_raw(&raw),
+            // Only a key with a NUL byte fails, which no server sends.
+            Err(_) => {
+                self.drop_reason("invalid_bson");
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// [`Mapper::map`] of a change as the server sent it, read in place: the live
+    /// stream's path.
+    pub fn map_raw(&mut self, change: &RawDocument) -> Result<Vec<RoutedEvent>, OrderError> {
         self.count_change(change);
         let id = match self.sequence.next(change) {
             Ok(id) => id,
@@ -141,10 +159,8 @@ impl Mapper {
             Err(e) => return Err(e),
         };
         let database: Option<Arc<str>> = if self.multi_db {
-            change
-                .get_document("ns")
-                .ok()
-                .and_then(|ns| ns.get_str("db").ok())
+            raw_doc(change, "ns")
+                .and_then(|ns| raw_str(ns, "db"))
                 .map(Arc::from)
         } else {
             None
@@ -238,11 +254,9 @@ impl Mapper {
         self.engine.forget();
     }
 
-    fn count_change(&self, change: &Document) {
-        let coll = change
-            .get_document("ns")
-            .ok()
-            .and_then(|ns| ns.get_str("coll").ok())
+    fn count_change(&self, change: &RawDocument) {
+        let coll = raw_doc(change, "ns")
+            .and_then(|ns| raw_str(ns, "coll"))
             .and_then(|c| self.watched.iter().position(|w| w == c))
             .unwrap_or(self.watched.len());
         let op = change
@@ -253,13 +267,11 @@ impl Mapper {
         self.change_counters[coll][op].inc();
     }
 
-    fn report(&mut self, change: &Document, issue: &Issue) {
+    fn report(&mut self, change: &RawDocument, issue: &Issue) {
         match issue {
             Issue::UnknownStatus { value } => {
-                let coll = change
-                    .get_document("ns")
-                    .ok()
-                    .and_then(|ns| ns.get_str("coll").ok())
+                let coll = raw_doc(change, "ns")
+                    .and_then(|ns| raw_str(ns, "coll"))
                     .unwrap_or("");
                 self.unknown_status(coll, value);
             }

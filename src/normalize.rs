@@ -1,15 +1,17 @@
 //! Reading a change: its operation, time, documents and key, and a status field through a status table; no I/O, knows nothing of rooms, payloads or which collection it is.
 //!
-//! Input is the raw change event as a `bson::Document`, not the driver's typed
-//! `ChangeStreamEvent`, so that nothing a hostile or odd document contains can
-//! fail deserialization: every field may be missing, null, wrong-typed or huge.
+//! Input is the raw change event as the server sent it (`RawDocument`), read in
+//! place: never the driver's typed `ChangeStreamEvent` (nothing a hostile or odd
+//! document contains can fail deserialization: every field may be missing, null,
+//! wrong-typed or huge), and never an owned copy (issue 16: decoding was a fifth of
+//! a change's CPU).
 //! The engine that turns a change into an event (`declared`) reads through here;
 //! `route` is its sibling for rooms and payloads.
 
-use bson::{Bson, Document};
+use bson::raw::{RawBsonRef, RawDocument};
 
-use crate::docpath::touches;
-pub(crate) use crate::docpath::{get_path, type_name};
+use crate::bsonscan;
+use crate::docpath::{raw_doc, raw_path, raw_type_name, touches};
 use crate::event::StatusInfo;
 
 /// Longest string copied into an issue.
@@ -45,37 +47,31 @@ pub(crate) struct ChangeParts<'a> {
     /// Commit time, Unix ms: `wallTime` if present, else `clusterTime` seconds × 1000, else 0.
     pub ts_ms: i64,
     /// `fullDocument` (never for a delete).
-    pub full: Option<&'a Document>,
+    pub full: Option<&'a RawDocument>,
     /// `fullDocumentBeforeChange`.
-    pub pre: Option<&'a Document>,
+    pub pre: Option<&'a RawDocument>,
     /// The document's identity: documentKey._id is authoritative; the full document's
     /// (then the pre-image's) `_id` stands in when a hostile or partial event lacks it.
-    pub id: Option<&'a Bson>,
+    pub id: Option<RawBsonRef<'a>>,
 }
 
 impl<'a> ChangeParts<'a> {
-    pub(crate) fn of(change: &'a Document, op: Op) -> Self {
-        let ts_ms = match change.get("wallTime") {
-            Some(Bson::DateTime(d)) => d.timestamp_millis(),
-            _ => match change.get("clusterTime") {
-                Some(Bson::Timestamp(t)) => i64::from(t.time) * 1000,
+    pub(crate) fn of(change: &'a RawDocument, op: Op) -> Self {
+        let get = |k: &str| bsonscan::get(change, k);
+        let ts_ms = match get("wallTime") {
+            Some(RawBsonRef::DateTime(d)) => d.timestamp_millis(),
+            _ => match get("clusterTime") {
+                Some(RawBsonRef::Timestamp(t)) => i64::from(t.time) * 1000,
                 _ => 0,
             },
         };
-        let full = match change.get("fullDocument") {
-            Some(Bson::Document(d)) if op != Op::Delete => Some(d),
-            _ => None,
-        };
-        let pre = match change.get("fullDocumentBeforeChange") {
-            Some(Bson::Document(d)) => Some(d),
-            _ => None,
-        };
-        let id = match change.get("documentKey") {
-            Some(Bson::Document(k)) => k.get("_id"),
-            _ => None,
-        }
-        .or_else(|| full.and_then(|d| d.get("_id")))
-        .or_else(|| pre.and_then(|d| d.get("_id")));
+        let full = raw_doc(change, "fullDocument").filter(|_| op != Op::Delete);
+        let pre = raw_doc(change, "fullDocumentBeforeChange");
+        let id_in = |d: &'a RawDocument| bsonscan::get(d, "_id");
+        let id = raw_doc(change, "documentKey")
+            .and_then(id_in)
+            .or_else(|| full.and_then(id_in))
+            .or_else(|| pre.and_then(id_in));
         Self {
             ts_ms,
             full,
@@ -101,11 +97,11 @@ pub(crate) fn truncate(s: &str) -> String {
 pub(crate) struct ChangeView<'a> {
     pub(crate) op: Op,
     /// `fullDocumentBeforeChange`.
-    pub(crate) pre: Option<&'a Document>,
+    pub(crate) pre: Option<&'a RawDocument>,
     /// The document keys and payloads come from: the full document, or a delete's pre-image.
-    pub(crate) source: Option<&'a Document>,
+    pub(crate) source: Option<&'a RawDocument>,
     /// `updateDescription.updatedFields` of an update.
-    pub(crate) updated: Option<&'a Document>,
+    pub(crate) updated: Option<&'a RawDocument>,
     /// Paths the update changed (updated, then removed).
     pub(crate) changed: &'a [String],
 }
@@ -139,30 +135,30 @@ pub(crate) fn read_status(
 ) -> StatusRead {
     let (mem_raw, mem_kind) = remembered.unwrap_or((None, None));
     // This update's own value first: the looked-up document may be later.
-    let status_bson: Option<&Bson> = match v.op {
+    let status_bson: Option<RawBsonRef<'_>> = match v.op {
         Op::Update => v
             .updated
             .and_then(|u| status_in_updated(u, path))
-            .or_else(|| v.source.and_then(|d| get_path(d, path))),
-        _ => v.source.and_then(|d| get_path(d, path)),
+            .or_else(|| v.source.and_then(|d| raw_path(d, path))),
+        _ => v.source.and_then(|d| raw_path(d, path)),
     };
     let mut wrong_type = None;
     let raw: Option<String> = match status_bson {
-        None | Some(Bson::Null) => {
+        None | Some(RawBsonRef::Null) => {
             if v.op == Op::Delete || v.op == Op::Update {
                 mem_raw.map(str::to_owned)
             } else {
                 None
             }
         }
-        Some(Bson::String(s)) => Some(s.clone()),
+        Some(RawBsonRef::String(s)) => Some(s.to_owned()),
         Some(other) => {
-            wrong_type = Some(type_name(other));
+            wrong_type = Some(raw_type_name(other));
             None
         }
     };
-    let string_at = |d: &Document, p: &str| match get_path(d, p) {
-        Some(Bson::String(s)) => Some(s.clone()),
+    let string_at = |d: &RawDocument, p: &str| match raw_path(d, p) {
+        Some(RawBsonRef::String(s)) => Some(s.to_owned()),
         _ => None,
     };
     let kind: Option<String> = type_path.and_then(|tp| {
@@ -215,18 +211,17 @@ pub(crate) fn read_status(
 }
 
 /// The status value inside `updatedFields`: the key itself, or nested under an updated ancestor.
-fn status_in_updated<'a>(updated: &'a Document, path: &str) -> Option<&'a Bson> {
-    if let Some(v) = updated.get(path) {
+fn status_in_updated<'a>(updated: &'a RawDocument, path: &str) -> Option<RawBsonRef<'a>> {
+    if let Some(v) = bsonscan::get(updated, path) {
         return Some(v);
     }
-    for (k, v) in updated {
-        if let Some(rest) = path
-            .strip_prefix(k.as_str())
-            .and_then(|r| r.strip_prefix('.'))
-        {
-            if let Bson::Document(d) = v {
-                return get_path(d, rest);
-            }
+    for e in bsonscan::elements(updated.as_bytes()) {
+        let rest = e
+            .key_str()
+            .and_then(|k| path.strip_prefix(k))
+            .and_then(|r| r.strip_prefix('.'));
+        if let (Some(rest), bsonscan::kind::DOCUMENT) = (rest, e.kind) {
+            return raw_path(RawDocument::from_bytes(e.value).ok()?, rest);
         }
     }
     None

@@ -9,7 +9,9 @@ use std::fmt;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use bson::{Bson, Document};
+use bson::raw::RawDocument;
+
+use crate::bsonscan::{elements, kind, Elem};
 
 /// Deepest nesting written as JSON; deeper values become `null` so that a hostile
 /// document cannot exhaust the stack.
@@ -90,6 +92,11 @@ impl Plan {
         plan
     }
 
+    /// The node for `key`; plans are short (an allowlist), so a scan is the fastest.
+    fn find(&self, key: &[u8]) -> Option<usize> {
+        self.nodes.iter().position(|n| n.key.as_bytes() == key)
+    }
+
     fn add(&mut self, segs: &[&str]) {
         let Some((first, rest)) = segs.split_first() else {
             return;
@@ -113,6 +120,35 @@ impl Plan {
     }
 }
 
+/// Which nodes of a plan a pass has written.
+enum Seen {
+    Bits(u64),
+    Many(Vec<bool>),
+}
+
+impl Seen {
+    fn new(n: usize) -> Self {
+        if n <= 64 {
+            Self::Bits(0)
+        } else {
+            Self::Many(vec![false; n])
+        }
+    }
+
+    /// Marks node `i`; false when it was marked already.
+    fn insert(&mut self, i: usize) -> bool {
+        match self {
+            Self::Bits(b) => {
+                let bit = 1u64 << i;
+                let new = *b & bit == 0;
+                *b |= bit;
+                new
+            }
+            Self::Many(v) => !std::mem::replace(&mut v[i], true),
+        }
+    }
+}
+
 /// Writes one JSON object; fields are added once each, by the caller's rules.
 pub(crate) struct Obj {
     buf: String,
@@ -123,7 +159,7 @@ pub(crate) struct Obj {
 impl Obj {
     /// An empty object, with room for a typical payload.
     pub(crate) fn new() -> Self {
-        let mut buf = String::with_capacity(256);
+        let mut buf = String::with_capacity(512);
         buf.push('{');
         Self {
             buf,
@@ -143,26 +179,31 @@ impl Obj {
 
     /// The fields of `doc` that `plan` names, leaving out the top-level keys in `skip`
     /// (the event fields the caller writes itself override document fields).
-    pub(crate) fn project(&mut self, doc: &Document, plan: &Plan, skip: &[&str]) {
-        for node in &plan.nodes {
-            if skip.contains(&node.key.as_str()) {
-                continue;
-            }
-            let Some(v) = doc.get(&node.key) else {
+    pub(crate) fn project(&mut self, doc: &RawDocument, plan: &Plan, skip: &[&str]) {
+        // One pass over the document, matching its keys against the plan: a lookup
+        // per planned key would re-read the document from its start.
+        let mut seen = Seen::new(plan.nodes.len());
+        for e in elements(doc.as_bytes()) {
+            let Some(i) = plan.find(e.key) else {
                 continue;
             };
+            let node = &plan.nodes[i];
+            // A key repeated in the document: the first one counts, as a lookup finds.
+            if !seen.insert(i) || skip.contains(&node.key.as_str()) {
+                continue;
+            }
             let mark = (self.buf.len(), self.empty);
             self.key(&node.key);
             let wrote = match &node.sub {
                 None => {
                     if node.key == "status" {
-                        self.status = v.as_str().map(Arc::from);
+                        self.status = e.str().map(Arc::from);
                     }
-                    write_bson(&mut self.buf, v, 1);
+                    write_value(&mut self.buf, e, 1);
                     true
                 }
-                Some(sub) => match v {
-                    Bson::Document(d) => write_projection(&mut self.buf, d, sub, 1),
+                Some(sub) => match e.kind {
+                    kind::DOCUMENT => write_projection(&mut self.buf, e.value, sub, 1),
                     _ => false,
                 },
             };
@@ -246,19 +287,24 @@ impl Obj {
     }
 }
 
-/// `{…}` of the `plan` fields of `doc`; false (and nothing meaningful written) when
-/// none is present, as a caller then removes the key.
-fn write_projection(buf: &mut String, doc: &Document, plan: &Plan, depth: usize) -> bool {
+/// `{…}` of the `plan` fields of `doc` (its bytes); false (and nothing meaningful
+/// written) when none is present, as a caller then removes the key.
+fn write_projection(buf: &mut String, doc: &[u8], plan: &Plan, depth: usize) -> bool {
     if depth > MAX_JSON_DEPTH {
         buf.push_str("null");
         return true;
     }
     buf.push('{');
     let mut any = false;
-    for node in &plan.nodes {
-        let Some(v) = doc.get(&node.key) else {
+    let mut seen = Seen::new(plan.nodes.len());
+    for e in elements(doc) {
+        let Some(i) = plan.find(e.key) else {
             continue;
         };
+        if !seen.insert(i) {
+            continue;
+        }
+        let node = &plan.nodes[i];
         let mark = buf.len();
         if any {
             buf.push(',');
@@ -267,11 +313,11 @@ fn write_projection(buf: &mut String, doc: &Document, plan: &Plan, depth: usize)
         buf.push(':');
         let wrote = match &node.sub {
             None => {
-                write_bson(buf, v, depth + 1);
+                write_value(buf, e, depth + 1);
                 true
             }
-            Some(sub) => match v {
-                Bson::Document(d) => write_projection(buf, d, sub, depth + 1),
+            Some(sub) => match e.kind {
+                kind::DOCUMENT => write_projection(buf, e.value, sub, depth + 1),
                 _ => false,
             },
         };
@@ -286,77 +332,71 @@ fn write_projection(buf: &mut String, doc: &Document, plan: &Plan, depth: usize)
 }
 
 /// BSON → the JSON clients see: ObjectId as hex, dates as RFC 3339, decimals as
-/// strings, non-finite doubles and BSON-only types (binary, regex, code…) as `null`.
-pub(crate) fn write_bson(buf: &mut String, b: &Bson, depth: usize) {
+/// strings, non-finite doubles and BSON-only types (binary, regex, code…) as `null`;
+/// read in place from the server's bytes (a malformed part ends its document or
+/// array there; text that is not UTF-8 is written with replacement characters).
+pub(crate) fn write_value(buf: &mut String, e: Elem<'_>, depth: usize) {
     if depth > MAX_JSON_DEPTH {
         buf.push_str("null");
         return;
     }
-    match b {
-        Bson::Double(f) if f.is_finite() => {
+    let done = match e.kind {
+        kind::DOUBLE => e.f64().filter(|f| f.is_finite()).map(|f| {
             // As serde_json writes a finite f64 (shortest round-trip form).
-            let mut r = ryu::Buffer::new();
-            let s = r.format_finite(*f);
-            buf.push_str(s);
-        }
-        Bson::String(s) | Bson::Symbol(s) => write_str(buf, s),
-        Bson::Array(a) => {
+            buf.push_str(ryu::Buffer::new().format_finite(f));
+        }),
+        kind::STRING | kind::SYMBOL => e
+            .text_bytes()
+            .map(|t| write_str(buf, &String::from_utf8_lossy(t))),
+        kind::ARRAY => {
             buf.push('[');
-            for (i, v) in a.iter().enumerate() {
+            for (i, v) in elements(e.value).enumerate() {
                 if i > 0 {
                     buf.push(',');
                 }
-                write_bson(buf, v, depth + 1);
+                write_value(buf, v, depth + 1);
             }
             buf.push(']');
+            Some(())
         }
-        Bson::Document(d) => {
+        kind::DOCUMENT => {
             buf.push('{');
-            for (i, (k, v)) in d.iter().enumerate() {
+            for (i, v) in elements(e.value).enumerate() {
                 if i > 0 {
                     buf.push(',');
                 }
-                write_str(buf, k);
+                write_str(buf, &String::from_utf8_lossy(v.key));
                 buf.push(':');
-                write_bson(buf, v, depth + 1);
+                write_value(buf, v, depth + 1);
             }
             buf.push('}');
+            Some(())
         }
-        Bson::Boolean(x) => buf.push_str(if *x { "true" } else { "false" }),
-        Bson::Int32(i) => {
-            let _ = write!(buf, "{i}");
-        }
-        Bson::Int64(i) => {
-            let _ = write!(buf, "{i}");
-        }
-        Bson::ObjectId(o) => {
+        kind::BOOLEAN => e
+            .bool()
+            .map(|x| buf.push_str(if x { "true" } else { "false" })),
+        kind::INT32 => e.i32().map(|i| buf.push_str(itoa::Buffer::new().format(i))),
+        kind::INT64 => e.i64().map(|i| buf.push_str(itoa::Buffer::new().format(i))),
+        kind::OBJECT_ID => e.object_id().map(|o| {
             buf.push('"');
             for byte in o.bytes() {
                 buf.push(HEX[usize::from(byte >> 4)] as char);
                 buf.push(HEX[usize::from(byte & 0xf)] as char);
             }
             buf.push('"');
-        }
-        Bson::DateTime(d) => match d.try_to_rfc3339_string() {
+        }),
+        kind::DATE_TIME => e.date_time().map(|d| match d.try_to_rfc3339_string() {
             Ok(s) => write_str(buf, &s),
-            Err(_) => {
-                let _ = write!(buf, "{}", d.timestamp_millis());
-            }
-        },
-        Bson::Decimal128(d) => write_str(buf, &d.to_string()),
-        Bson::Timestamp(t) => {
-            let _ = write!(buf, "{}", t.time);
-        }
-        Bson::Double(_)
-        | Bson::Null
-        | Bson::Undefined
-        | Bson::RegularExpression(_)
-        | Bson::JavaScriptCode(_)
-        | Bson::JavaScriptCodeWithScope(_)
-        | Bson::Binary(_)
-        | Bson::MaxKey
-        | Bson::MinKey
-        | Bson::DbPointer(_) => buf.push_str("null"),
+            Err(_) => buf.push_str(itoa::Buffer::new().format(d.timestamp_millis())),
+        }),
+        kind::DECIMAL128 => e.decimal().map(|d| write_str(buf, &d.to_string())),
+        kind::TIMESTAMP => e
+            .timestamp()
+            .map(|t| buf.push_str(itoa::Buffer::new().format(t.time))),
+        _ => None,
+    };
+    if done.is_none() {
+        buf.push_str("null");
     }
 }
 
@@ -368,22 +408,22 @@ pub(crate) fn write_str(buf: &mut String, s: &str) {
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let esc: &str = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0x00..=0x1f => "",
-            _ => continue,
-        };
+        // One table lookup per byte; almost every byte needs no escape.
+        if !NEEDS_ESCAPE[usize::from(b)] {
+            continue;
+        }
         buf.push_str(&s[start..i]);
-        if esc.is_empty() {
-            let _ = write!(buf, "\\u{b:04x}");
-        } else {
-            buf.push_str(esc);
+        match b {
+            b'"' => buf.push_str("\\\""),
+            b'\\' => buf.push_str("\\\\"),
+            b'\n' => buf.push_str("\\n"),
+            b'\r' => buf.push_str("\\r"),
+            b'\t' => buf.push_str("\\t"),
+            0x08 => buf.push_str("\\b"),
+            0x0c => buf.push_str("\\f"),
+            _ => {
+                let _ = write!(buf, "\\u{b:04x}");
+            }
         }
         start = i + 1;
     }
@@ -391,15 +431,29 @@ pub(crate) fn write_str(buf: &mut String, s: &str) {
     buf.push('"');
 }
 
+/// Bytes a JSON string cannot hold as they are: controls, `"` and `\\`.
+static NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary};
+    use bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document, RawDocumentBuf};
     use serde_json::json;
 
     fn projected(d: &Document, paths: &[&str], skip: &[&str]) -> serde_json::Value {
         let mut o = Obj::new();
-        o.project(d, &Plan::new(paths.iter().copied()), skip);
+        let raw = RawDocumentBuf::from_document(d).unwrap();
+        o.project(&raw, &Plan::new(paths.iter().copied()), skip);
         o.finish().value()
     }
 
@@ -444,7 +498,8 @@ mod tests {
             "inf": f64::INFINITY,
         };
         let mut o = Obj::new();
-        o.project(&d, &Plan::new(d.keys().map(String::as_str)), &[]);
+        let raw = RawDocumentBuf::from_document(&d).unwrap();
+        o.project(&raw, &Plan::new(d.keys().map(String::as_str)), &[]);
         let p = o.finish();
         let mut reference = serde_json::Map::new();
         for (k, v) in &d {
@@ -462,7 +517,8 @@ mod tests {
         }
         let d = doc! {"deep": deep, "status": "ready"};
         let mut o = Obj::new();
-        o.project(&d, &Plan::new(["deep", "status"]), &[]);
+        let raw = RawDocumentBuf::from_document(&d).unwrap();
+        o.project(&raw, &Plan::new(["deep", "status"]), &[]);
         o.strs("changedFields", ["a", "b"]);
         o.opt_u8("progress", Some(40));
         let p = o.finish();

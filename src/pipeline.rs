@@ -468,7 +468,7 @@ impl Pipeline {
                     self.health.observe_caught_up();
                 }
                 if let Some(change) = change {
-                    let events = match mapper.map(&change) {
+                    let events = match mapper.map_raw(&change) {
                         Ok(events) => events,
                         Err(e) => {
                             self.health.set_stream_open(&db, false);
@@ -831,7 +831,7 @@ async fn warm_history(
             // Past the checkpoint: the live stream publishes it.
             return Ok(n);
         }
-        let events = mapper.map(&change).map_err(|e| e.to_string())?;
+        let events = mapper.map_raw(&change).map_err(|e| e.to_string())?;
         if n == 0 && !strict {
             // History covers what follows the oldest change read, not `from`: a server
             // that silently starts later than asked (SecantusDB does when `from` is older

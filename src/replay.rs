@@ -247,7 +247,7 @@ async fn scan_db(
             }
             continue;
         };
-        for ev in mapper.map(&change).map_err(|e| e.to_string())? {
+        for ev in mapper.map_raw(&change).map_err(|e| e.to_string())? {
             let id = &ev.event.id;
             if until.is_some_and(|u| id > u) {
                 return Ok(());

@@ -16,8 +16,10 @@
 //! token, before 0.2) start with a hex digit and so sort before every id of this form:
 //! a client or checkpoint holding one is sent to the oplog, never skipped past events.
 
-use bson::{Bson, Document, Timestamp};
+use bson::raw::{RawBsonRef, RawDocument};
+use bson::Timestamp;
 
+use crate::bsonscan;
 use crate::event::EventId;
 
 const MARK: char = 'V';
@@ -135,16 +137,16 @@ impl Sequencer {
     }
 
     /// The id of the next change of the stream.
-    pub fn next(&mut self, change: &Document) -> Result<EventId, OrderError> {
-        let token = match change.get("_id") {
-            Some(Bson::Document(t)) => match t.get("_data") {
-                Some(Bson::String(s)) if !s.is_empty() => s.as_str(),
+    pub fn next(&mut self, change: &RawDocument) -> Result<EventId, OrderError> {
+        let token = match bsonscan::get(change, "_id") {
+            Some(RawBsonRef::Document(t)) => match bsonscan::get(t, "_data") {
+                Some(RawBsonRef::String(s)) if !s.is_empty() => s,
                 _ => return Err(OrderError::NoToken),
             },
             _ => return Err(OrderError::NoToken),
         };
-        let ts = match change.get("clusterTime") {
-            Some(Bson::Timestamp(ts)) => *ts,
+        let ts = match bsonscan::get(change, "clusterTime") {
+            Some(RawBsonRef::Timestamp(ts)) => ts,
             _ => return Err(OrderError::NoClusterTime),
         };
         let time = (ts.time, ts.increment);
@@ -173,10 +175,9 @@ impl Sequencer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::doc;
 
-    fn change(t: u32, i: u32, token: &str) -> Document {
-        doc! {"_id": {"_data": token}, "clusterTime": Timestamp { time: t, increment: i }}
+    fn change(t: u32, i: u32, token: &str) -> bson::RawDocumentBuf {
+        bson::rawdoc! {"_id": {"_data": token}, "clusterTime": Timestamp { time: t, increment: i }}
     }
 
     #[test]
@@ -235,11 +236,11 @@ mod tests {
             Err(OrderError::Backwards { .. })
         ));
         assert_eq!(
-            s.next(&doc! {"_id": {"_data": "CC"}}),
+            s.next(&bson::rawdoc! {"_id": {"_data": "CC"}}),
             Err(OrderError::NoClusterTime)
         );
         assert_eq!(
-            s.next(&doc! {"clusterTime": Timestamp { time: 11, increment: 0 }}),
+            s.next(&bson::rawdoc! {"clusterTime": Timestamp { time: 11, increment: 0 }}),
             Err(OrderError::NoToken)
         );
     }

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::{doc, Document, RawDocumentBuf};
+use bson::raw::{RawArray, RawBsonRef, RawDocument};
+use bson::{doc, Bson, Document, RawDocumentBuf};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::{Error as MongoError, ErrorKind};
@@ -330,7 +331,7 @@ impl Source {
         // empty batch first is possible while the server scans.
         for _ in 0..5 {
             if let Some(change) = source.next().await? {
-                return Ok(Some(change));
+                return Ok(Some(decode(&change).map_err(|e| source.invalid(&e))?));
             }
         }
         Ok(None)
@@ -382,7 +383,7 @@ impl Source {
     /// A split event (`splitEvent: {fragment, of}`) comes back whole: its fragments, which
     /// the server sends one after another, are read and merged first, and the event
     /// carries the last fragment's token, after which a resume continues.
-    pub(crate) async fn next(&mut self) -> Result<Option<Document>, SourceError> {
+    pub(crate) async fn next(&mut self) -> Result<Option<RawDocumentBuf>, SourceError> {
         loop {
             if !self.stream.is_alive() {
                 return Err(SourceError::Invalidated {
@@ -404,22 +405,33 @@ impl Source {
                 }
                 return Ok(None);
             };
-            let change = Document::try_from(raw.as_ref()).map_err(|e| SourceError::Mongo {
-                database: self.spec.database.clone(),
-                detail: format!("a change event that is not valid BSON: {e}"),
-            })?;
+            // A whole event goes on as the server sent it, read in place downstream;
+            // only the fragments of a split one are decoded, to be merged.
+            if self.partial.is_none() && !matches!(raw.get("splitEvent"), Ok(Some(_))) {
+                return Ok(Some(raw));
+            }
+            let change = decode(&raw).map_err(|e| self.invalid(&e))?;
             match fragment(&change) {
                 None if self.partial.is_some() => {
                     return Err(self.broken_split("a whole event arrived between fragments"))
                 }
-                None => return Ok(Some(change)),
+                None => return Ok(Some(raw)),
                 Some(Err(why)) => return Err(self.broken_split(why)),
                 Some(Ok((n, of))) => {
                     if let Some(whole) = self.assemble(change, n, of, before.flatten())? {
+                        let whole =
+                            RawDocumentBuf::from_document(&whole).map_err(|e| self.invalid(&e))?;
                         return Ok(Some(whole));
                     }
                 }
             }
+        }
+    }
+
+    fn invalid(&self, e: &dyn std::fmt::Display) -> SourceError {
+        SourceError::Mongo {
+            database: self.spec.database.clone(),
+            detail: format!("a change event that is not valid BSON: {e}"),
         }
     }
 
@@ -529,5 +541,64 @@ fn classify(database: &str, e: MongoError) -> SourceError {
         Some(TOO_LARGE | SPLIT_FIELD_TOO_LARGE) => SourceError::TooLarge { database, detail },
         Some(code) if FATAL_CODES.contains(&code) => SourceError::Fatal { database, detail },
         _ => SourceError::Mongo { database, detail },
+    }
+}
+
+/// A fragment of a split change event as an owned document, to be merged, element by
+/// element (the driver's `Document::try_from` copies every sub-document into an owned
+/// raw buffer first, once per nesting level).
+fn decode(raw: &RawDocument) -> bson::raw::Result<Document> {
+    let mut out = Document::new();
+    for el in raw {
+        let (k, v) = el?;
+        out.insert(k, decode_value(v)?);
+    }
+    Ok(out)
+}
+
+fn decode_array(raw: &RawArray) -> bson::raw::Result<Vec<Bson>> {
+    raw.into_iter().map(|v| decode_value(v?)).collect()
+}
+
+fn decode_value(v: RawBsonRef<'_>) -> bson::raw::Result<Bson> {
+    Ok(match v {
+        RawBsonRef::Double(f) => Bson::Double(f),
+        RawBsonRef::String(s) => Bson::String(s.to_owned()),
+        RawBsonRef::Document(d) => Bson::Document(decode(d)?),
+        RawBsonRef::Array(a) => Bson::Array(decode_array(a)?),
+        RawBsonRef::Boolean(b) => Bson::Boolean(b),
+        RawBsonRef::Null => Bson::Null,
+        RawBsonRef::Int32(i) => Bson::Int32(i),
+        RawBsonRef::Int64(i) => Bson::Int64(i),
+        RawBsonRef::ObjectId(o) => Bson::ObjectId(o),
+        RawBsonRef::DateTime(d) => Bson::DateTime(d),
+        RawBsonRef::Timestamp(t) => Bson::Timestamp(t),
+        RawBsonRef::Decimal128(d) => Bson::Decimal128(d),
+        // The rare types through the driver's own conversion.
+        other => Bson::try_from(other.to_raw_bson())?,
+    })
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    #[test]
+    fn decoding_matches_the_drivers_conversion() {
+        let d = doc! {
+            "_id": {"_data": "82AB"}, "f": 1.5, "s": "x", "n": null, "b": true, "i": 1, "l": 2_i64,
+            "o": bson::oid::ObjectId::new(), "dt": bson::DateTime::now(),
+            "ts": bson::Timestamp { time: 1, increment: 2 },
+            "arr": [1, {"a": [2, "y"]}], "deep": {"a": {"b": {"c": 1}}},
+            "re": bson::Regex { pattern: "a".into(), options: "i".into() },
+            "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1, 2] },
+            "dec": bson::Decimal128::from_bytes([0; 16]), "u": Bson::Undefined, "min": Bson::MinKey,
+        };
+        let raw = RawDocumentBuf::from_document(&d).unwrap();
+        assert_eq!(
+            decode(&raw).unwrap(),
+            Document::try_from(raw.as_ref()).unwrap()
+        );
+        assert_eq!(decode(&raw).unwrap(), d);
     }
 }

@@ -164,7 +164,9 @@ fn real_tokens_decode_to_the_events_cluster_time() {
         // The id changecast gives the change: its time, its index at that time, its token.
         let ct = f.event.get_timestamp("clusterTime").unwrap();
         let mut seq = Sequencer::fresh();
-        let eid = seq.next(&f.event).unwrap();
+        let eid = seq
+            .next(&bson::RawDocumentBuf::from_document(&f.event).unwrap())
+            .unwrap();
         assert_eq!(sequence::token_of(&eid), Some(data), "{}", f.name);
         assert_eq!(
             sequence::position(&eid).unwrap().timestamp(),
@@ -222,7 +224,10 @@ fn tokens_of_one_session_sort_in_commit_order() {
     let mut seq = Sequencer::fresh();
     let ids: Vec<_> = session
         .iter()
-        .map(|f| seq.next(&f.event).unwrap())
+        .map(|f| {
+            seq.next(&bson::RawDocumentBuf::from_document(&f.event).unwrap())
+                .unwrap()
+        })
         .collect();
     for w in ids.windows(2) {
         assert!(w[0] < w[1], "{:?} then {:?}", w[0], w[1]);

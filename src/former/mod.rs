@@ -8,6 +8,7 @@
 
 pub(crate) mod normalize;
 pub(crate) mod route;
+pub(crate) mod shared;
 
 #[cfg(test)]
 mod prop;

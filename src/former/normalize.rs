@@ -1,19 +1,21 @@
 //! The built-in normalizer as it was before orders, payments and settings became presets of the declared-stream engine: kept only as the test oracle the presets are compared with (`former::prop`).
 //!
-//! Verbatim but for its imports: the helpers it shares with the engine
-//! (`ChangeParts`, `read_status`, the document paths) are the engine's own, unchanged.
+//! Verbatim but for its imports: the Document-based helpers it used (`ChangeParts`,
+//! `read_status`, ids at paths) are kept beside it (`shared`), as they were before the
+//! engine read changes in place.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bson::{Bson, Document};
 
-use crate::config::{Collections, Config, FieldPaths, SettingsSection};
-use crate::docpath::{get_path, id_string, lookup_id, touches, type_name, Lookup};
-use crate::event::{EventId, StatusInfo};
-use crate::normalize::{
-    read_status, truncate, ChangeParts, ChangeView, Op, StatusRead, UNHANDLED_OPS,
+use super::shared::{
+    id_string, lookup_id, read_status, type_name, ChangeParts, ChangeView, StatusRead,
 };
+use crate::config::{Collections, Config, FieldPaths, SettingsSection};
+use crate::docpath::{get_path, touches, Lookup};
+use crate::event::{EventId, StatusInfo};
+use crate::normalize::{truncate, Op, UNHANDLED_OPS};
 use crate::status::StatusTable;
 
 /// Longest string kept in the state cache or copied into an [`Issue`]; longer

@@ -54,7 +54,11 @@ impl Former {
             let owner =
                 (ev.collection == CollectionKind::Orders && !ev.document.is_empty()).then(|| {
                     let f = &self.cfg.fields;
-                    Arc::new(extract_owner(&ev.document, &f.customer, &f.store))
+                    Arc::new(extract_owner(
+                        &bson::RawDocumentBuf::from_document(&ev.document).unwrap(),
+                        &f.customer,
+                        &f.store,
+                    ))
                 });
             if ev.collection == CollectionKind::Orders {
                 let deleted = ev.name == EventName::OrderDeleted;
@@ -90,7 +94,7 @@ impl Former {
 /// The engine's path, as `Mapper::map` takes it.
 fn engine_map(e: &mut Declared, change: &Document, id: &EventId) -> Outcome {
     let mut issues = Vec::new();
-    let mapped = e.map(change, id.clone(), &mut issues);
+    let mapped = e.map_doc(change, id.clone(), &mut issues);
     let mut reasons: Vec<&'static str> = issues.iter().map(|i| i.reason()).collect();
     let (routed, observed) = match mapped {
         None => (None, None),

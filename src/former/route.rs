@@ -300,7 +300,8 @@ pub(super) mod tests {
     use super::super::normalize::Normalizer;
     use super::*;
     use crate::config::Config;
-    use crate::docpath::{get_path, id_string};
+    use crate::docpath::get_path;
+    use crate::former::shared::id_string;
     use crate::normalize::testing::change;
     use crate::route::EVENT_FIELDS;
     use bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary};
@@ -972,7 +973,7 @@ storefront = ["username"]
                 let deleted = ch.get_str("operationType") == Ok("delete");
                 let source = ch.get_document(if deleted { "fullDocumentBeforeChange" } else { "fullDocument" }).ok().cloned();
                 let mut issues = Vec::new();
-                if let Some(r) = strict.map(&ch, crate::event::EventId::new("x"), &mut issues).map(|m| m.event) {
+                if let Some(r) = strict.map_doc(&ch, crate::event::EventId::new("x"), &mut issues).map(|m| m.event) {
                     for d in &r.deliveries {
                         let kind = d.room.kind();
                         if kind == RoomKind::Admin {
@@ -994,7 +995,7 @@ storefront = ["username"]
                     }
                     check_declared_allowlisted(decl, &r)?;
                 }
-                if let Some(r) = remembering.map(&ch, crate::event::EventId::new("x"), &mut issues).map(|m| m.event) {
+                if let Some(r) = remembering.map_doc(&ch, crate::event::EventId::new("x"), &mut issues).map(|m| m.event) {
                     check_declared_allowlisted(decl, &r)?;
                     for d in &r.deliveries {
                         prop_assert!(d.room.kind() == RoomKind::Admin || seen.contains(d.room.id()), "guessed room {}", d.room);
