@@ -266,7 +266,10 @@ struct Memo {
 struct MemoCache {
     cap: usize,
     gen: u64,
-    map: HashMap<Arc<str>, (u64, Memo), foldhash::fast::RandomState>,
+    /// Boxed memos keep the table's slots small: it is sized for `cap` up front
+    /// (growing a table of large slots by doubling cost page faults on every change
+    /// burst), and each slot of an unused capacity costs 32 bytes.
+    map: HashMap<Arc<str>, (u64, Box<Memo>), foldhash::fast::RandomState>,
     order: VecDeque<(u64, Arc<str>)>,
 }
 
@@ -275,13 +278,13 @@ impl MemoCache {
         Self {
             cap,
             gen: 0,
-            map: HashMap::default(),
+            map: HashMap::with_capacity_and_hasher(cap.min(1 << 17), Default::default()),
             order: VecDeque::new(),
         }
     }
 
     fn get(&self, id: &str) -> Option<&Memo> {
-        self.map.get(id).map(|(_, m)| m)
+        self.map.get(id).map(|(_, m)| &**m)
     }
 
     /// Callers leave out ids longer than [`MAX_KEPT_LEN`]: too long to be room ids anyway.
@@ -294,7 +297,7 @@ impl MemoCache {
         match self.map.get_mut(id) {
             // A rewrite keeps the key; its old queue entry goes stale.
             Some(slot) => {
-                *slot = (gen, memo);
+                *slot = (gen, Box::new(memo));
                 let key = self.map.get_key_value(id).map(|(k, _)| k.clone());
                 if let Some(key) = key {
                     self.order.push_back((gen, key));
@@ -302,7 +305,7 @@ impl MemoCache {
             }
             None => {
                 let key: Arc<str> = Arc::from(id);
-                self.map.insert(key.clone(), (gen, memo));
+                self.map.insert(key.clone(), (gen, Box::new(memo)));
                 self.order.push_back((gen, key));
             }
         }

@@ -92,9 +92,14 @@ impl Plan {
         plan
     }
 
-    /// The node for `key`; plans are short (an allowlist), so a scan is the fastest.
+    /// The node for `key`; plans are short (an allowlist), so a scan is the fastest,
+    /// with the length and the last byte compared before the bytes.
     fn find(&self, key: &[u8]) -> Option<usize> {
-        self.nodes.iter().position(|n| n.key.as_bytes() == key)
+        let last = key.last();
+        self.nodes.iter().position(|n| {
+            let k = n.key.as_bytes();
+            k.len() == key.len() && k.last() == last && k == key
+        })
     }
 
     fn add(&mut self, segs: &[&str]) {
@@ -345,9 +350,7 @@ pub(crate) fn write_value(buf: &mut String, e: Elem<'_>, depth: usize) {
             // As serde_json writes a finite f64 (shortest round-trip form).
             buf.push_str(ryu::Buffer::new().format_finite(f));
         }),
-        kind::STRING | kind::SYMBOL => e
-            .text_bytes()
-            .map(|t| write_str(buf, &String::from_utf8_lossy(t))),
+        kind::STRING | kind::SYMBOL => e.text_bytes().map(|t| write_text(buf, t)),
         kind::ARRAY => {
             buf.push('[');
             for (i, v) in elements(e.value).enumerate() {
@@ -365,7 +368,7 @@ pub(crate) fn write_value(buf: &mut String, e: Elem<'_>, depth: usize) {
                 if i > 0 {
                     buf.push(',');
                 }
-                write_str(buf, &String::from_utf8_lossy(v.key));
+                write_text(buf, v.key);
                 buf.push(':');
                 write_value(buf, v, depth + 1);
             }
@@ -401,6 +404,15 @@ pub(crate) fn write_value(buf: &mut String, e: Elem<'_>, depth: usize) {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Text from BSON bytes as a JSON string: UTF-8 as it is, anything else with
+/// replacement characters (a server sends none; a hostile byte never makes bad JSON).
+fn write_text(buf: &mut String, t: &[u8]) {
+    match std::str::from_utf8(t) {
+        Ok(s) => write_str(buf, s),
+        Err(_) => write_str(buf, &String::from_utf8_lossy(t)),
+    }
+}
 
 /// A JSON string literal, escaped as serde_json escapes (quote, backslash, controls).
 pub(crate) fn write_str(buf: &mut String, s: &str) {
