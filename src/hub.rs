@@ -398,10 +398,19 @@ impl Hub {
             }),
         }
         for m in messages {
-            let msgs = st.by_room.entry(m.room.clone()).or_default();
-            // One message per entry and room (the first), as a scan of the entry would find.
-            if msgs.back().is_none_or(|b| b.id != m.id) {
-                msgs.push_back(m.clone());
+            // Looked up before inserting: most rooms have history already, and an
+            // `entry` would clone (and drop) the room's name for each of them.
+            match st.by_room.get_mut(&m.room) {
+                // One message per entry and room (the first), as a scan of the entry would find.
+                Some(msgs) => {
+                    if msgs.back().is_none_or(|b| b.id != m.id) {
+                        msgs.push_back(m.clone());
+                    }
+                }
+                None => {
+                    st.by_room
+                        .insert(m.room.clone(), VecDeque::from([m.clone()]));
+                }
             }
         }
         while st.history.len() > self.cfg.history_len.get()
