@@ -1,5 +1,6 @@
 //! The native JSON protocol at `/ws`: client message parsing, server message encoding, close codes; pure.
 
+use crate::payload::write_str;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
@@ -155,26 +156,29 @@ pub fn encode_message(m: &Message) -> Bytes {
         Body::Event {
             name, ts_ms, data, ..
         } => {
+            // Written into one buffer of the right size: encoding is once per message
+            // and room, but it is on every change's path.
             let id = m.wire_id.as_deref().unwrap_or("");
-            format!(
-                "{{\"type\":\"event\",\"id\":{},\"event\":{},\"room\":{},\"ts\":{},\"data\":{}}}",
-                json_str(id),
-                json_str(name),
-                json_str(room),
-                ts_ms,
-                data.as_str()
-            )
+            let data = data.as_str();
+            let mut s = String::with_capacity(64 + id.len() + name.len() + room.len() + data.len());
+            s.push_str("{\"type\":\"event\",\"id\":");
+            write_str(&mut s, id);
+            s.push_str(",\"event\":");
+            write_str(&mut s, name);
+            s.push_str(",\"room\":");
+            write_str(&mut s, room);
+            s.push_str(",\"ts\":");
+            s.push_str(itoa::Buffer::new().format(*ts_ms));
+            s.push_str(",\"data\":");
+            s.push_str(data);
+            s.push('}');
+            s
         }
         Body::Resync { reason } => {
             json!({"type": "resync", "room": room, "reason": &**reason}).to_string()
         }
     };
     Bytes::from(s)
-}
-
-fn json_str(s: &str) -> String {
-    // Serializing a str cannot fail.
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
 /// `{"type":"welcome",…}`; `position` is the `since` to use before any event has arrived.

@@ -963,8 +963,14 @@ fn encode_tail(m: &Message) -> Bytes {
         Body::Event { data, .. } => data.as_str(),
         Body::Resync { .. } => "null",
     };
-    let id = Value::from(m.wire_id.as_deref().unwrap_or(""));
-    Bytes::from(format!(",{data},{id}]"))
+    let id = m.wire_id.as_deref().unwrap_or("");
+    let mut s = String::with_capacity(data.len() + id.len() + 8);
+    s.push(',');
+    s.push_str(data);
+    s.push(',');
+    crate::payload::write_str(&mut s, id);
+    s.push(']');
+    Bytes::from(s)
 }
 
 /// `42["<name>"` + tail.
