@@ -293,22 +293,13 @@ impl MemoCache {
             return;
         }
         self.gen += 1;
-        let gen = self.gen;
-        match self.map.get_mut(id) {
-            // A rewrite keeps the key; its old queue entry goes stale.
-            Some(slot) => {
-                *slot = (gen, Box::new(memo));
-                let key = self.map.get_key_value(id).map(|(k, _)| k.clone());
-                if let Some(key) = key {
-                    self.order.push_back((gen, key));
-                }
-            }
-            None => {
-                let key: Arc<str> = Arc::from(id);
-                self.map.insert(key.clone(), (gen, Box::new(memo)));
-                self.order.push_back((gen, key));
-            }
-        }
+        // A rewrite reuses the key's text; its old queue entry goes stale.
+        let key: Arc<str> = match self.map.get_key_value(id) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(id),
+        };
+        self.map.insert(key.clone(), (self.gen, Box::new(memo)));
+        self.order.push_back((self.gen, key));
         while self.map.len() > self.cap {
             let Some((g, k)) = self.order.pop_front() else {
                 break;

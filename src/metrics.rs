@@ -128,6 +128,9 @@ pub const DROP_REASONS: &[&str] = &[
     "invalid_room_id",
     "no_rooms",
     "oversize",
+    // A change handed over as an owned document that cannot be encoded (a key with a
+    // NUL byte): never from a server, whose changes are read as the bytes it sent.
+    "invalid_bson",
 ];
 
 /// Every metric changecast exports.

@@ -488,7 +488,9 @@ impl Pipeline {
                         last_id = Some(ev.event.id.as_str().to_owned());
                         count += 1;
                     }
-                    if let Ok(ts) = change.get_timestamp("clusterTime") {
+                    if let Some(bson::RawBsonRef::Timestamp(ts)) =
+                        crate::bsonscan::get(&change, "clusterTime")
+                    {
                         self.health.observe_cluster_time(ts.time);
                     }
                 }

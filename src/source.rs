@@ -11,6 +11,7 @@ use mongodb::error::{Error as MongoError, ErrorKind};
 use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
 use mongodb::Client;
 
+use crate::bsonscan;
 use crate::token::{self, StartAt};
 
 /// MongoDB's `ChangeStreamHistoryLost`: the resume point has fallen out of the oplog.
@@ -407,7 +408,7 @@ impl Source {
             };
             // A whole event goes on as the server sent it, read in place downstream;
             // only the fragments of a split one are decoded, to be merged.
-            if self.partial.is_none() && !matches!(raw.get("splitEvent"), Ok(Some(_))) {
+            if self.partial.is_none() && bsonscan::find(raw.as_bytes(), "splitEvent").is_none() {
                 return Ok(Some(raw));
             }
             let change = decode(&raw).map_err(|e| self.invalid(&e))?;
