@@ -442,6 +442,38 @@ proptest! {
     fn normalization_survives_arbitrary_documents(d in arb_doc(3)) {
         let _ = mapper().map(&d);
     }
+
+    /// Change events as bytes, corrupted the way a broken or hostile server could send
+    /// them (bytes overwritten, lengths lying, text that is not UTF-8): the event path
+    /// reads changes in place, so it must never panic on them, and whatever it still
+    /// routes carries payloads that are valid JSON objects in valid rooms.
+    #[test]
+    fn the_raw_event_path_survives_corrupted_bytes(
+        c in arb_change(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+    ) {
+        let Ok(raw) = bson::RawDocumentBuf::from_document(&c) else { return Ok(()) };
+        let mut bytes = raw.into_bytes();
+        for (at, byte) in &edits {
+            // The frame (the length and the final NUL) stays, as the driver checks it.
+            let len = bytes.len();
+            if len > 5 {
+                bytes[4 + at.index(len - 5)] = *byte;
+            }
+        }
+        let Ok(raw) = bson::RawDocumentBuf::from_bytes(bytes) else { return Ok(()) };
+        let mut m = mapper();
+        if let Ok(events) = m.map_raw(&raw) {
+            for ev in events {
+                for d in &ev.deliveries {
+                    prop_assert!(d.room.as_str().parse::<changecast::room::Room>().is_ok());
+                    let v: Value = serde_json::from_str(d.data.as_str())
+                        .map_err(|e| TestCaseError::fail(format!("{e}: {:?}", d.data)))?;
+                    prop_assert!(v.is_object() || v.is_null(), "{v}");
+                }
+            }
+        }
+    }
 }
 
 // ---------- the corpus ----------
