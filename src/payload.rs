@@ -17,7 +17,8 @@ use crate::bsonscan::{elements, kind, Elem};
 /// document cannot exhaust the stack.
 const MAX_JSON_DEPTH: usize = 32;
 
-/// One audience's payload: a JSON object as text, cheap to clone and to share.
+/// One audience's payload: JSON text (an object; `null` for a notice with no document),
+/// cheap to clone and to share.
 #[derive(Clone)]
 pub struct Payload {
     json: Arc<str>,
@@ -106,7 +107,7 @@ impl Plan {
         let Some((first, rest)) = segs.split_first() else {
             return;
         };
-        let i = match self.nodes.iter().position(|n| n.key == *first) {
+        let i = match self.find(first.as_bytes()) {
             Some(i) => i,
             None => {
                 self.nodes.push(Node {
