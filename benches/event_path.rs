@@ -212,7 +212,9 @@ fn map(bencher: divan::Bencher, kind: &str) {
 #[divan::bench(args = KINDS)]
 fn map_and_encode(bencher: divan::Bencher, kind: &str) {
     let mut mapper = mapper();
-    let ids = IdCodec::for_jwt_secret(b"bench-secret-bench-secret-0123456789");
+    let ids = std::sync::Arc::new(IdCodec::for_jwt_secret(
+        b"bench-secret-bench-secret-0123456789",
+    ));
     let mut feed = Feed::new(kind);
     bencher.bench_local(|| {
         let routed = mapper.map_raw(feed.next()).expect("ordered");

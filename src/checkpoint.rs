@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
+use mongodb::change_stream::event::ResumeToken;
 use mongodb::Collection;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Mutex};
 
+use crate::event::EventId;
 use crate::health::Health;
 
 /// What is saved per stream.
@@ -57,6 +59,42 @@ pub enum CheckpointError {
     /// The writer task is gone (it panicked), so nothing more can be saved.
     #[error("the checkpoint writer task stopped")]
     WriterGone,
+    /// The driver's resume token could not be written as a document (never seen; a
+    /// newer token is tried at the next save).
+    #[error("the server's resume token cannot be saved as a document")]
+    Token,
+}
+
+/// A resume token as handed to the writer: per change the driver's own form (a byte
+/// copy), turned into a document only when a save needs it. Converting every change's
+/// token (through serde) was a visible share of following the stream.
+#[derive(Debug, Clone)]
+pub(crate) enum HandedToken {
+    /// Already a document (a start point, a token from a checkpoint or the CLI).
+    Doc(Document),
+    /// The driver's token after a change or batch.
+    Driver(ResumeToken),
+}
+
+impl From<Document> for HandedToken {
+    fn from(d: Document) -> Self {
+        Self::Doc(d)
+    }
+}
+
+impl From<ResumeToken> for HandedToken {
+    fn from(t: ResumeToken) -> Self {
+        Self::Driver(t)
+    }
+}
+
+impl HandedToken {
+    fn into_document(self) -> Option<Document> {
+        match self {
+            Self::Doc(d) => Some(d),
+            Self::Driver(t) => crate::token::to_document(&t),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -289,10 +327,10 @@ pub(crate) struct CheckpointWriter {
 /// The newest token handed over (seq 0: none yet).
 #[derive(Clone, Default)]
 struct Pending {
-    token: Option<Document>,
-    last_event_id: Option<String>,
+    token: Option<HandedToken>,
+    last_event_id: Option<EventId>,
     /// The stream's position at `token`.
-    position: Option<String>,
+    position: Option<EventId>,
     /// Events handed off in total, for the `every_events` trigger.
     events: u64,
     seq: u64,
@@ -350,12 +388,12 @@ impl CheckpointWriter {
     /// position at `token` (see `Checkpoint::position`). Never waits.
     pub(crate) fn advance(
         &mut self,
-        token: Document,
-        last_event_id: Option<String>,
-        position: Option<String>,
+        token: impl Into<HandedToken>,
+        last_event_id: Option<EventId>,
+        position: Option<EventId>,
         events: usize,
     ) {
-        self.hand_over(token, last_event_id, position, events, false);
+        self.hand_over(token.into(), last_event_id, position, events, false);
     }
 
     /// Waits while `every_events` handed-over events are unsaved, so that a crash never
@@ -381,10 +419,10 @@ impl CheckpointWriter {
     pub(crate) async fn flush_at(
         &mut self,
         token: Document,
-        last_event_id: Option<String>,
-        position: Option<String>,
+        last_event_id: Option<EventId>,
+        position: Option<EventId>,
     ) -> Result<(), Arc<CheckpointError>> {
-        let seq = self.hand_over(token, last_event_id, position, 0, true);
+        let seq = self.hand_over(token.into(), last_event_id, position, 0, true);
         self.wait_for(seq).await
     }
 
@@ -408,9 +446,9 @@ impl CheckpointWriter {
 
     fn hand_over(
         &mut self,
-        token: Document,
-        last_event_id: Option<String>,
-        position: Option<String>,
+        token: HandedToken,
+        last_event_id: Option<EventId>,
+        position: Option<EventId>,
         events: usize,
         urgent: bool,
     ) -> u64 {
@@ -516,23 +554,27 @@ async fn write_loop(mut w: WriteLoop) {
             }
             continue;
         }
-        let result = if saved_token.as_ref() == Some(&token) {
+        let token = token.into_document();
+        let result = match &token {
+            None => Err(CheckpointError::Token),
             // The same token (an idle stream): nothing new to write.
-            Ok(())
-        } else {
-            let cp = Checkpoint {
-                token: token.clone(),
-                last_event_id: cur.last_event_id.clone(),
-                position: cur.position.clone(),
-                saved_at: now_rfc3339(),
-            };
-            w.store.save(&w.stream, &cp).await
+            Some(t) if saved_token.as_ref() == Some(t) => Ok(()),
+            Some(t) => {
+                let text = |id: &Option<EventId>| id.as_ref().map(|i| i.as_str().to_owned());
+                let cp = Checkpoint {
+                    token: t.clone(),
+                    last_event_id: text(&cur.last_event_id),
+                    position: text(&cur.position),
+                    saved_at: now_rfc3339(),
+                };
+                w.store.save(&w.stream, &cp).await
+            }
         };
         match result {
             Ok(()) => {
                 saved_seq = cur.seq;
                 saved_events = cur.events;
-                saved_token = Some(token);
+                saved_token = token;
                 last_save = Instant::now();
                 retry_at = None;
                 w.health.set_checkpoint_ok(true);
@@ -632,7 +674,7 @@ mod tests {
     #[tokio::test]
     async fn writer_debounces_saves_by_count_and_flushes() {
         let (_dir, store, mut w) = file_writer(Duration::from_secs(3600), 3);
-        w.advance(doc! {"_data": "8201"}, Some("8201".into()), None, 1);
+        w.advance(doc! {"_data": "8201"}, Some(EventId::new("8201")), None, 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
             store.load("app").await.unwrap(),
@@ -662,7 +704,7 @@ mod tests {
             store.load("app").await.unwrap().unwrap().token,
             doc! {"_data": "8200"}
         );
-        w.advance(doc! {"_data": "8205"}, Some("8205".into()), None, 1);
+        w.advance(doc! {"_data": "8205"}, Some(EventId::new("8205")), None, 1);
         assert!(saved_token(&store, &doc! {"_data": "8205"}).await);
         w.finish().await.unwrap();
     }
@@ -684,16 +726,16 @@ mod tests {
         };
         let held = lock.lock().await;
         // Half a window makes a save due; the stream goes on while it is in flight.
-        w.advance(doc! {"_data": "8201"}, Some("8201".into()), None, 2);
+        w.advance(doc! {"_data": "8201"}, Some(EventId::new("8201")), None, 2);
         room(&mut w, Duration::from_millis(300))
             .await
             .expect("waited with half a window unsaved");
-        w.advance(doc! {"_data": "8202"}, Some("8202".into()), None, 1);
+        w.advance(doc! {"_data": "8202"}, Some(EventId::new("8202")), None, 1);
         room(&mut w, Duration::from_millis(300))
             .await
             .expect("waited with 3 of 4 unsaved");
         // A whole window unsaved: a crash now would repeat 4 events, so no more until a save lands.
-        w.advance(doc! {"_data": "8203"}, Some("8203".into()), None, 1);
+        w.advance(doc! {"_data": "8203"}, Some(EventId::new("8203")), None, 1);
         room(&mut w, Duration::from_millis(300))
             .await
             .expect_err("went on with a whole window unsaved");

@@ -65,8 +65,8 @@ pub(crate) enum Body {
 pub struct Message {
     /// Event id; `None` for resync notices.
     pub(crate) id: Option<EventId>,
-    /// `id` as clients see it: sealed, shared by every message of the event.
-    pub(crate) wire_id: Option<Arc<str>>,
+    /// `id` as clients see it: sealed on first use, shared by every message of the event.
+    pub(crate) wire_id: Option<Arc<WireId>>,
     /// The room it was addressed to.
     pub(crate) room: Room,
     /// Payload.
@@ -89,6 +89,30 @@ pub enum WireFormat {
     SocketIo = 1,
 }
 
+/// An event's id as clients see it, sealed by the first encoding that needs it and
+/// shared by the event's messages: a change that reaches nobody (most, on a replica
+/// whose clients are elsewhere) is never sealed; HMAC plus AES-GCM per change was a
+/// visible share of following the stream.
+pub(crate) struct WireId {
+    id: EventId,
+    ids: Arc<IdCodec>,
+    sealed: OnceLock<Box<str>>,
+}
+
+impl WireId {
+    /// The sealed id (see [`IdCodec::seal`]).
+    pub(crate) fn get(&self) -> &str {
+        self.sealed.get_or_init(|| self.ids.seal(&self.id).into())
+    }
+}
+
+impl std::fmt::Debug for WireId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The clear id is what the seal hides: never in logs.
+        f.write_str("WireId(..)")
+    }
+}
+
 impl Message {
     fn new(id: Option<EventId>, room: Room, body: Body) -> Self {
         Self {
@@ -107,6 +131,11 @@ impl Message {
         self.encoded[format as usize]
             .get_or_init(|| encode(self))
             .clone()
+    }
+
+    /// The event id as clients see it (`""` for notices that carry none).
+    pub(crate) fn wire_id(&self) -> &str {
+        self.wire_id.as_deref().map_or("", WireId::get)
     }
 
     /// Commit time of the event, Unix ms (None for resync notices).
@@ -489,9 +518,13 @@ impl Hub {
     }
 }
 
-/// One shared message per delivery of `ev` (payloads are shared, the id sealed once).
-pub fn messages_for(ev: &RoutedEvent, ids: &IdCodec) -> Vec<Arc<Message>> {
-    let wire_id: Arc<str> = ids.seal(&ev.event.id).into();
+/// One shared message per delivery of `ev` (payloads shared, the id sealed once on first use).
+pub fn messages_for(ev: &RoutedEvent, ids: &Arc<IdCodec>) -> Vec<Arc<Message>> {
+    let wire_id = Arc::new(WireId {
+        id: ev.event.id.clone(),
+        ids: ids.clone(),
+        sealed: OnceLock::new(),
+    });
     let name: Arc<str> = ev.event.name.as_str().into();
     ev.deliveries
         .iter()

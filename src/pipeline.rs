@@ -374,8 +374,7 @@ impl Pipeline {
                 // crash before the first debounced save resumes here, not at "now".
                 if let Some(t) = source.token() {
                     // The writer reports the outcome to health and retries a failure itself.
-                    let position = at.as_ref().map(|p| p.as_str().to_owned());
-                    if let Err(e) = cp.flush_at(t, None, position).await {
+                    if let Err(e) = cp.flush_at(t, None, at.clone()).await {
                         tracing::warn!(database = %db, error = %e, "cannot save the starting checkpoint; will retry");
                     }
                 }
@@ -460,7 +459,10 @@ impl Pipeline {
                     }
                 };
                 backoff.reset();
-                let Some(tok) = source.token() else { continue };
+                // The driver's token as it is: made a document only by a save or a reconnect.
+                let Some(tok) = source.resume_token() else {
+                    continue;
+                };
                 let caught_up = change.is_none();
                 let (mut last_id, mut count) = (None, 0);
                 if change.is_none() {
@@ -485,7 +487,7 @@ impl Pipeline {
                     }
                     for ev in &events {
                         self.emit(ev)?;
-                        last_id = Some(ev.event.id.as_str().to_owned());
+                        last_id = Some(ev.event.id.clone());
                         count += 1;
                     }
                     if let Some(bson::RawBsonRef::Timestamp(ts)) =
@@ -494,12 +496,15 @@ impl Pipeline {
                         self.health.observe_cluster_time(ts.time);
                     }
                 }
-                start = StartAt::Token(tok.clone());
-                let position = mapper.position().map(|p| p.as_str().to_owned());
-                cp.advance(tok, last_id, position, count);
+                // `start` is brought up to the source's token where the stream is left
+                // (errors, and here): not per change.
+                cp.advance(tok, last_id, mapper.position().cloned(), count);
                 if careful && caught_up {
                     // The oversized change is gone (changed or deleted before it was
                     // read again, so the lookup returns less): back to full batches.
+                    if let Some(t) = source.token() {
+                        start = StartAt::Token(t);
+                    }
                     careful = false;
                     continue 'reconnect;
                 }
@@ -601,7 +606,8 @@ impl Pipeline {
         let events = mapper
             .skip(&reduced)
             .map_err(|e| PipelineError::Unordered(format!("database {db}: {e}")))?;
-        let id = mapper.position().map(|p| p.as_str().to_owned());
+        let position = mapper.position().cloned();
+        let id = position.as_ref().map(|p| p.as_str().to_owned());
         let rooms: Vec<String> = events
             .iter()
             .flat_map(|ev| ev.deliveries.iter().map(|d| d.room.as_str().to_owned()))
@@ -619,8 +625,8 @@ impl Pipeline {
             }))
             .map_err(PipelineError::Output)?,
         }
-        let last = (!events.is_empty()).then(|| id.clone()).flatten();
-        cp.advance(token.clone(), last, id, events.len());
+        let last = (!events.is_empty()).then(|| position.clone()).flatten();
+        cp.advance(token.clone(), last, position, events.len());
         Ok(Some(StartAt::Token(token)))
     }
 

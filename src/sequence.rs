@@ -47,10 +47,31 @@ impl Position {
 
 /// The id of the change at `time`, `index`-th at that time in its stream, with `token`.
 pub(crate) fn change_id(time: Timestamp, index: u32, token: &str) -> EventId {
-    EventId::new(format!(
-        "{MARK}{:08X}{:08X}{index:08X}-{token}",
-        time.time, time.increment
-    ))
+    // Built on the stack and copied once into the id's shared text: `format!` grew a
+    // String that was then copied again, on every change.
+    const HEAD: usize = 1 + TIME_HEX + 8 + 1;
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut head = [0u8; HEAD];
+    head[0] = MARK as u8;
+    for (i, n) in [time.time, time.increment, index].into_iter().enumerate() {
+        for d in 0..8 {
+            head[1 + i * 8 + d] = HEX[(n >> (28 - 4 * d)) as usize & 0xf];
+        }
+    }
+    head[HEAD - 1] = b'-';
+    let mut buf = [0u8; 512];
+    let len = HEAD + token.len();
+    if len <= buf.len() {
+        buf[..HEAD].copy_from_slice(&head);
+        buf[HEAD..len].copy_from_slice(token.as_bytes());
+        if let Ok(text) = std::str::from_utf8(&buf[..len]) {
+            return EventId::new(text);
+        }
+    }
+    // A token longer than any server writes: the plain way.
+    let mut s = String::from_utf8_lossy(&head).into_owned();
+    s.push_str(token);
+    EventId::new(s)
 }
 
 /// The position just before every change at `time`.
@@ -178,6 +199,25 @@ mod tests {
 
     fn change(t: u32, i: u32, token: &str) -> bson::RawDocumentBuf {
         bson::rawdoc! {"_id": {"_data": token}, "clusterTime": Timestamp { time: t, increment: i }}
+    }
+
+    #[test]
+    fn an_id_is_the_mark_the_time_the_index_and_the_token_for_any_token_length() {
+        for (t, i, n, token) in [
+            (0, 0, 0, "8201".to_owned()),
+            (0x6756_ABCD, 0xFFFF_FFFF, 7, "x".repeat(300)),
+            (u32::MAX, 1, u32::MAX, "é".repeat(400)),
+        ] {
+            let id = change_id(
+                Timestamp {
+                    time: t,
+                    increment: i,
+                },
+                n,
+                &token,
+            );
+            assert_eq!(id.as_str(), format!("V{t:08X}{i:08X}{n:08X}-{token}"));
+        }
     }
 
     #[test]

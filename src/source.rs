@@ -495,14 +495,17 @@ impl Source {
 
     /// The token to resume after everything returned so far: while a split event is
     /// half read, the token before it, so no save and no reconnect lands between fragments.
-    pub(crate) fn token(&self) -> Option<Document> {
-        if let Some(p) = &self.partial {
-            return p.before.as_ref().and_then(token::to_document);
+    /// In the driver's form (a byte copy; see [`Self::token`] for a document).
+    pub(crate) fn resume_token(&self) -> Option<ResumeToken> {
+        match &self.partial {
+            Some(p) => p.before.clone(),
+            None => self.stream.resume_token(),
         }
-        self.stream
-            .resume_token()
-            .as_ref()
-            .and_then(token::to_document)
+    }
+
+    /// [`Self::resume_token`] as a document (start points, operators' logs).
+    pub(crate) fn token(&self) -> Option<Document> {
+        self.resume_token().as_ref().and_then(token::to_document)
     }
 }
 

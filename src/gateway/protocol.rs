@@ -158,7 +158,7 @@ pub fn encode_message(m: &Message) -> Bytes {
         } => {
             // Written into one buffer of the right size: encoding is once per message
             // and room, but it is on every change's path.
-            let id = m.wire_id.as_deref().unwrap_or("");
+            let id = m.wire_id();
             let data = data.as_str();
             let mut s = String::with_capacity(64 + id.len() + name.len() + room.len() + data.len());
             s.push_str("{\"type\":\"event\",\"id\":");

@@ -963,7 +963,7 @@ fn encode_tail(m: &Message) -> Bytes {
         Body::Event { data, .. } => data.as_str(),
         Body::Resync { .. } => "null",
     };
-    let id = m.wire_id.as_deref().unwrap_or("");
+    let id = m.wire_id();
     let mut s = String::with_capacity(data.len() + id.len() + 8);
     s.push(',');
     s.push_str(data);
