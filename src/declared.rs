@@ -30,7 +30,7 @@ use crate::event::{Delivery, Event, EventId, Issue, RoutedEvent};
 use crate::normalize::{
     read_status, truncate, ChangeParts, ChangeView, Op, StatusRead, UNHANDLED_OPS,
 };
-use crate::payload::{Obj, Plan};
+use crate::payload::{Obj, Payload, Plan};
 use crate::room::{Room, RoomKind};
 use crate::route::{bson_to_json, visible_changes, write_status, STATUS_KEYS};
 use crate::status::{is_pickup_type, OrderStatus, StatusTable};
@@ -600,7 +600,7 @@ struct Stream {
 
 /// Each audience's allowlist as a [`Plan`], compiled once per stream.
 #[derive(Debug)]
-struct Plans([Plan; 5]);
+struct Plans([Arc<Plan>; 5]);
 
 impl Plans {
     const KINDS: [RoomKind; 5] = [
@@ -612,10 +612,10 @@ impl Plans {
     ];
 
     fn of(allow: &StreamAllow) -> Self {
-        Self(Self::KINDS.map(|k| Plan::new(allow.of(k).iter().map(String::as_str))))
+        Self(Self::KINDS.map(|k| Arc::new(Plan::new(allow.of(k).iter().map(String::as_str)))))
     }
 
-    fn get(&self, kind: RoomKind) -> &Plan {
+    fn get(&self, kind: RoomKind) -> &Arc<Plan> {
         let i = Self::KINDS.iter().position(|k| *k == kind).unwrap_or(0);
         &self.0[i]
     }
@@ -997,13 +997,13 @@ impl Stream {
                 settings_deliveries(spec, &touched, &keys, store, full.unwrap_or(&empty), issues)
             }
             Shape::Record { payment } => {
-                let extras = Extras {
-                    order: order_key,
-                    payment: payment.then_some(doc_id.as_deref()).flatten(),
-                    status: status_info.as_ref(),
+                let extras = Arc::new(Extras {
+                    order: order_key.map(Box::from),
+                    payment: payment.then_some(doc_id.as_deref()).flatten().map(Box::from),
+                    status: status_info.clone().map(Arc::new),
                     progress: !payment,
                     tracked: None,
-                };
+                });
                 let plain = matches!(op, Op::Update | Op::Replace) && !status_moved;
                 deliveries(
                     spec,
@@ -1049,16 +1049,17 @@ impl Stream {
                                 );
                             }
                         }
-                        Extras {
+                        Arc::new(Extras {
                             order: None,
                             payment: None,
                             // Like a tracked field, the status reaches only the audiences that may see it.
                             status: status_info
                                 .as_ref()
-                                .filter(|_| status_field.is_some_and(shows)),
+                                .filter(|_| status_field.is_some_and(shows))
+                                .map(|st| Arc::new(st.clone())),
                             progress: false,
                             tracked: (!tracked_out.is_empty()).then(|| Value::Object(tracked_out)),
-                        }
+                        })
                     },
                     issues,
                 )
@@ -1084,20 +1085,20 @@ impl Stream {
 
 /// What a payload carries besides the projection; its fields override document fields
 /// of the same name.
-#[derive(Clone)]
-struct Extras<'a> {
-    order: Option<&'a str>,
-    payment: Option<&'a str>,
-    status: Option<&'a crate::event::StatusInfo>,
+/// Owned, and shared by the audiences' recipes: payloads are written when first read.
+struct Extras {
+    order: Option<Box<str>>,
+    payment: Option<Box<str>>,
+    status: Option<Arc<crate::event::StatusInfo>>,
     progress: bool,
     /// A declared stream's `tracked` object.
     tracked: Option<Value>,
 }
 
-impl Extras<'_> {
+impl Extras {
     /// The top-level keys these fields take (and `changedFields` when `changes`).
     fn keys(&self, changes: bool) -> impl Iterator<Item = &'static str> + '_ {
-        let status = self.status.map_or(&[][..], |_| {
+        let status = self.status.as_ref().map_or(&[][..], |_| {
             if self.progress {
                 &STATUS_KEYS[..]
             } else {
@@ -1105,22 +1106,23 @@ impl Extras<'_> {
             }
         });
         self.order
+            .as_ref()
             .map(|_| "orderId")
             .into_iter()
-            .chain(self.payment.map(|_| "paymentId"))
+            .chain(self.payment.as_ref().map(|_| "paymentId"))
             .chain(status.iter().copied())
             .chain(self.tracked.as_ref().map(|_| TRACKED_KEY))
             .chain(changes.then_some("changedFields"))
     }
 
     fn write(&self, data: &mut Obj) {
-        if let Some(order) = self.order {
+        if let Some(order) = &self.order {
             data.str("orderId", order);
         }
-        if let Some(id) = self.payment {
+        if let Some(id) = &self.payment {
             data.str("paymentId", id);
         }
-        if let Some(st) = self.status {
+        if let Some(st) = &self.status {
             write_status(data, st, self.progress);
         }
         if let Some(t) = &self.tracked {
@@ -1132,15 +1134,17 @@ impl Extras<'_> {
 /// One payload per room of `keys` (and admin): the allowlisted projection of `doc`,
 /// what `extra` adds, and the changed paths the audience may know of. With
 /// `skip_unseen`, an audience none of whose fields changed is not sent the event.
+/// Payloads are recipes (see [`Payload::later`]): they hold the document's bytes and are
+/// written when first read.
 #[allow(clippy::too_many_arguments)]
-fn deliveries<'a>(
+fn deliveries(
     spec: &Spec,
     plans: &Plans,
     keys: &[Option<String>],
     doc: &RawDocument,
     changed: &[String],
     skip_unseen: bool,
-    extra: impl Fn(&[String]) -> Extras<'a>,
+    extra: impl Fn(&[String]) -> Arc<Extras>,
     issues: &mut Vec<Issue>,
 ) -> Vec<Delivery> {
     let targets = spec
@@ -1152,6 +1156,8 @@ fn deliveries<'a>(
     // Audiences with the same allowlist get the same payload (by default the customer
     // and `order:` rooms, and the store and admin): written once, shared after.
     let mut built: Vec<(&[String], usize)> = Vec::new();
+    // One copy of the document's bytes per change, shared by its audiences' recipes.
+    let mut bytes: Option<Arc<[u8]>> = None;
     for (kind, key) in targets {
         let Ok(room) = Room::new(kind, key) else {
             issues.push(Issue::InvalidRoomId { kind });
@@ -1169,18 +1175,26 @@ fn deliveries<'a>(
             continue;
         }
         let extras = extra(allow);
-        let skip: Vec<&str> = extras.keys(!changed.is_empty()).collect();
-        let mut data = Obj::new();
-        data.project(doc, plans.get(kind), &skip);
-        extras.write(&mut data);
-        if !changed.is_empty() {
-            data.strs("changedFields", visible.iter().map(String::as_str));
-        }
-        built.push((allow, out.len()));
-        out.push(Delivery {
-            room,
-            data: data.finish(),
+        let changes = (!changed.is_empty()).then_some(visible);
+        let plan = plans.get(kind).clone();
+        let bytes = bytes
+            .get_or_insert_with(|| Arc::from(doc.as_bytes()))
+            .clone();
+        let data = Payload::later(move || {
+            let skip: Vec<&str> = extras.keys(changes.is_some()).collect();
+            let mut data = Obj::new();
+            // The bytes were a document when copied: read again, they still are.
+            if let Ok(doc) = RawDocument::from_bytes(&bytes) {
+                data.project(doc, &plan, &skip);
+            }
+            extras.write(&mut data);
+            if let Some(visible) = &changes {
+                data.strs("changedFields", visible.iter().map(String::as_str));
+            }
+            data.written()
         });
+        built.push((allow, out.len()));
+        out.push(Delivery { room, data });
     }
     out
 }

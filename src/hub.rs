@@ -184,6 +184,9 @@ pub(crate) enum Recovery {
 
 struct Entry {
     id: EventId,
+    /// The entry's place in history (`State::next_seq`): compared where ids would be,
+    /// without reading an id's text from memory that has gone cold.
+    seq: u64,
     at: Instant,
     messages: Vec<Arc<Message>>,
 }
@@ -200,7 +203,10 @@ struct State {
     /// `history` per room: the first message of each entry for that room, in id order.
     /// A recovery reads its room's messages only; scanning every entry for every
     /// returning client made a restart storm O(clients × history) under this lock.
-    by_room: RoomMap<Room, VecDeque<Arc<Message>>>,
+    /// Each message with its entry's `seq`.
+    by_room: RoomMap<Room, VecDeque<(u64, Arc<Message>)>>,
+    /// The next entry's `seq`.
+    next_seq: u64,
     /// Every event with an id ≤ floor may be missing from `history`;
     /// `None` means the hub does not yet know where its stream started.
     floor: Option<EventId>,
@@ -308,9 +314,10 @@ impl Hub {
                         .by_room
                         .get(room)
                         .map(|msgs| {
-                            let start = msgs
-                                .partition_point(|m| m.id.as_ref().is_some_and(|id| id <= since));
-                            msgs.range(start..).cloned().collect()
+                            let start = msgs.partition_point(|(_, m)| {
+                                m.id.as_ref().is_some_and(|id| id <= since)
+                            });
+                            msgs.range(start..).map(|(_, m)| m.clone()).collect()
                         })
                         .unwrap_or_default();
                     Recovery::Recovered(replay)
@@ -418,27 +425,36 @@ impl Hub {
         let now = Instant::now();
         // Several events can share one change (and one id); history keeps them
         // in one entry so replay from that id includes or excludes all of them.
-        match st.history.back_mut() {
-            Some(last) if last.id == ev.event.id => last.messages.extend(messages.iter().cloned()),
-            _ => st.history.push_back(Entry {
-                id: ev.event.id.clone(),
-                at: now,
-                messages: messages.to_vec(),
-            }),
-        }
+        let seq = match st.history.back_mut() {
+            Some(last) if last.id == ev.event.id => {
+                last.messages.extend(messages.iter().cloned());
+                last.seq
+            }
+            _ => {
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                st.history.push_back(Entry {
+                    id: ev.event.id.clone(),
+                    seq,
+                    at: now,
+                    messages: messages.to_vec(),
+                });
+                seq
+            }
+        };
         for m in messages {
             // Looked up before inserting: most rooms have history already, and an
             // `entry` would clone (and drop) the room's name for each of them.
             match st.by_room.get_mut(&m.room) {
                 // One message per entry and room (the first), as a scan of the entry would find.
                 Some(msgs) => {
-                    if msgs.back().is_none_or(|b| b.id != m.id) {
-                        msgs.push_back(m.clone());
+                    if msgs.back().is_none_or(|(s, _)| *s != seq) {
+                        msgs.push_back((seq, m.clone()));
                     }
                 }
                 None => {
                     st.by_room
-                        .insert(m.room.clone(), VecDeque::from([m.clone()]));
+                        .insert(m.room.clone(), VecDeque::from([(seq, m.clone())]));
                 }
             }
         }
@@ -451,7 +467,7 @@ impl Hub {
             if let Some(old) = st.history.pop_front() {
                 for m in &old.messages {
                     if let Some(msgs) = st.by_room.get_mut(&m.room) {
-                        while msgs.front().is_some_and(|f| f.id.as_ref() == Some(&old.id)) {
+                        while msgs.front().is_some_and(|(s, _)| *s == old.seq) {
                             msgs.pop_front();
                         }
                         if msgs.is_empty() {

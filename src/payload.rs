@@ -1,13 +1,16 @@
 //! Per-audience payloads as JSON text: allowlist plans, BSON written straight to JSON, and the shared [`Payload`]; no knowledge of rooms, collections or sockets.
 //!
-//! A payload is written once per audience, directly from the document's BSON into
-//! one `String`, and shared (an `Arc`) by every room with the same allowlist and by
-//! both wires' framing, which splice the text in: no `serde_json::Value` tree per
-//! audience, no second serialization (issue 16).
+//! A payload is written at most once per audience, directly from the document's BSON
+//! into one `String`, and shared (an `Arc`) by every room with the same allowlist and
+//! by both wires' framing, which splice the text in: no `serde_json::Value` tree per
+//! audience, no second serialization (issue 16). It is written when first read (a
+//! recipient's encoding, a recovery, `tail`), not when the change is mapped: most rooms
+//! have nobody in them when their change passes (a customer's app is closed, the
+//! dashboards watch another replica), and their payloads are never written at all.
 
 use std::fmt;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bson::raw::RawDocument;
 
@@ -18,38 +21,62 @@ use crate::bsonscan::{elements, kind, Elem};
 const MAX_JSON_DEPTH: usize = 32;
 
 /// One audience's payload: JSON text (an object; `null` for a notice with no document),
-/// cheap to clone and to share.
+/// written on first read, cheap to clone and to share.
 #[derive(Clone)]
-pub struct Payload {
-    json: Arc<str>,
+pub struct Payload(Arc<Text>);
+
+/// A payload's text, once written.
+pub(crate) struct Written {
+    json: Box<str>,
     /// The top-level `status` string, when there is one (Socket.IO aliases branch on it).
     status: Option<Arc<str>>,
 }
 
+/// Writes a payload's text; owns what it reads (the document's bytes, the plan).
+pub(crate) type Recipe = Box<dyn FnOnce() -> Written + Send>;
+
+enum Text {
+    Ready(Written),
+    /// Written by the first reader; the recipe (and the document it holds) is dropped then.
+    Later(LazyLock<Written, Recipe>),
+}
+
 impl Payload {
-    /// The JSON text.
+    /// A payload written by `recipe` when first read.
+    pub(crate) fn later(recipe: impl FnOnce() -> Written + Send + 'static) -> Self {
+        Self(Arc::new(Text::Later(LazyLock::new(Box::new(recipe)))))
+    }
+
+    fn written(&self) -> &Written {
+        match &*self.0 {
+            Text::Ready(w) => w,
+            Text::Later(l) => l,
+        }
+    }
+
+    /// The JSON text (written now if nobody has read it before).
     pub fn as_str(&self) -> &str {
-        &self.json
+        &self.written().json
     }
 
     /// The top-level `status` field when it is a string.
     pub fn status(&self) -> Option<&Arc<str>> {
-        self.status.as_ref()
+        self.written().status.as_ref()
     }
 
     /// The payload parsed (tests, debugging; the event path never parses).
     pub fn value(&self) -> serde_json::Value {
         // The text is written by this module or serialized from a `Value`: valid JSON.
-        serde_json::from_str(&self.json).unwrap_or(serde_json::Value::Null)
+        serde_json::from_str(self.as_str()).unwrap_or(serde_json::Value::Null)
     }
 
     /// A payload from a JSON value (notices with no document behind them, tests).
     pub fn from_value(v: &serde_json::Value) -> Self {
         let status = v.get("status").and_then(|s| s.as_str()).map(Arc::from);
-        Self {
+        Self(Arc::new(Text::Ready(Written {
             json: v.to_string().into(),
             status,
-        }
+        })))
     }
 }
 
@@ -57,15 +84,15 @@ impl PartialEq for Payload {
     /// The same JSON value: equal text, or texts that parse to equal values (key order
     /// is not part of a JSON object's meaning).
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.json, &other.json)
-            || self.json == other.json
+        Arc::ptr_eq(&self.0, &other.0)
+            || self.as_str() == other.as_str()
             || self.value() == other.value()
     }
 }
 
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.json)
+        f.write_str(self.as_str())
     }
 }
 
@@ -284,9 +311,14 @@ impl Obj {
     }
 
     /// The finished payload.
-    pub(crate) fn finish(mut self) -> Payload {
+    pub(crate) fn finish(self) -> Payload {
+        Payload(Arc::new(Text::Ready(self.written())))
+    }
+
+    /// The object closed, for a [`Payload::later`] recipe.
+    pub(crate) fn written(mut self) -> Written {
         self.buf.push('}');
-        Payload {
+        Written {
             json: self.buf.into(),
             status: self.status,
         }
