@@ -985,7 +985,8 @@ impl Stream {
             (Op::Delete, _, Some(deleted)) => deleted,
             (Op::Delete, _, None) => return None,
         };
-        let status_info = status.and_then(|s: StatusRead| s.info);
+        // Shared by the audiences' payload recipes.
+        let status_info = status.and_then(|s: StatusRead| s.info).map(Arc::new);
         let empty = RawDocumentBuf::new();
         let deliveries = match &spec.shape {
             Shape::Settings(sections) => {
@@ -999,8 +1000,11 @@ impl Stream {
             Shape::Record { payment } => {
                 let extras = Arc::new(Extras {
                     order: order_key.map(Box::from),
-                    payment: payment.then_some(doc_id.as_deref()).flatten().map(Box::from),
-                    status: status_info.clone().map(Arc::new),
+                    payment: payment
+                        .then_some(doc_id.as_deref())
+                        .flatten()
+                        .map(Box::from),
+                    status: status_info.clone(),
                     progress: !payment,
                     tracked: None,
                 });
@@ -1056,7 +1060,7 @@ impl Stream {
                             status: status_info
                                 .as_ref()
                                 .filter(|_| status_field.is_some_and(shows))
-                                .map(|st| Arc::new(st.clone())),
+                                .cloned(),
                             progress: false,
                             tracked: (!tracked_out.is_empty()).then(|| Value::Object(tracked_out)),
                         })

@@ -5,6 +5,7 @@
 //! is full is kicked (its `kicked` token fires) instead of slowing the others.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher as _;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -203,14 +204,32 @@ struct State {
     /// `history` per room: the first message of each entry for that room, in id order.
     /// A recovery reads its room's messages only; scanning every entry for every
     /// returning client made a restart storm O(clients × history) under this lock.
-    /// Each message with its entry's `seq`.
-    by_room: RoomMap<Room, VecDeque<(u64, Arc<Message>)>>,
+    /// Each message with its entry's `seq`. Keyed by the room's 64-bit hash under
+    /// `room_keys`: a lookup compares numbers, not names in memory gone cold, and no
+    /// name is cloned per room; rooms whose keys collide (seeded, so no client can aim
+    /// for it) share a queue, and readers filter it by room.
+    by_room: RoomMap<u64, VecDeque<(u64, Arc<Message>)>>,
+    room_keys: foldhash::fast::RandomState,
+    /// Tests: every room gets the same key, as if all collided.
+    #[cfg(test)]
+    collide: bool,
     /// The next entry's `seq`.
     next_seq: u64,
     /// Every event with an id ≤ floor may be missing from `history`;
     /// `None` means the hub does not yet know where its stream started.
     floor: Option<EventId>,
     head: Option<EventId>,
+}
+
+impl State {
+    /// A room's key in `by_room`.
+    fn room_key(&self, room: &Room) -> u64 {
+        #[cfg(test)]
+        if self.collide {
+            return 0;
+        }
+        self.room_keys.hash_one(room)
+    }
 }
 
 /// Rooms, subscribers and recent history.
@@ -312,12 +331,16 @@ impl Hub {
                 if covered {
                     let replay = st
                         .by_room
-                        .get(room)
+                        .get(&st.room_key(room))
                         .map(|msgs| {
                             let start = msgs.partition_point(|(_, m)| {
                                 m.id.as_ref().is_some_and(|id| id <= since)
                             });
-                            msgs.range(start..).map(|(_, m)| m.clone()).collect()
+                            // Rooms whose keys collide share a queue: this room's only.
+                            msgs.range(start..)
+                                .filter(|(_, m)| m.room == *room)
+                                .map(|(_, m)| m.clone())
+                                .collect()
                         })
                         .unwrap_or_default();
                     Recovery::Recovered(replay)
@@ -364,10 +387,11 @@ impl Hub {
     pub fn publish(&self, ev: &RoutedEvent) {
         let messages = messages_for(ev, &self.ids);
         let mut st = self.state();
-        self.record(&mut st, ev, &messages);
+        // Under one lock, so the order of the two is not observable.
         for msg in &messages {
             self.deliver(&mut st, msg);
         }
+        self.record(&mut st, ev, messages);
     }
 
     /// Publishes, in place of `ev`, a `resync` notice to each of its rooms: the change
@@ -393,10 +417,10 @@ impl Hub {
             })
             .collect();
         let mut st = self.state();
-        self.record(&mut st, ev, &messages);
         for msg in &messages {
             self.deliver(&mut st, msg);
         }
+        self.record(&mut st, ev, messages);
     }
 
     /// Records `ev`, an event a previous process already published, in history only: a
@@ -409,7 +433,7 @@ impl Hub {
         if st.history.is_empty() && st.floor.is_none() {
             st.floor = Some(ev.event.id.clone());
         }
-        self.record(&mut st, ev, &messages);
+        self.record(&mut st, ev, messages);
     }
 
     /// Forgets a warm-up that could not reach its end (history must have no hole).
@@ -421,41 +445,39 @@ impl Hub {
         st.head = None;
     }
 
-    fn record(&self, st: &mut State, ev: &RoutedEvent, messages: &[Arc<Message>]) {
+    fn record(&self, st: &mut State, ev: &RoutedEvent, messages: Vec<Arc<Message>>) {
         let now = Instant::now();
         // Several events can share one change (and one id); history keeps them
         // in one entry so replay from that id includes or excludes all of them.
-        let seq = match st.history.back_mut() {
-            Some(last) if last.id == ev.event.id => {
-                last.messages.extend(messages.iter().cloned());
-                last.seq
+        let merge = st
+            .history
+            .back()
+            .filter(|last| last.id == ev.event.id)
+            .map(|last| last.seq);
+        let seq = merge.unwrap_or(st.next_seq);
+        for m in &messages {
+            let key = st.room_key(&m.room);
+            let msgs = st.by_room.entry(key).or_default();
+            // One message per entry and room (the first), as a scan of the entry would find.
+            let seen = msgs
+                .iter()
+                .rev()
+                .take_while(|(s, _)| *s == seq)
+                .any(|(_, b)| b.room == m.room);
+            if !seen {
+                msgs.push_back((seq, m.clone()));
             }
+        }
+        match st.history.back_mut() {
+            Some(last) if merge.is_some() => last.messages.extend(messages),
             _ => {
-                let seq = st.next_seq;
                 st.next_seq += 1;
                 st.history.push_back(Entry {
                     id: ev.event.id.clone(),
                     seq,
                     at: now,
-                    messages: messages.to_vec(),
+                    messages,
                 });
-                seq
-            }
-        };
-        for m in messages {
-            // Looked up before inserting: most rooms have history already, and an
-            // `entry` would clone (and drop) the room's name for each of them.
-            match st.by_room.get_mut(&m.room) {
-                // One message per entry and room (the first), as a scan of the entry would find.
-                Some(msgs) => {
-                    if msgs.back().is_none_or(|(s, _)| *s != seq) {
-                        msgs.push_back((seq, m.clone()));
-                    }
-                }
-                None => {
-                    st.by_room
-                        .insert(m.room.clone(), VecDeque::from([(seq, m.clone())]));
-                }
             }
         }
         while st.history.len() > self.cfg.history_len.get()
@@ -466,12 +488,13 @@ impl Hub {
         {
             if let Some(old) = st.history.pop_front() {
                 for m in &old.messages {
-                    if let Some(msgs) = st.by_room.get_mut(&m.room) {
+                    let key = st.room_key(&m.room);
+                    if let Some(msgs) = st.by_room.get_mut(&key) {
                         while msgs.front().is_some_and(|(s, _)| *s == old.seq) {
                             msgs.pop_front();
                         }
                         if msgs.is_empty() {
-                            st.by_room.remove(&m.room);
+                            st.by_room.remove(&key);
                         }
                     }
                 }
@@ -678,7 +701,37 @@ mod tests {
         h.publish(&ev("8206", &["customer:c2"]));
         // 8203 is gone, and with it c1's only message.
         assert_eq!(replay(&c1, "8203"), Vec::<String>::new());
-        assert_eq!(h.state().by_room.get(&c1).map(VecDeque::len), None);
+        let st = h.state();
+        assert_eq!(st.by_room.get(&st.room_key(&c1)).map(VecDeque::len), None);
+    }
+
+    #[test]
+    fn rooms_whose_keys_collide_recover_their_own_events_only() {
+        let h = hub(3, 10);
+        h.state().collide = true;
+        h.set_floor(EventId::new("8200"));
+        h.publish(&ev("8201", &["customer:c1", "customer:c2"]));
+        h.publish(&ev("8202", &["customer:c2"]));
+        h.publish(&ev("8203", &["customer:c1", "store:s1"]));
+        h.publish(&ev("8204", &["store:s1"]));
+        let (mb, _rx) = h.mailbox();
+        let replay = |room: &str, since: &str| match h.subscribe(
+            &room.parse().unwrap(),
+            &mb,
+            Some(&EventId::new(since)),
+        ) {
+            Recovery::Recovered(r) => ids(&r).iter().map(|s| s.to_string()).collect(),
+            _ => vec!["not recovered".to_owned()],
+        };
+        // 8201 is evicted (history 3), for both rooms it went to.
+        assert_eq!(replay("customer:c1", "8201"), ["8203"]);
+        assert_eq!(replay("customer:c2", "8201"), ["8202"]);
+        assert_eq!(replay("store:s1", "8201"), ["8203", "8204"]);
+        assert_eq!(replay("store:s1", "8203"), ["8204"]);
+        // Every room shares the one queue, which holds each entry's messages once per room.
+        let st = h.state();
+        let queue = &st.by_room[&0];
+        assert_eq!(queue.len(), 4);
     }
 
     #[test]
