@@ -287,18 +287,31 @@ impl MemoCache {
         self.map.get(id).map(|(_, m)| &**m)
     }
 
+    /// Writes `id`'s memo with `fill`, in place when there is one: most changes are
+    /// updates of documents seen before, and refilling the memo's strings reuses their
+    /// buffers where building a new memo allocated each again (and freed the old ones).
     /// Callers leave out ids longer than [`MAX_KEPT_LEN`]: too long to be room ids anyway.
-    fn put(&mut self, id: &str, memo: Memo) {
+    fn write(&mut self, id: &str, fill: impl FnOnce(&mut Memo)) {
         if self.cap == 0 {
             return;
         }
         self.gen += 1;
         // A rewrite reuses the key's text; its old queue entry goes stale.
-        let key: Arc<str> = match self.map.get_key_value(id) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(id),
+        let known = self.map.get_key_value(id).map(|(k, _)| k.clone());
+        let key: Arc<str> = match known.zip(self.map.get_mut(id)) {
+            Some((k, (g, m))) => {
+                *g = self.gen;
+                fill(m);
+                k
+            }
+            None => {
+                let key: Arc<str> = Arc::from(id);
+                let mut m = Box::default();
+                fill(&mut m);
+                self.map.insert(key.clone(), (self.gen, m));
+                key
+            }
         };
-        self.map.insert(key.clone(), (self.gen, Box::new(memo)));
         self.order.push_back((self.gen, key));
         while self.map.len() > self.cap {
             let Some((g, k)) = self.order.pop_front() else {
@@ -350,11 +363,8 @@ impl OwnerBook {
     }
 
     fn record(&self, collection: &str, id: &str, keys: &[Option<String>]) {
-        let memo = Memo {
-            keys: keys.to_vec(),
-            ..Memo::default()
-        };
-        self.lock().put(&Self::key(collection, id), memo);
+        self.lock()
+            .write(&Self::key(collection, id), |m| fill_keys(&mut m.keys, keys));
     }
 
     /// Rooms only: a status or tracked value from the book would be the latest, not the one before.
@@ -370,6 +380,30 @@ pub(crate) enum OwnerBookUse {
     Record(Arc<OwnerBook>),
     /// An oplog replay: falls back to the book for documents it has not seen itself.
     Consult(Arc<OwnerBook>),
+}
+
+/// `slots` made equal to `keys` (ids longer than [`MAX_KEPT_LEN`] left out), reusing
+/// the strings already there.
+fn fill_keys(slots: &mut Vec<Option<String>>, keys: &[Option<String>]) {
+    slots.truncate(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        let k = k.as_deref().filter(|s| s.len() <= MAX_KEPT_LEN);
+        match slots.get_mut(i) {
+            Some(slot) => assign(slot, k),
+            None => slots.push(k.map(str::to_owned)),
+        }
+    }
+}
+
+/// `*slot = v`, reusing the string already in `slot`.
+fn assign(slot: &mut Option<String>, v: Option<&str>) {
+    match (slot.as_mut(), v) {
+        (Some(s), Some(v)) => {
+            s.clear();
+            s.push_str(v);
+        }
+        (_, v) => *slot = v.map(str::to_owned),
+    }
 }
 
 /// A value worth remembering: scalars only (an array or sub-document could be
@@ -942,24 +976,26 @@ impl Stream {
         let status_moved = status.as_ref().is_some_and(|s| s.touched);
 
         if let Some(i) = doc_id.as_deref().filter(|i| i.len() <= MAX_KEPT_LEN) {
-            let short = |v: &Option<String>| v.clone().filter(|s| s.len() <= MAX_KEPT_LEN);
-            let kept: Vec<Option<String>> = keys.iter().map(short).collect();
             if let (Some(OwnerBookUse::Record(b)), true) = (book, op != Op::Delete) {
-                b.record(&spec.collection, i, &kept);
+                b.record(&spec.collection, i, &keys);
             }
             if op == Op::Delete {
                 memo.remove(i);
             } else {
-                let next = Memo {
-                    keys: kept,
-                    tracked: tracked
-                        .iter()
-                        .map(|(_, new)| new.clone().filter(rememberable))
-                        .collect(),
-                    status: status.as_ref().and_then(|s| short(&s.raw)),
-                    kind: status.as_ref().and_then(|s| short(&s.kind)),
-                };
-                memo.put(i, next);
+                fn short(v: &Option<String>) -> Option<&str> {
+                    v.as_deref().filter(|s| s.len() <= MAX_KEPT_LEN)
+                }
+                memo.write(i, |m| {
+                    fill_keys(&mut m.keys, &keys);
+                    m.tracked.clear();
+                    m.tracked.extend(
+                        tracked
+                            .iter()
+                            .map(|(_, new)| new.clone().filter(rememberable)),
+                    );
+                    assign(&mut m.status, status.as_ref().and_then(|s| short(&s.raw)));
+                    assign(&mut m.kind, status.as_ref().and_then(|s| short(&s.kind)));
+                });
             }
         }
 
