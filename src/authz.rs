@@ -50,7 +50,7 @@ pub trait OrderOwners: Send + Sync {
     /// The change stream of `database` saw `order_id` owned by `owner` (`None`: deleted).
     /// A cache replaces what it holds, so a client refused or admitted by a stale answer
     /// is not for long. The default keeps nothing.
-    fn observe(&self, order_id: &str, database: Option<&str>, owner: Option<OrderOwner>) {
+    fn observe(&self, order_id: &str, database: Option<&str>, owner: Option<&OrderOwner>) {
         let _ = (order_id, database, owner);
     }
 }
@@ -174,12 +174,13 @@ impl OwnerCache {
 
     /// What the change stream says, replacing any entry. Only orders already cached are
     /// updated: the stream sees every order, the cache holds only those someone asked for.
-    fn observe(&self, id: &str, owner: Option<OrderOwner>, now: Instant) {
+    fn observe(&self, id: &str, owner: Option<&OrderOwner>, now: Instant) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = map.get_mut(id) {
+            // Copied only for the orders someone asked about: the stream passes every one.
             *e = CacheEntry {
                 stored: now,
-                owner,
+                owner: owner.cloned(),
                 observed: true,
             };
         }
@@ -239,11 +240,14 @@ impl<O: OrderOwners> OrderOwners for CachedOrderOwners<O> {
         })
     }
 
-    fn observe(&self, order_id: &str, database: Option<&str>, owner: Option<OrderOwner>) {
+    fn observe(&self, order_id: &str, database: Option<&str>, owner: Option<&OrderOwner>) {
         // Keyed as lookups are: by id alone with one database (the mapper then passes
         // none), by database and id with several.
-        self.cache
-            .observe(&cache_key(order_id, database), owner, Instant::now());
+        let key = match database {
+            Some(_) => std::borrow::Cow::Owned(cache_key(order_id, database)),
+            None => std::borrow::Cow::Borrowed(order_id),
+        };
+        self.cache.observe(&key, owner, Instant::now());
     }
 }
 
@@ -746,10 +750,10 @@ mod tests {
         });
         let t0 = Instant::now();
         // Orders nobody asked about are not cached from the stream.
-        c.observe("x", b.clone(), t0);
+        c.observe("x", b.as_ref(), t0);
         assert_eq!(c.len(), 0);
         c.put("o", a.clone(), t0);
-        c.observe("o", b.clone(), t0);
+        c.observe("o", b.as_ref(), t0);
         assert_eq!(c.get("o", t0), Some(b.clone()));
         // A lookup that started before the stream spoke answers with what it read
         // (A), but the cache keeps the stream's newer word.

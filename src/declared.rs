@@ -358,18 +358,30 @@ impl OwnerBook {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn key(collection: &str, id: &str) -> String {
-        format!("{collection}\u{0}{id}")
+    /// Calls `f` with the book's key of `id` in `collection`: written on the stack when
+    /// it fits (every change of the live stream is recorded; a `format!` allocated per change).
+    fn with_key<T>(collection: &str, id: &str, f: impl FnOnce(&str) -> T) -> T {
+        let len = collection.len() + 1 + id.len();
+        let mut buf = [0u8; 512];
+        if len <= buf.len() {
+            buf[..collection.len()].copy_from_slice(collection.as_bytes());
+            buf[collection.len() + 1..len].copy_from_slice(id.as_bytes());
+            if let Ok(key) = std::str::from_utf8(&buf[..len]) {
+                return f(key);
+            }
+        }
+        f(&format!("{collection}\u{0}{id}"))
     }
 
     fn record(&self, collection: &str, id: &str, keys: &[Option<String>]) {
-        self.lock()
-            .write(&Self::key(collection, id), |m| fill_keys(&mut m.keys, keys));
+        Self::with_key(collection, id, |key| {
+            self.lock().write(key, |m| fill_keys(&mut m.keys, keys))
+        });
     }
 
     /// Rooms only: a status or tracked value from the book would be the latest, not the one before.
     fn rooms(&self, collection: &str, id: &str) -> Option<Memo> {
-        self.lock().get(&Self::key(collection, id)).cloned()
+        Self::with_key(collection, id, |key| self.lock().get(key).cloned())
     }
 }
 
@@ -456,14 +468,15 @@ fn delta(old: &Bson, new: &Bson) -> Value {
 
 /// Event names per operation of one stream, as the engine uses them.
 #[derive(Debug, Clone)]
+/// Shared texts: each event takes its name by reference count, not by copy.
 pub(crate) struct Names {
-    pub(crate) created: String,
-    pub(crate) updated: String,
-    pub(crate) replaced: String,
+    pub(crate) created: Arc<str>,
+    pub(crate) updated: Arc<str>,
+    pub(crate) replaced: Arc<str>,
     /// `None`: a delete is no event of this stream (settings).
-    pub(crate) deleted: Option<String>,
+    pub(crate) deleted: Option<Arc<str>>,
     /// A change of the status field (only with a status table).
-    pub(crate) status_changed: Option<String>,
+    pub(crate) status_changed: Option<Arc<str>>,
 }
 
 /// Where one room id comes from.
@@ -576,11 +589,11 @@ impl Spec {
         Self {
             collection: d.collection.clone(),
             names: Names {
-                created: d.events.created.clone(),
-                updated: d.events.updated.clone(),
-                replaced: d.events.replaced.clone(),
-                deleted: Some(d.events.deleted.clone()),
-                status_changed: d.events.status_changed.clone(),
+                created: d.events.created.as_str().into(),
+                updated: d.events.updated.as_str().into(),
+                replaced: d.events.replaced.as_str().into(),
+                deleted: Some(d.events.deleted.as_str().into()),
+                status_changed: d.events.status_changed.as_deref().map(Arc::from),
             },
             keys: keyed
                 .iter()
@@ -1388,6 +1401,21 @@ mod tests {
     use bson::doc;
     use serde_json::json;
 
+    #[test]
+    fn the_owner_books_key_is_the_collection_a_nul_and_the_id_at_any_length() {
+        for (coll, id) in [("orders", "o1"), ("é", "x"), ("c", &*"i".repeat(600))] {
+            let key = OwnerBook::with_key(coll, id, str::to_owned);
+            assert_eq!(key, format!("{coll}\u{0}{id}"));
+        }
+        let book = OwnerBook::new(4);
+        book.record("orders", "o1", &[Some("c1".into()), None]);
+        book.record("orders", "o1", &[Some("c2".into()), Some("s".repeat(200))]);
+        let m = book.rooms("orders", "o1").unwrap();
+        // Rewritten in place; ids too long to be room ids are not kept.
+        assert_eq!(m.keys, [Some("c2".to_owned()), None]);
+        assert!(book.rooms("other", "o1").is_none());
+    }
+
     const USERS: &str = r#"
 [[streams]]
 collection = "users"
@@ -1446,7 +1474,7 @@ store = ["status", "notes"]
             Some(doc! {"_id": "u1", "balance": 10, "email": "a@b"}),
         );
         let r = run(&mut e, &ins);
-        assert_eq!(r.event.name, "balance:created");
+        assert_eq!(&*r.event.name, "balance:created");
         assert_eq!(rooms(&r), ["customer:u1", "admin"]);
         assert_eq!(
             r.deliveries[0].data.value(),
@@ -1461,7 +1489,7 @@ store = ["status", "notes"]
             doc! {"balance": 25},
         );
         let r = run(&mut e, &upd);
-        assert_eq!(r.event.name, "balance:updated");
+        assert_eq!(&*r.event.name, "balance:updated");
         assert_eq!(
             r.deliveries[0].data.value()["tracked"]["balance"],
             json!({"old": 10, "new": 25, "delta": 15, "known": true})
@@ -1531,7 +1559,7 @@ store = ["status", "notes"]
             ),
         );
         let r = run(&mut e, &ins);
-        assert_eq!(r.event.name, "delivery:created");
+        assert_eq!(&*r.event.name, "delivery:created");
         assert_eq!(rooms(&r), ["customer:c1", "store:s1"]);
         assert_eq!(r.deliveries[0].data.value(), json!({"status": "scheduled"}));
         assert_eq!(
@@ -1542,7 +1570,7 @@ store = ["status", "notes"]
         // No pre-image: the rooms come from what the stream saw.
         let del = change("delete", "deliveries", Bson::String("d1".into()), None);
         let r = run(&mut e, &del);
-        assert_eq!(r.event.name, "delivery:deleted");
+        assert_eq!(&*r.event.name, "delivery:deleted");
         assert_eq!(rooms(&r), ["customer:c1", "store:s1"]);
         // Forgotten after the delete: a second delete has no owner.
         let mut issues = Vec::new();
@@ -1649,7 +1677,7 @@ dropped_off = "delivered"
             Some(delivery("d1", "scheduled", "pickup")),
         );
         let r = run(&mut e, &ins);
-        assert_eq!(r.event.name, "delivery:created");
+        assert_eq!(&*r.event.name, "delivery:created");
         // The customer may not see `state`: no status for them, as for a tracked field.
         assert_eq!(r.deliveries[0].data.value(), json!({"_id": "d1"}));
         assert_eq!(
@@ -1666,7 +1694,7 @@ dropped_off = "delivered"
             doc! {"state": "loaded"},
         );
         let r = run(&mut e, &upd);
-        assert_eq!(r.event.name, "delivery:status_changed");
+        assert_eq!(&*r.event.name, "delivery:status_changed");
         assert_eq!(rooms(&r), ["store:s1"]);
         let d = &r.deliveries[0].data.value();
         assert_eq!(
@@ -1688,7 +1716,7 @@ dropped_off = "delivered"
             doc! {"notes": "gate"},
         );
         let r = run(&mut e, &upd);
-        assert_eq!(r.event.name, "delivery:updated");
+        assert_eq!(&*r.event.name, "delivery:updated");
         assert_eq!(
             r.deliveries[0].data.value()["previousStatus"],
             "ready_for_pickup"
@@ -1702,10 +1730,10 @@ dropped_off = "delivered"
             Some(delivery("d1", "dropped_off", "delivery")),
         );
         let r = run(&mut e, &rep);
-        assert_eq!(r.event.name, "delivery:status_changed");
+        assert_eq!(&*r.event.name, "delivery:status_changed");
         assert_eq!(r.deliveries[1].data.value()["status"], "delivered");
         let r = run(&mut e, &rep);
-        assert_eq!(r.event.name, "delivery:replaced");
+        assert_eq!(&*r.event.name, "delivery:replaced");
     }
 
     #[test]
@@ -1799,7 +1827,7 @@ dropped_off = "delivered"
             doc! {"status": "done"},
         );
         let r = run(&mut e, &upd);
-        assert_eq!(r.event.name, "delivery:updated");
+        assert_eq!(&*r.event.name, "delivery:updated");
         assert_eq!(
             r.deliveries[0].data.value(),
             json!({"status": "done", "changedFields": ["status"]})

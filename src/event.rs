@@ -78,8 +78,8 @@ impl fmt::Display for EventId {
 pub struct Event {
     /// The change's resume token; shared by every event derived from that change.
     pub id: EventId,
-    /// Canonical name, e.g. `order:status_changed`.
-    pub name: String,
+    /// Canonical name, e.g. `order:status_changed` (shared by the stream's events).
+    pub name: Arc<str>,
     /// Commit wall time of the change in Unix milliseconds (0 when the server gave none).
     pub ts_ms: i64,
 }

@@ -564,7 +564,7 @@ pub fn messages_for(ev: &RoutedEvent, ids: &Arc<IdCodec>) -> Vec<Arc<Message>> {
         ids: ids.clone(),
         sealed: OnceLock::new(),
     });
-    let name: Arc<str> = ev.event.name.as_str().into();
+    let name = ev.event.name.clone();
     ev.deliveries
         .iter()
         .map(|d| {

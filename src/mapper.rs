@@ -179,7 +179,7 @@ impl Mapper {
             let now = if deleted {
                 None
             } else {
-                event.owner.as_deref().cloned()
+                event.owner.as_deref()
             };
             if deleted || now.is_some() {
                 observer.observe(&id, database.as_deref(), now);

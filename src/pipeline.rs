@@ -214,6 +214,7 @@ impl Pipeline {
             (None, None) => (StartAt::Now, None),
         };
         // Saves run beside the stream, so a slow fsync never holds up the next change.
+        let mut routed = RoutedCounters::default();
         let mut cp = CheckpointWriter::start(
             self.store.clone(),
             self.health.clone(),
@@ -486,7 +487,7 @@ impl Pipeline {
                         at = mapper.position().cloned();
                     }
                     for ev in &events {
-                        self.emit(ev)?;
+                        self.emit(ev, &mut routed)?;
                         last_id = Some(ev.event.id.clone());
                         count += 1;
                     }
@@ -660,13 +661,8 @@ impl Pipeline {
         }
     }
 
-    fn emit(&self, ev: &RoutedEvent) -> Result<(), PipelineError> {
-        self.metrics
-            .events_routed
-            .get_or_create(&crate::metrics::EventLabels {
-                event: ev.event.name.clone(),
-            })
-            .inc();
+    fn emit(&self, ev: &RoutedEvent, routed: &mut RoutedCounters) -> Result<(), PipelineError> {
+        routed.get(&self.metrics, &ev.event.name).inc();
         match &self.output {
             Output::Hub(hub) => {
                 hub.publish(ev);
@@ -674,6 +670,40 @@ impl Pipeline {
             }
             Output::Stdout => print_line(&tail_json(ev)).map_err(PipelineError::Output),
         }
+    }
+}
+
+/// A stream's `events_routed` counters by event name: looking one up in the metric family
+/// per event cost a name copy, a lock and a hash. Bounded by the event names a stream's
+/// declarations and presets can produce (events share their stream's name texts, so the
+/// pointer usually settles it).
+#[derive(Default)]
+struct RoutedCounters(Vec<(Arc<str>, prometheus_client::metrics::counter::Counter)>);
+
+impl RoutedCounters {
+    fn get(
+        &mut self,
+        metrics: &Metrics,
+        name: &Arc<str>,
+    ) -> &prometheus_client::metrics::counter::Counter {
+        let i = match self
+            .0
+            .iter()
+            .position(|(n, _)| Arc::ptr_eq(n, name) || n == name)
+        {
+            Some(i) => i,
+            None => {
+                let counter = metrics
+                    .events_routed
+                    .get_or_create(&crate::metrics::EventLabels {
+                        event: name.to_string(),
+                    })
+                    .clone();
+                self.0.push((name.clone(), counter));
+                self.0.len() - 1
+            }
+        };
+        &self.0[i].1
     }
 }
 

@@ -18,12 +18,12 @@ pub(crate) fn presets(cfg: &Config) -> [Spec; 3] {
 
 fn names(module: &str, status: bool) -> Names {
     Names {
-        created: format!("{module}:created"),
+        created: format!("{module}:created").into(),
         // A replace that does not move the status is an update, as it always was.
-        updated: format!("{module}:updated"),
-        replaced: format!("{module}:updated"),
-        deleted: Some(format!("{module}:deleted")),
-        status_changed: status.then(|| format!("{module}:status_changed")),
+        updated: format!("{module}:updated").into(),
+        replaced: format!("{module}:updated").into(),
+        deleted: Some(format!("{module}:deleted").into()),
+        status_changed: status.then(|| format!("{module}:status_changed").into()),
     }
 }
 

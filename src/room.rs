@@ -85,9 +85,11 @@ impl Room {
 
     /// The `admin` room.
     pub(crate) fn admin() -> Self {
+        // One shared name: every change addresses `admin`.
+        static NAME: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "admin".into());
         Self {
             kind: RoomKind::Admin,
-            name: "admin".into(),
+            name: NAME.clone(),
         }
     }
 

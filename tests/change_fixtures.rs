@@ -393,7 +393,7 @@ fn adapted_fixtures_route_to_their_owners_rooms() {
         assert_eq!(out.len(), 1, "{}: {out:?}", f.name);
         let ev = &out[0];
         assert_eq!(
-            ev.event.name,
+            &*ev.event.name,
             expect["event"].as_str().unwrap(),
             "{}",
             f.name

@@ -75,7 +75,7 @@ impl Router {
             database: None,
             event: Event {
                 id: ev.id.clone(),
-                name: ev.name.as_str().to_owned(),
+                name: ev.name.as_str().into(),
                 ts_ms: ev.ts_ms,
             },
             deliveries,
@@ -341,7 +341,7 @@ pub(super) mod tests {
             }),
         );
         let r = route_one(&mut n, &router, &d);
-        assert_eq!(r.event.name, "order:created");
+        assert_eq!(&*r.event.name, "order:created");
         assert_eq!(r.event.ts_ms, 1_700_000_000_000);
         assert_eq!(
             rooms(&r),
@@ -380,7 +380,7 @@ pub(super) mod tests {
         );
         upd.insert("updateDescription", doc! {"updatedFields": {"notes": "n"}});
         let r = route_one(&mut n, &router, &upd);
-        assert_eq!(r.event.name, "order:updated");
+        assert_eq!(&*r.event.name, "order:updated");
         // notes is store-only: customer and order rooms hear nothing.
         assert_eq!(rooms(&r), ["store:s1", "admin"]);
         assert_eq!(
