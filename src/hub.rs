@@ -189,7 +189,10 @@ struct Entry {
     /// without reading an id's text from memory that has gone cold.
     seq: u64,
     at: Instant,
-    messages: Vec<Arc<Message>>,
+    /// The `by_room` keys its messages went under: the queues own the messages, and an
+    /// evicted entry pops its own from them without reading a message or a room name
+    /// (memory that has gone cold by then).
+    rooms: Vec<u64>,
 }
 
 /// Room maps hash with foldhash, seeded per process: SipHash was a visible share of
@@ -455,8 +458,12 @@ impl Hub {
             .filter(|last| last.id == ev.event.id)
             .map(|last| last.seq);
         let seq = merge.unwrap_or(st.next_seq);
-        for m in &messages {
+        let mut keys = Vec::with_capacity(messages.len());
+        for m in messages {
             let key = st.room_key(&m.room);
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
             let msgs = st.by_room.entry(key).or_default();
             // One message per entry and room (the first), as a scan of the entry would find.
             let seen = msgs
@@ -465,18 +472,21 @@ impl Hub {
                 .take_while(|(s, _)| *s == seq)
                 .any(|(_, b)| b.room == m.room);
             if !seen {
-                msgs.push_back((seq, m.clone()));
+                msgs.push_back((seq, m));
             }
         }
         match st.history.back_mut() {
-            Some(last) if merge.is_some() => last.messages.extend(messages),
+            Some(last) if merge.is_some() => {
+                keys.retain(|k| !last.rooms.contains(k));
+                last.rooms.extend(keys);
+            }
             _ => {
                 st.next_seq += 1;
                 st.history.push_back(Entry {
                     id: ev.event.id.clone(),
                     seq,
                     at: now,
-                    messages,
+                    rooms: keys,
                 });
             }
         }
@@ -487,8 +497,7 @@ impl Hub {
                 .is_some_and(|e| now.duration_since(e.at) > self.cfg.history_age)
         {
             if let Some(old) = st.history.pop_front() {
-                for m in &old.messages {
-                    let key = st.room_key(&m.room);
+                for key in old.rooms {
                     if let Some(msgs) = st.by_room.get_mut(&key) {
                         while msgs.front().is_some_and(|(s, _)| *s == old.seq) {
                             msgs.pop_front();
