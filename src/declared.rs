@@ -358,19 +358,10 @@ impl OwnerBook {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Calls `f` with the book's key of `id` in `collection`: written on the stack when
-    /// it fits (every change of the live stream is recorded; a `format!` allocated per change).
+    /// Calls `f` with the book's key of `id` in `collection` (every change of the live
+    /// stream is recorded, so the key is joined without a heap buffer).
     fn with_key<T>(collection: &str, id: &str, f: impl FnOnce(&str) -> T) -> T {
-        let len = collection.len() + 1 + id.len();
-        let mut buf = [0u8; 512];
-        if len <= buf.len() {
-            buf[..collection.len()].copy_from_slice(collection.as_bytes());
-            buf[collection.len() + 1..len].copy_from_slice(id.as_bytes());
-            if let Ok(key) = std::str::from_utf8(&buf[..len]) {
-                return f(key);
-            }
-        }
-        f(&format!("{collection}\u{0}{id}"))
+        crate::joined::with_joined(&[collection, "\u{0}", id], f)
     }
 
     fn record(&self, collection: &str, id: &str, keys: &[Option<String>]) {

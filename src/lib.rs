@@ -27,6 +27,7 @@ pub mod gateway;
 pub mod health;
 pub mod hub;
 pub mod idcodec;
+pub(crate) mod joined;
 pub mod mapper;
 pub mod metrics;
 

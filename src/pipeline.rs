@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::Client;
+use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, CheckpointWriter};
@@ -678,14 +679,10 @@ impl Pipeline {
 /// declarations and presets can produce (events share their stream's name texts, so the
 /// pointer usually settles it).
 #[derive(Default)]
-struct RoutedCounters(Vec<(Arc<str>, prometheus_client::metrics::counter::Counter)>);
+struct RoutedCounters(Vec<(Arc<str>, Counter)>);
 
 impl RoutedCounters {
-    fn get(
-        &mut self,
-        metrics: &Metrics,
-        name: &Arc<str>,
-    ) -> &prometheus_client::metrics::counter::Counter {
+    fn get(&mut self, metrics: &Metrics, name: &Arc<str>) -> &Counter {
         let i = match self
             .0
             .iter()

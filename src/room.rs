@@ -67,20 +67,9 @@ impl Room {
         if !valid_id(id) {
             return Err(RoomError::BadId);
         }
-        // Written on the stack and copied once into the shared name: rooms are named per
-        // change and audience, and `format!` made a String only to copy it again.
-        let prefix = kind.as_str().as_bytes();
-        let len = prefix.len() + 1 + id.len();
-        let mut buf = [0u8; 16 + MAX_ROOM_ID_LEN];
-        buf[..prefix.len()].copy_from_slice(prefix);
-        buf[prefix.len()] = b':';
-        buf[prefix.len() + 1..len].copy_from_slice(id.as_bytes());
-        // ASCII by `valid_id`: the check cannot fail.
-        let name = std::str::from_utf8(&buf[..len]).map_err(|_| RoomError::BadId)?;
-        Ok(Self {
-            kind,
-            name: name.into(),
-        })
+        // Copied once into the shared name: rooms are named per change and audience.
+        let name = crate::joined::with_joined(&[kind.as_str(), ":", id], |s| Arc::from(s));
+        Ok(Self { kind, name })
     }
 
     /// The `admin` room.

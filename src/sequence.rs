@@ -47,31 +47,18 @@ impl Position {
 
 /// The id of the change at `time`, `index`-th at that time in its stream, with `token`.
 pub(crate) fn change_id(time: Timestamp, index: u32, token: &str) -> EventId {
-    // Built on the stack and copied once into the id's shared text: `format!` grew a
-    // String that was then copied again, on every change.
-    const HEAD: usize = 1 + TIME_HEX + 8 + 1;
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut head = [0u8; HEAD];
+    let mut head = [0u8; 1 + TIME_HEX + 8];
     head[0] = MARK as u8;
     for (i, n) in [time.time, time.increment, index].into_iter().enumerate() {
         for d in 0..8 {
             head[1 + i * 8 + d] = HEX[(n >> (28 - 4 * d)) as usize & 0xf];
         }
     }
-    head[HEAD - 1] = b'-';
-    let mut buf = [0u8; 512];
-    let len = HEAD + token.len();
-    if len <= buf.len() {
-        buf[..HEAD].copy_from_slice(&head);
-        buf[HEAD..len].copy_from_slice(token.as_bytes());
-        if let Ok(text) = std::str::from_utf8(&buf[..len]) {
-            return EventId::new(text);
-        }
-    }
-    // A token longer than any server writes: the plain way.
-    let mut s = String::from_utf8_lossy(&head).into_owned();
-    s.push_str(token);
-    EventId::new(s)
+    // ASCII: the check cannot fail. Joined without a heap buffer and copied once into the
+    // id's shared text (`format!` built a String per change only for it to be copied).
+    let head = std::str::from_utf8(&head).unwrap_or_default();
+    crate::joined::with_joined(&[head, "-", token], |s| EventId::new(s))
 }
 
 /// The position just before every change at `time`.
