@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bson::{doc, Document};
 use changecast::config::Config;
 use changecast::gateway::protocol::encode_message;
-use changecast::hub::{messages_for, WireFormat};
+use changecast::hub::{messages_for, Hub, HubConfig, WireFormat};
 use changecast::idcodec::IdCodec;
 use changecast::mapper::Mapper;
 use changecast::metrics::Metrics;
@@ -224,4 +224,96 @@ fn map_and_encode(bencher: divan::Bencher, kind: &str) {
             }
         }
     });
+}
+
+/// Orders in [`follow`]'s ring: twice the default history, so every change ages one out.
+const FOLLOW_ORDERS: usize = 20_000;
+
+/// bench/'s follow workload in process: [`FOLLOW_ORDERS`] ~600-byte orders inserted, then
+/// each moved to `accepted`, over and over, each change with its own resume token and a
+/// later cluster time (patched in place per change).
+struct Ring {
+    changes: Vec<Vec<u8>>,
+    /// Where each change's `clusterTime` value starts in its bytes.
+    at: Vec<usize>,
+    next: usize,
+    time: u32,
+}
+
+impl Ring {
+    fn new() -> Self {
+        let mut changes = Vec::with_capacity(2 * FOLLOW_ORDERS);
+        for step in 0..2 {
+            for i in 0..FOLLOW_ORDERS {
+                let id = format!("o{i}");
+                let mut full = order(if step == 0 { "new" } else { "accepted" });
+                full.insert("_id", id.as_str());
+                full.insert("customerId", format!("c{}", i % 5_000));
+                full.insert("storeId", format!("s{}", i % 50));
+                let mut d = change(
+                    if step == 0 { "insert" } else { "update" },
+                    "orders",
+                    &id,
+                    Some(full),
+                );
+                d.insert(
+                    "_id",
+                    doc! { "_data": format!("8265F0A1B2{:08X}{i:08X}2B022C0100296E5A1004", step) },
+                );
+                if step == 1 {
+                    d = with_update(d, doc! { "status": "accepted" });
+                }
+                changes.push(bson::to_vec(&d).expect("encodes"));
+            }
+        }
+        let at = changes
+            .iter()
+            .map(|b| {
+                let raw = bson::RawDocument::from_bytes(b).expect("a document");
+                let Some(Ok(bson::RawBsonRef::Timestamp(_))) = raw.get("clusterTime").transpose()
+                else {
+                    panic!("every change has a clusterTime");
+                };
+                // The value is the 8 bytes after the key's name and its NUL.
+                let key = b"\x11clusterTime\0";
+                b.windows(key.len()).position(|w| w == key).expect("found") + key.len()
+            })
+            .collect();
+        Self {
+            changes,
+            at,
+            next: 0,
+            time: 1_700_000_000,
+        }
+    }
+
+    fn next(&mut self) -> &bson::RawDocument {
+        let i = self.next;
+        self.next = (i + 1) % self.changes.len();
+        self.time += 1;
+        let ts = (u64::from(self.time) << 32) | 1;
+        self.changes[i][self.at[i]..self.at[i] + 8].copy_from_slice(&ts.to_le_bytes());
+        bson::RawDocument::from_bytes(&self.changes[i]).expect("a document")
+    }
+}
+
+/// Following the stream with no client connected, as bench/'s `follow` phase does in the
+/// process: map, then publish into a hub keeping the default 10,000 changes of history
+/// (each change also ages one out and its never-written payloads are dropped), over
+/// 20,000 orders, so the per-document memory and the room maps hold what they would.
+#[divan::bench(sample_count = 200, sample_size = 200)]
+fn follow(bencher: divan::Bencher) {
+    let mut mapper = mapper();
+    let hub = Hub::new(HubConfig::default(), Arc::new(Metrics::new()));
+    let mut ring = Ring::new();
+    let mut step = |ring: &mut Ring| {
+        for ev in mapper.map_raw(ring.next()).expect("ordered") {
+            hub.publish(&ev);
+        }
+    };
+    // History full and every order remembered before the first sample.
+    for _ in 0..2 * FOLLOW_ORDERS {
+        step(&mut ring);
+    }
+    bencher.bench_local(|| step(&mut ring));
 }

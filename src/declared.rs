@@ -33,7 +33,7 @@ use crate::normalize::{
 use crate::payload::{Obj, Payload, Plan};
 use crate::room::{Room, RoomKind};
 use crate::route::{bson_to_json, visible_changes, write_status, STATUS_KEYS};
-use crate::status::{is_pickup_type, OrderStatus, StatusTable};
+use crate::status::{is_pickup_type, status_key, OrderStatus, StatusTable};
 
 /// Longest id or string value remembered; longer ones are forgotten, never cut.
 const MAX_KEPT_LEN: usize = 128;
@@ -83,18 +83,18 @@ impl StreamStatus {
     /// (status to show, progress, unknown) for `raw` of a document of type `kind`; an
     /// unknown raw value passes through as itself, as orders' do. No progress: a
     /// declared stream's statuses are no flow changecast knows.
-    fn canonical(&self, raw: &str, kind: Option<&str>) -> (String, Option<u8>, bool) {
-        match self.map.get(&raw.trim().to_ascii_lowercase()) {
+    fn canonical(&self, raw: &str, kind: Option<&str>) -> (Cow<'static, str>, Option<u8>, bool) {
+        match self.map.get(&*status_key(raw)) {
             Some(t) if t == READY && self.type_field.is_some() => {
                 let s = if is_pickup_type(&self.pickup_types, kind) {
                     OrderStatus::ReadyForPickup
                 } else {
                     OrderStatus::ReadyForDelivery
                 };
-                (s.as_str().to_owned(), None, false)
+                (s.as_str().into(), None, false)
             }
-            Some(t) => (t.clone(), None, false),
-            None => (raw.to_owned(), None, true),
+            Some(t) => (t.clone().into(), None, false),
+            None => (raw.to_owned().into(), None, true),
         }
     }
 }
@@ -509,16 +509,16 @@ pub(crate) enum Table {
 
 impl Table {
     /// (status to show, progress, unknown); an unknown raw value passes through as itself.
-    fn canonical(&self, raw: &str, kind: Option<&str>) -> (String, Option<u8>, bool) {
+    fn canonical(&self, raw: &str, kind: Option<&str>) -> (Cow<'static, str>, Option<u8>, bool) {
         match self {
             Self::Declared(st) => st.canonical(raw, kind),
             Self::Order(t) => match t.order_status(raw, kind) {
-                Some(s) => (s.as_str().to_owned(), s.progress(), false),
-                None => (raw.to_owned(), None, true),
+                Some(s) => (s.as_str().into(), s.progress(), false),
+                None => (raw.to_owned().into(), None, true),
             },
             Self::Payment(t) => match t.payment_status(raw) {
-                Some(s) => (s.as_str().to_owned(), None, false),
-                None => (raw.to_owned(), None, true),
+                Some(s) => (s.as_str().into(), None, false),
+                None => (raw.to_owned().into(), None, true),
             },
         }
     }

@@ -1,5 +1,6 @@
 //! The event vocabulary: ids, events and their per-room payloads, statuses, and what a change could not be used for; knows nothing of sockets or MongoDB.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt;
 use std::sync::Arc;
@@ -123,13 +124,14 @@ pub struct RoutedEvent {
 /// declared streams with a `[streams.status]` table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusInfo {
-    /// Canonical status, or the raw value when it is unknown.
-    pub status: String,
+    /// Canonical status, or the raw value when it is unknown (the built-in tables'
+    /// statuses are static: no copy per change).
+    pub status: Cow<'static, str>,
     /// The value as stored in the document.
     pub raw: String,
     /// The canonical (or unknown raw) status before this change, when known
     /// from the pre-image or from the last state this process saw.
-    pub previous: Option<String>,
+    pub previous: Option<Cow<'static, str>>,
     /// Position on the order flow, 0..=100 (see `config::OrderStatus::progress`);
     /// `None` for cancelled, unknown statuses and other tables.
     pub progress: Option<u8>,

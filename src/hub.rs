@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{EventId, OrderOwner, Payload, RoutedEvent};
+use crate::event::{Delivery, EventId, OrderOwner, Payload, RoutedEvent};
 use crate::idcodec::IdCodec;
 use crate::metrics::Metrics;
 use crate::room::{Room, RoomKind};
@@ -61,24 +62,57 @@ pub(crate) enum Body {
     },
 }
 
-/// One event addressed to one room, shared by every recipient of that room.
-#[derive(Debug)]
+/// One event addressed to one room, shared by every recipient of that room: a handle
+/// on its change's block (cloning it is one reference count).
+#[derive(Clone)]
 pub struct Message {
-    /// Event id; `None` for resync notices.
-    pub(crate) id: Option<EventId>,
-    /// `id` as clients see it: sealed on first use, shared by every message of the event.
-    pub(crate) wire_id: Option<Arc<WireId>>,
-    /// The room it was addressed to.
-    pub(crate) room: Room,
-    /// Payload.
-    pub(crate) body: Body,
+    change: Arc<Change>,
+    at: u32,
+}
+
+/// The messages of one change and what they share, in one allocation (plus the
+/// buffer of its parts): history keeps every change for a while and frees it cold,
+/// and one block per change instead of one per room, plus the id, was the larger
+/// part of keeping history (see bench/analysis.md).
+struct Change {
+    /// Event id; `None` for resync notices of a lost history.
+    id: Option<EventId>,
+    /// `id` as clients see it: sealed on first use.
+    wire_id: Option<WireId>,
     /// For `order:{id}` rooms: the order's owners as of this change (see
     /// [`RoutedEvent::owner`]); sessions that are not among them do not get it.
-    pub(crate) owner: Option<Arc<OrderOwner>>,
+    owner: Option<Arc<OrderOwner>>,
     /// The database it came from when several are watched ([`RoutedEvent::database`]).
-    pub(crate) database: Option<Arc<str>>,
+    database: Option<Arc<str>>,
+    parts: Box<[Part]>,
+}
+
+/// One room's message of a change.
+struct Part {
+    room: Room,
+    body: Body,
     /// Encodings per wire format, made by the first recipient that needs them.
     encoded: [OnceLock<Bytes>; 2],
+}
+
+impl Part {
+    fn new(room: Room, body: Body) -> Self {
+        Self {
+            room,
+            body,
+            encoded: [OnceLock::new(), OnceLock::new()],
+        }
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id())
+            .field("room", self.room())
+            .field("body", self.body())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Wire formats whose encodings a message caches.
@@ -94,16 +128,15 @@ pub enum WireFormat {
 /// shared by the event's messages: a change that reaches nobody (most, on a replica
 /// whose clients are elsewhere) is never sealed; HMAC plus AES-GCM per change was a
 /// visible share of following the stream.
-pub(crate) struct WireId {
-    id: EventId,
+struct WireId {
     ids: Arc<IdCodec>,
     sealed: OnceLock<Box<str>>,
 }
 
 impl WireId {
-    /// The sealed id (see [`IdCodec::seal`]).
-    pub(crate) fn get(&self) -> &str {
-        self.sealed.get_or_init(|| self.ids.seal(&self.id).into())
+    /// The sealed form of `id` (see [`IdCodec::seal`]); `id` is always its change's.
+    fn get(&self, id: &EventId) -> &str {
+        self.sealed.get_or_init(|| self.ids.seal(id).into())
     }
 }
 
@@ -115,33 +148,65 @@ impl std::fmt::Debug for WireId {
 }
 
 impl Message {
-    fn new(id: Option<EventId>, room: Room, body: Body) -> Self {
-        Self {
-            id,
-            wire_id: None,
-            room,
-            body,
-            owner: None,
-            database: None,
-            encoded: [OnceLock::new(), OnceLock::new()],
-        }
+    /// One message per part of `change`, in order.
+    fn all(change: Arc<Change>) -> impl Iterator<Item = Message> {
+        (0..change.parts.len() as u32).map(move |at| Message {
+            change: change.clone(),
+            at,
+        })
+    }
+
+    fn part(&self) -> &Part {
+        &self.change.parts[self.at as usize]
+    }
+
+    /// Event id; `None` for resync notices of a lost history.
+    pub(crate) fn id(&self) -> Option<&EventId> {
+        self.change.id.as_ref()
+    }
+
+    /// The room it was addressed to.
+    pub(crate) fn room(&self) -> &Room {
+        &self.part().room
+    }
+
+    /// What it carries.
+    pub(crate) fn body(&self) -> &Body {
+        &self.part().body
+    }
+
+    /// For `order:{id}` rooms: the order's owners as of this change; sessions that are
+    /// not among them do not get it. `None` for every other room.
+    pub(crate) fn owner(&self) -> Option<&OrderOwner> {
+        self.change
+            .owner
+            .as_deref()
+            .filter(|_| self.room().kind() == RoomKind::Order)
+    }
+
+    /// The database it came from when several are watched.
+    pub(crate) fn database(&self) -> Option<&str> {
+        self.change.database.as_deref()
     }
 
     /// The encoding of this message for `format`, made by `encode` on first use and shared after.
     pub fn encoded(&self, format: WireFormat, encode: impl FnOnce(&Self) -> Bytes) -> Bytes {
-        self.encoded[format as usize]
+        self.part().encoded[format as usize]
             .get_or_init(|| encode(self))
             .clone()
     }
 
     /// The event id as clients see it (`""` for notices that carry none).
     pub(crate) fn wire_id(&self) -> &str {
-        self.wire_id.as_deref().map_or("", WireId::get)
+        match (&self.change.wire_id, &self.change.id) {
+            (Some(w), Some(id)) => w.get(id),
+            _ => "",
+        }
     }
 
     /// Commit time of the event, Unix ms (None for resync notices).
     pub(crate) fn ts_ms(&self) -> Option<i64> {
-        match &self.body {
+        match self.body() {
             Body::Event { ts_ms, .. } => Some(*ts_ms),
             Body::Resync { .. } => None,
         }
@@ -152,7 +217,7 @@ impl Message {
 #[derive(Debug, Clone)]
 pub(crate) struct Mailbox {
     id: u64,
-    tx: mpsc::Sender<Arc<Message>>,
+    tx: mpsc::Sender<Message>,
     kicked: CancellationToken,
 }
 
@@ -174,7 +239,7 @@ pub(crate) enum Recovery {
     /// No `since` was given: live events only.
     Live,
     /// History covers everything after `since`: these messages, in order, then live.
-    Recovered(Vec<Arc<Message>>),
+    Recovered(Vec<Message>),
     /// History does not reach back to `since`; the caller must replay from the oplog
     /// everything after `since` up to and including `head`, or tell the client to resync.
     NotCovered {
@@ -191,8 +256,8 @@ struct Entry {
     at: Instant,
     /// The `by_room` keys its messages went under: the queues own the messages, and an
     /// evicted entry pops its own from them without reading a message or a room name
-    /// (memory that has gone cold by then).
-    rooms: Vec<u64>,
+    /// (memory that has gone cold by then). Inline: an order's change has four rooms.
+    rooms: SmallVec<[u64; 4]>,
 }
 
 /// Room maps hash with foldhash, seeded per process: SipHash was a visible share of
@@ -211,7 +276,7 @@ struct State {
     /// `room_keys`: a lookup compares numbers, not names in memory gone cold, and no
     /// name is cloned per room; rooms whose keys collide (seeded, so no client can aim
     /// for it) share a queue, and readers filter it by room.
-    by_room: RoomMap<u64, VecDeque<(u64, Arc<Message>)>>,
+    by_room: RoomMap<u64, VecDeque<(u64, Message)>>,
     room_keys: foldhash::fast::RandomState,
     /// Tests: every room gets the same key, as if all collided.
     #[cfg(test)]
@@ -278,7 +343,7 @@ impl Hub {
     ///
     /// Overflow policy: when full, the hub fires `kicked` and drops the session
     /// from every room; the session closes its socket with a reconnect code.
-    pub(crate) fn mailbox(&self) -> (Mailbox, mpsc::Receiver<Arc<Message>>) {
+    pub(crate) fn mailbox(&self) -> (Mailbox, mpsc::Receiver<Message>) {
         let (tx, rx) = mpsc::channel(self.cfg.mailbox_capacity.get());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         (
@@ -336,12 +401,11 @@ impl Hub {
                         .by_room
                         .get(&st.room_key(room))
                         .map(|msgs| {
-                            let start = msgs.partition_point(|(_, m)| {
-                                m.id.as_ref().is_some_and(|id| id <= since)
-                            });
+                            let start =
+                                msgs.partition_point(|(_, m)| m.id().is_some_and(|id| id <= since));
                             // Rooms whose keys collide share a queue: this room's only.
                             msgs.range(start..)
-                                .filter(|(_, m)| m.room == *room)
+                                .filter(|(_, m)| m.room() == room)
                                 .map(|(_, m)| m.clone())
                                 .collect()
                         })
@@ -388,13 +452,13 @@ impl Hub {
 
     /// Records `ev` in history and hands it to every subscriber of its rooms. Never waits.
     pub fn publish(&self, ev: &RoutedEvent) {
-        let messages = messages_for(ev, &self.ids);
+        let change = change_for(ev, &self.ids, |d| Body::Event {
+            name: ev.event.name.clone(),
+            ts_ms: ev.event.ts_ms,
+            data: d.data.clone(),
+        });
         let mut st = self.state();
-        // Under one lock, so the order of the two is not observable.
-        for msg in &messages {
-            self.deliver(&mut st, msg);
-        }
-        self.record(&mut st, ev, messages);
+        self.record(&mut st, &ev.event.id, change, true);
     }
 
     /// Publishes, in place of `ev`, a `resync` notice to each of its rooms: the change
@@ -403,27 +467,11 @@ impl Hub {
     /// back with an older `since` is told too, in order, and never silently misses it.
     pub(crate) fn publish_gap(&self, ev: &RoutedEvent, reason: &str) {
         let reason: Arc<str> = reason.into();
-        let messages: Vec<Arc<Message>> = messages_for(ev, &self.ids)
-            .into_iter()
-            .map(|m| {
-                let mut gap = Message::new(
-                    m.id.clone(),
-                    m.room.clone(),
-                    Body::Resync {
-                        reason: reason.clone(),
-                    },
-                );
-                gap.owner = m.owner.clone();
-                gap.database = m.database.clone();
-                gap.wire_id = m.wire_id.clone();
-                Arc::new(gap)
-            })
-            .collect();
+        let change = change_for(ev, &self.ids, |_| Body::Resync {
+            reason: reason.clone(),
+        });
         let mut st = self.state();
-        for msg in &messages {
-            self.deliver(&mut st, msg);
-        }
-        self.record(&mut st, ev, messages);
+        self.record(&mut st, &ev.event.id, change, true);
     }
 
     /// Records `ev`, an event a previous process already published, in history only: a
@@ -431,12 +479,16 @@ impl Hub {
     /// after a restart recover from memory. Without a floor set before (`set_floor`
     /// with the warm-up's start), the first preloaded event becomes the floor.
     pub(crate) fn preload(&self, ev: &RoutedEvent) {
-        let messages = messages_for(ev, &self.ids);
+        let change = change_for(ev, &self.ids, |d| Body::Event {
+            name: ev.event.name.clone(),
+            ts_ms: ev.event.ts_ms,
+            data: d.data.clone(),
+        });
         let mut st = self.state();
         if st.history.is_empty() && st.floor.is_none() {
             st.floor = Some(ev.event.id.clone());
         }
-        self.record(&mut st, ev, messages);
+        self.record(&mut st, &ev.event.id, change, false);
     }
 
     /// Forgets a warm-up that could not reach its end (history must have no hole).
@@ -448,19 +500,25 @@ impl Hub {
         st.head = None;
     }
 
-    fn record(&self, st: &mut State, ev: &RoutedEvent, messages: Vec<Arc<Message>>) {
+    /// Keeps `change` (of event `id`) in history and, with `deliver`, hands each of its
+    /// messages to its room's subscribers: under one lock, so the order of the two is
+    /// not observable.
+    fn record(&self, st: &mut State, id: &EventId, change: Arc<Change>, deliver: bool) {
         let now = Instant::now();
         // Several events can share one change (and one id); history keeps them
         // in one entry so replay from that id includes or excludes all of them.
         let merge = st
             .history
             .back()
-            .filter(|last| last.id == ev.event.id)
+            .filter(|last| last.id == *id)
             .map(|last| last.seq);
         let seq = merge.unwrap_or(st.next_seq);
-        let mut keys = Vec::with_capacity(messages.len());
-        for m in messages {
-            let key = st.room_key(&m.room);
+        let mut keys = SmallVec::<[u64; 4]>::new();
+        for m in Message::all(change) {
+            if deliver {
+                self.deliver(st, &m);
+            }
+            let key = st.room_key(m.room());
             if !keys.contains(&key) {
                 keys.push(key);
             }
@@ -470,7 +528,7 @@ impl Hub {
                 .iter()
                 .rev()
                 .take_while(|(s, _)| *s == seq)
-                .any(|(_, b)| b.room == m.room);
+                .any(|(_, b)| b.room() == m.room());
             if !seen {
                 msgs.push_back((seq, m));
             }
@@ -483,7 +541,7 @@ impl Hub {
             _ => {
                 st.next_seq += 1;
                 st.history.push_back(Entry {
-                    id: ev.event.id.clone(),
+                    id: id.clone(),
                     seq,
                     at: now,
                     rooms: keys,
@@ -510,7 +568,7 @@ impl Hub {
                 st.floor = Some(old.id);
             }
         }
-        st.head = Some(ev.event.id.clone());
+        st.head = Some(id.clone());
     }
 
     /// Tells every room to resync and forgets history: used when the stream had to
@@ -520,22 +578,33 @@ impl Hub {
         st.history.clear();
         st.by_room.clear();
         st.floor = new_floor;
-        let rooms: Vec<Room> = st.rooms.keys().cloned().collect();
         let reason: Arc<str> = reason.into();
-        for room in rooms {
-            let msg = Arc::new(Message::new(
-                None,
-                room,
-                Body::Resync {
-                    reason: reason.clone(),
-                },
-            ));
+        let parts: Box<[Part]> = st
+            .rooms
+            .keys()
+            .map(|room| {
+                Part::new(
+                    room.clone(),
+                    Body::Resync {
+                        reason: reason.clone(),
+                    },
+                )
+            })
+            .collect();
+        let change = Arc::new(Change {
+            id: None,
+            wire_id: None,
+            owner: None,
+            database: None,
+            parts,
+        });
+        for msg in Message::all(change) {
             self.deliver(&mut st, &msg);
         }
     }
 
-    fn deliver(&self, st: &mut State, msg: &Arc<Message>) {
-        let Some(subs) = st.rooms.get_mut(&msg.room) else {
+    fn deliver(&self, st: &mut State, msg: &Message) {
+        let Some(subs) = st.rooms.get_mut(msg.room()) else {
             return;
         };
         let mut gone = Vec::new();
@@ -559,41 +628,44 @@ impl Hub {
                 subs.remove(&id);
             }
             if subs.is_empty() {
-                st.rooms.remove(&msg.room);
+                st.rooms.remove(msg.room());
                 self.metrics.rooms.set(st.rooms.len() as i64);
             }
         }
     }
 }
 
+/// The block of `ev`'s messages, one per delivery with the body `body` makes of it
+/// (payloads shared, the id sealed once on first use).
+fn change_for(
+    ev: &RoutedEvent,
+    ids: &Arc<IdCodec>,
+    body: impl Fn(&Delivery) -> Body,
+) -> Arc<Change> {
+    Arc::new(Change {
+        id: Some(ev.event.id.clone()),
+        wire_id: Some(WireId {
+            ids: ids.clone(),
+            sealed: OnceLock::new(),
+        }),
+        owner: ev.owner.clone(),
+        database: ev.database.clone(),
+        parts: ev
+            .deliveries
+            .iter()
+            .map(|d| Part::new(d.room.clone(), body(d)))
+            .collect(),
+    })
+}
+
 /// One shared message per delivery of `ev` (payloads shared, the id sealed once on first use).
-pub fn messages_for(ev: &RoutedEvent, ids: &Arc<IdCodec>) -> Vec<Arc<Message>> {
-    let wire_id = Arc::new(WireId {
-        id: ev.event.id.clone(),
-        ids: ids.clone(),
-        sealed: OnceLock::new(),
+pub fn messages_for(ev: &RoutedEvent, ids: &Arc<IdCodec>) -> Vec<Message> {
+    let change = change_for(ev, ids, |d| Body::Event {
+        name: ev.event.name.clone(),
+        ts_ms: ev.event.ts_ms,
+        data: d.data.clone(),
     });
-    let name = ev.event.name.clone();
-    ev.deliveries
-        .iter()
-        .map(|d| {
-            let mut msg = Message::new(
-                Some(ev.event.id.clone()),
-                d.room.clone(),
-                Body::Event {
-                    name: name.clone(),
-                    ts_ms: ev.event.ts_ms,
-                    data: d.data.clone(),
-                },
-            );
-            if d.room.kind() == RoomKind::Order {
-                msg.owner = ev.owner.clone();
-            }
-            msg.database = ev.database.clone();
-            msg.wire_id = Some(wire_id.clone());
-            Arc::new(msg)
-        })
-        .collect()
+    Message::all(change).collect()
 }
 
 fn remove_sub(st: &mut State, room: &Room, mailbox_id: u64) {
@@ -642,8 +714,8 @@ mod tests {
         )
     }
 
-    fn ids(v: &[Arc<Message>]) -> Vec<&str> {
-        v.iter().map(|m| m.id.as_ref().unwrap().as_str()).collect()
+    fn ids(v: &[Message]) -> Vec<&str> {
+        v.iter().map(|m| m.id().unwrap().as_str()).collect()
     }
 
     #[test]
@@ -657,7 +729,7 @@ mod tests {
         h.subscribe(&r2, &b, None);
         h.publish(&ev("8201", &["customer:c1", "store:s1"]));
         let m = ra.try_recv().unwrap();
-        assert_eq!(m.room, r1);
+        assert_eq!(*m.room(), r1);
         assert!(rb.try_recv().is_err());
         assert!(ra.try_recv().is_err());
     }
@@ -676,9 +748,9 @@ mod tests {
             panic!("expected history recovery");
         };
         assert_eq!(ids(&replay), ["8203", "8204", "8205"]);
-        assert!(replay.iter().all(|m| m.room == room));
+        assert!(replay.iter().all(|m| *m.room() == room));
         h.publish(&ev("8206", &["customer:c1"]));
-        assert_eq!(rx.try_recv().unwrap().id.as_ref().unwrap().as_str(), "8206");
+        assert_eq!(rx.try_recv().unwrap().id().unwrap().as_str(), "8206");
         assert!(rx.try_recv().is_err());
     }
 
@@ -821,7 +893,7 @@ mod tests {
         let got: Vec<_> = (0..2).map(|_| rx.try_recv().unwrap()).collect();
         assert!(got
             .iter()
-            .all(|m| matches!(m.body, Body::Resync { .. }) && m.id.is_none()));
+            .all(|m| matches!(m.body(), Body::Resync { .. }) && m.id().is_none()));
         h.unsubscribe_all([&r1, &r2], a.id());
         assert_eq!(h.room_count(), 0);
         assert_eq!(h.metrics.rooms.get(), 0);

@@ -8,6 +8,8 @@
 //! The engine that turns a change into an event (`declared`) reads through here;
 //! `route` is its sibling for rooms and payloads.
 
+use std::borrow::Cow;
+
 use bson::raw::{RawBsonRef, RawDocument};
 
 use crate::bsonscan;
@@ -131,7 +133,7 @@ pub(crate) fn read_status(
     path: &str,
     type_path: Option<&str>,
     remembered: Option<(Option<&str>, Option<&str>)>,
-    canonical: impl Fn(&str, Option<&str>) -> (String, Option<u8>, bool),
+    canonical: impl Fn(&str, Option<&str>) -> (Cow<'static, str>, Option<u8>, bool),
 ) -> StatusRead {
     let (mem_raw, mem_kind) = remembered.unwrap_or((None, None));
     // This update's own value first: the looked-up document may be later.

@@ -77,7 +77,7 @@ struct Request {
     /// Told when the scan serving this request begins: `server.replay_timeout` counts
     /// from there, not from the wait behind other clients' scans.
     started: Option<oneshot::Sender<()>>,
-    reply: oneshot::Sender<Result<Vec<Arc<Message>>, String>>,
+    reply: oneshot::Sender<Result<Vec<Message>, String>>,
 }
 
 /// The [`Replayer`] the gateway uses: a handle to the shared scheduler.
@@ -101,7 +101,7 @@ impl Replayer for OplogReplayer {
         since: &'a EventId,
         until: Option<EventId>,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, String>> {
+    ) -> BoxFuture<'a, Result<Vec<Message>, String>> {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
             let (started, begun) = oneshot::channel();
@@ -162,9 +162,8 @@ async fn schedule(cfg: ReplayConfig, mut rx: mpsc::Receiver<Request>) {
 }
 
 /// Serves `batch` with one stream per database; one result per request, in order.
-async fn scan(cfg: &ReplayConfig, batch: &[Request]) -> Vec<Result<Vec<Arc<Message>>, String>> {
-    let mut out: Vec<Result<Vec<Arc<Message>>, String>> =
-        batch.iter().map(|_| Ok(Vec::new())).collect();
+async fn scan(cfg: &ReplayConfig, batch: &[Request]) -> Vec<Result<Vec<Message>, String>> {
+    let mut out: Vec<Result<Vec<Message>, String>> = batch.iter().map(|_| Ok(Vec::new())).collect();
     // A position that is no change can only be resumed at its time, which a server that
     // silently starts later than asked would answer with a hole: those clients resync.
     if !cfg.server.refuses_lost_history() {
@@ -186,7 +185,7 @@ async fn scan(cfg: &ReplayConfig, batch: &[Request]) -> Vec<Result<Vec<Arc<Messa
     }
     for o in out.iter_mut().flatten() {
         // Streams of several databases interleave in commit order by id.
-        o.sort_by(|a, b| a.id.cmp(&b.id));
+        o.sort_by(|a, b| a.id().cmp(&b.id()));
     }
     out
 }
@@ -196,7 +195,7 @@ async fn scan_db(
     database: &str,
     batch: &[Request],
     open: &[bool],
-    out: &mut [Result<Vec<Arc<Message>>, String>],
+    out: &mut [Result<Vec<Message>, String>],
 ) -> Result<(), String> {
     let served = || batch.iter().zip(open).filter(|(_, o)| **o).map(|(r, _)| r);
     let Some(oldest) = served().map(|r| &r.since).min() else {
@@ -252,13 +251,13 @@ async fn scan_db(
             if until.is_some_and(|u| id > u) {
                 return Ok(());
             }
-            let mut messages: Option<Vec<Arc<Message>>> = None;
+            let mut messages: Option<Vec<Message>> = None;
             for d in &ev.deliveries {
                 let Some(waiting) = by_room.get(&d.room) else {
                     continue;
                 };
                 let msgs = messages.get_or_insert_with(|| messages_for(&ev, &cfg.ids));
-                let Some(m) = msgs.iter().find(|m| m.room == d.room) else {
+                let Some(m) = msgs.iter().find(|m| *m.room() == d.room) else {
                     continue;
                 };
                 for &i in waiting {

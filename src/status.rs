@@ -1,5 +1,6 @@
 //! Canonical order and payment statuses and the table that maps an app's raw status values to them; knows nothing of TOML or change documents.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Serialize, Serializer};
@@ -179,8 +180,7 @@ pub(crate) struct StatusTable {
 impl StatusTable {
     /// The canonical order status of `raw` for an order of type `order_type`; `None` when unknown.
     pub(crate) fn order_status(&self, raw: &str, order_type: Option<&str>) -> Option<OrderStatus> {
-        let key = raw.trim().to_ascii_lowercase();
-        match self.order.get(&key)? {
+        match self.order.get(&*status_key(raw))? {
             OrderTarget::Fixed(s) => Some(*s),
             OrderTarget::ReadyByType => Some(if self.is_pickup(order_type) {
                 OrderStatus::ReadyForPickup
@@ -197,7 +197,7 @@ impl StatusTable {
 
     /// The canonical payment status of `raw`; `None` when unknown.
     pub(crate) fn payment_status(&self, raw: &str) -> Option<PaymentStatus> {
-        self.payment.get(&raw.trim().to_ascii_lowercase()).copied()
+        self.payment.get(&*status_key(raw)).copied()
     }
 }
 
@@ -215,9 +215,20 @@ impl Default for StatusTable {
 /// means delivery. The rule of every `ready` split (orders, declared streams).
 pub(crate) fn is_pickup_type(pickup_types: &[String], kind: Option<&str>) -> bool {
     kind.is_some_and(|t| {
-        let t = t.trim().to_ascii_lowercase();
-        pickup_types.contains(&t)
+        let t = status_key(t);
+        pickup_types.iter().any(|p| *p == *t)
     })
+}
+
+/// `raw` as the tables key it: trimmed, lower case. Borrowed when it already is (the
+/// usual case), so a lookup per change costs no copy.
+pub(crate) fn status_key(raw: &str) -> Cow<'_, str> {
+    let t = raw.trim();
+    if t.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(t.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(t)
+    }
 }
 
 /// The default order status map of the Node apps.

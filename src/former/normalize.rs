@@ -976,10 +976,7 @@ mod tests {
             let ev = one(&mut n, &d);
             assert_eq!(ev.name, EventName::PaymentCreated);
             let st = ev.status.unwrap();
-            assert_eq!(
-                (st.status.as_str(), st.unknown, st.progress),
-                (want, false, None)
-            );
+            assert_eq!((&*st.status, st.unknown, st.progress), (want, false, None));
             assert_eq!(ev.keys.order.as_deref(), Some("o1"));
         }
     }
@@ -1090,7 +1087,7 @@ mod tests {
         let ev = one(&mut n, &upd);
         let st = ev.status.unwrap();
         assert_eq!(
-            (st.status.as_str(), st.previous.as_deref()),
+            (&*st.status, st.previous.as_deref()),
             ("in_transit", Some("picked_up"))
         );
 

@@ -222,11 +222,13 @@ fn room(kind: RoomKind, id: &str, issues: &mut Vec<RouteIssue>) -> Option<Room> 
 /// A status's event fields (`status`, `rawStatus`, `previousStatus`, `unknown`, and for
 /// orders `progress`), the same for every collection that has a status table.
 pub(crate) fn insert_status(data: &mut Map<String, Value>, st: &StatusInfo, progress: bool) {
-    data.insert("status".into(), Value::String(st.status.clone()));
+    data.insert("status".into(), Value::String(st.status.to_string()));
     data.insert("rawStatus".into(), Value::String(st.raw.clone()));
     data.insert(
         "previousStatus".into(),
-        st.previous.clone().map_or(Value::Null, Value::String),
+        st.previous
+            .as_deref()
+            .map_or(Value::Null, |p| Value::String(p.to_owned())),
     );
     if progress {
         data.insert(

@@ -195,12 +195,12 @@ pub(crate) fn read_status(
     let info = raw.as_ref().map(|r| {
         let (status, progress, unknown) = canonical(r, kind.as_deref());
         StatusInfo {
-            status,
+            status: status.into(),
             raw: r.clone(),
             previous: if v.op == Op::Insert {
                 None
             } else {
-                previous.clone()
+                previous.clone().map(Into::into)
             },
             progress,
             unknown,

@@ -255,7 +255,7 @@ impl<D: Dialect> Conn<D> {
     pub(crate) async fn drive(
         &mut self,
         session: &mut Session,
-        rx: &mut mpsc::Receiver<Arc<Message>>,
+        rx: &mut mpsc::Receiver<Message>,
         mut told: Option<EventId>,
         mut next_ping: tokio::time::Instant,
     ) -> Option<Exit> {
@@ -389,7 +389,7 @@ impl<D: Dialect> Conn<D> {
     /// skipped). Nothing is sent when it is what the client was last told.
     async fn tell_position(
         &mut self,
-        rx: &mpsc::Receiver<Arc<Message>>,
+        rx: &mpsc::Receiver<Message>,
         told: &mut Option<EventId>,
     ) -> Result<(), WriteError> {
         let Some(p) = self.gw.hub.position() else {
@@ -409,16 +409,16 @@ impl<D: Dialect> Conn<D> {
     async fn write_batch(
         &mut self,
         session: &mut Session,
-        first: Arc<Message>,
-        rx: &mut mpsc::Receiver<Arc<Message>>,
+        first: Message,
+        rx: &mut mpsc::Receiver<Message>,
     ) -> Result<Option<EventId>, WriteError> {
         let mut next = Some(first);
-        let mut last: Option<Arc<Message>> = None;
+        let mut last: Option<Message> = None;
         let mut n = 0;
         while let Some(m) = next.take() {
             if session.accept(&m) {
                 self.feed_message(&m).await?;
-                if m.id.is_some() {
+                if m.id().is_some() {
                     last = Some(m);
                 }
             } else {
@@ -432,7 +432,7 @@ impl<D: Dialect> Conn<D> {
             }
         }
         self.flush().await?;
-        Ok(last.and_then(|m| m.id.clone()))
+        Ok(last.and_then(|m| m.id().cloned()))
     }
 
     /// Every frame of one hub message; counts the delivery once.

@@ -41,7 +41,7 @@ pub trait Replayer: Send + Sync {
         since: &'a EventId,
         until: Option<EventId>,
         timeout: std::time::Duration,
-    ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, String>>;
+    ) -> BoxFuture<'a, Result<Vec<Message>, String>>;
 }
 
 /// Everything a session needs, shared by all of them.

@@ -151,8 +151,8 @@ pub fn parse(text: &str) -> Result<ClientMsg, ParseError> {
 
 /// `{"type":"event",…}` or `{"type":"resync",…}` for a hub message, encoded once and shared.
 pub fn encode_message(m: &Message) -> Bytes {
-    let room = m.room.as_str();
-    let s = match &m.body {
+    let room = m.room().as_str();
+    let s = match m.body() {
         Body::Event {
             name, ts_ms, data, ..
         } => {

@@ -31,7 +31,7 @@ pub(crate) struct Joined {
     /// True when `since` was given but neither history nor the oplog reached back.
     pub(crate) resync: bool,
     /// Messages to send before any live one, in order.
-    pub(crate) replay: Vec<Arc<Message>>,
+    pub(crate) replay: Vec<Message>,
     /// The newest event published before this join: a client that receives no event in the
     /// room before it disconnects passes this as `since`, so its first gap is recoverable too.
     pub(crate) position: Option<EventId>,
@@ -280,13 +280,13 @@ impl Session {
     /// or store) leaves the room with that change, gets nothing of it, and the room is
     /// queued for [`Session::take_lost`] so the client is told.
     pub(crate) fn accept(&mut self, msg: &Message) -> bool {
-        if !self.rooms.contains_key(&msg.room) || !self.same_database(msg) {
+        if !self.rooms.contains_key(msg.room()) || !self.same_database(msg) {
             return false;
         }
-        if let Some(owner) = &msg.owner {
+        if let Some(owner) = msg.owner() {
             if !owns(&self.principal, owner) {
-                self.rooms.remove(&msg.room);
-                self.gw.hub.unsubscribe(&msg.room, self.mailbox.id());
+                self.rooms.remove(msg.room());
+                self.gw.hub.unsubscribe(msg.room(), self.mailbox.id());
                 self.gw
                     .metrics
                     .subscriptions_refused
@@ -294,7 +294,7 @@ impl Session {
                         reason: "ownership_changed",
                     })
                     .inc();
-                self.lost.push(msg.room.clone());
+                self.lost.push(msg.room().clone());
                 return false;
             }
         }
@@ -305,14 +305,10 @@ impl Session {
     /// An order's events from before this session's principal owned it belong to the
     /// previous owners (their names, their addresses): they are skipped, the room is kept.
     pub(crate) fn accept_replayed(&mut self, msg: &Message) -> bool {
-        if !self.rooms.contains_key(&msg.room) || !self.same_database(msg) {
+        if !self.rooms.contains_key(msg.room()) || !self.same_database(msg) {
             return false;
         }
-        if msg
-            .owner
-            .as_deref()
-            .is_some_and(|o| !owns(&self.principal, o))
-        {
+        if msg.owner().is_some_and(|o| !owns(&self.principal, o)) {
             return false;
         }
         self.dedup(msg)
@@ -322,9 +318,9 @@ impl Session {
     /// room name is shared by every tenant that has that id; a tenant's token sees its
     /// own database's events only. Resync notices (no id) concern every tenant.
     fn same_database(&self, msg: &Message) -> bool {
-        match (&self.principal.database, &msg.database) {
-            (Some(mine), Some(theirs)) => mine.as_str() == &**theirs,
-            (Some(_), None) => msg.id.is_none(),
+        match (&self.principal.database, msg.database()) {
+            (Some(mine), Some(theirs)) => mine.as_str() == theirs,
+            (Some(_), None) => msg.id().is_none(),
             (None, _) => true,
         }
     }
@@ -336,10 +332,10 @@ impl Session {
     }
 
     fn dedup(&mut self, msg: &Message) -> bool {
-        let Some(state) = self.rooms.get_mut(&msg.room) else {
+        let Some(state) = self.rooms.get_mut(msg.room()) else {
             return false;
         };
-        let Some(id) = &msg.id else {
+        let Some(id) = msg.id() else {
             // A resync notice: whatever the client had is void.
             state.last = None;
             state.since = None;

@@ -325,7 +325,7 @@ struct HandshakeAuth {
 /// A successful CONNECT.
 struct Connected {
     session: Session,
-    rx: mpsc::Receiver<Arc<Message>>,
+    rx: mpsc::Receiver<Message>,
     joined: Vec<Joined>,
     recover: bool,
     permits: (TotalPermit, Option<SubjectPermit>),
@@ -837,12 +837,12 @@ impl Dialect for Sio {
     }
 
     fn frames<'a>(&'a self, m: &'a Message) -> impl Iterator<Item = Utf8Bytes> + Send + 'a {
-        let (names, tail, resync) = match &m.body {
+        let (names, tail, resync) = match m.body() {
             Body::Event { name, data, .. } => (
                 Some(
                     self.shared
                         .aliases
-                        .names(name, m.room.kind(), data.status().map(|s| &**s)),
+                        .names(name, m.room().kind(), data.status().map(|s| &**s)),
                 ),
                 Some(m.encoded(WireFormat::SocketIo, encode_tail)),
                 None,
@@ -852,7 +852,7 @@ impl Dialect for Sio {
                 None,
                 Some(event(
                     "resync",
-                    &json!({"room": m.room.as_str(), "reason": &**reason}),
+                    &json!({"room": m.room().as_str(), "reason": &**reason}),
                 )),
             ),
         };
@@ -959,7 +959,7 @@ fn ack_frame(id: u64, data: &Value) -> Utf8Bytes {
 /// message and shared by every recipient and alias. The id goes last, as Socket.IO's
 /// recovery offsets do; `data` is the payload's JSON text.
 fn encode_tail(m: &Message) -> Bytes {
-    let data = match &m.body {
+    let data = match m.body() {
         Body::Event { data, .. } => data.as_str(),
         Body::Resync { .. } => "null",
     };
