@@ -18,6 +18,7 @@ use bson::raw::{RawBsonRef, RawDocument, RawDocumentBuf};
 use bson::{Bson, Document};
 use serde::Serialize;
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 
 use crate::authz::extract_owner;
 use crate::bsonscan;
@@ -30,9 +31,9 @@ use crate::event::{Delivery, Event, EventId, Issue, RoutedEvent};
 use crate::normalize::{
     read_status, truncate, ChangeParts, ChangeView, Op, StatusRead, UNHANDLED_OPS,
 };
-use crate::payload::{Obj, Payload, Plan};
+use crate::payload::{Obj, Payload, Plan, Source, Written};
 use crate::room::{Room, RoomKind};
-use crate::route::{bson_to_json, visible_changes, write_status, STATUS_KEYS};
+use crate::route::{any_visible, bson_to_json, visible_changes, write_status, STATUS_KEYS};
 use crate::status::{is_pickup_type, status_key, OrderStatus, StatusTable};
 
 /// Longest id or string value remembered; longer ones are forgotten, never cut.
@@ -633,12 +634,16 @@ struct Stream {
     spec: Spec,
     memo: MemoCache,
     /// The spec's allowlists compiled, per audience.
-    plans: Plans,
+    plans: Arc<Plans>,
 }
 
-/// Each audience's allowlist as a [`Plan`], compiled once per stream.
+/// Each audience's allowlist, and as a [`Plan`], compiled once per stream; shared by
+/// the payload recipes of its changes.
 #[derive(Debug)]
-struct Plans([Arc<Plan>; 5]);
+struct Plans {
+    plans: [Plan; 5],
+    allow: [Vec<String>; 5],
+}
 
 impl Plans {
     const KINDS: [RoomKind; 5] = [
@@ -650,12 +655,22 @@ impl Plans {
     ];
 
     fn of(allow: &StreamAllow) -> Self {
-        Self(Self::KINDS.map(|k| Arc::new(Plan::new(allow.of(k).iter().map(String::as_str)))))
+        Self {
+            plans: Self::KINDS.map(|k| Plan::new(allow.of(k).iter().map(String::as_str))),
+            allow: Self::KINDS.map(|k| allow.of(k).to_vec()),
+        }
     }
 
-    fn get(&self, kind: RoomKind) -> &Arc<Plan> {
-        let i = Self::KINDS.iter().position(|k| *k == kind).unwrap_or(0);
-        &self.0[i]
+    fn at(kind: RoomKind) -> usize {
+        Self::KINDS.iter().position(|k| *k == kind).unwrap_or(0)
+    }
+
+    fn plan(&self, kind: RoomKind) -> &Plan {
+        &self.plans[Self::at(kind)]
+    }
+
+    fn allow(&self, kind: RoomKind) -> &[String] {
+        &self.allow[Self::at(kind)]
     }
 }
 
@@ -689,7 +704,7 @@ impl Declared {
             streams: specs
                 .into_iter()
                 .map(|spec| Stream {
-                    plans: Plans::of(&spec.allow),
+                    plans: Arc::new(Plans::of(&spec.allow)),
                     spec,
                     memo: MemoCache::new(memo_docs),
                 })
@@ -796,6 +811,7 @@ impl Stream {
             full,
             pre,
             id: key,
+            update,
         } = ChangeParts::of(change, op);
         let id_bson = key.filter(|b| !matches!(b, RawBsonRef::Null));
         let doc_id = match id_bson {
@@ -825,21 +841,20 @@ impl Stream {
             return None;
         }
 
-        let (updated, removed): (Option<&RawDocument>, Vec<&str>) =
-            match raw_doc(change, "updateDescription") {
-                Some(u) if op == Op::Update => (
-                    raw_doc(u, "updatedFields"),
-                    bsonscan::find(u.as_bytes(), "removedFields")
-                        .filter(|e| e.kind == bsonscan::kind::ARRAY)
-                        .map(|a| {
-                            bsonscan::elements(a.value)
-                                .filter_map(|v| v.str())
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                ),
-                _ => (None, Vec::new()),
-            };
+        let (updated, removed): (Option<&RawDocument>, Vec<&str>) = match update {
+            Some(u) if op == Op::Update => (
+                raw_doc(u, "updatedFields"),
+                bsonscan::find(u.as_bytes(), "removedFields")
+                    .filter(|e| e.kind == bsonscan::kind::ARRAY)
+                    .map(|a| {
+                        bsonscan::elements(a.value)
+                            .filter_map(|v| v.str())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
+            _ => (None, Vec::new()),
+        };
         let record = matches!(spec.shape, Shape::Record { .. });
         let changed: Vec<String> = match op {
             Op::Update => updated
@@ -1038,7 +1053,7 @@ impl Stream {
                 settings_deliveries(spec, &touched, &keys, store, full.unwrap_or(&empty), issues)
             }
             Shape::Record { payment } => {
-                let extras = Arc::new(Extras {
+                let extras = Extras {
                     order: order_key.map(Box::from),
                     payment: payment
                         .then_some(doc_id.as_deref())
@@ -1047,7 +1062,7 @@ impl Stream {
                     status: status_info.clone(),
                     progress: !payment,
                     tracked: None,
-                });
+                };
                 let plain = matches!(op, Op::Update | Op::Replace) && !status_moved;
                 deliveries(
                     spec,
@@ -1056,7 +1071,8 @@ impl Stream {
                     source.unwrap_or(&empty),
                     &changed,
                     plain,
-                    |_| extras.clone(),
+                    extras,
+                    |_| None,
                     issues,
                 )
             }
@@ -1080,6 +1096,7 @@ impl Stream {
                     &doc,
                     &changed,
                     op == Op::Update,
+                    Extras::default(),
                     |allow| {
                         let shows =
                             |path: &str| allow.iter().any(|a| a == path || is_under(path, a));
@@ -1093,7 +1110,7 @@ impl Stream {
                                 );
                             }
                         }
-                        Arc::new(Extras {
+                        Some(Extras {
                             order: None,
                             payment: None,
                             // Like a tracked field, the status reaches only the audiences that may see it.
@@ -1128,8 +1145,8 @@ impl Stream {
 }
 
 /// What a payload carries besides the projection; its fields override document fields
-/// of the same name.
-/// Owned, and shared by the audiences' recipes: payloads are written when first read.
+/// of the same name. Kept with the change's payload recipes (see [`Recipes`]).
+#[derive(Default)]
 struct Extras {
     order: Option<Box<str>>,
     payment: Option<Box<str>>,
@@ -1176,19 +1193,20 @@ impl Extras {
 }
 
 /// One payload per room of `keys` (and admin): the allowlisted projection of `doc`,
-/// what `extra` adds, and the changed paths the audience may know of. With
-/// `skip_unseen`, an audience none of whose fields changed is not sent the event.
-/// Payloads are recipes (see [`Payload::later`]): they hold the document's bytes and are
-/// written when first read.
+/// what `extras` add (an audience's `own` when it returns some), and the changed paths
+/// the audience may know of. With `skip_unseen`, an audience none of whose fields
+/// changed is not sent the event. Payloads are written when first read, from one
+/// [`Recipes`] per change.
 #[allow(clippy::too_many_arguments)]
 fn deliveries(
     spec: &Spec,
-    plans: &Plans,
+    plans: &Arc<Plans>,
     keys: &[Option<String>],
     doc: &RawDocument,
     changed: &[String],
     skip_unseen: bool,
-    extra: impl Fn(&[String]) -> Arc<Extras>,
+    extras: Extras,
+    own: impl Fn(&[String]) -> Option<Extras>,
     issues: &mut Vec<Issue>,
 ) -> Vec<Delivery> {
     let targets = spec
@@ -1196,51 +1214,90 @@ fn deliveries(
         .iter()
         .filter_map(|(kind, i)| Some((*kind, keys.get(*i)?.as_deref()?)))
         .chain(spec.admin.then_some((RoomKind::Admin, "")));
-    let mut out: Vec<Delivery> = Vec::with_capacity(spec.rooms.len() + 1);
     // Audiences with the same allowlist get the same payload (by default the customer
     // and `order:` rooms, and the store and admin): written once, shared after.
-    let mut built: Vec<(&[String], usize)> = Vec::new();
-    // One copy of the document's bytes per change, shared by its audiences' recipes.
-    let mut bytes: Option<Arc<[u8]>> = None;
+    let mut audiences: SmallVec<[(RoomKind, Option<Extras>); 3]> = SmallVec::new();
+    let mut rooms: SmallVec<[(Room, usize); 5]> = SmallVec::new();
     for (kind, key) in targets {
         let Ok(room) = Room::new(kind, key) else {
             issues.push(Issue::InvalidRoomId { kind });
             continue;
         };
         let allow = spec.allow.of(kind);
-        if let Some(&(_, i)) = built.iter().find(|(a, _)| *a == allow) {
-            let data = out[i].data.clone();
-            out.push(Delivery { room, data });
+        if let Some(i) = audiences
+            .iter()
+            .position(|(k, _)| spec.allow.of(*k) == allow)
+        {
+            rooms.push((room, i));
             continue;
         }
-        let visible = visible_changes(changed, allow);
         // Updates that touch nothing an audience may see are not news to it.
-        if skip_unseen && visible.is_empty() {
+        if skip_unseen && !any_visible(changed, allow) {
             continue;
         }
-        let extras = extra(allow);
-        let changes = (!changed.is_empty()).then_some(visible);
-        let plan = plans.get(kind).clone();
-        let bytes = bytes
-            .get_or_insert_with(|| Arc::from(doc.as_bytes()))
-            .clone();
-        let data = Payload::later(move || {
-            let skip: Vec<&str> = extras.keys(changes.is_some()).collect();
-            let mut data = Obj::new();
-            // The bytes were a document when copied: read again, they still are.
-            if let Ok(doc) = RawDocument::from_bytes(&bytes) {
-                data.project(doc, &plan, &skip);
-            }
-            extras.write(&mut data);
-            if let Some(visible) = &changes {
-                data.strs("changedFields", visible.iter().map(String::as_str));
-            }
-            data.written()
-        });
-        built.push((allow, out.len()));
-        out.push(Delivery { room, data });
+        rooms.push((room, audiences.len()));
+        audiences.push((kind, own(allow)));
     }
-    out
+    if rooms.is_empty() {
+        return Vec::new();
+    }
+    let n = audiences.len();
+    let source: Arc<dyn Source> = Arc::new(Recipes {
+        // One copy of the document's bytes per change, shared by its audiences.
+        bytes: doc.as_bytes().into(),
+        changed: (!changed.is_empty()).then(|| changed.to_vec()),
+        plans: plans.clone(),
+        extras,
+        audiences,
+    });
+    let payloads: SmallVec<[Payload; 3]> =
+        (0..n).map(|i| Payload::later(source.clone(), i)).collect();
+    rooms
+        .into_iter()
+        .map(|(room, i)| Delivery {
+            room,
+            data: payloads[i].clone(),
+        })
+        .collect()
+}
+
+/// The makings of one change's payloads, shared by them and kept until the change's
+/// last payload goes: the document's bytes (copied once per change), the changed
+/// paths, the stream's plans, and per audience its room kind and, when it differs from
+/// the change's, what it adds. One allocation per change (with the bytes and the
+/// changed paths), where a boxed recipe per audience, each with its own list of
+/// visible changes and its own extras, was before.
+struct Recipes {
+    bytes: Box<[u8]>,
+    /// The change's changed paths; `None` when it lists none (no `changedFields`).
+    changed: Option<Vec<String>>,
+    plans: Arc<Plans>,
+    extras: Extras,
+    audiences: SmallVec<[(RoomKind, Option<Extras>); 3]>,
+}
+
+impl Source for Recipes {
+    fn write(&self, at: usize) -> Written {
+        let mut data = Obj::new();
+        let Some((kind, own)) = self.audiences.get(at) else {
+            return data.written();
+        };
+        let extras = own.as_ref().unwrap_or(&self.extras);
+        let visible = self
+            .changed
+            .as_ref()
+            .map(|c| visible_changes(c, self.plans.allow(*kind)));
+        let skip: SmallVec<[&str; 8]> = extras.keys(visible.is_some()).collect();
+        // The bytes were a document when copied: read again, they still are.
+        if let Ok(doc) = RawDocument::from_bytes(&self.bytes) {
+            data.project(doc, self.plans.plan(*kind), &skip);
+        }
+        extras.write(&mut data);
+        if let Some(visible) = &visible {
+            data.strs("changedFields", visible.iter().map(String::as_str));
+        }
+        data.written()
+    }
 }
 
 /// The settings sections a change touches, with the fields of each it changed.

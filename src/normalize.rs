@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use bson::raw::{RawBsonRef, RawDocument};
 
 use crate::bsonscan;
-use crate::docpath::{raw_doc, raw_path, raw_type_name, touches};
+use crate::docpath::{raw_path, raw_type_name, touches};
 use crate::event::StatusInfo;
 
 /// Longest string copied into an issue.
@@ -55,22 +55,43 @@ pub(crate) struct ChangeParts<'a> {
     /// The document's identity: documentKey._id is authoritative; the full document's
     /// (then the pre-image's) `_id` stands in when a hostile or partial event lacks it.
     pub id: Option<RawBsonRef<'a>>,
+    /// `updateDescription`.
+    pub update: Option<&'a RawDocument>,
 }
 
 impl<'a> ChangeParts<'a> {
+    /// Read in one pass over the change's top level (each field looked up on its own
+    /// walked the change up to it, a dozen times per change).
     pub(crate) fn of(change: &'a RawDocument, op: Op) -> Self {
-        let get = |k: &str| bsonscan::get(change, k);
-        let ts_ms = match get("wallTime") {
-            Some(RawBsonRef::DateTime(d)) => d.timestamp_millis(),
-            _ => match get("clusterTime") {
-                Some(RawBsonRef::Timestamp(t)) => i64::from(t.time) * 1000,
-                _ => 0,
-            },
+        let mut found: [Option<bsonscan::Elem<'a>>; 6] = [None; 6];
+        for e in bsonscan::elements(change.as_bytes()) {
+            let slot = match e.key {
+                b"wallTime" => 0,
+                b"clusterTime" => 1,
+                b"fullDocument" => 2,
+                b"fullDocumentBeforeChange" => 3,
+                b"documentKey" => 4,
+                b"updateDescription" => 5,
+                _ => continue,
+            };
+            // The first of a repeated key, as a lookup by key finds.
+            found[slot].get_or_insert(e);
+        }
+        let [wall, cluster, full, pre, key, update] =
+            found.map(|e| e.and_then(|e| e.to_ref(change)));
+        let ts_ms = match (wall, cluster) {
+            (Some(RawBsonRef::DateTime(d)), _) => d.timestamp_millis(),
+            (_, Some(RawBsonRef::Timestamp(t))) => i64::from(t.time) * 1000,
+            _ => 0,
         };
-        let full = raw_doc(change, "fullDocument").filter(|_| op != Op::Delete);
-        let pre = raw_doc(change, "fullDocumentBeforeChange");
+        let doc = |b: Option<RawBsonRef<'a>>| match b {
+            Some(RawBsonRef::Document(d)) => Some(d),
+            _ => None,
+        };
+        let full = doc(full).filter(|_| op != Op::Delete);
+        let pre = doc(pre);
         let id_in = |d: &'a RawDocument| bsonscan::get(d, "_id");
-        let id = raw_doc(change, "documentKey")
+        let id = doc(key)
             .and_then(id_in)
             .or_else(|| full.and_then(id_in))
             .or_else(|| pre.and_then(id_in));
@@ -79,6 +100,7 @@ impl<'a> ChangeParts<'a> {
             full,
             pre,
             id,
+            update: doc(update),
         }
     }
 }

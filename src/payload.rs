@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::fmt::Write as _;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, OnceLock};
 
 use bson::raw::RawDocument;
 
@@ -32,25 +32,44 @@ pub(crate) struct Written {
     status: Option<Arc<str>>,
 }
 
-/// Writes a payload's text; owns what it reads (the document's bytes, the plan).
-pub(crate) type Recipe = Box<dyn FnOnce() -> Written + Send>;
+/// What the payloads of one change are written from, shared by them (the document's
+/// bytes, each audience's plan): one per change, where a boxed recipe per audience
+/// was before, so a change that reaches nobody costs one allocation for all of its
+/// payloads' makings, and history frees one.
+pub(crate) trait Source: Send + Sync {
+    /// The payload of audience `at` (an index the source handed out with it).
+    fn write(&self, at: usize) -> Written;
+}
 
 enum Text {
     Ready(Written),
-    /// Written by the first reader; the recipe (and the document it holds) is dropped then.
-    Later(LazyLock<Written, Recipe>),
+    /// Written by the first reader from its change's source. The source stays until the
+    /// change's last payload goes (its history entry ages out), written or not.
+    Later {
+        written: OnceLock<Written>,
+        source: Arc<dyn Source>,
+        at: usize,
+    },
 }
 
 impl Payload {
-    /// A payload written by `recipe` when first read.
-    pub(crate) fn later(recipe: impl FnOnce() -> Written + Send + 'static) -> Self {
-        Self(Arc::new(Text::Later(LazyLock::new(Box::new(recipe)))))
+    /// Audience `at`'s payload of `source`, written when first read.
+    pub(crate) fn later(source: Arc<dyn Source>, at: usize) -> Self {
+        Self(Arc::new(Text::Later {
+            written: OnceLock::new(),
+            source,
+            at,
+        }))
     }
 
     fn written(&self) -> &Written {
         match &*self.0 {
             Text::Ready(w) => w,
-            Text::Later(l) => l,
+            Text::Later {
+                written,
+                source,
+                at,
+            } => written.get_or_init(|| source.write(*at)),
         }
     }
 

@@ -73,6 +73,15 @@ pub(crate) fn visible_changes(changed: &[String], allow: &[String]) -> Vec<Strin
     out
 }
 
+/// Whether [`visible_changes`] would list anything, without listing.
+pub(crate) fn any_visible(changed: &[String], allow: &[String]) -> bool {
+    changed.iter().any(|c| {
+        allow
+            .iter()
+            .any(|a| c == a || is_under(c, a) || is_under(a, c))
+    })
+}
+
 /// BSON → the JSON clients see: ObjectId as hex, dates as RFC 3339, decimals as
 /// strings, non-finite doubles and BSON-only types (binary, regex, code…) as `null`.
 pub(crate) fn bson_to_json(b: &Bson) -> Value {
