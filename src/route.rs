@@ -142,4 +142,27 @@ mod tests {
         let changed = vec!["a".to_owned(), "c.d".to_owned(), "e".to_owned()];
         assert_eq!(visible_changes(&changed, &allow), ["a.b", "c.d"]);
     }
+
+    #[test]
+    fn any_visible_says_whether_visible_changes_lists_anything() {
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        let allows = [s(&["a.b", "c"]), s(&["x"]), s(&[]), s(&["a"])];
+        let changes = [
+            s(&["a"]),
+            s(&["a.b.c"]),
+            s(&["c.d", "e"]),
+            s(&["e"]),
+            s(&["ab", "a.bc"]),
+            s(&[]),
+        ];
+        for allow in &allows {
+            for changed in &changes {
+                assert_eq!(
+                    any_visible(changed, allow),
+                    !visible_changes(changed, allow).is_empty(),
+                    "{changed:?} under {allow:?}"
+                );
+            }
+        }
+    }
 }

@@ -278,3 +278,25 @@ pub(crate) fn default_payment_map() -> BTreeMap<String, PaymentStatus> {
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_keys_are_trimmed_lower_case_and_borrowed_when_already_so() {
+        assert!(matches!(status_key("ready"), Cow::Borrowed("ready")));
+        assert!(matches!(status_key("  ready\t"), Cow::Borrowed("ready")));
+        assert_eq!(status_key(" Out_For_Delivery "), "out_for_delivery");
+        assert!(matches!(status_key("READY"), Cow::Owned(_)));
+        // Non-ASCII letters are left as they are, as the tables' keys are.
+        assert_eq!(status_key("Éclair"), "Éclair".to_ascii_lowercase());
+        let t = StatusTable::default();
+        assert_eq!(
+            t.order_status(" ACCEPTED ", None),
+            t.order_status("accepted", None)
+        );
+        assert!(is_pickup_type(&["pickup".to_owned()], Some(" PickUp")));
+        assert!(!is_pickup_type(&["pickup".to_owned()], Some("delivery")));
+    }
+}
