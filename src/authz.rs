@@ -399,9 +399,11 @@ fn first_ids(doc: &RawDocument, paths: &[String]) -> Vec<String> {
             Some(b) => bson_id(b).into_iter().collect(),
             None => Vec::new(),
         };
-        if !ids.is_empty() {
+        if ids.len() > 1 {
             let mut seen = std::collections::HashSet::new();
             ids.retain(|id| seen.insert(id.clone()));
+        }
+        if !ids.is_empty() {
             return ids;
         }
     }

@@ -1001,7 +1001,7 @@ impl Stream {
             if op == Op::Delete {
                 memo.remove(i);
             } else {
-                fn short(v: &Option<String>) -> Option<&str> {
+                fn short<'s>(v: &'s Option<Cow<'_, str>>) -> Option<&'s str> {
                     v.as_deref().filter(|s| s.len() <= MAX_KEPT_LEN)
                 }
                 memo.write(i, |m| {
@@ -1069,7 +1069,7 @@ impl Stream {
                     plans,
                     &keys,
                     source.unwrap_or(&empty),
-                    &changed,
+                    changed,
                     plain,
                     extras,
                     |_| None,
@@ -1094,7 +1094,7 @@ impl Stream {
                     plans,
                     &keys,
                     &doc,
-                    &changed,
+                    changed,
                     op == Op::Update,
                     Extras::default(),
                     |allow| {
@@ -1203,7 +1203,7 @@ fn deliveries(
     plans: &Arc<Plans>,
     keys: &[Option<String>],
     doc: &RawDocument,
-    changed: &[String],
+    changed: Vec<String>,
     skip_unseen: bool,
     extras: Extras,
     own: impl Fn(&[String]) -> Option<Extras>,
@@ -1232,7 +1232,7 @@ fn deliveries(
             continue;
         }
         // Updates that touch nothing an audience may see are not news to it.
-        if skip_unseen && !any_visible(changed, allow) {
+        if skip_unseen && !any_visible(&changed, allow) {
             continue;
         }
         rooms.push((room, audiences.len()));
@@ -1245,7 +1245,7 @@ fn deliveries(
     let source: Arc<dyn Source> = Arc::new(Recipes {
         // One copy of the document's bytes per change, shared by its audiences.
         bytes: doc.as_bytes().into(),
-        changed: (!changed.is_empty()).then(|| changed.to_vec()),
+        changed: (!changed.is_empty()).then_some(changed),
         plans: plans.clone(),
         extras,
         audiences,

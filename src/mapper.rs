@@ -259,9 +259,9 @@ impl Mapper {
             .and_then(|ns| raw_str(ns, "coll"))
             .and_then(|c| self.watched.iter().position(|w| w == c))
             .unwrap_or(self.watched.len());
-        let op = change
-            .get_str("operationType")
-            .ok()
+        // Not `RawDocument::get_str`: bson builds its error (a copy of the key) before
+        // knowing whether it is needed, an allocation per change.
+        let op = raw_str(change, "operationType")
             .and_then(|op| COUNTED_OPS.iter().position(|o| *o == op))
             .unwrap_or(COUNTED_OPS.len());
         self.change_counters[coll][op].inc();

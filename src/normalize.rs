@@ -133,11 +133,12 @@ pub(crate) struct ChangeView<'a> {
 /// A status field as one change shows it. Orders, payments and declared streams'
 /// `[streams.status]` read it by this one rule, so their `status`, `previousStatus`
 /// and `rawStatus` mean the same everywhere.
-pub(crate) struct StatusRead {
-    /// The raw value now (`None` when absent or not a string).
-    pub(crate) raw: Option<String>,
+pub(crate) struct StatusRead<'a> {
+    /// The raw value now (`None` when absent or not a string). Borrowed from the
+    /// change unless it came from memory: no copy per change.
+    pub(crate) raw: Option<Cow<'a, str>>,
     /// The document's type now, which splits a `ready` target.
-    pub(crate) kind: Option<String>,
+    pub(crate) kind: Option<Cow<'a, str>>,
     /// What the payloads carry; `None` when the document has no status.
     pub(crate) info: Option<StatusInfo>,
     /// Whether the change moved the status: an update touching its path, or a replace
@@ -150,16 +151,18 @@ pub(crate) struct StatusRead {
 /// Reads the status at `path` (and the type at `type_path`) from a change. `remembered`
 /// is the (raw status, type) this process last saw of the document; `canonical` maps a
 /// raw value and a type to (status to show, progress, unknown).
-pub(crate) fn read_status(
-    v: &ChangeView<'_>,
+pub(crate) fn read_status<'a>(
+    v: &ChangeView<'a>,
     path: &str,
     type_path: Option<&str>,
     remembered: Option<(Option<&str>, Option<&str>)>,
     canonical: impl Fn(&str, Option<&str>) -> (Cow<'static, str>, Option<u8>, bool),
-) -> StatusRead {
+) -> StatusRead<'a> {
     let (mem_raw, mem_kind) = remembered.unwrap_or((None, None));
+    // What memory holds is copied: the memory is rewritten before the read is done with.
+    let owned = |s: &str| Cow::Owned(s.to_owned());
     // This update's own value first: the looked-up document may be later.
-    let status_bson: Option<RawBsonRef<'_>> = match v.op {
+    let status_bson: Option<RawBsonRef<'a>> = match v.op {
         Op::Update => v
             .updated
             .and_then(|u| status_in_updated(u, path))
@@ -167,47 +170,48 @@ pub(crate) fn read_status(
         _ => v.source.and_then(|d| raw_path(d, path)),
     };
     let mut wrong_type = None;
-    let raw: Option<String> = match status_bson {
+    let raw: Option<Cow<'a, str>> = match status_bson {
         None | Some(RawBsonRef::Null) => {
             if v.op == Op::Delete || v.op == Op::Update {
-                mem_raw.map(str::to_owned)
+                mem_raw.map(owned)
             } else {
                 None
             }
         }
-        Some(RawBsonRef::String(s)) => Some(s.to_owned()),
+        Some(RawBsonRef::String(s)) => Some(Cow::Borrowed(s)),
         Some(other) => {
             wrong_type = Some(raw_type_name(other));
             None
         }
     };
-    let string_at = |d: &RawDocument, p: &str| match raw_path(d, p) {
-        Some(RawBsonRef::String(s)) => Some(s.to_owned()),
+    let string_at = |d: &'a RawDocument, p: &str| match raw_path(d, p) {
+        Some(RawBsonRef::String(s)) => Some(s),
         _ => None,
     };
-    let kind: Option<String> = type_path.and_then(|tp| {
+    let kind: Option<Cow<'a, str>> = type_path.and_then(|tp| {
         v.source
             .and_then(|d| string_at(d, tp))
-            .or_else(|| mem_kind.map(str::to_owned))
+            .map(Cow::Borrowed)
+            .or_else(|| mem_kind.map(owned))
     });
 
     // Previous status: pre-image first, then memory.
-    let previous_raw: Option<String> = v
+    let previous_raw: Option<&str> = v
         .pre
         .filter(|_| v.op != Op::Delete)
         .and_then(|p| string_at(p, path))
-        .or_else(|| mem_raw.map(str::to_owned));
-    let previous = previous_raw.as_deref().map(|r| {
+        .or(mem_raw);
+    let previous = previous_raw.map(|r| {
         let pre_kind = type_path
             .and_then(|tp| v.pre.and_then(|p| string_at(p, tp)))
-            .or_else(|| kind.clone());
-        canonical(r, pre_kind.as_deref()).0
+            .or(kind.as_deref());
+        canonical(r, pre_kind).0
     });
-    let info = raw.as_ref().map(|r| {
+    let info = raw.as_deref().map(|r| {
         let (status, progress, unknown) = canonical(r, kind.as_deref());
         StatusInfo {
             status,
-            raw: r.clone(),
+            raw: r.to_owned(),
             previous: if v.op == Op::Insert {
                 None
             } else {
@@ -219,7 +223,7 @@ pub(crate) fn read_status(
     });
     let touched = match v.op {
         Op::Update => v.changed.iter().any(|c| touches(c, path)),
-        Op::Replace => match (&previous_raw, &raw) {
+        Op::Replace => match (previous_raw, raw.as_deref()) {
             (Some(p), Some(n)) => p != n,
             _ => false,
         },

@@ -100,6 +100,14 @@ impl Tracker {
         }
     }
 
+    /// Whether write `seq` reached every client it is owed to (or was never issued,
+    /// or failed).
+    pub fn settled(&self, seq: u64) -> bool {
+        self.index(seq).is_none_or(|i| {
+            self.received[i].load(Ordering::Relaxed) >= self.expected[i].load(Ordering::Relaxed)
+        })
+    }
+
     /// Records one receipt by client `client`; `accepts(target)` says whether
     /// that client may receive a write addressed to `target`.
     pub fn receive(&self, seq: u64, client: usize, accepts: impl Fn(u32) -> bool) {
