@@ -20,6 +20,7 @@ use crate::event::{Delivery, EventId, OrderOwner, Payload, RoutedEvent};
 use crate::idcodec::IdCodec;
 use crate::metrics::Metrics;
 use crate::room::{Room, RoomKind};
+use crate::roomqueue::RoomQueue;
 
 /// Hub tunables.
 #[derive(Debug, Clone)]
@@ -91,8 +92,10 @@ struct Change {
 struct Part {
     room: Room,
     body: Body,
-    /// Encodings per wire format, made by the first recipient that needs them.
-    encoded: [OnceLock<Bytes>; 2],
+    /// Encodings per wire format, made by the first recipient that needs them. Boxed
+    /// on first use: most parts in history are never sent (rooms nobody is in), and
+    /// two inline slots were more than half of a part's size.
+    encoded: OnceLock<Box<[OnceLock<Bytes>; 2]>>,
 }
 
 impl Part {
@@ -100,7 +103,7 @@ impl Part {
         Self {
             room,
             body,
-            encoded: [OnceLock::new(), OnceLock::new()],
+            encoded: OnceLock::new(),
         }
     }
 }
@@ -191,7 +194,7 @@ impl Message {
 
     /// The encoding of this message for `format`, made by `encode` on first use and shared after.
     pub fn encoded(&self, format: WireFormat, encode: impl FnOnce(&Self) -> Bytes) -> Bytes {
-        self.part().encoded[format as usize]
+        self.part().encoded.get_or_init(Box::default)[format as usize]
             .get_or_init(|| encode(self))
             .clone()
     }
@@ -276,7 +279,7 @@ struct State {
     /// `room_keys`: a lookup compares numbers, not names in memory gone cold, and no
     /// name is cloned per room; rooms whose keys collide (seeded, so no client can aim
     /// for it) share a queue, and readers filter it by room.
-    by_room: RoomMap<u64, VecDeque<(u64, Message)>>,
+    by_room: RoomMap<u64, RoomQueue<(u64, Message)>>,
     room_keys: foldhash::fast::RandomState,
     /// Tests: every room gets the same key, as if all collided.
     #[cfg(test)]
@@ -404,7 +407,7 @@ impl Hub {
                             let start =
                                 msgs.partition_point(|(_, m)| m.id().is_some_and(|id| id <= since));
                             // Rooms whose keys collide share a queue: this room's only.
-                            msgs.range(start..)
+                            msgs.iter_from(start)
                                 .filter(|(_, m)| m.room() == room)
                                 .map(|(_, m)| m.clone())
                                 .collect()
@@ -783,7 +786,7 @@ mod tests {
         // 8203 is gone, and with it c1's only message.
         assert_eq!(replay(&c1, "8203"), Vec::<String>::new());
         let st = h.state();
-        assert_eq!(st.by_room.get(&st.room_key(&c1)).map(VecDeque::len), None);
+        assert_eq!(st.by_room.get(&st.room_key(&c1)).map(RoomQueue::len), None);
     }
 
     #[test]

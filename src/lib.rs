@@ -37,6 +37,7 @@ pub mod pipeline;
 mod presets;
 pub(crate) mod replay;
 pub mod room;
+pub(crate) mod roomqueue;
 pub(crate) mod route;
 pub mod sequence;
 pub(crate) mod source;
