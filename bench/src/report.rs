@@ -220,6 +220,10 @@ pub fn render(
          64 writes in flight; the rate found is the highest sustained without queues growing.\n\
          - **B saturation**: updates of the public `storeBanner` of `sf`, owed to every \
          connection; at most 4 writes owed at once.\n\
+         - No write rewrites a document (an order; one of 16 storefront settings documents) \
+         while an earlier write to it is undelivered: `updateLookup` shows a document as it is \
+         when the server reads the change, so a later write would be delivered twice and the \
+         earlier one not at all.\n\
          - Writes go through the official Rust `mongodb` driver to mongo-sim (a fresh one per \
          run); the raw limit gets the same writes as pre-encoded frames over its control channel \
          and acknowledges before fanning out.\n\
@@ -231,7 +235,8 @@ pub fn render(
          - **Follow** (no clients): K changes, half inserts of ~600-byte orders (items, address), \
          half one `updateMany` of their status; CPU per change = server CPU from the first write \
          until the server reports the K-th change read (changecast: `changes_read` on /metrics; \
-         the Node peer: its `/changes` count) ÷ K. Every replica reads every change, so this is \
+         the Node peer: its `/changes` count; polled every 20 ms over one kept-alive \
+         connection) ÷ K. Every replica reads every change, so this is \
          the cost that bounds the write rate one replica can follow.\n",
         cfg.fixed_rate,
         cfg.phase.as_secs(),
