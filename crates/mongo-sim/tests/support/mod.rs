@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use mongo_sim::{MongoSim, SimConfig, SimHandle};
@@ -29,7 +30,18 @@ pub struct Backend {
     pub client: Client,
     pub sim: Option<SimHandle>,
     pub db_name: String,
+    /// Held for the test's life on SecantusDB: see [`SECANTUS_ONE_AT_A_TIME`].
+    _serial: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
+
+/// SecantusDB starts a stream opened without a start point at its *visible tail*: below the
+/// oldest write still in flight on any collection. While another test's write is in flight,
+/// a stream opened after this test's acknowledged write therefore returns that write too
+/// (mongod starts after it). The tests assert mongod's start point, so on SecantusDB they
+/// run one at a time; the difference is listed in the README. (changecast itself opens at
+/// an explicit operation time, where SecantusDB is exact.)
+static SECANTUS_ONE_AT_A_TIME: LazyLock<Arc<tokio::sync::Mutex<()>>> =
+    LazyLock::new(|| Arc::new(tokio::sync::Mutex::new(())));
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -73,6 +85,10 @@ pub async fn backend_with(name: &str, cfg: SimConfig) -> Backend {
     );
     match external() {
         Some((uri, kind)) => {
+            let serial = match kind {
+                Kind::Secantus => Some(SECANTUS_ONE_AT_A_TIME.clone().lock_owned().await),
+                _ => None,
+            };
             let client = client(&uri).await;
             Backend {
                 kind,
@@ -80,6 +96,7 @@ pub async fn backend_with(name: &str, cfg: SimConfig) -> Backend {
                 client,
                 sim: None,
                 db_name,
+                _serial: serial,
             }
         }
         None => {
@@ -92,6 +109,7 @@ pub async fn backend_with(name: &str, cfg: SimConfig) -> Backend {
                 client,
                 sim: Some(sim),
                 db_name,
+                _serial: None,
             }
         }
     }
