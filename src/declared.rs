@@ -1294,7 +1294,7 @@ impl Source for Recipes {
         }
         extras.write(&mut data);
         if let Some(visible) = &visible {
-            data.strs("changedFields", visible.iter().map(String::as_str));
+            data.strs("changedFields", visible.iter().copied());
         }
         data.written()
     }

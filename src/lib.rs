@@ -10,6 +10,7 @@
 //! (source → hub), `auth` (JWT → principal), `gateway` (HTTP, `/ws`,
 //! `/socket.io/`), `metrics`, `cli`.
 
+pub mod allocator;
 pub mod app;
 pub mod auth;
 pub mod authz;

@@ -18,6 +18,8 @@ use changecast::token;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // First, while this is the only thread (see the module).
+    let tuning = changecast::allocator::tune();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -37,17 +39,17 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    let code = rt.block_on(dispatch(cli));
+    let code = rt.block_on(dispatch(cli, tuning));
     // Sessions and streams have been asked to stop; do not wait on stragglers.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));
     ExitCode::from(code)
 }
 
-async fn dispatch(cli: Cli) -> u8 {
+async fn dispatch(cli: Cli, tuning: changecast::allocator::Tuning) -> u8 {
     match cli.command {
-        None => run(cli.run, false).await,
-        Some(Command::Run(args)) => run(args, false).await,
-        Some(Command::Tail(args)) => run(args, true).await,
+        None => run(cli.run, false, tuning).await,
+        Some(Command::Run(args)) => run(args, false, tuning).await,
+        Some(Command::Tail(args)) => run(args, true, tuning).await,
         Some(Command::CheckConfig(args)) => check_config(&args),
         Some(Command::Token {
             command: TokenCommand::Show(args),
@@ -115,9 +117,15 @@ fn init_logging(cfg: &LogConfig, flag: Option<LogFormat>) {
     // Both filters are global (the registry then never records a span they disable),
     // not per-layer: per-layer filtering keeps every connection's span in the registry,
     // about 4 KB per idle socket in the bench, whatever the level.
+    // The most verbose level the filter lets through: the cap below stays at or under it,
+    // so the registry's level hint, which `try_init` also gives the `log` crate as its
+    // max level, is the filter's. (A TRACE default there sent every `log::trace!` of
+    // tungstenite, one per frame, through the dispatcher: ~0.8% of a busy server's CPU.)
+    let most_verbose = <EnvFilter as Layer<tracing_subscriber::Registry>>::max_level_hint(&filter)
+        .unwrap_or(tracing::level_filters::LevelFilter::TRACE);
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(wire_library_cap())
+        .with(wire_library_cap(most_verbose))
         .with(fmt)
         .try_init();
 }
@@ -126,8 +134,10 @@ fn init_logging(cfg: &LogConfig, flag: Option<LogFormat>) {
 /// at debug/trace they log whole frames and request heads, and an in-band `auth`
 /// frame, a Socket.IO CONNECT or an `Authorization` header carries a token.
 /// changecast's own spans and events are unaffected.
-fn wire_library_cap() -> tracing_subscriber::filter::Targets {
-    use tracing::Level;
+fn wire_library_cap(
+    most_verbose: tracing::level_filters::LevelFilter,
+) -> tracing_subscriber::filter::Targets {
+    use tracing::level_filters::LevelFilter;
     let held = [
         "tungstenite",
         "tokio_tungstenite",
@@ -139,12 +149,12 @@ fn wire_library_cap() -> tracing_subscriber::filter::Targets {
         "mongodb",
     ];
     held.iter().fold(
-        tracing_subscriber::filter::Targets::new().with_default(Level::TRACE),
-        |t, target| t.with_target(*target, Level::INFO),
+        tracing_subscriber::filter::Targets::new().with_default(most_verbose),
+        |t, target| t.with_target(*target, most_verbose.min(LevelFilter::INFO)),
     )
 }
 
-async fn run(args: RunArgs, tail: bool) -> u8 {
+async fn run(args: RunArgs, tail: bool, tuning: changecast::allocator::Tuning) -> u8 {
     // `tail` serves no sockets and verifies no token: it must not need the JWT secret.
     let loaded = if tail {
         load_without_jwt_secret(&args.config)
@@ -156,6 +166,7 @@ async fn run(args: RunArgs, tail: bool) -> u8 {
         Err(code) => return code,
     };
     init_logging(&config.log, args.config.log_format);
+    tuning.log();
     let start_override = match args.start_override() {
         Ok(s) => s,
         Err(e) => {

@@ -6,6 +6,7 @@
 
 use bson::Bson;
 use serde_json::Value;
+use smallvec::SmallVec;
 
 use crate::docpath::is_under;
 use crate::event::StatusInfo;
@@ -54,11 +55,15 @@ pub(crate) const STATUS_KEYS: [&str; 5] = [
 
 /// Changed paths an audience may know about: those inside an allowlisted path
 /// as written, and for an ancestor of allowlisted paths, those paths.
-pub(crate) fn visible_changes(changed: &[String], allow: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut push = |s: &str| {
-        if !out.iter().any(|o| o == s) {
-            out.push(s.to_owned());
+pub(crate) fn visible_changes<'a>(
+    changed: &'a [String],
+    allow: &'a [String],
+) -> SmallVec<[&'a str; 8]> {
+    // Borrowed, not copied: every payload of an update lists them once per audience.
+    let mut out: SmallVec<[&'a str; 8]> = SmallVec::new();
+    let mut push = |s: &'a str| {
+        if !out.contains(&s) {
+            out.push(s);
         }
     };
     for c in changed {
@@ -140,7 +145,7 @@ mod tests {
     fn visible_changes_follow_the_allowlist() {
         let allow = vec!["a.b".to_owned(), "c".to_owned()];
         let changed = vec!["a".to_owned(), "c.d".to_owned(), "e".to_owned()];
-        assert_eq!(visible_changes(&changed, &allow), ["a.b", "c.d"]);
+        assert_eq!(visible_changes(&changed, &allow).as_slice(), ["a.b", "c.d"]);
     }
 
     #[test]

@@ -127,7 +127,12 @@ impl Router {
             if !ev.changed_fields.is_empty() {
                 data.insert(
                     "changedFields".into(),
-                    Value::Array(visible.into_iter().map(Value::String).collect()),
+                    Value::Array(
+                        visible
+                            .into_iter()
+                            .map(|v| Value::String(v.to_owned()))
+                            .collect(),
+                    ),
                 );
             }
             out.push(Delivery {
