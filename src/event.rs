@@ -50,9 +50,18 @@ impl EventId {
 impl Ord for EventId {
     fn cmp(&self, other: &Self) -> Ordering {
         // Hex digits compare case-insensitively: servers' tokens may be either case.
-        let a = self.0.bytes().map(|b| b.to_ascii_uppercase());
-        let b = other.0.bytes().map(|b| b.to_ascii_uppercase());
-        a.cmp(b)
+        // Successive ids share a long prefix: skip the byte-equal part eight bytes at a
+        // time (equal bytes are equal in any case), then compare the rest folded.
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        let n = a.len().min(b.len());
+        let mut i = 0;
+        while i + 8 <= n && a[i..i + 8] == b[i..i + 8] {
+            i += 8;
+        }
+        a[i..]
+            .iter()
+            .map(u8::to_ascii_uppercase)
+            .cmp(b[i..].iter().map(u8::to_ascii_uppercase))
     }
 }
 
@@ -201,6 +210,48 @@ impl Issue {
             Issue::UnknownStatus { .. } => "unknown_status",
             Issue::NoOwnerForDelete => "no_owner_for_delete",
             Issue::InvalidRoomId { .. } => "invalid_room_id",
+        }
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::EventId;
+    use proptest::prelude::*;
+
+    /// What the order means: the ids' bytes compared with hex letters folded to one case.
+    fn folded(a: &str, b: &str) -> std::cmp::Ordering {
+        a.bytes()
+            .map(|c| c.to_ascii_uppercase())
+            .cmp(b.bytes().map(|c| c.to_ascii_uppercase()))
+    }
+
+    #[test]
+    fn ids_compare_case_insensitively_past_a_long_shared_prefix() {
+        let p = "82".repeat(20);
+        let id = |s: String| EventId::new(s);
+        assert!(id(format!("{p}0a")) < id(format!("{p}0B")));
+        assert_eq!(
+            id(format!("{p}ab")).cmp(&id(format!("{p}AB"))),
+            std::cmp::Ordering::Equal
+        );
+        assert!(id(p.clone()) < id(format!("{p}00")), "a prefix sorts first");
+        assert!(id(format!("{p}f")) > id(format!("{p}E0")));
+    }
+
+    proptest! {
+        /// Ids that share a prefix of any length (the fast path's eight-byte steps end
+        /// anywhere inside or after it), in mixed case.
+        #[test]
+        fn the_order_is_the_folded_byte_order(
+            prefix in "[0-9a-fA-F]{0,40}",
+            a in "[0-9a-fA-F]{0,12}",
+            b in "[0-9a-fA-F]{0,12}",
+        ) {
+            let (x, y) = (format!("{prefix}{a}"), format!("{prefix}{b}"));
+            prop_assert_eq!(EventId::new(x.as_str()).cmp(&EventId::new(y.as_str())), folded(&x, &y));
+            let upper = x.to_ascii_uppercase();
+            prop_assert_eq!(EventId::new(upper.as_str()).cmp(&EventId::new(y.as_str())), folded(&upper, &y));
         }
     }
 }

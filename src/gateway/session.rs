@@ -53,7 +53,8 @@ pub(crate) struct Session {
     gw: Arc<Gateway>,
     mailbox: Mailbox,
     principal: Principal,
-    rooms: HashMap<Room, RoomState>,
+    /// foldhash, seeded per session: looked up for every message the session is sent.
+    rooms: HashMap<Room, RoomState, foldhash::fast::RandomState>,
     /// Order rooms left because a change moved the order to other owners, not yet
     /// told to the client (see [`Session::take_lost`]). At most one entry per room
     /// the session had joined, so bounded by its subscriptions.
@@ -94,7 +95,7 @@ impl Session {
             gw,
             mailbox,
             principal,
-            rooms: HashMap::new(),
+            rooms: HashMap::default(),
             lost: Vec::new(),
             probes: ProbeWindow::default(),
         }
@@ -280,25 +281,27 @@ impl Session {
     /// or store) leaves the room with that change, gets nothing of it, and the room is
     /// queued for [`Session::take_lost`] so the client is told.
     pub(crate) fn accept(&mut self, msg: &Message) -> bool {
-        if !self.rooms.contains_key(msg.room()) || !self.same_database(msg) {
+        if !self.same_database(msg) {
             return false;
         }
-        if let Some(owner) = msg.owner() {
-            if !owns(&self.principal, owner) {
-                self.rooms.remove(msg.room());
-                self.gw.hub.unsubscribe(msg.room(), self.mailbox.id());
-                self.gw
-                    .metrics
-                    .subscriptions_refused
-                    .get_or_create(&ReasonLabels {
-                        reason: "ownership_changed",
-                    })
-                    .inc();
-                self.lost.push(msg.room().clone());
-                return false;
-            }
+        // One lookup per message: the room's state serves the ownership check and dedup.
+        let Some(state) = self.rooms.get_mut(msg.room()) else {
+            return false;
+        };
+        if msg.owner().is_none_or(|owner| owns(&self.principal, owner)) {
+            return dedup(state, msg);
         }
-        self.dedup(msg)
+        self.rooms.remove(msg.room());
+        self.gw.hub.unsubscribe(msg.room(), self.mailbox.id());
+        self.gw
+            .metrics
+            .subscriptions_refused
+            .get_or_create(&ReasonLabels {
+                reason: "ownership_changed",
+            })
+            .inc();
+        self.lost.push(msg.room().clone());
+        false
     }
 
     /// Whether a replayed `msg` (history or oplog, sent right after a join) should be sent.
@@ -332,22 +335,9 @@ impl Session {
     }
 
     fn dedup(&mut self, msg: &Message) -> bool {
-        let Some(state) = self.rooms.get_mut(msg.room()) else {
-            return false;
-        };
-        let Some(id) = msg.id() else {
-            // A resync notice: whatever the client had is void.
-            state.last = None;
-            state.since = None;
-            return true;
-        };
-        if state.since.as_ref().is_some_and(|s| id <= s)
-            || state.last.as_ref().is_some_and(|l| id < l)
-        {
-            return false;
-        }
-        state.last = Some(id.clone());
-        true
+        self.rooms
+            .get_mut(msg.room())
+            .is_some_and(|state| dedup(state, msg))
     }
 
     /// The hub mailbox (for the kicked token).
@@ -362,6 +352,22 @@ impl Drop for Session {
             .hub
             .unsubscribe_all(self.rooms.keys(), self.mailbox.id());
     }
+}
+
+/// Whether `msg` is news in a room whose state is `state`, which then records it.
+fn dedup(state: &mut RoomState, msg: &Message) -> bool {
+    let Some(id) = msg.id() else {
+        // A resync notice: whatever the client had is void.
+        state.last = None;
+        state.since = None;
+        return true;
+    };
+    if state.since.as_ref().is_some_and(|s| id <= s) || state.last.as_ref().is_some_and(|l| id < l)
+    {
+        return false;
+    }
+    state.last = Some(id.clone());
+    true
 }
 
 /// Counts one recovery in `recoveries{source}`.
