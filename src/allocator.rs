@@ -55,10 +55,7 @@ impl Tuning {
 /// before other threads start: mimalloc's option setters are not thread-safe.
 pub fn tune() -> Tuning {
     let current = purge_delay();
-    if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
-    {
+    if overridden(std::env::vars_os().map(|(k, _)| k)) {
         return Tuning::FromEnvironment(current);
     }
     if current != MIMALLOC_DEFAULT_MS {
@@ -68,6 +65,19 @@ pub fn tune() -> Tuning {
     // this process exists (see the doc above); the index was checked against its default.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS) };
     Tuning::Set
+}
+
+/// Whether one of `names` sets the purge delay for mimalloc, which reads its options
+/// from the environment in either case (`MIMALLOC_PURGE_DELAY`, `mimalloc_purge_delay`)
+/// and under the old name `reset_delay` too.
+fn overridden(mut names: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    names.any(|k| {
+        k.to_str().is_some_and(|k| {
+            ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+                .iter()
+                .any(|v| k.eq_ignore_ascii_case(v))
+        })
+    })
 }
 
 /// The purge delay in force, in milliseconds.
@@ -81,12 +91,25 @@ pub fn purge_delay() -> c_long {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_environment_overrides_in_either_case() {
+        let names = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert!(overridden(
+            names(&["PATH", "MIMALLOC_PURGE_DELAY"]).into_iter()
+        ));
+        assert!(overridden(names(&["mimalloc_purge_delay"]).into_iter()));
+        assert!(overridden(names(&["MIMALLOC_RESET_DELAY"]).into_iter()));
+        assert!(!overridden(
+            names(&["PATH", "MIMALLOC_VERBOSE", "PURGE_DELAY"]).into_iter()
+        ));
+    }
+
     /// The index really is the purge delay of the linked mimalloc: with no environment
     /// override it holds mimalloc's default, and setting it is read back. (If an upgrade
     /// moves the option, `tune` leaves it alone and this test says why.)
     #[test]
     fn the_option_is_mimallocs_purge_delay() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        if overridden(std::env::vars_os().map(|(k, _)| k)) {
             eprintln!("MIMALLOC_PURGE_DELAY is set; the default cannot be checked");
             return;
         }
