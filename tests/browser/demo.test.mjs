@@ -101,9 +101,19 @@ function startServer(listen) {
     env: { ...process.env, CHANGECAST_JWT_SECRET: secret },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
+  // Two streams share one log: neither may end it (pipe's default), or the
+  // other's last bytes are a write after end, an unhandled 'error' that kills
+  // the test after the demo has already stopped cleanly. The sink ends once
+  // both have closed.
   const sink = createWriteStream(logFile);
-  child.stdout.pipe(sink);
-  child.stderr.pipe(sink);
+  let open = 2;
+  for (const stream of [child.stdout, child.stderr]) {
+    stream.pipe(sink, { end: false });
+    stream.once('close', () => {
+      open -= 1;
+      if (open === 0) sink.end();
+    });
+  }
   const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
   server = { child, exited, logFile };
   log(`started changecast demo (pid ${child.pid}) on ${listen}, log ${path.relative(repo, logFile)}`);
