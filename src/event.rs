@@ -21,17 +21,21 @@ use crate::room::{Room, RoomKind};
 pub struct EventId(Arc<str>);
 
 impl PartialEq for EventId {
+    /// Equal exactly when [`Ord`] says so: the same text with hex letters in either case.
     fn eq(&self, other: &Self) -> bool {
         // The hub compares an event's id with its own messages' copies, which share
         // the text: pointer equality settles those without reading ~100 bytes.
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+        Arc::ptr_eq(&self.0, &other.0) || self.0.eq_ignore_ascii_case(&other.0)
     }
 }
 
 impl std::hash::Hash for EventId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // The text, as equality compares it (the pointer is only a shortcut).
-        self.0.hash(state);
+        // The text folded as equality folds it, so that equal ids hash alike.
+        for b in self.0.bytes() {
+            state.write_u8(b.to_ascii_uppercase());
+        }
+        state.write_u8(0xff);
     }
 }
 
@@ -252,6 +256,26 @@ mod order_tests {
             prop_assert_eq!(EventId::new(x.as_str()).cmp(&EventId::new(y.as_str())), folded(&x, &y));
             let upper = x.to_ascii_uppercase();
             prop_assert_eq!(EventId::new(upper.as_str()).cmp(&EventId::new(y.as_str())), folded(&upper, &y));
+        }
+
+        /// Equality and hashing agree with the order: ids equal in it are `==` and hash
+        /// alike, whatever the case of their letters.
+        #[test]
+        fn equality_and_hash_agree_with_the_order(
+            x in "[0-9a-fA-F]{0,40}",
+            y in "[0-9a-fA-F]{0,40}",
+            flip in any::<bool>(),
+        ) {
+            let hash = |id: &EventId| {
+                use std::hash::{BuildHasher, BuildHasherDefault};
+                BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
+            };
+            let y = if flip { x.to_ascii_lowercase() } else { y };
+            let (a, b) = (EventId::new(x.as_str()), EventId::new(y.as_str()));
+            prop_assert_eq!(a == b, a.cmp(&b) == std::cmp::Ordering::Equal);
+            if a == b {
+                prop_assert_eq!(hash(&a), hash(&b));
+            }
         }
     }
 }
