@@ -1,6 +1,6 @@
 //! The one loop every authenticated connection runs, whatever its wire (`/ws` or Socket.IO) and transport (WebSocket or Engine.IO long-polling); the wire's framing is its [`Dialect`].
 //!
-//! One task per connection, one `select!` over: stop token, kicked token, one timer
+//! One task per connection, one `select!` over: the stop and kick signals, one timer
 //! (ping, pong deadline, token expiry, position tick), the hub mailbox, the peer's
 //! frames. No split tasks, so close is always clean, and nothing per connection but
 //! this task's state, the transport's buffers and the session.
@@ -18,6 +18,7 @@ use super::eio::PollLink;
 use super::limits::RateWindow;
 use super::protocol::close;
 use super::session::{Joined, Session};
+use super::signals::{Signal, Signals};
 use super::Gateway;
 use crate::auth::Principal;
 use crate::event::EventId;
@@ -259,7 +260,6 @@ impl<D: Dialect> Conn<D> {
         mut told: Option<EventId>,
         mut next_ping: tokio::time::Instant,
     ) -> Option<Exit> {
-        let kicked = self.kicked.clone();
         // Whether an event was written since the last ping tick: an idle session is told
         // the current position on the tick instead (see `tell_position`).
         let mut delivered = false;
@@ -267,21 +267,22 @@ impl<D: Dialect> Conn<D> {
         let leeway = self.gw.verifier.leeway();
         let ping_every = self.gw.cfg.ping_interval;
         let mut expires = tokio::time::Instant::now() + expiry_in(session.principal(), leeway);
-        // Made once and kept across turns of the loop: a fresh sleep and two fresh
-        // cancellation waiters per turn cost a timer-wheel insert and removal and two
-        // waiter-list locks (one on the token every session shares) per delivery. One
+        // Made once and kept across turns of the loop: a fresh sleep and fresh
+        // cancellation waiters per turn cost a timer-wheel insert and removal and
+        // waiter-list locks (one on the token every session shares) per delivery, and
+        // the tokens are looked at only when one of them fires (see `signals`). One
         // timer serves the ping and the token's expiry (an `Interval` would be a
         // second, boxed timer per connection).
-        let stop = self.gw.stop.clone();
-        let stopping = stop.cancelled();
-        let kicking = kicked.cancelled();
+        let signals = Signals::new(self.gw.stop.clone(), self.kicked.clone());
         let timer = tokio::time::sleep_until(next_ping.min(expires));
-        tokio::pin!(stopping, kicking, timer);
+        tokio::pin!(signals, timer);
         loop {
             tokio::select! {
                 biased;
-                _ = &mut stopping => return Some(Exit(close::GOING_AWAY, "shutting_down")),
-                _ = &mut kicking => return Some(Exit(close::SLOW_CONSUMER, "slow_consumer")),
+                signal = &mut signals => return Some(match signal {
+                    Signal::Stop => Exit(close::GOING_AWAY, "shutting_down"),
+                    Signal::Kick => Exit(close::SLOW_CONSUMER, "slow_consumer"),
+                }),
                 _ = &mut timer => {
                     let now = tokio::time::Instant::now();
                     if now >= expires {

@@ -6,6 +6,7 @@ pub(crate) mod limits;
 pub mod ops;
 pub mod protocol;
 pub(crate) mod session;
+pub(crate) mod signals;
 pub(crate) mod sio;
 pub(crate) mod ws;
 
