@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use axum::extract::ws::Utf8Bytes;
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +95,7 @@ struct Part {
     /// Encodings per wire format, made by the first recipient that needs them. Boxed
     /// on first use: most parts in history are never sent (rooms nobody is in), and
     /// two inline slots were more than half of a part's size.
-    encoded: OnceLock<Box<[OnceLock<Bytes>; 2]>>,
+    encoded: OnceLock<Box<[OnceLock<Frames>; 2]>>,
 }
 
 impl Part {
@@ -117,6 +117,11 @@ impl std::fmt::Debug for Message {
             .finish_non_exhaustive()
     }
 }
+
+/// A message's text frames on one wire, as every socket of that wire sends them: made
+/// by the first recipient, then shared (each recipient takes a reference, not a copy,
+/// and nothing is validated again per recipient).
+pub type Frames = SmallVec<[Utf8Bytes; 1]>;
 
 /// Wire formats whose encodings a message caches.
 #[derive(Debug, Clone, Copy)]
@@ -192,11 +197,13 @@ impl Message {
         self.change.database.as_deref()
     }
 
-    /// The encoding of this message for `format`, made by `encode` on first use and shared after.
-    pub fn encoded(&self, format: WireFormat, encode: impl FnOnce(&Self) -> Bytes) -> Bytes {
-        self.part().encoded.get_or_init(Box::default)[format as usize]
-            .get_or_init(|| encode(self))
-            .clone()
+    /// The frames of this message for `format`, made by `encode` on first use and shared after.
+    pub fn encoded(
+        &self,
+        format: WireFormat,
+        encode: impl FnOnce(&Self) -> Frames,
+    ) -> &[Utf8Bytes] {
+        self.part().encoded.get_or_init(Box::default)[format as usize].get_or_init(|| encode(self))
     }
 
     /// The event id as clients see it (`""` for notices that carry none).

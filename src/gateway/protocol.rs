@@ -1,7 +1,6 @@
 //! The native JSON protocol at `/ws`: client message parsing, server message encoding, close codes; pure.
 
 use crate::payload::write_str;
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -150,7 +149,7 @@ pub fn parse(text: &str) -> Result<ClientMsg, ParseError> {
 }
 
 /// `{"type":"event",…}` or `{"type":"resync",…}` for a hub message, encoded once and shared.
-pub fn encode_message(m: &Message) -> Bytes {
+pub fn encode_message(m: &Message) -> String {
     let room = m.room().as_str();
     let s = match m.body() {
         Body::Event {
@@ -178,7 +177,7 @@ pub fn encode_message(m: &Message) -> Bytes {
             json!({"type": "resync", "room": room, "reason": &**reason}).to_string()
         }
     };
-    Bytes::from(s)
+    s
 }
 
 /// `{"type":"welcome",…}`; `position` is the `since` to use before any event has arrived.

@@ -15,7 +15,6 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
-use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +28,7 @@ use super::session::{Joined, Session};
 use super::Gateway;
 use crate::auth::{normalize_id, AuthError};
 use crate::config::Alias;
-use crate::hub::{Body, Message, WireFormat};
+use crate::hub::{Body, Frames, Message, WireFormat};
 use crate::metrics::{ReasonLabels, Wire, WireLabels};
 #[cfg(test)]
 use crate::room::Room;
@@ -335,6 +334,26 @@ struct Connected {
 struct Sio {
     shared: Arc<Shared>,
     rate: RateWindow,
+}
+
+impl Sio {
+    /// A hub message's frames: one per event name (the event's own, then its aliases).
+    fn encode(&self, m: &Message) -> Frames {
+        match m.body() {
+            Body::Event { name, data, .. } => {
+                let tail = encode_tail(m);
+                self.shared
+                    .aliases
+                    .names(name, m.room().kind(), data.status().map(|s| &**s))
+                    .map(|n| event_frame(n, &tail))
+                    .collect()
+            }
+            Body::Resync { reason } => smallvec::smallvec![event(
+                "resync",
+                &json!({"room": m.room().as_str(), "reason": &**reason}),
+            )],
+        }
+    }
 }
 
 /// One connection from its Engine.IO open packet to its close.
@@ -837,30 +856,11 @@ impl Dialect for Sio {
     }
 
     fn frames<'a>(&'a self, m: &'a Message) -> impl Iterator<Item = Utf8Bytes> + Send + 'a {
-        let (names, tail, resync) = match m.body() {
-            Body::Event { name, data, .. } => (
-                Some(
-                    self.shared
-                        .aliases
-                        .names(name, m.room().kind(), data.status().map(|s| &**s)),
-                ),
-                Some(m.encoded(WireFormat::SocketIo, encode_tail)),
-                None,
-            ),
-            Body::Resync { reason } => (
-                None,
-                None,
-                Some(event(
-                    "resync",
-                    &json!({"room": m.room().as_str(), "reason": &**reason}),
-                )),
-            ),
-        };
-        names
-            .into_iter()
-            .flatten()
-            .map(move |n| event_frame(n, tail.as_ref()))
-            .chain(resync)
+        // The names depend on the message and the server's alias table only, so every
+        // Socket.IO recipient of a message sends the same frames: made once.
+        m.encoded(WireFormat::SocketIo, |m| self.encode(m))
+            .iter()
+            .cloned()
     }
 
     fn lost(&self, room: &str) -> Utf8Bytes {
@@ -958,7 +958,7 @@ fn ack_frame(id: u64, data: &Value) -> Utf8Bytes {
 /// The part of an event's frame after its name, `,<data>,"<id>"]`: encoded once per
 /// message and shared by every recipient and alias. The id goes last, as Socket.IO's
 /// recovery offsets do; `data` is the payload's JSON text.
-fn encode_tail(m: &Message) -> Bytes {
+fn encode_tail(m: &Message) -> String {
     let data = match m.body() {
         Body::Event { data, .. } => data.as_str(),
         Body::Resync { .. } => "null",
@@ -970,18 +970,14 @@ fn encode_tail(m: &Message) -> Bytes {
     s.push(',');
     crate::payload::write_str(&mut s, id);
     s.push(']');
-    Bytes::from(s)
+    s
 }
 
 /// `42["<name>"` + tail.
-fn event_frame(name: &str, tail: Option<&Bytes>) -> Utf8Bytes {
-    let tail = tail
-        .and_then(|t| std::str::from_utf8(t).ok())
-        .unwrap_or("]");
-    let name = Value::from(name).to_string();
-    let mut s = String::with_capacity(3 + name.len() + tail.len());
+fn event_frame(name: &str, tail: &str) -> Utf8Bytes {
+    let mut s = String::with_capacity(5 + name.len() + tail.len());
     s.push_str("42[");
-    s.push_str(&name);
+    crate::payload::write_str(&mut s, name);
     s.push_str(tail);
     s.into()
 }
@@ -1270,13 +1266,13 @@ mod tests {
 
     #[test]
     fn frames_put_the_name_first_and_the_id_last() {
-        let tail = Bytes::from_static(b",{\"a\":1},\"ID\"]");
+        let tail = ",{\"a\":1},\"ID\"]";
         assert_eq!(
-            event_frame("orderStatusUpdated", Some(&tail)).as_str(),
+            event_frame("orderStatusUpdated", tail).as_str(),
             "42[\"orderStatusUpdated\",{\"a\":1},\"ID\"]"
         );
         assert_eq!(
-            event_frame("we\"ird", Some(&tail)).as_str(),
+            event_frame("we\"ird", tail).as_str(),
             "42[\"we\\\"ird\",{\"a\":1},\"ID\"]"
         );
         assert_eq!(

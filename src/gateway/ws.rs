@@ -346,8 +346,11 @@ impl Dialect for Native {
     }
 
     fn frames<'a>(&'a self, m: &'a Message) -> impl Iterator<Item = Utf8Bytes> + Send + 'a {
-        let bytes = m.encoded(WireFormat::Native, protocol::encode_message);
-        Utf8Bytes::try_from(bytes).ok().into_iter()
+        m.encoded(WireFormat::Native, |m| {
+            smallvec::smallvec![protocol::encode_message(m).into()]
+        })
+        .iter()
+        .cloned()
     }
 
     fn lost(&self, room: &str) -> Utf8Bytes {
