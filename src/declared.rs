@@ -1278,7 +1278,9 @@ struct Recipes {
 
 impl Source for Recipes {
     fn write(&self, at: usize) -> Written {
-        let mut data = Obj::new();
+        // The JSON of a projection is about the size of the document's BSON or less;
+        // the slack covers the extras and changed paths. Cut to size when finished.
+        let mut data = Obj::with_capacity(self.bytes.len() + 256);
         let Some((kind, own)) = self.audiences.get(at) else {
             return data.written();
         };

@@ -211,7 +211,13 @@ pub(crate) struct Obj {
 impl Obj {
     /// An empty object, with room for a typical payload.
     pub(crate) fn new() -> Self {
-        let mut buf = String::with_capacity(512);
+        Self::with_capacity(512)
+    }
+
+    /// An empty object with room for `bytes` of text (a payload written from a
+    /// document: about the document's size, so that it is written without growing).
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        let mut buf = String::with_capacity(bytes);
         buf.push('{');
         Self {
             buf,

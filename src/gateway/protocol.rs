@@ -159,7 +159,9 @@ pub fn encode_message(m: &Message) -> String {
             // and room, but it is on every change's path.
             let id = m.wire_id();
             let data = data.as_str();
-            let mut s = String::with_capacity(64 + id.len() + name.len() + room.len() + data.len());
+            // 96: the fixed text is 59 bytes and the time up to 20 digits; 64 made
+            // every frame grow (a second allocation and a copy of the payload).
+            let mut s = String::with_capacity(96 + id.len() + name.len() + room.len() + data.len());
             s.push_str("{\"type\":\"event\",\"id\":");
             write_str(&mut s, id);
             s.push_str(",\"event\":");
