@@ -306,7 +306,7 @@ impl Pipeline {
             // Asked again while unknown (the server was unreachable when the stream began).
             self.ask_split(&db, &mut spec, &stop).await;
             let open_spec = SourceSpec {
-                batch_size: careful.then_some(1),
+                batch_size: if careful { Some(1) } else { spec.batch_size },
                 ..spec.clone()
             };
             let opened = tokio::select! {

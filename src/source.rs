@@ -122,6 +122,14 @@ impl ServerTraits {
 }
 
 /// What the stream watches and how.
+/// Changes per batch unless a caller asks otherwise. Without it the server fills each
+/// `getMore` up to 16 MiB while a stream catches up (a restart, a burst of writes, an
+/// `updateMany`): the driver reads such a reply whole into buffers of that size before
+/// the first of its changes is mapped. A thousand ~1 KiB changes is about 1 MiB per
+/// reply, and a round trip per thousand changes costs nothing next to them (a follow of
+/// 60,000 changes used the same CPU within its noise either way).
+pub(crate) const BATCH_CHANGES: u32 = 1000;
+
 #[derive(Debug, Clone)]
 pub(crate) struct SourceSpec {
     /// The database to watch.
@@ -133,8 +141,8 @@ pub(crate) struct SourceSpec {
     /// Ask the server to split events over 16 MiB into fragments (`Source::next`
     /// reassembles them); only where `ServerTraits::splits_large_events` says it can.
     pub(crate) split_large_events: bool,
-    /// Changes per batch; `Some(1)` while the pipeline looks for an oversized event (the
-    /// failing `getMore` then holds that event alone).
+    /// Changes per batch ([`BATCH_CHANGES`] by default); `Some(1)` while the pipeline
+    /// looks for an oversized event (the failing `getMore` then holds that event alone).
     pub(crate) batch_size: Option<u32>,
     /// The top-level fields of `fullDocument` / `fullDocumentBeforeChange` that mapping
     /// reads (see `app::document_fields`); the server drops the rest before sending the
@@ -143,14 +151,14 @@ pub(crate) struct SourceSpec {
 }
 
 impl SourceSpec {
-    /// A spec with the defaults for the optional parts (no splitting, server batches).
+    /// A spec with the defaults for the optional parts (no splitting, [`BATCH_CHANGES`]).
     pub(crate) fn new(database: &str, collections: Vec<String>, max_await: Duration) -> Self {
         Self {
             database: database.to_owned(),
             collections,
             max_await,
             split_large_events: false,
-            batch_size: None,
+            batch_size: Some(BATCH_CHANGES),
             fields: None,
         }
     }
