@@ -368,14 +368,18 @@ pub fn render(
         "The machine is shared: CPU seconds of each phase (drain included) for the whole \
          machine, the server under test, mongo-sim and the load tool; *rest* is everything \
          else — other work on the machine that has nothing to do with the benchmark. With {} \
-         cores, a phase of *wall* seconds has at most {} × *wall* CPU seconds to give.\n",
+         cores, a phase of *wall* seconds has at most {} × *wall* CPU seconds to give. \
+         *mongo-sim µs per write* is mongo-sim's CPU per write in the phase: it does the \
+         same work per write whatever server follows its stream, so it shows how fast the \
+         machine was during that phase (the raw limit has no mongo-sim, so no such figure), \
+         and a server's CPU per delivery moves with it.\n",
         facts.nproc, facts.nproc
     );
     let _ = writeln!(
         w,
-        "| C | server | phase | wall s | machine CPU s | server CPU s | mongo-sim CPU s | load tool CPU s | rest CPU s | load avg (1 min) at end |"
+        "| C | server | phase | wall s | machine CPU s | server CPU s | mongo-sim CPU s | mongo-sim µs per write | load tool CPU s | rest CPU s | load avg (1 min) at end |"
     );
-    let _ = writeln!(w, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(w, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &c in sizes {
         for &t in &cfg.targets {
             let Some(r) = find(results, t, c) else {
@@ -384,9 +388,14 @@ pub fn render(
             for p in &r.phases {
                 let rest = (p.machine_cpu_secs - p.cpu_secs - p.db_cpu_secs - p.loadtool_cpu_secs)
                     .max(0.0);
+                let per_write = if p.db_cpu_secs > 0.0 && p.summary.writes > 0 {
+                    format!("{:.1}", p.db_cpu_secs * 1e6 / p.summary.writes as f64)
+                } else {
+                    "-".to_owned()
+                };
                 let _ = writeln!(
                     w,
-                    "| {c} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                    "| {c} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {per_write} | {:.1} | {:.1} | {:.2} |",
                     t.label(),
                     p.name,
                     p.wall_secs,
