@@ -338,6 +338,8 @@ struct Sio {
 
 impl Sio {
     /// A hub message's frames: one per event name (the event's own, then its aliases).
+    /// Cached in the message for every Socket.IO recipient: the alias table is the
+    /// process's one `[socketio]` configuration.
     fn encode(&self, m: &Message) -> Frames {
         match m.body() {
             Body::Event { name, data, .. } => {
@@ -955,8 +957,8 @@ fn ack_frame(id: u64, data: &Value) -> Utf8Bytes {
     format!("43{id}{}", json!([data])).into()
 }
 
-/// The part of an event's frame after its name, `,<data>,"<id>"]`: encoded once per
-/// message and shared by every recipient and alias. The id goes last, as Socket.IO's
+/// The part of an event's frame after its name, `,<data>,"<id>"]`: written once per
+/// message and spliced into the frame of each of its names. The id goes last, as Socket.IO's
 /// recovery offsets do; `data` is the payload's JSON text.
 fn encode_tail(m: &Message) -> String {
     let data = match m.body() {
