@@ -121,7 +121,6 @@ impl ServerTraits {
     }
 }
 
-/// What the stream watches and how.
 /// Changes per batch unless a caller asks otherwise. Without it the server fills each
 /// `getMore` up to 16 MiB while a stream catches up (a restart, a burst of writes, an
 /// `updateMany`): the driver reads such a reply whole into buffers of that size before
@@ -130,6 +129,7 @@ impl ServerTraits {
 /// 60,000 changes used the same CPU within its noise either way).
 pub(crate) const BATCH_CHANGES: u32 = 1000;
 
+/// What the stream watches and how.
 #[derive(Debug, Clone)]
 pub(crate) struct SourceSpec {
     /// The database to watch.
